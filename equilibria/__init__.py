@@ -1,0 +1,3 @@
+"""equilibria: implicit layers for PyTorch."""
+
+__version__ = "0.1.0"
