@@ -1,0 +1,357 @@
+"""The functional core: solve a fixed point, and make it differentiable.
+
+``solve`` finds z* = f(z*) without autograd. ``fixed_point`` does the same and attaches a backward
+method (ALGORITHMS.md §2) so that gradients reach every parameter and tensor ``f`` closes over.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._backward import JFB, Backward, Implicit, Neumann, Phantom, Unrolled, resolve_backward
+from ._iterate import Iteration, iterate
+from ._solution import BackwardInfo, Solution, Status
+from ._solvers import Solver, resolve_solver
+from ._solvers._base import Map
+from ._tree import StateSpec
+from ._validate import check_bool, check_choice, check_float, check_int
+
+StopNorm = Literal["abs", "rel"]
+
+
+def _check_options(tol: Any, max_iter: Any, stop: Any, warn_unconverged: Any) -> None:
+    check_float("tol", tol, low=0.0)
+    check_int("max_iter", max_iter, minimum=1)
+    check_choice("stop", stop, ("abs", "rel"))
+    check_bool("warn_unconverged", warn_unconverged)
+
+
+def _check_callable(f: Any) -> None:
+    if not callable(f):
+        raise TypeError(f"f must be callable (a map z -> f(z)), got {type(f).__name__}")
+
+
+def _to_solution(
+    it: Iteration, spec: StateSpec, solver: Solver, stop: str, tol: float, value: Tensor
+) -> Solution:
+    return Solution(
+        value=spec.unflatten(value),
+        status=it.status,
+        nstep=it.nstep,
+        nfev=it.nfev,
+        residual=it.residual.detach(),
+        converged=it.residual.detach() < tol,
+        trace=torch.tensor(it.trace, dtype=torch.float64),
+        residuals=torch.stack(it.residuals).detach(),
+        stop=stop,
+        tol=tol,
+        solver=solver.name,
+    )
+
+
+def _warn_if_unconverged(sol: Solution, what: str) -> None:
+    if sol.status is not Status.CONVERGED:
+        n_bad = int((~sol.converged).sum())
+        warnings.warn(
+            f"{what} ended with status {sol.status.value!r} after {sol.nstep} iterations: "
+            f"{n_bad} of {sol.converged.numel()} samples above tol={sol.tol:g} "
+            f"(largest residual {float(sol.residual.max()):.3e})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def solve(
+    f: Callable[[Any], Any],
+    z0: Any,
+    *,
+    solver: str | Solver = "anderson",
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop: StopNorm = "rel",
+    warn_unconverged: bool = False,
+) -> Solution:
+    """Find z* = f(z*) from ``z0`` without recording gradients.
+
+    Use it for inference, for analysis, or inside your own differentiation scheme; use
+    :func:`fixed_point` when gradients must flow to what ``f`` closes over.
+
+    Args:
+        f: the map; takes and returns a state with the structure of ``z0``.
+        z0: initial state: a batch-first tensor, or a tuple or dict of them (same batch size,
+            dtype and device). Every sample is solved independently.
+        solver: a registered name (``"picard"``, ``"anderson"``, ``"broyden"``) or a solver object
+            such as ``eq.Anderson(m=6)``.
+        tol: a sample stops when its residual falls below ``tol``.
+        max_iter: iteration budget (map evaluations at the iterates, ``z0`` included).
+        stop: ``"rel"``: ||f(z) - z|| / ||f(z)|| (scale-free); ``"abs"``: ||f(z) - z||.
+        warn_unconverged: emit a ``RuntimeWarning`` when the budget runs out or the solve diverges.
+
+    Returns:
+        A :class:`Solution`; ``sol.value`` is the best iterate per sample. Running out of budget is
+        reported in ``sol.status`` and ``sol.converged``, never silently.
+
+    Raises:
+        NonFiniteError: NaN or inf in ``z0`` or appearing during the solve.
+
+    Example:
+        >>> A = 0.5 * torch.eye(3)
+        >>> sol = eq.solve(lambda z: z @ A.T + 1.0, torch.zeros(4, 3))
+        >>> sol.value  # 2.0 everywhere
+    """
+    _check_callable(f)
+    spec = StateSpec.of(z0)
+    solver = resolve_solver(solver)
+    _check_options(tol, max_iter, stop, warn_unconverged)
+    fn = spec.flat_map(f)
+    with torch.no_grad():
+        it = iterate(fn, spec.flatten(z0), solver, tol=tol, max_iter=max_iter, stop=stop)
+    sol = _to_solution(it, spec, solver, stop, tol, it.value)
+    if warn_unconverged:
+        _warn_if_unconverged(sol, "the solve")
+    return sol
+
+
+def fixed_point(
+    f: Callable[[Any], Any],
+    z0: Any,
+    *,
+    solver: str | Solver = "anderson",
+    backward: str | Backward = "implicit",
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop: StopNorm = "rel",
+    warn_unconverged: bool = False,
+) -> tuple[Any, Solution]:
+    """Differentiable equilibrium z* = f(z*).
+
+    The forward solve runs without autograd; the ``backward`` method then decides how gradients
+    reach the parameters and tensors ``f`` closes over (see :class:`Implicit`, :class:`Phantom`,
+    :class:`Neumann`, :class:`JFB`, :class:`Unrolled`).
+
+    Args:
+        f: the map; takes and returns a state with the structure of ``z0``.
+        z0: initial state (batch-first tensor, tuple or dict of tensors). No gradient flows to it
+            except with ``backward="unrolled"``.
+        solver: forward solver, name or object.
+        backward: backward method, name (``"implicit"``, ``"phantom"``, ``"neumann"``, ``"jfb"``,
+            ``"unrolled"``) or object such as ``eq.Phantom(steps=5, damping=0.5)``.
+        tol: forward tolerance.
+        max_iter: forward iteration budget.
+        stop: stop norm, ``"rel"`` or ``"abs"``.
+        warn_unconverged: emit a ``RuntimeWarning`` when the forward solve does not converge.
+
+    Returns:
+        ``(z, sol)``: the differentiable state and the forward :class:`Solution`. For the implicit
+        and Neumann methods ``z`` equals ``sol.value``; for the phantom methods and JFB it is the
+        output of their extra differentiable steps from ``sol.value``. ``sol.backward`` is filled in
+        when backward runs (adjoint iterations and residual for the implicit method).
+
+    Example:
+        >>> lin = torch.nn.Linear(8, 8)
+        >>> x = torch.randn(4, 8)
+        >>> z, sol = eq.fixed_point(lambda z: torch.tanh(0.5 * lin(z) + x), torch.zeros(4, 8))
+        >>> z.sum().backward()  # exact gradients in lin.weight.grad, lin.bias.grad
+    """
+    _check_callable(f)
+    spec = StateSpec.of(z0)
+    solver = resolve_solver(solver)
+    backward = resolve_backward(backward)
+    _check_options(tol, max_iter, stop, warn_unconverged)
+    fn = spec.flat_map(f)
+    x0 = spec.flatten(z0)
+    if isinstance(backward, Unrolled) and torch.is_grad_enabled():
+        it = iterate(fn, x0, solver, tol=tol, max_iter=max_iter, stop=stop)
+        sol = _to_solution(it, spec, solver, stop, tol, it.value.detach())
+        sol.backward.method = backward.name
+        z = it.value
+    else:
+        with torch.no_grad():
+            it = iterate(fn, x0.detach(), solver, tol=tol, max_iter=max_iter, stop=stop)
+        sol = _to_solution(it, spec, solver, stop, tol, it.value)
+        z = it.value
+        if torch.is_grad_enabled():
+            z = attach_backward(fn, z, backward, sol.backward)
+    if warn_unconverged:
+        _warn_if_unconverged(sol, "the forward solve")
+    return spec.unflatten(z), sol
+
+
+def attach_backward(fn: Map, z_star: Tensor, backward: Backward, record: BackwardInfo) -> Tensor:
+    """Return a differentiable (B, D) state at the detached solution ``z_star`` of ``fn``."""
+    record.method = backward.name
+    if isinstance(backward, JFB):
+        return fn(z_star)
+    if isinstance(backward, Phantom):
+        h, lam = z_star, backward.damping
+        for _ in range(backward.steps):
+            h = fn(h) if lam == 1.0 else h + lam * (fn(h) - h)
+        return h
+    if isinstance(backward, (Implicit, Neumann)):
+        zr = z_star.detach().requires_grad_()
+        with torch.enable_grad():
+            z_out = fn(zr)
+        if not z_out.requires_grad:  # f closes over nothing that needs a gradient
+            return z_star
+        return _Adjoint.apply(z_out, zr, z_star, backward, record)
+    if isinstance(backward, Unrolled):
+        raise ValueError(
+            "backward='unrolled' needs the forward iterations recorded; it is only available "
+            "through fixed_point and DEQ, not at a given state"
+        )
+    raise TypeError(f"unsupported backward method {type(backward).__name__}")
+
+
+class _Adjoint(torch.autograd.Function):
+    """Identity on z* in the forward pass; in the backward pass replaces the upstream gradient g by
+    the adjoint u of the implicit (or Neumann) method and hands it to the recorded call f(z*), so
+    autograd applies (df/dtheta)^T u and (df/dx)^T u.
+
+    The vector-Jacobian products reuse the graph of that one call (``retain_graph``), so each
+    layer call owns its own graph: calling the layer twice before backward, in eval mode, or with
+    DistributedDataParallel needs no hooks.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        z_out: Tensor,
+        zr: Tensor,
+        z_star: Tensor,
+        method: Implicit | Neumann,
+        record: BackwardInfo,
+    ) -> Tensor:
+        ctx.save_for_backward(z_out, zr)
+        ctx.method = method
+        ctx.record = record
+        return z_star.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        z_out, zr = ctx.saved_tensors
+        method, record = ctx.method, ctx.record
+
+        def vjp(u: Tensor) -> Tensor:  # J^T u
+            return torch.autograd.grad(z_out, zr, u, retain_graph=True)[0]
+
+        record.calls += 1
+        if isinstance(method, Neumann):
+            lam, w = method.damping, grad
+            for _ in range(method.steps - 1):
+                w = grad + (1.0 - lam) * w + lam * vjp(w)
+            return lam * w, None, None, None, None
+        adjoint = _solve_adjoint(vjp, grad, method)
+        record.solution = adjoint
+        if method.warn_unconverged:
+            _warn_if_unconverged(adjoint, "the implicit backward solve")
+        return adjoint.value, None, None, None, None
+
+
+def _solve_adjoint(vjp: Map, grad: Tensor, method: Implicit) -> Solution:
+    """Solve u = J^T u + g from u0 = g."""
+    solver = resolve_solver(method.solver)
+    spec = StateSpec.of(grad, "grad")
+    it = iterate(
+        lambda u: vjp(u) + grad,
+        grad,
+        solver,
+        tol=method.tol,
+        max_iter=method.max_iter,
+        stop=method.stop,
+        what="the implicit backward solve",
+    )
+    return _to_solution(it, spec, solver, method.stop, method.tol, it.value)
+
+
+def fixed_point_states(
+    f: Callable[[Any], Any],
+    z0: Any,
+    n: int,
+    *,
+    solver: str | Solver = "anderson",
+    backward: Phantom | JFB | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 50,
+    stop: StopNorm = "rel",
+) -> tuple[list[Any], Solution]:
+    """States along the solver's trajectory, each with its own gradient path.
+
+    This is fixed-point correction (DEQ-Flow).
+
+    The forward solve records its iterates; ``n`` of them, evenly spaced along the trajectory and
+    ending with the best iterate, each receive a short phantom gradient path. Supervise all of them
+    and combine the losses with :func:`correction_loss`. The extra memory is the detached trajectory
+    ((B, D) per iteration) plus the ``n`` phantom paths.
+
+    Args:
+        f: the map.
+        z0: initial state.
+        n: number of states >= 1; the last one is at the equilibrium.
+        solver: forward solver, name or object.
+        backward: the phantom path given to each state, ``eq.Phantom(...)`` or ``eq.JFB()``;
+            default ``eq.Phantom(steps=1, damping=1.0)`` (one differentiable step, as in DEQ-Flow).
+        tol: forward tolerance.
+        max_iter: forward budget.
+        stop: stop norm.
+
+    Returns:
+        ``(states, sol)``: a list of ``n`` differentiable states (structure of ``z0``), earliest
+        first.
+
+    Reference: Bai, Geng, Mangalam, Bansal, Feng & Kolter, "Deep Equilibrium Optical Flow
+    Estimation", CVPR 2022.
+    """
+    _check_callable(f)
+    check_int("n", n, minimum=1)
+    backward = Phantom(steps=1, damping=1.0) if backward is None else backward
+    if not isinstance(backward, (Phantom, JFB)):
+        raise TypeError(
+            "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB() (the states "
+            f"are not equilibria, so implicit gradients do not apply), got {backward!r}"
+        )
+    spec = StateSpec.of(z0)
+    solver = resolve_solver(solver)
+    _check_options(tol, max_iter, stop, False)
+    fn = spec.flat_map(f)
+    with torch.no_grad():
+        it = iterate(
+            fn,
+            spec.flatten(z0).detach(),
+            solver,
+            tol=tol,
+            max_iter=max_iter,
+            stop=stop,
+            keep_trajectory=True,
+        )
+    sol = _to_solution(it, spec, solver, stop, tol, it.value)
+    trajectory = it.trajectory or []
+    picks = [trajectory[max(0, round((i + 1) * it.nstep / n) - 1)] for i in range(n - 1)]
+    picks.append(it.value)
+    if not torch.is_grad_enabled():
+        return [spec.unflatten(p) for p in picks], sol
+    return [spec.unflatten(attach_backward(fn, p, backward, sol.backward)) for p in picks], sol
+
+
+def correction_loss(losses: Sequence[Tensor], gamma: float = 0.8) -> Tensor:
+    """Weighted sum sum_i gamma^(n - 1 - i) L_i of the losses of the states from
+    :func:`fixed_point_states` (earliest first; the last state gets weight 1).
+
+    Args:
+        losses: scalar losses, one per state, earliest first.
+        gamma: decay in (0, 1].
+    """
+    check_float("gamma", gamma, low=0.0, high=1.0)
+    if isinstance(losses, Tensor) or len(losses) == 0:
+        raise ValueError("losses must be a non-empty sequence of scalar tensors, one per state")
+    n = len(losses)
+    total = losses[-1]
+    for i, loss in enumerate(losses[:-1]):
+        total = total + gamma ** (n - 1 - i) * loss
+    return total

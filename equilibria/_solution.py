@@ -1,0 +1,117 @@
+"""What a solve returns: one object with fixed fields."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class Status(enum.Enum):
+    """How a solve ended.
+
+    ``CONVERGED``: every sample reached the tolerance. ``MAX_ITER``: the iteration budget ran out
+    first (normal for a DEQ in training; the best iterate per sample is still returned).
+    ``DIVERGED``: the largest residual grew by more than the solver's divergence factor over the
+    smallest seen so far, so the solve stopped early; the best iterate per sample is returned.
+    """
+
+    CONVERGED = "converged"
+    MAX_ITER = "max_iter"
+    DIVERGED = "diverged"
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The result of a fixed-point solve.
+
+    Attributes:
+        value: the best iterate per sample, with the structure of ``z0`` (detached).
+        status: how the solve ended, see :class:`Status`.
+        nstep: iterations taken: iterates whose residual was evaluated, ``z0`` included.
+        nfev: calls of the map (more than ``nstep`` only with a line search).
+        residual: (B,) residual of ``value`` per sample, in the stop norm.
+        converged: (B,) bool, whether each sample reached ``tol``.
+        trace: (nstep,) float64 on the CPU, the largest residual over the batch at each iteration.
+        residuals: (nstep, B) residual of every sample at every iteration, on the state's device.
+        stop: the stop norm, ``"abs"`` or ``"rel"``.
+        tol: the tolerance.
+        solver: the solver's name.
+        backward: statistics of the backward solve, filled in when gradients are computed through
+            the implicit (or Neumann) backward; see :class:`BackwardInfo`.
+    """
+
+    value: Any
+    status: Status
+    nstep: int
+    nfev: int
+    residual: Tensor
+    converged: Tensor
+    trace: Tensor
+    residuals: Tensor
+    stop: str
+    tol: float
+    solver: str
+    backward: BackwardInfo = field(default_factory=lambda: BackwardInfo())
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every sample converged (same as ``status is Status.CONVERGED``)."""
+        return self.status is Status.CONVERGED
+
+    def __repr__(self) -> str:
+        return (
+            f"Solution(status={self.status.value}, nstep={self.nstep}, nfev={self.nfev}, "
+            f"max_residual={float(self.residual.max()):.3e}, "
+            f"converged={int(self.converged.sum())}/{self.converged.numel()}, stop={self.stop!r}, "
+            f"tol={self.tol:g}, solver={self.solver!r}, backward={self.backward!r})"
+        )
+
+
+@dataclass
+class BackwardInfo:
+    """Statistics of the backward pass of one solve, filled in when backward runs.
+
+    Attributes:
+        method: name of the backward method, or None before backward has run.
+        solution: for the implicit backward, the :class:`Solution` of the adjoint solve
+            ``u = J^T u + g``; None for the other methods.
+        calls: how many times backward ran through this solve (e.g. twice with ``retain_graph``).
+    """
+
+    method: str | None = None
+    solution: Solution | None = None
+    calls: int = 0
+
+    @property
+    def nstep(self) -> int | None:
+        """Iterations of the adjoint solve, or None if there was none."""
+        return None if self.solution is None else self.solution.nstep
+
+    @property
+    def residual(self) -> Tensor | None:
+        """(B,) residual of the adjoint solve, or None if there was none."""
+        return None if self.solution is None else self.solution.residual
+
+    @property
+    def converged(self) -> Tensor | None:
+        """(B,) whether the adjoint solve converged, or None if there was none."""
+        return None if self.solution is None else self.solution.converged
+
+    def __repr__(self) -> str:
+        if self.method is None:
+            return "BackwardInfo(not run)"
+        if self.solution is None:
+            return f"BackwardInfo(method={self.method!r}, calls={self.calls})"
+        s = self.solution
+        return (
+            f"BackwardInfo(method={self.method!r}, calls={self.calls}, nstep={s.nstep}, "
+            f"max_residual={float(s.residual.max()):.3e}, status={s.status.value})"
+        )
+
+
+def empty_trace() -> Tensor:
+    return torch.zeros(0, dtype=torch.float64)

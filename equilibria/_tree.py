@@ -1,0 +1,210 @@
+"""States as batch-first tensors, tuples or dicts, viewed as one (B, D) matrix.
+
+Solvers work on a flat (B, D) tensor: every sample is an independent problem of size D. A state made
+of several tensors is concatenated along the feature axis; a single tensor is only reshaped (a view,
+no copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _describe(z: Any) -> str:
+    if isinstance(z, Tensor):
+        return f"a tensor of shape {tuple(z.shape)}"
+    if isinstance(z, tuple):
+        return f"a tuple of {len(z)} items"
+    if isinstance(z, Mapping):
+        return f"a dict with keys {sorted(map(str, z.keys()))}"
+    return f"an object of type {type(z).__name__}"
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """The structure, shapes, dtype and device of a state, and the maps to and from (B, D)."""
+
+    kind: Literal["tensor", "tuple", "dict"]
+    keys: tuple[Any, ...]
+    shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def batch(self) -> int:
+        return self.shapes[0][0]
+
+    @property
+    def dim(self) -> int:
+        return sum(self.sizes)
+
+    @staticmethod
+    def of(z: Any, name: str = "z0") -> StateSpec:
+        """Build the spec of ``z`` and validate it (batch-first floating tensors, one dtype)."""
+        if isinstance(z, Tensor):
+            kind, keys, leaves = "tensor", (), (z,)
+        elif isinstance(z, tuple):
+            kind, keys, leaves = "tuple", tuple(range(len(z))), tuple(z)
+        elif isinstance(z, Mapping):
+            kind, keys = "dict", tuple(z.keys())
+            leaves = tuple(z[k] for k in keys)
+        else:
+            raise TypeError(
+                f"{name} must be a tensor, a tuple of tensors or a dict of tensors, "
+                f"got {_describe(z)}"
+            )
+        if not leaves:
+            raise ValueError(f"{name} must contain at least one tensor, got {_describe(z)}")
+        for key, leaf in zip(keys or (None,), leaves):
+            where = name if key is None else f"{name}[{key!r}]"
+            if not isinstance(leaf, Tensor):
+                raise TypeError(f"{where} must be a tensor, got {type(leaf).__name__}")
+            if not leaf.is_floating_point():
+                raise TypeError(f"{where} must have a floating dtype, got {leaf.dtype}")
+            if leaf.dim() < 1 or leaf.shape[0] < 1:
+                raise ValueError(
+                    f"{where} must be batch-first with at least one sample, "
+                    f"got shape {tuple(leaf.shape)}"
+                )
+        first = leaves[0]
+        for key, leaf in zip(keys, leaves):
+            if leaf.shape[0] != first.shape[0]:
+                raise ValueError(
+                    f"every tensor in {name} must have the same batch size: {name}[{key!r}] has "
+                    f"{leaf.shape[0]}, the first has {first.shape[0]}"
+                )
+            if leaf.dtype != first.dtype or leaf.device != first.device:
+                raise ValueError(
+                    f"every tensor in {name} must share one dtype and device: {name}[{key!r}] is "
+                    f"{leaf.dtype} on {leaf.device}, the first is {first.dtype} on {first.device}"
+                )
+        return StateSpec(
+            kind=kind,
+            keys=keys,
+            shapes=tuple(leaf.shape for leaf in leaves),
+            sizes=tuple(leaf[0].numel() for leaf in leaves),
+            dtype=first.dtype,
+            device=first.device,
+        )
+
+    def leaves(self, z: Any) -> tuple[Tensor, ...]:
+        if self.kind == "tensor":
+            return (z,)
+        if self.kind == "tuple":
+            return tuple(z)
+        return tuple(z[k] for k in self.keys)
+
+    def flatten(self, z: Any) -> Tensor:
+        """(B, D) view (single tensor) or concatenation (several tensors) of ``z``."""
+        if self.kind == "tensor":
+            return z.reshape(z.shape[0], -1)
+        return torch.cat([leaf.reshape(leaf.shape[0], -1) for leaf in self.leaves(z)], dim=1)
+
+    def unflatten(self, flat: Tensor) -> Any:
+        """Inverse of :meth:`flatten`; the batch size is taken from ``flat``."""
+        b = flat.shape[0]
+        if self.kind == "tensor":
+            return flat.view((b, *self.shapes[0][1:]))
+        parts = torch.split(flat, self.sizes, dim=1)
+        leaves = [p.reshape((b, *s[1:])) for p, s in zip(parts, self.shapes)]
+        if self.kind == "tuple":
+            return tuple(leaves)
+        return dict(zip(self.keys, leaves))
+
+    def check_output(self, out: Any, batch: int, name: str = "f") -> Any:
+        """Raise unless ``out`` has this structure; cast low-precision outputs under autocast."""
+        if self.kind == "tensor":
+            if (
+                isinstance(out, Tensor)
+                and out.shape[1:] == self.shapes[0][1:]
+                and out.shape[0] == batch
+                and out.dtype == self.dtype
+            ):
+                return out
+        leaves = self._match_structure(out, name)
+        fixed = []
+        for key, leaf, shape in zip(self.keys or (None,), leaves, self.shapes):
+            where = f"{name}(z)" if key is None else f"{name}(z)[{key!r}]"
+            if leaf.shape[0] != batch or leaf.shape[1:] != shape[1:]:
+                raise ValueError(
+                    f"{where} must have the shape of the state, "
+                    f"{(batch, *shape[1:])}, got {tuple(leaf.shape)}"
+                )
+            if leaf.dtype != self.dtype:
+                if (
+                    leaf.dtype in _LOW_PRECISION
+                    and torch.is_autocast_enabled(leaf.device.type)
+                    and leaf.is_floating_point()
+                ):
+                    leaf = leaf.to(self.dtype)
+                else:
+                    raise TypeError(
+                        f"{where} must have the dtype of the state, {self.dtype}, got {leaf.dtype}"
+                    )
+            if leaf.device != self.device:
+                raise ValueError(
+                    f"{where} must be on the device of the state, {self.device}, got {leaf.device}"
+                )
+            fixed.append(leaf)
+        if self.kind == "tensor":
+            return fixed[0]
+        if self.kind == "tuple":
+            return tuple(fixed)
+        return dict(zip(self.keys, fixed))
+
+    def _match_structure(self, out: Any, name: str) -> tuple[Tensor, ...]:
+        expected = {
+            "tensor": "a tensor",
+            "tuple": f"a tuple of {len(self.shapes)} tensors",
+            "dict": f"a dict with keys {sorted(map(str, self.keys))}",
+        }[self.kind]
+        ok = (
+            (self.kind == "tensor" and isinstance(out, Tensor))
+            or (self.kind == "tuple" and isinstance(out, tuple) and len(out) == len(self.shapes))
+            or (
+                self.kind == "dict"
+                and isinstance(out, Mapping)
+                and set(out.keys()) == set(self.keys)
+            )
+        )
+        if not ok:
+            raise TypeError(
+                f"{name} must return the same structure as the state ({expected}), "
+                f"got {_describe(out)}"
+            )
+        leaves = self.leaves(out)
+        for key, leaf in zip(self.keys or (None,), leaves):
+            if not isinstance(leaf, Tensor):
+                raise TypeError(f"{name}(z)[{key!r}] must be a tensor, got {type(leaf).__name__}")
+        return leaves
+
+    def flat_map(self, f: Callable[[Any], Any], name: str = "f") -> Callable[[Tensor], Tensor]:
+        """Wrap ``f`` (structured state -> structured state) as a map (B, D) -> (B, D)."""
+        if self.kind == "tensor":
+            tail = self.shapes[0][1:]
+            dtype = self.dtype
+
+            def flat_tensor(x: Tensor) -> Tensor:
+                b = x.shape[0]
+                out = f(x.view((b, *tail)))
+                if not (isinstance(out, Tensor) and out.shape[1:] == tail and out.dtype == dtype):
+                    out = self.check_output(out, b, name)
+                elif out.shape[0] != b:
+                    out = self.check_output(out, b, name)
+                return out.reshape(b, -1)
+
+            return flat_tensor
+
+        def flat_tree(x: Tensor) -> Tensor:
+            out = self.check_output(f(self.unflatten(x)), x.shape[0], name)
+            return self.flatten(out)
+
+        return flat_tree
