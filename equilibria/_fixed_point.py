@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -40,15 +41,18 @@ def _check_callable(f: Any) -> None:
 def _to_solution(
     it: Iteration, spec: StateSpec, solver: Solver, stop: str, tol: float, value: Tensor
 ) -> Solution:
+    dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
+    residual = torch.from_numpy(it.residual).to(device=value.device, dtype=dtype)
     return Solution(
         value=spec.unflatten(value),
         status=it.status,
         nstep=it.nstep,
         nfev=it.nfev,
-        residual=it.residual.detach(),
-        converged=it.residual.detach() < tol,
+        residual=residual,
+        converged=torch.from_numpy(it.residual < tol).to(value.device),
         trace=torch.tensor(it.trace, dtype=torch.float64),
-        residuals=torch.stack(it.residuals).detach(),
+        residuals=torch.from_numpy(np.stack(it.residuals)),
+        evaluations=it.evaluations,
         stop=stop,
         tol=tol,
         solver=solver.name,
@@ -76,6 +80,7 @@ def solve(
     max_iter: int = 50,
     stop: StopNorm = "rel",
     warn_unconverged: bool = False,
+    compact: bool = False,
 ) -> Solution:
     """Find z* = f(z*) from ``z0`` without recording gradients.
 
@@ -92,6 +97,11 @@ def solve(
         max_iter: iteration budget (map evaluations at the iterates, ``z0`` included).
         stop: ``"rel"``: ||f(z) - z|| / ||f(z)|| (scale-free); ``"abs"``: ||f(z) - z||.
         warn_unconverged: emit a ``RuntimeWarning`` when the budget runs out or the solve diverges.
+        compact: per-sample compaction: samples that reached ``tol`` are dropped from the batch
+            passed to ``f``, which is then called as ``f(z, index)`` with ``index`` the positions
+            of the rows of ``z`` in the original batch (a 1-D long tensor) or ``None`` for the whole
+            batch. A converged sample keeps its first iterate below ``tol``. See :class:`DEQ` for
+            the module form, which indexes the input for you.
 
     Returns:
         A :class:`Solution`; ``sol.value`` is the best iterate per sample. Running out of budget is
@@ -109,9 +119,12 @@ def solve(
     spec = StateSpec.of(z0)
     solver = resolve_solver(solver)
     _check_options(tol, max_iter, stop, warn_unconverged)
+    check_bool("compact", compact)
     fn = spec.flat_map(f)
     with torch.no_grad():
-        it = iterate(fn, spec.flatten(z0), solver, tol=tol, max_iter=max_iter, stop=stop)
+        it = iterate(
+            fn, spec.flatten(z0), solver, tol=tol, max_iter=max_iter, stop=stop, compact=compact
+        )
     sol = _to_solution(it, spec, solver, stop, tol, it.value)
     if warn_unconverged:
         _warn_if_unconverged(sol, "the solve")
@@ -128,6 +141,7 @@ def fixed_point(
     max_iter: int = 50,
     stop: StopNorm = "rel",
     warn_unconverged: bool = False,
+    compact: bool = False,
 ) -> tuple[Any, Solution]:
     """Differentiable equilibrium z* = f(z*).
 
@@ -146,6 +160,9 @@ def fixed_point(
         max_iter: forward iteration budget.
         stop: stop norm, ``"rel"`` or ``"abs"``.
         warn_unconverged: emit a ``RuntimeWarning`` when the forward solve does not converge.
+        compact: per-sample compaction of the forward solve; ``f`` is then called as
+            ``f(z, index)`` (see :func:`solve`). The backward pass always runs on the whole batch.
+            Not available with ``backward="unrolled"``.
 
     Returns:
         ``(z, sol)``: the differentiable state and the forward :class:`Solution`. For the implicit
@@ -164,6 +181,12 @@ def fixed_point(
     solver = resolve_solver(solver)
     backward = resolve_backward(backward)
     _check_options(tol, max_iter, stop, warn_unconverged)
+    check_bool("compact", compact)
+    if compact and isinstance(backward, Unrolled):
+        raise ValueError(
+            "compact=True cannot be combined with backward='unrolled' (backpropagating through a "
+            "batch that shrinks); use another backward method or compact=False"
+        )
     fn = spec.flat_map(f)
     x0 = spec.flatten(z0)
     if isinstance(backward, Unrolled) and torch.is_grad_enabled():
@@ -173,11 +196,14 @@ def fixed_point(
         z = it.value
     else:
         with torch.no_grad():
-            it = iterate(fn, x0.detach(), solver, tol=tol, max_iter=max_iter, stop=stop)
+            it = iterate(
+                fn, x0.detach(), solver, tol=tol, max_iter=max_iter, stop=stop, compact=compact
+            )
         sol = _to_solution(it, spec, solver, stop, tol, it.value)
         z = it.value
         if torch.is_grad_enabled():
-            z = attach_backward(fn, z, backward, sol.backward)
+            full = (lambda x: fn(x, None)) if compact else fn
+            z = attach_backward(full, z, backward, sol.backward)
     if warn_unconverged:
         _warn_if_unconverged(sol, "the forward solve")
     return spec.unflatten(z), sol

@@ -2,17 +2,19 @@
 
 It owns what solvers should not repeat: the iteration budget, per-sample stopping in the abs or rel
 norm, the best iterate per sample, the residual traces, divergence and non-finite detection, and the
-final status. Each iteration costs one host synchronisation (three scalars: the largest current
-residual, the largest best residual and the largest gain), which decides whether to stop and whether
-the best iterate must be copied; nothing else leaves the device.
+final status. Each iteration moves the per-sample residual norms (B or 2B scalars) to the host: on
+a GPU that is the one synchronisation per iteration, and on a CPU it costs nothing. All bookkeeping
+on those scalars then runs in NumPy instead of as a string of tiny tensor operations.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -28,25 +30,49 @@ DIVERGENCE_FACTOR = 1e6
 
 class Iteration(NamedTuple):
     value: Tensor  # (B, D) best iterate per sample
-    residual: Tensor  # (B,) its residual in the stop norm
+    residual: np.ndarray  # (B,) float64, its residual in the stop norm
     status: Status
     nstep: int
     nfev: int
     trace: list[float]  # largest residual per iteration
-    residuals: list[Tensor]  # (B,) per iteration
-    trajectory: list[Tensor] | None  # every iterate (B, D), when asked for
+    residuals: list[np.ndarray]  # (B,) per iteration; NaN for samples no longer iterated
+    trajectory: list[Tensor] | None  # every iterate (B, D), when asked for (not with compaction)
+    evaluations: int  # sample-evaluations of the map (rows passed to it, summed over calls)
 
 
-def residual_norm(g: Tensor, fx: Tensor, stop: Literal["abs", "rel"]) -> Tensor:
-    """(B,) residual ||g|| (abs) or ||g|| / ||f(z)|| (rel) per sample."""
-    r = torch.linalg.vector_norm(g, dim=1)
-    if stop == "rel":
-        r = r / (torch.linalg.vector_norm(fx, dim=1) + torch.finfo(fx.dtype).tiny)
-    return r
+def residual_norm(g: Tensor, fx: Tensor, stop: Literal["abs", "rel"]) -> np.ndarray:
+    """(B,) float64 residual ||g|| (abs) or ||g|| / ||f(z)|| (rel) per sample, on the host.
+
+    The per-sample norms are computed on the device; the few scalars per sample then live on the
+    host, where the bookkeeping of a solve (best iterate, stopping, traces) costs next to nothing.
+    On a GPU this transfer is the one synchronisation per iteration.
+    """
+    ng = torch.linalg.vector_norm(g, dim=1)
+    if stop == "abs":
+        return _host(ng)
+    nf = torch.linalg.vector_norm(fx, dim=1)
+    if ng.device.type == "cpu":
+        num, den = _host(ng), _host(nf)
+    else:
+        num, den = _host(torch.stack((ng, nf)))
+    return num / (den + _TINY)
+
+
+_TINY = np.finfo(np.float64).tiny
+
+
+def _host(t: Tensor) -> np.ndarray:
+    t = t.detach()
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.float()
+    return t.cpu().numpy().astype(np.float64, copy=False)
+
+
+IndexedMap = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
 def iterate(
-    fn: Map,
+    fn: Map | IndexedMap,
     x0: Tensor,
     solver: Solver,
     *,
@@ -54,12 +80,18 @@ def iterate(
     max_iter: int,
     stop: Literal["abs", "rel"],
     keep_trajectory: bool = False,
+    compact: bool = False,
     what: str = "the solve",
 ) -> Iteration:
     """Run ``solver`` on the flat map ``fn`` (B, D) -> (B, D) from ``x0`` (B, D).
 
+    With ``compact=True`` the map is called as ``fn(x, index)``, where ``index`` (a 1-D long tensor
+    of positions in the original batch, or None for the whole batch) says which samples the rows
+    of ``x`` are; samples that reached ``tol`` are dropped from the batch (per-sample compaction)
+    and keep their first iterate below ``tol``.
+
     Under ``torch.autocast`` the map runs with autocast on, while the solver's own arithmetic
-    (mixing, Gram matrices, norms) runs with autocast off, in the state's dtype or float64.
+    (mixing, Gram matrices, norms) runs with autocast off, in the state's dtype or better.
     """
     device_type = x0.device.type
     autocast_ctx = nullcontext()
@@ -67,15 +99,24 @@ def iterate(
         fn = _with_autocast(fn, device_type, torch.get_autocast_dtype(device_type))
         autocast_ctx = torch.autocast(device_type, enabled=False)
     with autocast_ctx:
-        return _loop(fn, x0, solver, tol, max_iter, stop, keep_trajectory, what)
+        if compact:
+            return _loop_compact(fn, x0, solver, tol, max_iter, stop, what)  # type: ignore[arg-type]
+        return _loop(fn, x0, solver, tol, max_iter, stop, keep_trajectory, what)  # type: ignore[arg-type]
 
 
-def _with_autocast(fn: Map, device_type: str, dtype: torch.dtype) -> Map:
-    def fn_autocast(x: Tensor) -> Tensor:
+def _with_autocast(fn: Callable[..., Tensor], device_type: str, dtype: torch.dtype) -> Callable:
+    def fn_autocast(*args: Any) -> Tensor:
         with torch.autocast(device_type, dtype=dtype):
-            return fn(x)
+            return fn(*args)
 
     return fn_autocast
+
+
+def _check_initial(x0: Tensor, what: str) -> None:
+    finite = torch.isfinite(x0).all(1)
+    if not bool(finite.all()):
+        bad = _bad_samples(~finite)
+        raise NonFiniteError(f"the initial state of {what} contains NaN or inf (samples {bad})")
 
 
 def _loop(
@@ -88,64 +129,143 @@ def _loop(
     keep_trajectory: bool,
     what: str,
 ) -> Iteration:
-    if not bool(torch.isfinite(x0).all()):
-        bad = _bad_samples(~torch.isfinite(x0).all(1))
-        raise NonFiniteError(f"the initial state of {what} contains NaN or inf (samples {bad})")
+    _check_initial(x0, what)
+    batch = x0.shape[0]
     x = x0
     fx = fn(x)
     g = fx - x
     r = residual_norm(g, fx, stop)
-    best_x, best_r = x, r
     rmax = float(r.max())
     if not math.isfinite(rmax):
         _raise_nonfinite(what, 1, x, fx, r)
+    best_x, best_r = x, r
     trace, residuals = [rmax], [r]
     trajectory = [x] if keep_trajectory else None
     nfev, nstep = 1, 1
     status = Status.CONVERGED if rmax < tol else Status.MAX_ITER
-    state = solver.init(x, fx, g) if status is not Status.CONVERGED and max_iter > 1 else None
+    state = solver.init(x, fx, g) if status is Status.MAX_ITER and max_iter > 1 else None
     lowest = rmax
     while status is Status.MAX_ITER and nstep < max_iter:
         x, fx, g, state, used = solver.step(fn, x, fx, g, state)
         nfev += used
         nstep += 1
-        r = residual_norm(g, fx, stop)
-        gain = r - best_r  # (B,) negative where the new iterate is better
-        best_r = torch.minimum(best_r, r)
-        # the one host synchronisation per iteration: largest residual, largest best residual,
-        # largest gain (a NaN residual propagates into all three and is caught below)
-        rmax, bmax, gmax = torch.stack((r, best_r, gain)).amax(1).tolist()
-        # usually every sample improved: the best iterate is then the current one, no copy needed
-        best_x = x if gmax < 0 else torch.where((gain < 0).unsqueeze(1), x, best_x)
+        r = residual_norm(g, fx, stop)  # the one device-to-host transfer of the iteration
+        rmax = float(r.max())  # NaN propagates
         if not math.isfinite(rmax):
             _raise_nonfinite(what, nstep, x, fx, r)
+        better = r < best_r
+        if better.all():  # the usual case: no copy, the best iterate is the current one
+            best_x = x
+        elif better.any():
+            mask = torch.from_numpy(better).to(x.device).unsqueeze(1)
+            best_x = torch.where(mask, x, best_x)
+        best_r = np.minimum(best_r, r)
         trace.append(rmax)
         residuals.append(r)
         if trajectory is not None:
             trajectory.append(x)
-        if bmax < tol:
+        if best_r.max() < tol:
             status = Status.CONVERGED
         elif rmax > DIVERGENCE_FACTOR * lowest:
             status = Status.DIVERGED
         lowest = min(lowest, rmax)
     if best_x is x0:
         best_x = best_x.clone()
-    return Iteration(best_x, best_r, status, nstep, nfev, trace, residuals, trajectory)
+    evaluations = batch * nfev
+    return Iteration(best_x, best_r, status, nstep, nfev, trace, residuals, trajectory, evaluations)
 
 
-def _bad_samples(mask: Tensor, limit: int = 10) -> str:
-    idx = mask.nonzero().flatten().tolist()
-    shown = ", ".join(map(str, idx[:limit]))
+def _loop_compact(
+    fn: IndexedMap,
+    x0: Tensor,
+    solver: Solver,
+    tol: float,
+    max_iter: int,
+    stop: Literal["abs", "rel"],
+    what: str,
+) -> Iteration:
+    _check_initial(x0, what)
+    batch = x0.shape[0]
+    x = x0
+    fx = fn(x, None)
+    g = fx - x
+    r = residual_norm(g, fx, stop)
+    rmax = float(r.max())
+    if not math.isfinite(rmax):
+        _raise_nonfinite(what, 1, x, fx, r)
+    best_x, best_r = x0.clone(), r
+    trace, residuals = [rmax], [r]
+    nfev, nstep, evaluations = 1, 1, batch
+    active = np.arange(batch)  # positions in the original batch of the rows being iterated
+    index: Tensor | None = None
+    status = Status.CONVERGED if rmax < tol else Status.MAX_ITER
+    state = solver.init(x, fx, g) if status is Status.MAX_ITER and max_iter > 1 else None
+    lowest = rmax
+    done = r < tol
+    while status is Status.MAX_ITER and nstep < max_iter:
+        if done.any():  # drop the samples that reached tol from everything the solver carries
+            keep = torch.from_numpy(np.flatnonzero(~done)).to(x.device)
+            state = solver.select(state, keep)
+            x, fx, g = x.index_select(0, keep), fx.index_select(0, keep), g.index_select(0, keep)
+            active = active[~done]
+            index = torch.from_numpy(active).to(x.device)
+
+        def fn_active(z: Tensor, index: Tensor | None = index) -> Tensor:
+            return fn(z, index)
+
+        x, fx, g, state, used = solver.step(fn_active, x, fx, g, state)
+        nfev += used
+        nstep += 1
+        evaluations += used * len(active)
+        r_active = residual_norm(g, fx, stop)
+        rmax = float(r_active.max())
+        if not math.isfinite(rmax):
+            _raise_nonfinite(what, nstep, x, fx, r_active, active)
+        better = r_active < best_r[active]
+        if better.any():
+            rows = torch.from_numpy(np.flatnonzero(better)).to(x.device)
+            best_x.index_copy_(0, torch.from_numpy(active[better]).to(x.device), x[rows])
+            best_r[active[better]] = r_active[better]
+        r = np.full(batch, np.nan)
+        r[active] = r_active
+        trace.append(rmax)
+        residuals.append(r)
+        done = r_active < tol
+        if done.all():
+            status = Status.CONVERGED
+        elif rmax > DIVERGENCE_FACTOR * lowest:
+            status = Status.DIVERGED
+        lowest = min(lowest, rmax)
+    return Iteration(best_x, best_r, status, nstep, nfev, trace, residuals, None, evaluations)
+
+
+def _bad_samples(
+    mask: Tensor | np.ndarray, active: np.ndarray | None = None, limit: int = 10
+) -> str:
+    """The sample indices where ``mask`` is true (mapped through ``active`` under compaction)."""
+    if isinstance(mask, Tensor):
+        mask = mask.cpu().numpy()
+    idx = np.flatnonzero(mask)
+    if active is not None:
+        idx = active[idx]
+    shown = ", ".join(map(str, idx[:limit].tolist()))
     return shown + (f", ... ({len(idx)} in all)" if len(idx) > limit else "")
 
 
-def _raise_nonfinite(what: str, nstep: int, x: Tensor, fx: Tensor, r: Tensor) -> None:
+def _raise_nonfinite(
+    what: str,
+    nstep: int,
+    x: Tensor,
+    fx: Tensor,
+    r: np.ndarray,
+    active: np.ndarray | None = None,
+) -> None:
     x_bad = ~torch.isfinite(x).all(1)
     fx_bad = ~torch.isfinite(fx).all(1)
     if bool(x_bad.any()):
-        source = f"the solver's update produced NaN or inf (samples {_bad_samples(x_bad)})"
+        source = f"the solver's update produced NaN or inf (samples {_bad_samples(x_bad, active)})"
     elif bool(fx_bad.any()):
-        source = f"the map returned NaN or inf (samples {_bad_samples(fx_bad)})"
+        source = f"the map returned NaN or inf (samples {_bad_samples(fx_bad, active)})"
     else:
-        source = f"the residual overflowed (samples {_bad_samples(~torch.isfinite(r))})"
+        source = f"the residual overflowed (samples {_bad_samples(~np.isfinite(r), active)})"
     raise NonFiniteError(f"non-finite values in {what} at iteration {nstep}: {source}")

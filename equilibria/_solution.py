@@ -6,7 +6,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 
@@ -36,7 +35,10 @@ class Solution:
         residual: (B,) residual of ``value`` per sample, in the stop norm.
         converged: (B,) bool, whether each sample reached ``tol``.
         trace: (nstep,) float64 on the CPU, the largest residual over the batch at each iteration.
-        residuals: (nstep, B) residual of every sample at every iteration, on the state's device.
+        residuals: (nstep, B) float64 on the CPU, the residual of every sample at every iteration
+            (NaN for samples no longer iterated because per-sample compaction dropped them).
+        evaluations: sample-evaluations of the map (rows passed to it, summed over calls):
+            ``B * nfev`` without compaction, fewer with it.
         stop: the stop norm, ``"abs"`` or ``"rel"``.
         tol: the tolerance.
         solver: the solver's name.
@@ -52,6 +54,7 @@ class Solution:
     converged: Tensor
     trace: Tensor
     residuals: Tensor
+    evaluations: int
     stop: str
     tol: float
     solver: str
@@ -111,7 +114,3 @@ class BackwardInfo:
             f"BackwardInfo(method={self.method!r}, calls={self.calls}, nstep={s.nstep}, "
             f"max_residual={float(s.residual.max()):.3e}, status={s.status.value})"
         )
-
-
-def empty_trace() -> Tensor:
-    return torch.zeros(0, dtype=torch.float64)

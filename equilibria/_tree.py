@@ -186,25 +186,45 @@ class StateSpec:
                 raise TypeError(f"{name}(z)[{key!r}] must be a tensor, got {type(leaf).__name__}")
         return leaves
 
-    def flat_map(self, f: Callable[[Any], Any], name: str = "f") -> Callable[[Tensor], Tensor]:
-        """Wrap ``f`` (structured state -> structured state) as a map (B, D) -> (B, D)."""
+    def flat_map(self, f: Callable[..., Any], name: str = "f") -> Callable[..., Tensor]:
+        """Wrap ``f`` (structured state -> structured state) as a map (B, D) -> (B, D).
+
+        Extra positional arguments (the sample index under compaction) are passed through to ``f``.
+        """
         if self.kind == "tensor":
             tail = self.shapes[0][1:]
             dtype = self.dtype
 
-            def flat_tensor(x: Tensor) -> Tensor:
+            def flat_tensor(x: Tensor, *extra: Any) -> Tensor:
                 b = x.shape[0]
-                out = f(x.view((b, *tail)))
-                if not (isinstance(out, Tensor) and out.shape[1:] == tail and out.dtype == dtype):
-                    out = self.check_output(out, b, name)
-                elif out.shape[0] != b:
+                out = f(x.view((b, *tail)), *extra)
+                if not (
+                    isinstance(out, Tensor)
+                    and out.shape[0] == b
+                    and out.shape[1:] == tail
+                    and out.dtype == dtype
+                ):
                     out = self.check_output(out, b, name)
                 return out.reshape(b, -1)
 
             return flat_tensor
 
-        def flat_tree(x: Tensor) -> Tensor:
-            out = self.check_output(f(self.unflatten(x)), x.shape[0], name)
+        def flat_tree(x: Tensor, *extra: Any) -> Tensor:
+            out = self.check_output(f(self.unflatten(x), *extra), x.shape[0], name)
             return self.flatten(out)
 
         return flat_tree
+
+
+def index_batch(x: Any, index: Tensor) -> Any:
+    """Rows ``index`` of every batch-first tensor in ``x`` (a tensor, tuple, list or dict; other
+    leaves are passed through unchanged)."""
+    if isinstance(x, Tensor):
+        return x.index_select(0, index)
+    if isinstance(x, tuple):
+        return tuple(index_batch(v, index) for v in x)
+    if isinstance(x, list):
+        return [index_batch(v, index) for v in x]
+    if isinstance(x, Mapping):
+        return {k: index_batch(v, index) for k, v in x.items()}
+    return x

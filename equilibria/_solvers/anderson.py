@@ -27,11 +27,11 @@ from ._base import Map, Solver, Step, write_slot
 
 
 class AndersonState(NamedTuple):
-    images: Tensor  # (B, m, D)  F_i
-    residuals: Tensor  # (B, m, D)  G_i
-    gram: Tensor  # (B, m, m)  G G^T, float32 or float64
-    ones: Tensor  # (B, m, 1)  right-hand side of the small systems
-    eye: Tensor  # (m, m)
+    images: Tensor  # (B, m, D)  F_i, zero in unused slots
+    residuals: Tensor  # (B, m, D)  G_i, zero in unused slots
+    system: Tensor  # (B, m+1, m+1)  bordered [[0, 1^T], [1, G G^T]], float32 or float64
+    rhs: Tensor  # (B, m+1, 1)  (1, 0, ..., 0)
+    ridge_eye: Tensor  # (m+1, m+1)  diag(0, 1, ..., 1): where the ridge goes
     count: int  # columns written so far (the newest is at slot (count - 1) % m)
 
 
@@ -68,30 +68,30 @@ class Anderson(Solver):
     def init(self, x: Tensor, fx: Tensor, g: Tensor) -> AndersonState:
         b, d = x.shape
         gdt = _gram_dtype(x)
+        rhs = torch.zeros(b, self.m + 1, 1, dtype=gdt, device=x.device)
+        rhs[:, 0] = 1.0
+        ridge_eye = torch.eye(self.m + 1, dtype=gdt, device=x.device)
+        ridge_eye[0, 0] = 0.0
         state = AndersonState(
-            images=x.new_empty(b, self.m, d),
-            residuals=x.new_empty(b, self.m, d),
-            gram=torch.zeros(b, self.m, self.m, dtype=gdt, device=x.device),
-            ones=torch.ones(b, self.m, 1, dtype=gdt, device=x.device),
-            eye=torch.eye(self.m, dtype=gdt, device=x.device),
+            images=x.new_zeros(b, self.m, d),
+            residuals=x.new_zeros(b, self.m, d),
+            system=torch.zeros(b, self.m + 1, self.m + 1, dtype=gdt, device=x.device),
+            rhs=rhs,
+            ridge_eye=ridge_eye,
             count=0,
         )
         return _push(state, fx, g)
 
     def step(self, fn: Map, x: Tensor, fx: Tensor, g: Tensor, state: AndersonState) -> Step:
-        n = min(state.count, self.m)
-        if n == 1:
+        if state.count == 1:
             x = fx if self.beta == 1.0 else x + self.beta * g
         else:
-            images, residuals = state.images, state.residuals  # (B, n, D)
-            if n < self.m:
-                images, residuals = images[:, :n], residuals[:, :n]
-            alpha = _mixing(state, n, self.lam).unsqueeze(1)  # (B, 1, n)
+            alpha = _mixing(state, self.lam)  # (B, 1, m)
             if alpha.dtype != x.dtype:
                 alpha = alpha.to(x.dtype)
-            x = torch.bmm(alpha, images).squeeze(1)
+            x = torch.bmm(alpha, state.images).squeeze(1)
             if self.beta != 1.0:
-                x = x - (1.0 - self.beta) * torch.bmm(alpha, residuals).squeeze(1)
+                x = x - (1.0 - self.beta) * torch.bmm(alpha, state.residuals).squeeze(1)
         fx = fn(x)
         g = fx - x
         return Step(x, fx, g, _push(state, fx, g), 1)
@@ -100,8 +100,8 @@ class Anderson(Solver):
         return state._replace(
             images=state.images.index_select(0, index),
             residuals=state.residuals.index_select(0, index),
-            gram=state.gram.index_select(0, index),
-            ones=state.ones.index_select(0, index),
+            system=state.system.index_select(0, index),
+            rhs=state.rhs.index_select(0, index),
         )
 
 
@@ -111,41 +111,48 @@ def _gram_dtype(x: Tensor) -> torch.dtype:
 
 
 def _push(state: AndersonState, fx: Tensor, g: Tensor) -> AndersonState:
-    """Write (fx, g) into the next ring slot and update the Gram matrix's row and column."""
+    """Write (fx, g) into the next ring slot and update the Gram block's row and column.
+
+    Unused slots hold zeros, so the products always run over all m slots (no slicing), and an unused
+    slot's row of the bordered system reduces to ``ridge * a_j = 0``, i.e. a_j = 0.
+    """
     m = state.images.shape[1]
     slot = state.count % m
-    n = min(state.count + 1, m)
     images = write_slot(state.images, slot, fx)
     residuals = write_slot(state.residuals, slot, g)
-    # (B, 1, D) @ (B, D, n): this layout is several times faster than (B, n, D) @ (B, D, 1) on CPUs
-    stored = residuals if n == m else residuals[:, :n]
-    if g.dtype != state.gram.dtype:
-        g, stored = g.to(state.gram.dtype), stored.to(state.gram.dtype)
-    row = torch.bmm(g.unsqueeze(1), stored.mT).squeeze(1)  # (B, n)
-    gram = state.gram
+    stored = residuals
+    if g.dtype != state.system.dtype:
+        g, stored = g.to(state.system.dtype), stored.to(state.system.dtype)
+    # (B, 1, D) @ (B, D, m): this layout is several times faster than (B, m, D) @ (B, D, 1) on CPUs
+    row = torch.bmm(g.unsqueeze(1), stored.mT).squeeze(1)  # (B, m): <g, G_j>
+    system = state.system
     if torch.is_grad_enabled() and row.requires_grad:
-        gram = gram.clone()
-    gram[:, slot, :n] = row
-    gram[:, :n, slot] = row
-    return state._replace(images=images, residuals=residuals, gram=gram, count=state.count + 1)
+        system = system.clone()
+    system.select(1, slot + 1).narrow(1, 1, m).copy_(row)
+    system.select(2, slot + 1).narrow(1, 1, m).copy_(row)
+    if state.count < m:  # first use of this slot: border it with ones
+        system[:, 0, slot + 1] = 1.0
+        system[:, slot + 1, 0] = 1.0
+    return state._replace(images=images, residuals=residuals, system=system, count=state.count + 1)
 
 
-def _mixing(state: AndersonState, n: int, lam: float) -> Tensor:
-    """Coefficients (B, n) minimising ||a G||^2 + lam' ||a||^2 with sum(a) = 1.
+def _mixing(state: AndersonState, lam: float) -> Tensor:
+    """Coefficients (B, 1, m) minimising ||a G||^2 + lam' ||a||^2 subject to sum(a) = 1.
 
-    The constrained problem is solved as (GG^T + lam' I) y = 1, a = y / sum(y) (equivalent to the
-    bordered system of ALGORITHMS.md §1, and cheaper), with lam' = lam * trace(GG^T) / n. The floor
-    keeps the system far from round-off singularity, and the tiny absolute term keeps an all-zero
-    Gram (a sample already exactly at its fixed point) solvable.
+    Solves the bordered system [[0, 1^T], [1, G G^T + lam' I]] [nu; a] = [1; 0] of ALGORITHMS.md §1
+    with lam' = lam * trace(G G^T) / n. The floor keeps the system away from round-off singularity
+    and the tiny absolute term keeps an all-zero Gram (a sample already exactly at its fixed point)
+    solvable.
     """
-    gram = state.gram if n == state.gram.shape[1] else state.gram[:, :n, :n]
-    ridge = gram.diagonal(dim1=1, dim2=2).sum(1).mul_((lam + _ridge_floor(gram.dtype)) / n)
-    ridge = ridge.add_(_tiny(gram.dtype)).view(-1, 1, 1)  # (B, 1, 1)
-    full = n == state.gram.shape[1]
-    system = torch.addcmul(gram, ridge, state.eye if full else state.eye[:n, :n])
-    y = torch.linalg.solve_ex(system, state.ones if full else state.ones[:, :n])[0]  # (B, n, 1)
-    y = y.squeeze(2)
-    return y / y.sum(1, keepdim=True)
+    n = min(state.count, state.images.shape[1])
+    dtype = state.system.dtype
+    # trace of the Gram block (the border's corner is 0)
+    trace = state.system.diagonal(dim1=1, dim2=2).sum(1).clamp_min_(_tiny(dtype))  # (B,)
+    system = torch.addcmul(
+        state.system, trace.view(-1, 1, 1), state.ridge_eye, value=(lam + _ridge_floor(dtype)) / n
+    )
+    solution = torch.linalg.solve_ex(system, state.rhs)[0]  # (B, m+1, 1)
+    return solution[:, 1:].mT  # (B, 1, m)
 
 
 def _ridge_floor(dtype: torch.dtype) -> float:
@@ -154,4 +161,4 @@ def _ridge_floor(dtype: torch.dtype) -> float:
 
 
 def _tiny(dtype: torch.dtype) -> float:
-    return 1e-280 if dtype == torch.float64 else 1e-30
+    return 1e-280 if dtype == torch.float64 else 1e-35

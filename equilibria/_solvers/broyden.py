@@ -1,8 +1,9 @@
 """Limited-memory ("good") Broyden root finding on g(z) = f(z) - z.
 
 Notation of ALGORITHMS.md §1: the inverse Jacobian of g is approximated by H = -I + sum_i u_i v_i^T
-with at most M pairs in a ring buffer, so memory does not grow with the iteration budget (the
-original DEQ code and TorchDEQ allocate max_iter pairs and multiply by all of them every step). Step
+with at most M pairs, so memory does not grow with the iteration budget (the original DEQ code and
+TorchDEQ allocate max_iter pairs and multiply by all of them every step); when the M slots are used
+up the approximation restarts from H = -I. Step
 p = -H g; after a step dz with residual change dg:  v = H^T dz,  u = (dz - H dg) / (v^T dg), skipped
 per sample when the denominator vanishes. With H = -I the step is exactly a Picard step.
 
@@ -30,7 +31,7 @@ _SKIP = 1e-10
 class BroydenState(NamedTuple):
     us: Tensor  # (B, M, D)  u_i
     vs: Tensor  # (B, M, D)  v_i
-    count: int  # pairs written so far (ring buffer of size M)
+    count: int  # pairs stored (at most M - 1; the M-th update triggers a restart)
     p: Tensor  # (B, D)  the next step, -H g
 
 
@@ -42,7 +43,7 @@ class Broyden(Solver):
     the root is isolated; the memory is ``memory`` pairs of (B, D) vectors whatever the budget.
 
     Args:
-        memory: number of rank-one updates kept (ring buffer, oldest dropped first), >= 1.
+        memory: number of rank-one updates kept before the approximation restarts from -I, >= 2.
         line_search: backtrack the step per sample (Armijo condition on ||g||) when it does not
             decrease the residual; costs extra map evaluations, reported in ``Solution.nfev``.
         max_backtracks: halvings of the step tried by the line search, >= 1.
@@ -60,7 +61,7 @@ class Broyden(Solver):
     name: ClassVar[str] = "broyden"
 
     def __post_init__(self) -> None:
-        check_int("Broyden memory", self.memory, minimum=1)
+        check_int("Broyden memory", self.memory, minimum=2)
         check_bool("Broyden line_search", self.line_search)
         check_int("Broyden max_backtracks", self.max_backtracks, minimum=1)
 
@@ -90,12 +91,14 @@ class Broyden(Solver):
         )
         keep = denom.abs() > _SKIP * scale
         u = torch.where(keep, (dx - h_dg) / torch.where(keep, denom, 1.0), 0.0)
-        # next step p' = -H' g_new with H' = H + u v^T (- the evicted pair when the ring is full)
+        if state.count + 1 >= self.memory:
+            # The ring is full: restart from H = -I. (Dropping only the oldest pair is not sound:
+            # every later pair was computed relative to an H that contained it, and the iteration
+            # measurably diverges that way.)
+            return Step(x_new, fx_new, g_new, BroydenState(state.us, state.vs, 0, g_new), nfev)
+        # next step p' = -H' g_new with H' = H + u v^T
         p_next = -(h_g + u * (v * g_new).sum(1, keepdim=True))
-        slot = state.count % self.memory
-        if state.count >= self.memory:
-            u_old, v_old = state.us[:, slot], state.vs[:, slot]
-            p_next = p_next + u_old * (v_old * g_new).sum(1, keepdim=True)
+        slot = state.count
         state = BroydenState(
             write_slot(state.us, slot, u), write_slot(state.vs, slot, v), state.count + 1, p_next
         )
