@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from ._solvers import Solver, resolve_solver
-from ._validate import check_choice, check_float, check_int
+from ._validate import check_bool, check_choice, check_float, check_int
 
 
 class Backward:
@@ -53,6 +53,7 @@ class Implicit(Backward):
         check_float("Implicit tol", self.tol, low=0.0)
         check_int("Implicit max_iter", self.max_iter, minimum=1)
         check_choice("Implicit stop", self.stop, ("abs", "rel"))
+        check_bool("Implicit warn_unconverged", self.warn_unconverged)
 
 
 @dataclass(frozen=True)

@@ -223,8 +223,9 @@ def attach_backward(fn: Map, z_star: Tensor, backward: Backward, record: Backwar
         zr = z_star.detach().requires_grad_()
         with torch.enable_grad():
             z_out = fn(zr)
-        if not z_out.requires_grad:  # f closes over nothing that needs a gradient
+        if not _reaches_other_leaves(z_out, zr):  # f closes over nothing that needs a gradient
             return z_star
+        record.pair = (z_out, zr)
         return _Adjoint.apply(z_out, zr, z_star, backward, record)
     if isinstance(backward, Unrolled):
         raise ValueError(
@@ -232,6 +233,32 @@ def attach_backward(fn: Map, z_star: Tensor, backward: Backward, record: Backwar
             "through fixed_point and DEQ, not at a given state"
         )
     raise TypeError(f"unsupported backward method {type(backward).__name__}")
+
+
+def _reaches_other_leaves(z_out: Tensor, zr: Tensor) -> bool:
+    """Whether the graph of ``z_out`` reaches anything needing a gradient besides ``zr``.
+
+    A depth-first walk that stops at the first such node; in the common case (the map uses a
+    parameter) it ends after a handful of nodes.
+    """
+    if z_out.grad_fn is None:
+        return False
+    seen: set[int] = set()
+    stack = [z_out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # an AccumulateGrad node: a leaf that requires grad
+            if variable is not zr:
+                return True
+            continue
+        if not node.next_functions:  # a graph input with no further history
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 class _Adjoint(torch.autograd.Function):

@@ -45,27 +45,54 @@ def residual_norm(g: Tensor, fx: Tensor, stop: Literal["abs", "rel"]) -> np.ndar
 
     The per-sample norms are computed on the device; the few scalars per sample then live on the
     host, where the bookkeeping of a solve (best iterate, stopping, traces) costs next to nothing.
-    On a GPU this transfer is the one synchronisation per iteration.
+    This is the one device-to-host transfer (on a GPU, the one synchronisation) per iteration.
+
+    Edge cases are exact rather than fast: a norm that underflows to 0 or overflows in a low
+    precision is recomputed in float64; a zero residual is 0 whatever ||f(z)||; a non-zero residual
+    over ``f(z) = 0`` counts as the largest finite float (not converged, not an error). Raises
+    nothing: non-finite values come back as NaN and are reported by the caller.
     """
-    ng = torch.linalg.vector_norm(g, dim=1)
+    tensors = [torch.linalg.vector_norm(g, dim=1)]
+    if stop == "rel":
+        tensors.append(torch.linalg.vector_norm(fx, dim=1))
+    norms = to_host(tensors)
+    if g.dtype != torch.float64 and any(_suspect(n) for n in norms):
+        tensors = [torch.linalg.vector_norm(t, dim=1, dtype=torch.float64) for t in (g, fx)]
+        norms = to_host(tensors[: len(norms)])
+    num = norms[0]
     if stop == "abs":
-        return _host(ng)
-    nf = torch.linalg.vector_norm(fx, dim=1)
-    if ng.device.type == "cpu":
-        num, den = _host(ng), _host(nf)
-    else:
-        num, den = _host(torch.stack((ng, nf)))
-    return num / (den + _TINY)
+        return num
+    den = norms[1]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        r = num / den
+    finite = np.isfinite(num) & np.isfinite(den)
+    r = np.where(num == 0.0, 0.0, np.where(den == 0.0, _HUGE, r))
+    r = np.where(finite, np.minimum(r, _HUGE), np.nan)
+    return r
 
 
-_TINY = np.finfo(np.float64).tiny
+_HUGE = float(np.finfo(np.float64).max)
 
 
-def _host(t: Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.float()
-    return t.cpu().numpy().astype(np.float64, copy=False)
+def _suspect(norms: np.ndarray) -> bool:
+    """Zeros or infinities that a float64 computation might not reproduce."""
+    return bool((norms == 0.0).any() or np.isinf(norms).any())
+
+
+def to_host(tensors: list[Tensor]) -> list[np.ndarray]:
+    """Move small (B,) tensors to the host as float64 arrays in one transfer."""
+    tensors = [t.detach() for t in tensors]
+    if tensors[0].device.type == "cpu":  # zero-copy views, no synchronisation
+        return [_as_float64((t if t.dtype in _NUMPY_OK else t.float()).numpy()) for t in tensors]
+    stacked = torch.stack([t if t.dtype in _NUMPY_OK else t.float() for t in tensors]).cpu()
+    return [_as_float64(row) for row in stacked.numpy()]
+
+
+_NUMPY_OK = (torch.float32, torch.float64)
+
+
+def _as_float64(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64, copy=False)
 
 
 IndexedMap = Callable[[Tensor, "Tensor | None"], Tensor]
@@ -193,7 +220,7 @@ def _loop_compact(
     rmax = float(r.max())
     if not math.isfinite(rmax):
         _raise_nonfinite(what, 1, x, fx, r)
-    best_x, best_r = x0.clone(), r
+    best_x, best_r = x0.clone(), r.copy()
     trace, residuals = [rmax], [r]
     nfev, nstep, evaluations = 1, 1, batch
     active = np.arange(batch)  # positions in the original batch of the rows being iterated

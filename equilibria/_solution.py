@@ -88,6 +88,11 @@ class BackwardInfo:
     method: str | None = None
     solution: Solution | None = None
     calls: int = 0
+    # the recorded map evaluation (f(z*), z*) of the implicit and Neumann methods, flat (B, D),
+    # reused by Solution.jacobian_penalty
+    pair: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    # initial guess (B, D) for the adjoint solve (warm start); rows of NaN fall back to the gradient
+    initial: Tensor | None = field(default=None, repr=False)
 
     @property
     def nstep(self) -> int | None:

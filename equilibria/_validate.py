@@ -32,8 +32,8 @@ def check_float(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
+    left = "(" if low_open or low is None else "["
+    right = ")" if high_open or high is None else "]"
     interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
     ok = math.isfinite(value)
     if ok and low is not None:

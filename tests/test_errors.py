@@ -1,0 +1,534 @@
+"""Bad input raises a clear exception; failure to converge is a status, never silent.
+
+The table asserts the exception type and a fragment of the message: the argument's name and what
+is allowed (valid names come from the registries, so a new solver or backward is covered).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from _problems import F64, SOLVER_NAMES, Affine, BatchAffine
+
+import equilibria as eq
+from equilibria._backward import BACKWARDS
+from equilibria._solvers import SOLVERS
+
+Z = torch.zeros(2, 3, dtype=F64)
+PAIR = (torch.zeros(2, 3, dtype=F64), torch.zeros(2, 2, 2, dtype=F64))
+VALID_SOLVERS = "valid names are " + ", ".join(repr(k) for k in SOLVERS)
+VALID_BACKWARDS = "valid names are " + ", ".join(repr(k) for k in BACKWARDS)
+
+
+def f(z):
+    return 0.5 * z + 1.0
+
+
+def cell(z, x):
+    return 0.5 * z + x
+
+
+W = torch.tensor([[0.5, -0.3, 0.2], [0.1, 0.6, -0.4], [-0.2, 0.3, 0.5]], dtype=F64)
+
+
+def _nan_at_call(k: int, sample: int = 1, value: float = math.nan):
+    """A map that returns ``value`` (NaN) in ``sample`` at its ``k``-th call."""
+    calls = [0]
+
+    def g(z):
+        calls[0] += 1
+        out = torch.tanh(z @ W.T + 1.0)
+        if calls[0] == k:
+            out = out.clone()
+            out[sample, 0] = value
+        return out
+
+    return g
+
+
+def _backward_with_nan_gradient():
+    w = torch.eye(3, dtype=F64).mul(0.5).requires_grad_()
+    z, _ = eq.fixed_point(lambda z: z @ w.T + 1.0, Z, backward="implicit")
+    z.backward(torch.full_like(z, math.nan))
+
+
+BAD_INPUTS = [
+    # --- registry names -----------------------------------------------------------------------
+    pytest.param(
+        lambda: eq.solve(f, Z, solver="newton"), ValueError, VALID_SOLVERS, id="solver-name"
+    ),
+    pytest.param(
+        lambda: eq.fixed_point(f, Z, solver="Anderson"), ValueError, VALID_SOLVERS, id="fp-solver"
+    ),
+    pytest.param(lambda: eq.DEQ(cell, solver="x"), ValueError, VALID_SOLVERS, id="deq-solver"),
+    pytest.param(
+        lambda: eq.Implicit(solver="x"), ValueError, "unknown Implicit solver 'x'", id="adj-solver"
+    ),
+    pytest.param(
+        lambda: eq.fixed_point(f, Z, backward="ift"), ValueError, VALID_BACKWARDS, id="backward"
+    ),
+    pytest.param(lambda: eq.DEQ(cell, backward="x"), ValueError, VALID_BACKWARDS, id="deq-bwd"),
+    pytest.param(
+        lambda: eq.solve(f, Z, solver=3), TypeError, "solver must be a solver name", id="solver-int"
+    ),
+    pytest.param(
+        lambda: eq.solve(f, Z, solver=eq.Anderson),
+        TypeError,
+        "solver must be a solver name",
+        id="solver-class",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point(f, Z, backward=eq.Implicit),
+        TypeError,
+        "backward must be a name",
+        id="backward-class",
+    ),
+    # --- solver hyper-parameters --------------------------------------------------------------
+    pytest.param(lambda: eq.Anderson(m=0), ValueError, "Anderson m must be an int >= 1, got 0"),
+    pytest.param(lambda: eq.Anderson(m=2.0), TypeError, "Anderson m must be an int"),
+    pytest.param(lambda: eq.Anderson(lam=-1e-3), ValueError, "Anderson lam must be in"),
+    pytest.param(lambda: eq.Anderson(lam=math.nan), ValueError, "Anderson lam must be in"),
+    pytest.param(lambda: eq.Anderson(beta=0), ValueError, "Anderson beta must be in (0.0, 1.0]"),
+    pytest.param(lambda: eq.Anderson(beta=1.5), ValueError, "Anderson beta must be in (0.0, 1.0]"),
+    pytest.param(lambda: eq.Anderson(mm=3), TypeError, "unexpected keyword argument 'mm'"),
+    pytest.param(lambda: eq.Picard(damping=0), ValueError, "Picard damping must be in (0.0, 1.0]"),
+    pytest.param(lambda: eq.Picard(damping=1.5), ValueError, "Picard damping must be in"),
+    pytest.param(lambda: eq.Picard(damping="1"), TypeError, "Picard damping must be a real number"),
+    pytest.param(lambda: eq.Broyden(memory=0), ValueError, "Broyden memory must be an int >="),
+    pytest.param(lambda: eq.Broyden(max_backtracks=0), ValueError, "Broyden max_backtracks"),
+    pytest.param(
+        lambda: eq.Broyden(line_search=1), TypeError, "Broyden line_search must be a bool"
+    ),
+    # --- backward hyper-parameters ------------------------------------------------------------
+    pytest.param(lambda: eq.Phantom(steps=0), ValueError, "Phantom steps must be an int >= 1"),
+    pytest.param(lambda: eq.Phantom(steps=2.5), TypeError, "Phantom steps must be an int"),
+    pytest.param(
+        lambda: eq.Phantom(damping=0), ValueError, "Phantom damping must be in (0.0, 1.0]"
+    ),
+    pytest.param(lambda: eq.Phantom(damping=2), ValueError, "Phantom damping must be in"),
+    pytest.param(lambda: eq.Neumann(steps=0), ValueError, "Neumann steps must be an int >= 1"),
+    pytest.param(lambda: eq.Neumann(damping=-1), ValueError, "Neumann damping must be in"),
+    pytest.param(lambda: eq.Implicit(tol=0), ValueError, "Implicit tol must be in (0.0,"),
+    pytest.param(lambda: eq.Implicit(max_iter=0), ValueError, "Implicit max_iter must be an int"),
+    pytest.param(lambda: eq.Implicit(stop="l2"), ValueError, "Implicit stop must be one of"),
+    pytest.param(
+        lambda: eq.Implicit(warn_unconverged="no"),
+        TypeError,
+        "warn_unconverged must be a bool",
+        id="implicit-warn",
+    ),
+    # --- solve options ------------------------------------------------------------------------
+    pytest.param(lambda: eq.solve(f, Z, tol=0), ValueError, "tol must be in (0.0,", id="tol-0"),
+    pytest.param(lambda: eq.solve(f, Z, tol=-1e-3), ValueError, "tol must be in", id="tol-neg"),
+    pytest.param(lambda: eq.solve(f, Z, tol=math.nan), ValueError, "got nan", id="tol-nan"),
+    pytest.param(
+        lambda: eq.solve(f, Z, tol=math.inf),
+        ValueError,
+        "tol must be in (0.0, inf), got inf",
+        id="tol-inf",
+    ),
+    pytest.param(lambda: eq.solve(f, Z, tol="1e-3"), TypeError, "tol must be a real number"),
+    pytest.param(lambda: eq.solve(f, Z, tol=True), TypeError, "tol must be a real number"),
+    pytest.param(lambda: eq.solve(f, Z, max_iter=0), ValueError, "max_iter must be an int >= 1"),
+    pytest.param(lambda: eq.solve(f, Z, max_iter=1.5), TypeError, "max_iter must be an int"),
+    pytest.param(lambda: eq.solve(f, Z, max_iter=True), TypeError, "max_iter must be an int"),
+    pytest.param(
+        lambda: eq.fixed_point(f, Z, max_iter=-3), ValueError, "max_iter must be an int >= 1"
+    ),
+    pytest.param(
+        lambda: eq.solve(f, Z, stop="foo"), ValueError, "stop must be one of 'abs', 'rel'"
+    ),
+    pytest.param(
+        lambda: eq.solve(f, Z, warn_unconverged=1), TypeError, "warn_unconverged must be a bool"
+    ),
+    pytest.param(lambda: eq.solve(f, Z, tolerance=1e-3), TypeError, "unexpected keyword"),
+    pytest.param(lambda: eq.fixed_point(f, Z, adjoint="x"), TypeError, "unexpected keyword"),
+    pytest.param(lambda: eq.solve(f, Z, compact=1), TypeError, "compact must be a bool"),
+    pytest.param(
+        lambda: eq.fixed_point(f, Z, backward="unrolled", compact=True),
+        ValueError,
+        "compact=True cannot be combined with backward='unrolled'",
+        id="compact-unrolled",
+    ),
+    pytest.param(
+        lambda: eq.DEQ(cell, backward="unrolled", compact=True),
+        ValueError,
+        "compact=True cannot be combined with backward='unrolled'",
+        id="deq-compact-unrolled",
+    ),
+    pytest.param(lambda: eq.DEQ(cell, compact="yes"), TypeError, "compact must be a bool"),
+    # --- the map ------------------------------------------------------------------------------
+    pytest.param(lambda: eq.solve(3, Z), TypeError, "f must be callable", id="f-int"),
+    pytest.param(
+        lambda: eq.solve(lambda z: (z, z), Z),
+        TypeError,
+        "f must return the same structure as the state (a tensor), got a tuple of 2 items",
+        id="f-tuple-for-tensor",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: z[0], PAIR),
+        TypeError,
+        "f must return the same structure as the state (a tuple of 2 tensors), got a tensor",
+        id="f-tensor-for-tuple",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: (z[0],), PAIR),
+        TypeError,
+        "(a tuple of 2 tensors), got a tuple of 1 items",
+        id="f-short-tuple",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: {"a": z["a"], "b": z["c"]}, {"a": Z, "c": Z}),
+        TypeError,
+        "(a dict with keys ['a', 'c']), got a dict with keys ['a', 'b']",
+        id="f-dict-keys",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: [z], Z), TypeError, "got an object of type list", id="f-list"
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: (z[0], 1.0), PAIR),
+        TypeError,
+        "f(z)[1] must be a tensor, got float",
+        id="f-leaf-float",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: torch.zeros(2, 4, dtype=F64), Z),
+        ValueError,
+        "f(z) must have the shape of the state, (2, 3), got (2, 4)",
+        id="f-shape",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: z[:1], Z),
+        ValueError,
+        "f(z) must have the shape of the state, (2, 3), got (1, 3)",
+        id="f-batch",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: (z[0], z[1][:, 0]), PAIR),
+        ValueError,
+        "f(z)[1] must have the shape of the state, (2, 2, 2), got (2, 2)",
+        id="f-leaf-shape",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: z.float(), Z),
+        TypeError,
+        "f(z) must have the dtype of the state, torch.float64, got torch.float32",
+        id="f-dtype",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point(lambda z: (z[0], z[1].float()), PAIR),
+        TypeError,
+        "f(z)[1] must have the dtype of the state, torch.float64, got torch.float32",
+        id="f-leaf-dtype",
+    ),
+    pytest.param(
+        lambda: eq.DEQ(lambda z, x: z[:, :2])(Z),
+        ValueError,
+        "must have the shape of the state",
+        id="deq-cell-shape",
+    ),
+    # --- the initial state --------------------------------------------------------------------
+    pytest.param(
+        lambda: eq.solve(f, [Z]),
+        TypeError,
+        "z0 must be a tensor, a tuple of tensors or a dict of tensors, got an object of type list",
+        id="z0-list",
+    ),
+    pytest.param(
+        lambda: eq.solve(f, torch.zeros(2, 3, dtype=torch.int64)),
+        TypeError,
+        "z0 must have a floating dtype, got torch.int64",
+        id="z0-int",
+    ),
+    pytest.param(
+        lambda: eq.solve(f, torch.tensor(1.0, dtype=F64)),
+        ValueError,
+        "z0 must be batch-first with at least one sample, got shape ()",
+        id="z0-0d",
+    ),
+    pytest.param(
+        lambda: eq.solve(f, torch.zeros(0, 3, dtype=F64)),
+        ValueError,
+        "z0 must be batch-first with at least one sample, got shape (0, 3)",
+        id="z0-empty",
+    ),
+    pytest.param(lambda: eq.solve(f, ()), ValueError, "z0 must contain at least one tensor"),
+    pytest.param(
+        lambda: eq.solve(f, (Z, 1.0)), TypeError, "z0[1] must be a tensor, got float", id="z0-leaf"
+    ),
+    pytest.param(
+        lambda: eq.solve(f, (Z, torch.zeros(3, 3, dtype=F64))),
+        ValueError,
+        "must have the same batch size",
+        id="z0-batch",
+    ),
+    pytest.param(
+        lambda: eq.solve(f, {"a": Z, "b": Z.float()}),
+        ValueError,
+        "every tensor in z0 must share one dtype and device: z0['b'] is torch.float32",
+        id="z0-dtype-mix",
+    ),
+    pytest.param(
+        lambda: eq.solve(f, torch.tensor([[0.0, 1.0], [math.nan, 0.0]], dtype=F64)),
+        eq.NonFiniteError,
+        "the initial state of the solve contains NaN or inf (samples 1)",
+        id="z0-nan",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point(f, torch.tensor([[math.inf, 1.0]], dtype=F64)),
+        eq.NonFiniteError,
+        "initial state",
+        id="z0-inf",
+    ),
+    # --- non-finite values appearing during the solve ------------------------------------------
+    pytest.param(
+        lambda: eq.solve(_nan_at_call(1), Z, solver="picard", tol=1e-12),
+        eq.NonFiniteError,
+        "at iteration 1: the map returned NaN or inf (samples 1)",
+        id="nan-first-call",
+    ),
+    *(
+        pytest.param(
+            lambda name=name: eq.solve(_nan_at_call(4), Z, solver=name, tol=1e-15, max_iter=20),
+            eq.NonFiniteError,
+            "in the solve at iteration 4: the map returned NaN or inf (samples 1)",
+            id=f"nan-later-{name}",
+        )
+        for name in SOLVER_NAMES
+    ),
+    pytest.param(
+        lambda: eq.fixed_point(_nan_at_call(3), Z, backward="phantom", tol=1e-15),
+        eq.NonFiniteError,
+        "non-finite values in the solve at iteration 3: the map returned",
+        id="nan-fixed-point",
+    ),
+    pytest.param(
+        lambda: eq.solve(_nan_at_call(2, 0, math.inf), Z, solver="broyden", tol=1e-15),
+        eq.NonFiniteError,
+        "at iteration 2: the map returned NaN or inf (samples 0)",
+        id="inf-later-rel",
+    ),
+    pytest.param(
+        lambda: eq.solve(_nan_at_call(2, 0, math.inf), Z, solver="broyden", stop="abs"),
+        eq.NonFiniteError,
+        "at iteration 2: the map returned NaN or inf (samples 0)",
+        id="inf-later-abs",
+    ),
+    pytest.param(
+        _backward_with_nan_gradient,
+        eq.NonFiniteError,
+        "the initial state of the implicit backward solve contains NaN or inf",
+        id="nan-upstream-gradient",
+    ),
+    # --- DEQ ----------------------------------------------------------------------------------
+    pytest.param(lambda: eq.DEQ(3), TypeError, "cell must be callable as cell(z, x)"),
+    pytest.param(lambda: eq.DEQ(cell, init=3), TypeError, "init must be callable as init(x)"),
+    pytest.param(
+        lambda: eq.DEQ(cell, eval_max_iter=0), ValueError, "eval_max_iter must be an int >= 1"
+    ),
+    pytest.param(lambda: eq.DEQ(cell, eval_max_iter=2.5), TypeError, "eval_max_iter must be an"),
+    pytest.param(lambda: eq.DEQ(cell, eval_tol=0.0), ValueError, "eval_tol must be in (0.0,"),
+    pytest.param(lambda: eq.DEQ(cell, max_iter=0), ValueError, "max_iter must be an int >= 1"),
+    pytest.param(lambda: eq.DEQ(cell, stop="max"), ValueError, "stop must be one of"),
+    pytest.param(lambda: eq.DEQ(cell, tolerance=1.0), TypeError, "unexpected keyword"),
+    pytest.param(
+        lambda: eq.DEQ(cell)({"x": Z}), TypeError, "z0 is required when x is not a tensor"
+    ),
+    pytest.param(
+        lambda: eq.DEQ(cell)(Z, states=2),
+        TypeError,
+        "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB()",
+        id="deq-states-implicit",
+    ),
+    # --- fixed-point correction ---------------------------------------------------------------
+    pytest.param(
+        lambda: eq.fixed_point_states(f, Z, 3, backward=eq.Implicit()),
+        TypeError,
+        "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB()",
+        id="states-implicit",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point_states(f, Z, 3, backward=eq.Neumann()),
+        TypeError,
+        "backward for fixed-point correction must be",
+        id="states-neumann",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point_states(f, Z, 0), ValueError, "n must be an int >= 1", id="n-0"
+    ),
+    pytest.param(lambda: eq.fixed_point_states(f, Z, 2.0), TypeError, "n must be an int", id="n-f"),
+    pytest.param(
+        lambda: eq.correction_loss([]),
+        ValueError,
+        "losses must be a non-empty sequence",
+        id="losses-empty",
+    ),
+    pytest.param(
+        lambda: eq.correction_loss(torch.ones(3)),
+        ValueError,
+        "losses must be a non-empty sequence",
+        id="losses-tensor",
+    ),
+    pytest.param(
+        lambda: eq.correction_loss([torch.ones(())], gamma=0.0),
+        ValueError,
+        "gamma must be in (0.0, 1.0], got 0.0",
+        id="gamma-0",
+    ),
+    pytest.param(
+        lambda: eq.correction_loss([torch.ones(())], gamma=1.5),
+        ValueError,
+        "gamma must be in (0.0, 1.0], got 1.5",
+        id="gamma-big",
+    ),
+]
+
+
+@pytest.mark.parametrize(("thunk", "exc", "fragment"), BAD_INPUTS)
+def test_bad_input(thunk, exc, fragment):
+    with pytest.raises(exc, match=re.escape(fragment)):
+        thunk()
+
+
+def test_nonfinite_error_is_a_floating_point_error():
+    assert issubclass(eq.NonFiniteError, FloatingPointError)
+
+
+def test_nonfinite_solver_update_is_named():
+    class NaNPicard(eq.Picard):
+        def step(self, fn, x, fx, g, state):
+            out = super().step(fn, x, fx, g, state)
+            x = out.x.clone()
+            x[0, 1] = math.nan
+            fx = fn(x)
+            return out._replace(x=x, fx=fx, g=fx - x)
+
+    with pytest.raises(
+        eq.NonFiniteError, match=re.escape("at iteration 2: the solver's update produced NaN")
+    ):
+        eq.solve(f, Z, solver=NaNPicard(), tol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rel_residual_of_a_zero_image_is_not_an_overflow(dtype):
+    # f(z) = 0 has the fixed point 0, reached exactly by one Picard step
+    z0 = torch.full((2, 4), 3.0, dtype=dtype)
+    sol = eq.solve(lambda z: 0.0 * z, z0, solver="picard", stop="rel")
+    assert sol.status is eq.Status.CONVERGED
+    assert float(sol.value.abs().max()) == 0.0
+
+
+def test_tiny_float32_state_does_not_converge_silently():
+    # f(z) = 0.5 z + 1e-23: fixed point 2e-23; from z0 = 0 the relative residual is 1 (nothing is
+    # converged), but ||f(z0) - z0||^2 = 1e-46 underflows in float32
+    sol = eq.solve(lambda z: 0.5 * z + 1e-23, torch.zeros(2, 3), solver="picard", tol=1e-5)
+    assert sol.nstep > 1
+    torch.testing.assert_close(sol.value, torch.full((2, 3), 2e-23), rtol=1e-4, atol=0)
+
+
+def test_unrolled_does_not_warn():
+    # Regression: the unrolled solve once converted a residual that requires grad to a Python
+    # float, and torch warned "Converting a tensor with requires_grad=True to a scalar". torch
+    # emits that warning once per process, so check it in a fresh interpreter.
+    code = textwrap.dedent(
+        """
+        import warnings
+        import torch
+        import equilibria as eq
+        warnings.simplefilter("error")
+        w = (0.5 * torch.eye(3, dtype=torch.float64)).requires_grad_()
+        z, sol = eq.fixed_point(lambda z: z @ w.T + 1.0, torch.zeros(2, 3, dtype=torch.float64),
+                                backward="unrolled")
+        z.sum().backward()
+        assert sol.status is eq.Status.CONVERGED
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# --- running out of budget is a status, never silent ----------------------------------------
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_out_of_budget_is_reported(name):
+    p = BatchAffine.make([1e-4, 0.99, 1e-4, 0.999], d=16, seed=1)
+    sol = eq.solve(p.f, p.z0(), solver=name, tol=1e-8, max_iter=6)
+    assert sol.status is eq.Status.MAX_ITER
+    assert not sol.all_converged
+    assert sol.converged.tolist() == [True, False, True, False]
+    assert bool((sol.residual[~sol.converged] >= 1e-8).all())
+    assert "max_iter" in repr(sol) and "2/4" in repr(sol)
+
+
+def test_out_of_budget_warns_when_asked():
+    p = BatchAffine.make([1e-4, 0.99, 1e-4, 0.999], d=16, seed=1)
+    match = re.escape("the solve ended with status 'max_iter' after 3 iterations: 2 of 4 samples")
+    with pytest.warns(RuntimeWarning, match=match):
+        eq.solve(p.f, p.z0(), solver="picard", tol=1e-8, max_iter=3, warn_unconverged=True)
+    # no warning unless asked (warnings are errors in this test suite), none when converged
+    eq.solve(p.f, p.z0(), solver="picard", tol=1e-8, max_iter=3)
+    eq.solve(p.f, p.z0(), solver="broyden", tol=1e-3, max_iter=400, warn_unconverged=True)
+
+
+def test_fixed_point_and_deq_warn_when_asked():
+    p = Affine.make(radius=0.95, seed=2)
+    with pytest.warns(RuntimeWarning, match="the forward solve ended with status 'max_iter'"):
+        _, sol = eq.fixed_point(p.f, p.z0(), max_iter=2, warn_unconverged=True)
+    assert not bool(sol.converged.any())
+    layer = eq.DEQ(lambda z, x: z @ p.A.T + x, max_iter=2, warn_unconverged=True)
+    with pytest.warns(RuntimeWarning, match="the forward solve ended"):
+        layer(p.b)
+    assert layer.last_solution.status is eq.Status.MAX_ITER
+
+
+def test_implicit_backward_out_of_budget_warns_and_reports():
+    p = Affine.make(radius=0.95, seed=3, symmetric=False)
+    a = p.A.clone().requires_grad_()
+    backward = eq.Implicit(solver="picard", max_iter=3, warn_unconverged=True)
+    z, sol = eq.fixed_point(lambda z: z @ a.T + p.b, p.z0(), backward=backward, tol=1e-10)
+    assert sol.status is eq.Status.CONVERGED
+    with pytest.warns(RuntimeWarning, match="the implicit backward solve ended with status"):
+        z.sum().backward()
+    assert sol.backward.nstep == 3
+    assert not bool(sol.backward.converged.all())
+    assert sol.backward.solution.status is eq.Status.MAX_ITER
+
+
+def test_divergence_is_reported():
+    # f(z) = 10 z + 1: Picard moves away from the fixed point -1/9 by a factor 10 per step
+    z0 = torch.zeros(3, 2, dtype=F64)
+    sol = eq.solve(
+        lambda z: 10.0 * z + 1.0, z0, solver="picard", tol=1e-8, max_iter=100, stop="abs"
+    )
+    assert sol.status is eq.Status.DIVERGED
+    assert sol.nstep < 100
+    assert not bool(sol.converged.any())
+    torch.testing.assert_close(sol.value, z0, rtol=0, atol=0)  # the best iterate
+    torch.testing.assert_close(
+        sol.residual, torch.full((3,), 2**0.5, dtype=F64), rtol=1e-15, atol=0
+    )
+    with pytest.warns(RuntimeWarning, match="status 'diverged'"):
+        eq.solve(lambda z: 10.0 * z + 1.0, z0, solver="picard", stop="abs", warn_unconverged=True)
+    # in the rel norm the residual of this map tends to 0.9: not converged, never silently
+    sol = eq.solve(lambda z: 10.0 * z + 1.0, z0, solver="picard", tol=1e-8, max_iter=100)
+    assert sol.status is not eq.Status.CONVERGED and not bool(sol.converged.any())
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+@pytest.mark.parametrize("max_iter", [1, 2, 5])
+def test_status_agrees_with_per_sample_flags(name, max_iter):
+    p = Affine.make(batch=5, d=8, radius=0.95, seed=4, symmetric=False)
+    sol = eq.solve(p.f, p.z0(), solver=name, tol=1e-6, max_iter=max_iter)
+    assert sol.nstep == max_iter
+    assert (sol.status is eq.Status.CONVERGED) == bool(sol.converged.all()) is False
+    torch.testing.assert_close(sol.converged, sol.residual < 1e-6, rtol=0, atol=0)
