@@ -10,10 +10,14 @@ Example:
 
 from ._backward import JFB, Backward, Implicit, Neumann, Phantom, Unrolled
 from ._deq import DEQ
+from ._diagnostics import GradientAgreement, gradient_agreement, plot_convergence
+from ._dropout import VariationalDropout, reset_dropout
 from ._errors import NonFiniteError
 from ._fixed_point import correction_loss, fixed_point, fixed_point_states, solve
+from ._norms import apply_norm, norm_cache, remove_norm
 from ._solution import BackwardInfo, Solution, Status
 from ._solvers import Anderson, Broyden, Picard, Solver
+from ._stabilisers import jacobian_penalty, spectral_radius
 
 __version__ = "0.1.0"
 
@@ -29,6 +33,7 @@ __all__ = [
     "Backward",
     "BackwardInfo",
     "Broyden",
+    "GradientAgreement",
     "Implicit",
     "Neumann",
     "NonFiniteError",
@@ -38,9 +43,18 @@ __all__ = [
     "Solver",
     "Status",
     "Unrolled",
+    "VariationalDropout",
     "__version__",
+    "apply_norm",
     "correction_loss",
     "fixed_point",
     "fixed_point_states",
+    "gradient_agreement",
+    "jacobian_penalty",
+    "norm_cache",
+    "plot_convergence",
+    "remove_norm",
+    "reset_dropout",
     "solve",
+    "spectral_radius",
 ]

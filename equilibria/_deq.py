@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._backward import Backward, Unrolled, resolve_backward
+from ._backward import Backward, Implicit, Unrolled, resolve_backward
+from ._dropout import batch_index, reset_dropout
 from ._fixed_point import StopNorm, _check_options, fixed_point, fixed_point_states
+from ._norms import norm_cache
 from ._solution import Solution
 from ._solvers import Solver, resolve_solver
-from ._tree import index_batch
+from ._tree import StateSpec, index_batch
 from ._validate import check_bool, check_float, check_int
 
 Cell = Callable[[Any, Any], Any]
@@ -44,6 +47,10 @@ class DEQ(nn.Module):
             cell must treat samples independently (batch statistics, as in BatchNorm in training
             mode, would change with the batch), each compaction copies the solver's history, and
             very cheap cells gain less than they pay. Not with ``backward="unrolled"``.
+
+    Each forward call resets the cell's :class:`VariationalDropout` masks (in training mode) and
+    computes its normalised weights (:func:`apply_norm`) once, reused by every solver iteration and
+    by the backward pass.
 
     Attributes:
         last_solution: the :class:`Solution` of the latest forward call (its ``backward`` field is
@@ -101,6 +108,9 @@ class DEQ(nn.Module):
             )
         self.compact = compact
         self.last_solution: Solution | None = None
+        self._state_cache: dict[int, torch.Tensor] = {}
+        self._adjoint_cache: dict[int, torch.Tensor] = {}
+        self._pending: tuple[list[int], Solution] | None = None
 
     def _budget(self) -> tuple[float, int]:
         return (self.tol, self.max_iter) if self.training else (self.eval_tol, self.eval_max_iter)
@@ -116,7 +126,14 @@ class DEQ(nn.Module):
             "z0 is required when x is not a tensor: pass z0=... or give the DEQ an init(x) -> z0"
         )
 
-    def forward(self, x: Any, z0: Any = None, *, states: int | None = None) -> Any:
+    def forward(
+        self,
+        x: Any,
+        z0: Any = None,
+        *,
+        states: int | None = None,
+        cache_key: Sequence[int] | torch.Tensor | None = None,
+    ) -> Any:
         """Solve for the equilibrium of ``cell(., x)``.
 
         Args:
@@ -126,45 +143,117 @@ class DEQ(nn.Module):
                 phantom gradient path, for fixed-point correction (see
                 :func:`equilibria.fixed_point_states`); the backward method must then be
                 ``eq.Phantom`` or ``eq.JFB``.
+            cache_key: one integer id per sample (e.g. dataset indices). The equilibria of these
+                samples are cached and used as the starting point the next time the same ids
+                come (samples without a cached state start from ``init(x)``); with the implicit
+                backward, the adjoint solutions are cached too and warm-start the next adjoint
+                solve of the same ids. The cache lives on the module (``clear_cache()`` empties
+                it) and holds one detached state per id.
 
         Returns:
             The equilibrium state, or a list of ``states`` states (earliest first).
         """
         tol, max_iter = self._budget()
+        keys = None if cache_key is None else _keys(cache_key, x, z0)
+        if keys is not None:
+            self._harvest_adjoints()
+            if z0 is not None:
+                raise ValueError("pass either z0 or cache_key, not both")
         z0 = self._z0(x, z0)
+        if keys is not None:
+            z0 = self._cached_start(z0, keys)
+        cell = self.cell if isinstance(self.cell, nn.Module) else None
+        if self.training and cell is not None:
+            reset_dropout(cell)
 
         def f(z: Any) -> Any:
             return self.cell(z, x)
 
         def f_indexed(z: Any, index: torch.Tensor | None) -> Any:
-            return self.cell(z, x if index is None else index_batch(x, index))
+            if index is None:
+                return self.cell(z, x)
+            with batch_index(index):
+                return self.cell(z, index_batch(x, index))
 
-        if states is not None:
-            zs, sol = fixed_point_states(
-                f,
-                z0,
-                states,
-                solver=self.solver,
-                backward=self.backward,  # type: ignore[arg-type]
-                tol=tol,
-                max_iter=max_iter,
-                stop=self.stop,
-            )
-            self.last_solution = sol
-            return zs
-        z, sol = fixed_point(
-            f_indexed if self.compact else f,
-            z0,
-            solver=self.solver,
-            backward=self.backward,
-            tol=tol,
-            max_iter=max_iter,
-            stop=self.stop,
-            warn_unconverged=self.warn_unconverged,
-            compact=self.compact,
-        )
+        with norm_cache(cell):
+            if states is not None:
+                zs, sol = fixed_point_states(
+                    f,
+                    z0,
+                    states,
+                    solver=self.solver,
+                    backward=self.backward,  # type: ignore[arg-type]
+                    tol=tol,
+                    max_iter=max_iter,
+                    stop=self.stop,
+                )
+                out = zs
+            else:
+                out, sol = fixed_point(
+                    f_indexed if self.compact else f,
+                    z0,
+                    solver=self.solver,
+                    backward=self.backward,
+                    tol=tol,
+                    max_iter=max_iter,
+                    stop=self.stop,
+                    warn_unconverged=self.warn_unconverged,
+                    compact=self.compact,
+                )
         self.last_solution = sol
-        return z
+        if keys is not None:
+            self._store(sol, keys)
+        return out
+
+    @contextmanager
+    def using(self, backward: str | Backward) -> Iterator[DEQ]:
+        """Temporarily use another backward method (e.g. for :func:`gradient_agreement`)."""
+        saved = self.backward
+        self.backward = resolve_backward(backward)
+        try:
+            yield self
+        finally:
+            self.backward = saved
+
+    def clear_cache(self) -> None:
+        """Forget the cached equilibria and adjoints of ``cache_key``."""
+        self._state_cache.clear()
+        self._adjoint_cache.clear()
+        self._pending = None
+
+    # -- warm-start cache --------------------------------------------------------------------
+
+    def _cached_start(self, z0: Any, keys: list[int]) -> Any:
+        spec = StateSpec.of(z0)
+        flat = spec.flatten(z0).detach().clone()
+        for row, key in enumerate(keys):
+            cached = self._state_cache.get(key)
+            if cached is not None and cached.shape == flat.shape[1:]:
+                flat[row] = cached.to(flat.device, flat.dtype)
+        return spec.unflatten(flat)
+
+    def _store(self, sol: Solution, keys: list[int]) -> None:
+        flat = StateSpec.of(sol.value, "value").flatten(sol.value).detach().clone()
+        for key, row in zip(keys, flat.unbind(0)):
+            self._state_cache[key] = row
+        if isinstance(self.backward, Implicit) and self.training:
+            initial = torch.full_like(flat, float("nan"))
+            for row, key in enumerate(keys):
+                cached = self._adjoint_cache.get(key)
+                if cached is not None and cached.shape == flat.shape[1:]:
+                    initial[row] = cached
+            sol.backward.initial = initial
+            self._pending = (keys, sol)
+
+    def _harvest_adjoints(self) -> None:
+        if self._pending is None:
+            return
+        keys, sol = self._pending
+        self._pending = None
+        adjoint = sol.backward.solution
+        if adjoint is not None:
+            for key, row in zip(keys, adjoint.value.detach().clone().unbind(0)):
+                self._adjoint_cache[key] = row
 
     def extra_repr(self) -> str:
         return (
@@ -172,3 +261,40 @@ class DEQ(nn.Module):
             f"max_iter={self.max_iter}, eval_tol={self.eval_tol:g}, "
             f"eval_max_iter={self.eval_max_iter}, stop={self.stop!r}, compact={self.compact}"
         )
+
+
+def _keys(cache_key: Sequence[int] | torch.Tensor, x: Any, z0: Any) -> list[int]:
+    if isinstance(cache_key, torch.Tensor):
+        if cache_key.dim() != 1 or cache_key.dtype.is_floating_point or cache_key.is_complex():
+            raise TypeError(
+                f"cache_key must be a 1-D integer tensor or a sequence of ints, got a tensor of "
+                f"shape {tuple(cache_key.shape)} and dtype {cache_key.dtype}"
+            )
+        keys = [int(k) for k in cache_key.tolist()]
+    elif isinstance(cache_key, Sequence) and all(
+        isinstance(k, int) and not isinstance(k, bool) for k in cache_key
+    ):
+        keys = list(cache_key)
+    else:
+        raise TypeError(
+            f"cache_key must be a 1-D integer tensor or a sequence of ints, got {cache_key!r}"
+        )
+    if len(set(keys)) != len(keys):
+        raise ValueError("cache_key must not repeat an id within a batch")
+    batch = _batch_size(x)
+    if batch is not None and len(keys) != batch:
+        raise ValueError(f"cache_key must have one id per sample ({batch}), got {len(keys)}")
+    return keys
+
+
+def _batch_size(x: Any) -> int | None:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0] if x.dim() else None
+    if isinstance(x, (tuple, list)):
+        sizes = [_batch_size(v) for v in x]
+    elif isinstance(x, Mapping):
+        sizes = [_batch_size(v) for v in x.values()]
+    else:
+        return None
+    sizes = [s for s in sizes if s is not None]
+    return sizes[0] if sizes else None

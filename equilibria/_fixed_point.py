@@ -300,20 +300,29 @@ class _Adjoint(torch.autograd.Function):
             for _ in range(method.steps - 1):
                 w = grad + (1.0 - lam) * w + lam * vjp(w)
             return lam * w, None, None, None, None
-        adjoint = _solve_adjoint(vjp, grad, method)
+        adjoint = _solve_adjoint(vjp, grad, method, record.initial)
         record.solution = adjoint
         if method.warn_unconverged:
             _warn_if_unconverged(adjoint, "the implicit backward solve")
         return adjoint.value, None, None, None, None
 
 
-def _solve_adjoint(vjp: Map, grad: Tensor, method: Implicit) -> Solution:
-    """Solve u = J^T u + g from u0 = g."""
+def _solve_adjoint(vjp: Map, grad: Tensor, method: Implicit, initial: Tensor | None) -> Solution:
+    """Solve u = J^T u + g, from ``initial`` (a warm start; rows of NaN, or None: from u0 = g)."""
     solver = resolve_solver(method.solver)
     spec = StateSpec.of(grad, "grad")
+    u0 = grad
+    if initial is not None:
+        if initial.shape != grad.shape:
+            raise ValueError(
+                f"the adjoint warm start has shape {tuple(initial.shape)}, expected "
+                f"{tuple(grad.shape)} (one row per sample of the flattened state)"
+            )
+        initial = initial.to(grad.device, grad.dtype)
+        u0 = torch.where(torch.isnan(initial), grad, initial)
     it = iterate(
         lambda u: vjp(u) + grad,
-        grad,
+        u0,
         solver,
         tol=method.tol,
         max_iter=method.max_iter,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 
@@ -59,6 +60,29 @@ class Solution:
     tol: float
     solver: str
     backward: BackwardInfo = field(default_factory=lambda: BackwardInfo())
+
+    def jacobian_penalty(
+        self,
+        *,
+        samples: int = 1,
+        reduction: Literal["mean", "none"] = "mean",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The Jacobian penalty at this solution, reusing the map evaluation recorded by the
+        implicit or Neumann backward (no extra map call; one VJP per probe).
+
+        See :func:`equilibria.jacobian_penalty` for the estimate and its arguments. Available for
+        solutions of ``fixed_point`` or ``DEQ`` with ``backward="implicit"`` or ``"neumann"``
+        computed with gradients on; otherwise call ``eq.jacobian_penalty(f, z)``.
+        """
+        if self.backward.pair is None:
+            raise ValueError(
+                "this solution has no recorded map evaluation (it needs fixed_point or DEQ with "
+                "the implicit or Neumann backward, under grad mode); use eq.jacobian_penalty(f, z)"
+            )
+        from ._stabilisers import penalty_at
+
+        return penalty_at(*self.backward.pair, samples, reduction, generator)
 
     @property
     def all_converged(self) -> bool:
