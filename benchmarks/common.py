@@ -1,0 +1,179 @@
+"""Shared pieces of the benchmarks: problems, call counting, timing and result files.
+
+Benchmarks measure their baselines in the same run, print ratios and write a JSON result; nothing
+here is imported by the library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"machine": machine(), **payload}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+class Counted:
+    """Wraps a map and counts its calls."""
+
+    def __init__(self, f: Callable[[Any], Any]) -> None:
+        self.f = f
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self.f(*args, **kwargs)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], Any], *, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def interleaved_ms(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 2) -> dict:
+    """Median wall time of several functions, run round-robin so that drifts in machine load hit
+    every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems
+
+
+def tanh_affine(batch: int = 64, width: int = 256, radius: float = 0.9, seed: int = 0):
+    """f(z) = tanh(z W^T + x) with W scaled to spectral norm ``radius`` (a contraction)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(width, width, generator=g)
+    w = radius * w / torch.linalg.matrix_norm(w, 2)
+    x = torch.randn(batch, width, generator=g)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(torch.addmm(x, z, w.T))
+
+    return f, torch.zeros(batch, width)
+
+
+class ResBlock(nn.Module):
+    """MDEQ-style residual cell: z -> GN(relu(z + GN(conv2(relu(GN(conv1 z))) + x)))."""
+
+    def __init__(self, channels: int = 32, hidden: int = 64, groups: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(groups, hidden, affine=False)
+        self.gn2 = nn.GroupNorm(groups, channels, affine=False)
+        self.gn3 = nn.GroupNorm(groups, channels, affine=False)
+        self.scale = 1.0
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.gn1(self.conv1(z)))
+        y = self.gn2(self.scale * self.conv2(y) + x)
+        return self.gn3(torch.relu(z + y))
+
+
+def spectral_radius(f: Callable, z: torch.Tensor, iters: int = 60) -> float:
+    """Largest |eigenvalue| of df/dz at z, by power iteration on Jacobian-vector products (the
+    batch is treated as one block-diagonal operator)."""
+    v = torch.randn_like(z)
+    v = v / v.norm()
+    rho = 0.0
+    for _ in range(iters):
+        _, jv = torch.func.jvp(f, (z,), (v,))
+        rho = float(jv.norm())
+        if rho == 0.0:
+            break
+        v = jv / rho
+    return rho
+
+
+def conv_block(
+    batch: int = 16,
+    channels: int = 32,
+    size: int = 16,
+    radius: float = 0.9,
+    scale: float = 1.0,
+    seed: int = 0,
+):
+    """An MDEQ-style conv residual block whose Jacobian at the fixed point has spectral radius near
+    ``radius``; the state is rescaled by ``scale`` (g(z) = scale * f(z / scale))."""
+    import equilibria as eq
+
+    torch.manual_seed(seed)
+    block = ResBlock(channels).eval()
+    x = torch.randn(batch, channels, size, size)
+    z0 = torch.zeros(batch, channels, size, size)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return block(z, x)
+
+    # tune the conv2 scale by bisection on the spectral radius at the equilibrium
+    lo, hi = 0.05, 8.0
+    for _ in range(20):
+        block.scale = (lo * hi) ** 0.5
+        with torch.no_grad():
+            z = eq.solve(f, z0, solver=eq.Broyden(), tol=1e-6, max_iter=300).value
+        rho = spectral_radius(f, z)
+        if rho > radius:
+            hi = block.scale
+        else:
+            lo = block.scale
+    for p in block.parameters():
+        p.requires_grad_(False)
+
+    def g(z: torch.Tensor) -> torch.Tensor:
+        return scale * block(z / scale, x)
+
+    return g, z0, rho, block, x
