@@ -8,10 +8,11 @@ Example:
     >>> z, sol = eq.fixed_point(f, z0, solver="anderson", backward="implicit")
 """
 
+from . import layers
 from ._backward import JFB, Backward, Implicit, Neumann, Phantom, Unrolled
 from ._deq import DEQ
 from ._diagnostics import GradientAgreement, gradient_agreement, plot_convergence
-from ._dropout import VariationalDropout, reset_dropout
+from ._dropout import VariationalDropout, batch_index, reset_dropout
 from ._errors import NonFiniteError
 from ._fixed_point import correction_loss, fixed_point, fixed_point_states, solve
 from ._norms import apply_norm, norm_cache, remove_norm
@@ -46,11 +47,13 @@ __all__ = [
     "VariationalDropout",
     "__version__",
     "apply_norm",
+    "batch_index",
     "correction_loss",
     "fixed_point",
     "fixed_point_states",
     "gradient_agreement",
     "jacobian_penalty",
+    "layers",
     "norm_cache",
     "plot_convergence",
     "remove_norm",

@@ -11,7 +11,13 @@ from torch import nn
 
 from ._backward import Backward, Implicit, Unrolled, resolve_backward
 from ._dropout import batch_index, reset_dropout
-from ._fixed_point import StopNorm, _check_options, fixed_point, fixed_point_states
+from ._fixed_point import (
+    StopNorm,
+    _check_options,
+    _warn_if_unconverged,
+    fixed_point,
+    fixed_point_states,
+)
 from ._norms import norm_cache
 from ._solution import Solution
 from ._solvers import Solver, resolve_solver
@@ -41,16 +47,22 @@ class DEQ(nn.Module):
             which assumes the state has the shape of the input.
         warn_unconverged: warn when a forward solve does not converge.
         compact: per-sample compaction in the forward solve: samples that have converged are
-            removed from the batch passed to the cell, and the input ``x`` (every batch-first tensor
-            in it) is indexed to match, so a batch with a few hard samples costs far fewer cell
-            evaluations. Results equal the uncompacted solve to solver tolerance. Trade-offs: the
-            cell must treat samples independently (batch statistics, as in BatchNorm in training
-            mode, would change with the batch), each compaction copies the solver's history, and
-            very cheap cells gain less than they pay. Not with ``backward="unrolled"``.
+            removed from the batch passed to the cell, and the input ``x`` (every tensor in it
+            whose first dimension is the batch size) is indexed to match, so a batch with a few
+            hard samples costs far fewer cell evaluations. Results equal the uncompacted solve to
+            solver tolerance. Trade-offs: the cell must treat samples independently (batch
+            statistics, as in BatchNorm in training mode, would change with the batch), each
+            compaction copies the solver's history, and very cheap cells gain less than they pay.
+            Not with ``backward="unrolled"``.
 
     Each forward call resets the cell's :class:`VariationalDropout` masks (in training mode) and
     computes its normalised weights (:func:`apply_norm`) once, reused by every solver iteration and
     by the backward pass.
+
+    Precision: the state is kept in the dtype of ``z0`` (``init(x)``). Under ``torch.autocast``
+    the cell runs in the autocast dtype (e.g. bfloat16) and its output is cast back to the state's
+    dtype; the solver's own arithmetic (norms, Anderson's least-squares system) runs with autocast
+    off, in float32 or better.
 
     Attributes:
         last_solution: the :class:`Solution` of the latest forward call (its ``backward`` field is
@@ -169,11 +181,13 @@ class DEQ(nn.Module):
         def f(z: Any) -> Any:
             return self.cell(z, x)
 
+        batch = StateSpec.of(z0).batch
+
         def f_indexed(z: Any, index: torch.Tensor | None) -> Any:
             if index is None:
                 return self.cell(z, x)
             with batch_index(index):
-                return self.cell(z, index_batch(x, index))
+                return self.cell(z, index_batch(x, index, batch))
 
         with norm_cache(cell):
             if states is not None:
@@ -187,6 +201,8 @@ class DEQ(nn.Module):
                     max_iter=max_iter,
                     stop=self.stop,
                 )
+                if self.warn_unconverged:
+                    _warn_if_unconverged(sol, "the forward solve")
                 out = zs
             else:
                 out, sol = fixed_point(

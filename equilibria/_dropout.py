@@ -26,7 +26,12 @@ _BATCH_INDEX: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
 
 @contextmanager
 def batch_index(index: Tensor | None) -> Iterator[None]:
-    """Tell batch-aware layers (variational dropout) which samples the cell sees."""
+    """Tell batch-aware layers (variational dropout) which samples the cell sees.
+
+    :class:`equilibria.DEQ` does this under compaction. With the functional
+    ``fixed_point(f, z0, compact=True)`` and a cell containing :class:`VariationalDropout`, wrap the
+    cell call: ``def f(z, index): with eq.batch_index(index): return cell(z, x[index])``.
+    """
     token = _BATCH_INDEX.set(index)
     try:
         yield
@@ -110,7 +115,8 @@ class VariationalDropout(nn.Module):
                 )
         shape = [1 if d in self.shared_dims else s for d, s in enumerate(x.shape)]
         keep = 1.0 - self.p
-        return torch.empty(shape, device=x.device).bernoulli_(keep).div_(keep)
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        return torch.empty(shape, device=x.device, dtype=dtype).bernoulli_(keep).div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, shared_dims={self.shared_dims}"

@@ -107,6 +107,11 @@ def solve(
         A :class:`Solution`; ``sol.value`` is the best iterate per sample. Running out of budget is
         reported in ``sol.status`` and ``sol.converged``, never silently.
 
+    Precision: the state is kept in the dtype of ``z0``. Under ``torch.autocast`` the map runs in
+    the autocast dtype and its output is cast back to the state's dtype; the solver's arithmetic
+    (norms, Anderson's small least-squares systems) runs with autocast off, in float32 or better
+    (float64 for float64 states).
+
     Raises:
         NonFiniteError: NaN or inf in ``z0`` or appearing during the solve.
 

@@ -87,15 +87,19 @@ def remove_norm(module: nn.Module, *, leave_parametrized: bool = True) -> nn.Mod
     Args:
         module: changed in place and returned.
         leave_parametrized: keep the current normalised weights as plain parameters (True) or
-            restore the unnormalised originals (False).
+            restore the unnormalised originals (False). Weight norm is an exact reparametrisation
+            (g v / ||v|| is the weight itself), so its layers always keep the current weight.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     for layer in module.modules():
         if parametrize.is_parametrized(layer):
             for tensor_name in list(layer.parametrizations.keys()):
+                chain = layer.parametrizations[tensor_name]
+                # torch's weight-norm parametrisation (a private class, recognised by name)
+                exact = len(chain) == 1 and type(chain[0]).__name__ == "_WeightNorm"
                 parametrize.remove_parametrizations(
-                    layer, tensor_name, leave_parametrized=leave_parametrized
+                    layer, tensor_name, leave_parametrized=leave_parametrized or exact
                 )
     return module
 

@@ -43,6 +43,10 @@ def jacobian_penalty(
     Returns:
         The penalty: a scalar or (B,) tensor with a graph to the parameters ``f`` closes over.
 
+    The penalty differentiates through a vector-Jacobian product (double backward), which cells
+    compiled with ``torch.compile`` do not support (an AOTAutograd limitation): use the eager cell
+    for the penalty.
+
     Example:
         >>> z, sol = eq.fixed_point(f, z0)
         >>> loss = task_loss(z) + 2.0 * eq.jacobian_penalty(f, z)
@@ -70,11 +74,16 @@ def penalty_at(
     check_int("samples", samples, minimum=1)
     check_choice("reduction", reduction, ("mean", "none"))
     total = fz.new_zeros(fz.shape[0])
+    if not fz.requires_grad:  # the map depends on nothing that needs a gradient: J = 0
+        return total.mean() if reduction == "mean" else total
     with torch.enable_grad():
         for _ in range(samples):
             eps = torch.randn(fz.shape, generator=generator, dtype=fz.dtype, device=fz.device)
-            (vjp,) = torch.autograd.grad(fz, zr, eps, create_graph=True, retain_graph=True)
-            total = total + vjp.pow(2).sum(1)
+            (vjp,) = torch.autograd.grad(
+                fz, zr, eps, create_graph=True, retain_graph=True, allow_unused=True
+            )
+            if vjp is not None:  # None: the map does not depend on z, J = 0
+                total = total + vjp.pow(2).sum(1)
     per_sample = total / (samples * fz.shape[1])
     return per_sample.mean() if reduction == "mean" else per_sample
 
@@ -110,11 +119,15 @@ def spectral_radius(
     zr = spec.flatten(z).detach().requires_grad_()
     with torch.enable_grad():
         fz = spec.flat_map(f)(zr)
+    if not fz.requires_grad:  # the map does not depend on z (nor on anything else): J = 0
+        return zr.new_zeros(zr.shape[0])
     v = torch.randn(zr.shape, generator=generator, dtype=zr.dtype, device=zr.device)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
     rho = torch.zeros(zr.shape[0], dtype=zr.dtype, device=zr.device)
     for _ in range(iters):
-        (w,) = torch.autograd.grad(fz, zr, v, retain_graph=True)
+        (w,) = torch.autograd.grad(fz, zr, v, retain_graph=True, allow_unused=True)
+        if w is None:  # the map does not depend on z: J = 0
+            return zr.new_zeros(zr.shape[0])
         rho = torch.linalg.vector_norm(w, dim=1)
         v = w / rho.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1)
     return rho.detach()

@@ -216,15 +216,18 @@ class StateSpec:
         return flat_tree
 
 
-def index_batch(x: Any, index: Tensor) -> Any:
-    """Rows ``index`` of every batch-first tensor in ``x`` (a tensor, tuple, list or dict; other
-    leaves are passed through unchanged)."""
+def index_batch(x: Any, index: Tensor, batch: int) -> Any:
+    """Rows ``index`` of every batch-first tensor in ``x`` (a tensor, tuple, list or dict).
+
+    A tensor is batch-first when its first dimension has the full batch size ``batch``; other
+    tensors (scalars, shared vectors) and non-tensor leaves are passed through unchanged.
+    """
     if isinstance(x, Tensor):
-        return x.index_select(0, index)
+        return x.index_select(0, index) if x.dim() and x.shape[0] == batch else x
     if isinstance(x, tuple):
-        return tuple(index_batch(v, index) for v in x)
+        return tuple(index_batch(v, index, batch) for v in x)
     if isinstance(x, list):
-        return [index_batch(v, index) for v in x]
+        return [index_batch(v, index, batch) for v in x]
     if isinstance(x, Mapping):
-        return {k: index_batch(v, index) for k, v in x.items()}
+        return {k: index_batch(v, index, batch) for k, v in x.items()}
     return x
