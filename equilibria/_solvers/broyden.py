@@ -85,7 +85,7 @@ class Broyden(Solver):
         h_g = _combine(us, _dots(vs, g_new)) - g_new if n else -g_new  # H g_new
         h_dg = h_g + p  # H dg, since H g = -p
         v = _combine(vs, _dots(us, dx)) - dx if n else -dx  # H^T dx
-        denom = (v * dg).sum(1, keepdim=True)  # (B, 1)
+        denom = torch.linalg.vecdot(v, dg).unsqueeze(1)  # (B, 1)
         scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(
             dg, dim=1, keepdim=True
         )
@@ -97,7 +97,7 @@ class Broyden(Solver):
             # measurably diverges that way.)
             return Step(x_new, fx_new, g_new, BroydenState(state.us, state.vs, 0, g_new), nfev)
         # next step p' = -H' g_new with H' = H + u v^T
-        p_next = -(h_g + u * (v * g_new).sum(1, keepdim=True))
+        p_next = -torch.addcmul(h_g, u, torch.linalg.vecdot(v, g_new).unsqueeze(1))
         slot = state.count
         state = BroydenState(
             write_slot(state.us, slot, u), write_slot(state.vs, slot, v), state.count + 1, p_next
