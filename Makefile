@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 PIP := $(PY) -m pip install --quiet -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow lint format bench install clean
+.PHONY: demo test test-slow lint format bench bench-all install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ format: $(STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/solvers.py
+
+bench-all: bench
+	$(PY) benchmarks/compaction.py
+	$(PY) benchmarks/stabilisers.py
+	$(PY) benchmarks/hamburger.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

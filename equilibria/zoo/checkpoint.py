@@ -1,0 +1,272 @@
+"""Checkpoints in safetensors: model, optimizer and RNG state, written atomically, checked on load.
+
+Layout of ``checkpoint.safetensors``:
+
+* tensors ``model/<name>`` (the model's ``state_dict``), ``optim/<param index>/<key>`` (the
+  optimizer's per-parameter state), ``rng/torch`` and ``rng/numpy``;
+* one metadata string ``equilibria`` holding JSON: format version, recipe, config, progress
+  (epoch, step), the optimizer's non-tensor state (param groups, scalars), the Python RNG state,
+  a SHA-256 digest of every tensor (so a flipped byte is detected, not only a truncated file) and
+  whatever the caller adds (``extra``).
+
+No pickle anywhere: loading never executes code from the file. Writing goes to a temporary file in
+the same folder, is flushed to disk, then renamed over the old checkpoint (``os.replace`` is atomic
+on POSIX), so a crash or a full disk leaves the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+FORMAT = "equilibria.zoo.checkpoint/1"
+_META_KEY = "equilibria"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupted, or does not match the run."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint.
+
+    Attributes:
+        path: where it was read from.
+        recipe: the recipe that wrote it.
+        config: the run's config as a dict.
+        epoch: completed epochs.
+        step: completed optimizer steps.
+        model: the model's state dict.
+        optimizer: the optimizer's state dict (``None`` if none was saved).
+        rng: RNG states as saved (restore with :func:`restore_rng`).
+        extra: anything else the writer stored (JSON values).
+    """
+
+    path: Path
+    recipe: str
+    config: dict[str, Any]
+    epoch: int
+    step: int
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any] | None
+    rng: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def capture_rng() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The torch, numpy and Python RNG states as (tensors, JSON values)."""
+    # the legacy global numpy RNG is what user code seeds with np.random.seed: capture it
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]  # noqa: NPY002
+    tensors = {
+        "rng/torch": torch.get_rng_state(),
+        "rng/numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+    }
+    version, state, gauss = random.getstate()
+    values = {
+        "numpy": [kind, int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(state), gauss],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda{i}"] = s
+    return tensors, values
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Restore the RNG states saved by :func:`capture_rng` (as found in ``Checkpoint.rng``)."""
+    torch.set_rng_state(rng["torch"])
+    kind, pos, has_gauss, cached = rng["numpy_meta"]
+    keys = rng["numpy"].numpy().astype(np.uint32)
+    np.random.set_state((kind, keys, pos, has_gauss, cached))  # noqa: NPY002
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors and a JSON-ready remainder."""
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim/{index}/{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split("/", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, entry in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entry)
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):  # JSON turned the tuple into a list
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def _digest(tensors: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    recipe: str,
+    config: dict[str, Any],
+    epoch: int,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temporary file in the same folder, then rename).
+
+    Args:
+        path: target file, usually ``<run folder>/checkpoint.safetensors``.
+        recipe: the recipe's registry name.
+        config: the run's config as a dict (see :func:`equilibria.zoo.config.to_dict`).
+        epoch: completed epochs.
+        step: completed optimizer steps.
+        model: its ``state_dict`` is saved (unwrap DistributedDataParallel first).
+        optimizer: its state is saved so training resumes exactly.
+        extra: more JSON values to keep (e.g. the latest metrics).
+
+    Returns:
+        The path written.
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    optim_meta = None
+    if optimizer is not None:
+        optim_tensors, optim_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in optim_tensors.items()})
+    rng_tensors, rng_values = capture_rng()
+    tensors.update(rng_tensors)
+    meta = {
+        "format": FORMAT,
+        "recipe": recipe,
+        "config": config,
+        "epoch": epoch,
+        "step": step,
+        "optimizer": optim_meta,
+        "rng": rng_values,
+        "sha256": _digest(tensors),
+        "extra": extra or {},
+    }
+    data = save(tensors, metadata={_META_KEY: json.dumps(meta)})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _read_header(data: bytes, path: Path) -> dict[str, Any]:
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: truncated checkpoint ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise CheckpointError(
+            f"{path}: truncated or corrupted checkpoint (header of {n} bytes, file has "
+            f"{len(data)} bytes)"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n])
+        meta = json.loads(header["__metadata__"][_META_KEY])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{path}: corrupted checkpoint or not written by equilibria ({type(e).__name__}: {e})"
+        ) from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: unsupported checkpoint format {meta.get('format')!r}, expected {FORMAT!r}"
+        )
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, recipe: str | None = None) -> Checkpoint:
+    """Read and verify a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the ``.safetensors`` file, or a run folder containing ``checkpoint.safetensors``.
+        recipe: if given, the recipe the checkpoint must come from.
+
+    Raises:
+        CheckpointError: if the file is missing, truncated, corrupted (digest mismatch), of another
+            format or of another recipe.
+    """
+    from safetensors.torch import load
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    data = path.read_bytes()
+    meta = _read_header(data, path)
+    try:
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own error type for malformed files
+        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({e})") from None
+    if _digest(tensors) != meta.get("sha256"):
+        raise CheckpointError(
+            f"{path}: corrupted checkpoint (the tensors' SHA-256 does not match the one recorded "
+            "when it was written)"
+        )
+    if recipe is not None and meta["recipe"] != recipe:
+        raise CheckpointError(
+            f"{path}: checkpoint of recipe {meta['recipe']!r}, expected {recipe!r}"
+        )
+    model = {k[len("model/") :]: v for k, v in tensors.items() if k.startswith("model/")}
+    optimizer = None
+    if meta["optimizer"] is not None:
+        optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
+        optimizer = _unflatten_optimizer(optim, meta["optimizer"])
+    rng: dict[str, Any] = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
+    rng["numpy_meta"] = meta["rng"]["numpy"]
+    rng["python"] = meta["rng"]["python"]
+    return Checkpoint(
+        path=path,
+        recipe=meta["recipe"],
+        config=meta["config"],
+        epoch=int(meta["epoch"]),
+        step=int(meta["step"]),
+        model=model,
+        optimizer=optimizer,
+        rng=rng,
+        extra=meta.get("extra", {}),
+    )

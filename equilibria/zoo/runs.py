@@ -1,0 +1,146 @@
+"""Run folders: ``config.json``, ``metrics.jsonl``, ``checkpoint.safetensors``, ``report.md``.
+
+A run folder belongs to one run. Starting a run in a folder that already holds one is an error
+(pass ``--resume`` to continue it, or pick another ``--run-dir``), so a finished run is never
+overwritten by accident. JSON files are written atomically (temporary file, then rename);
+``metrics.jsonl`` is appended one line per epoch and cut back to the checkpoint's epoch on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, differences
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.safetensors"
+SUMMARY = "summary.json"
+REPORT = "report.md"
+
+
+def default_run_dir(recipe: str, root: str | os.PathLike[str] = "runs") -> Path:
+    """``runs/<recipe>/<YYYYmmdd-HHMMSS>`` (with a suffix if that folder exists)."""
+    base = Path(root) / recipe / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file."""
+    return json.loads(Path(path).read_text())
+
+
+class RunFolder:
+    """The files of one run.
+
+    Args:
+        path: the folder.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    @property
+    def checkpoint(self) -> Path:
+        """Path of ``checkpoint.safetensors``."""
+        return self.path / CHECKPOINT
+
+    @property
+    def metrics_path(self) -> Path:
+        """Path of ``metrics.jsonl``."""
+        return self.path / METRICS
+
+    def holds_run(self) -> bool:
+        """Whether the folder already holds (part of) a run."""
+        return any((self.path / name).exists() for name in (CONFIG, METRICS, CHECKPOINT))
+
+    def start(self, recipe: str, config: dict[str, Any]) -> None:
+        """Create the folder for a new run and write ``config.json``.
+
+        Raises:
+            ConfigError: if the folder already holds a run.
+        """
+        if self.holds_run():
+            raise ConfigError(
+                f"run folder {self.path} already holds a run; pass --resume to continue it or "
+                "choose another --run-dir"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.path / CONFIG, {"recipe": recipe, "config": config})
+
+    def check_resume(self, recipe: str, config: dict[str, Any], config_cls: type) -> None:
+        """Check that the folder holds a run of ``recipe`` with a compatible config.
+
+        Raises:
+            ConfigError: if there is nothing to resume, or if options other than the resumable
+                ones (run control such as ``quiet``) differ from the saved ``config.json``.
+        """
+        if not (self.path / CONFIG).is_file():
+            raise ConfigError(f"--resume: {self.path} holds no run (no {CONFIG})")
+        saved = read_json(self.path / CONFIG)
+        if saved.get("recipe") != recipe:
+            raise ConfigError(
+                f"--resume: {self.path} holds a run of recipe {saved.get('recipe')!r}, not "
+                f"{recipe!r}"
+            )
+        diff = differences(saved.get("config", {}), config, config_cls)
+        if diff:
+            lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, a, b in diff)
+            raise ConfigError(
+                f"--resume: the options differ from the run saved in {self.path}:\n{lines}\n"
+                "resume with the same options (only run-control options may change)"
+            )
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete temporary files left by a process killed while writing (``.<name>.<pid>.tmp``)."""
+        stale = [p for p in self.path.glob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink()
+        return stale
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one JSON line to ``metrics.jsonl`` and flush it to disk."""
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl`` (a partly written last line is skipped)."""
+        if not self.metrics_path.is_file():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return rows
+
+    def truncate_metrics(self, epoch: int) -> None:
+        """Keep only the rows of epochs ``<= epoch`` (the ones the checkpoint includes)."""
+        rows = [r for r in self.read_metrics() if r.get("epoch", 0) <= epoch]
+        tmp = self.metrics_path.with_name(f".{METRICS}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.metrics_path)

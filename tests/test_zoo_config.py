@@ -1,0 +1,158 @@
+"""Recipe configs and the CLI's option handling: every bad option fails with what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from equilibria.zoo import RecipeError, get_recipe
+from equilibria.zoo.cli import main
+from equilibria.zoo.compare import CompareConfig
+from equilibria.zoo.config import ConfigError, from_dict, parse_options, to_dict
+from equilibria.zoo.digits import DigitsConfig
+
+# (command-line options, message fragments)
+BAD_OPTIONS = [
+    (["--phantom-stpes", "3"], ["'--phantom-stpes'", "did you mean '--phantom-steps'", "--width"]),
+    (["--nonsense"], ["unknown option", "allowed options", "--backward {implicit,phantom"]),
+    (["--solver", "newton"], ["--solver", "invalid choice", "'anderson'", "'broyden'"]),
+    (["--backward", "exact"], ["--backward", "'implicit'", "'unrolled'"]),
+    (["--lr", "abc"], ["--lr", "expected float", "'abc'"]),
+    (["--epochs", "2.5"], ["--epochs", "expected int"]),
+    (["--lr", "-1"], ["lr must be in (0, inf)", "-1"]),
+    (["--phantom-damping", "1.5"], ["phantom_damping must be in (0, 1]", "1.5"]),
+    (["--max-iter", "0"], ["max_iter must be in [1, inf)", "0"]),
+    (["--width", "30", "--groups", "4"], ["groups must divide width", "groups=4", "width=30"]),
+    (["--train-subset", "10"], ["train_subset must be 0 or >= batch_size=64", "10"]),
+    (["--train-subset", "5000"], ["train_subset must be in [0, 1437]", "5000"]),
+    (
+        ["--backward", "implicit", "--correction-states", "3"],
+        ["correction_states=3 needs backward 'phantom' or 'jfb'", "'implicit'"],
+    ),
+    (["--resume"], ["resume needs run_dir"]),
+    (["--epochs"], ["--epochs", "expected one argument"]),
+]
+
+
+@pytest.mark.parametrize(("argv", "fragments"), BAD_OPTIONS)
+def test_bad_options_name_what_is_allowed(argv: list[str], fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_options(DigitsConfig, argv, prog="equilibria train digits")
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "exc", "fragment"),
+    [
+        ("width", "32", ConfigError, "width must be an int"),
+        ("width", True, ConfigError, "width must be an int"),
+        ("lr", float("nan"), ConfigError, "lr must be finite"),
+        ("augment", 1, ConfigError, "augment must be true or false"),
+        ("dtype", "float16", ConfigError, "dtype must be one of 'float32', 'float64'"),
+    ],
+)
+def test_config_type_errors(field: str, value: object, exc: type, fragment: str) -> None:
+    with pytest.raises(exc, match=fragment):
+        DigitsConfig(**{field: value})
+
+
+def test_options_parse_into_typed_config() -> None:
+    config = parse_options(
+        DigitsConfig,
+        ["--backward", "neumann", "--phantom-steps", "7", "--lr", "1e-3", "--no-augment"],
+        prog="t",
+    )
+    assert config.backward == "neumann" and config.phantom_steps == 7
+    assert config.lr == 1e-3 and config.augment is False
+    assert config.width == DigitsConfig().width  # untouched options keep their defaults
+
+
+def test_config_json_round_trip_and_unknown_key() -> None:
+    config = DigitsConfig(backward="implicit", lr=1e-3)
+    assert from_dict(DigitsConfig, to_dict(config)) == config
+    with pytest.raises(ConfigError, match=r"unknown option.*'learning_rate'"):
+        from_dict(DigitsConfig, {**to_dict(config), "learning_rate": 1.0})
+
+
+def test_ints_are_accepted_for_floats() -> None:
+    assert DigitsConfig(lr=1).lr == 1.0
+    assert isinstance(DigitsConfig(lr=1).lr, float)
+
+
+def test_compare_config_errors() -> None:
+    with pytest.raises(ConfigError, match="methods must be distinct"):
+        CompareConfig(methods=("implicit", "implicit"))
+    with pytest.raises(ConfigError, match="methods must be one of"):
+        CompareConfig(methods=("implicit", "exact"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="memory_iters"):
+        CompareConfig(memory_iters=(0, 10))
+    config = parse_options(CompareConfig, ["--methods", "jfb", "phantom", "--seeds", "2"], prog="t")
+    assert config.methods == ("jfb", "phantom") and config.seeds == 2
+
+
+def test_registry() -> None:
+    recipe = get_recipe("digits")
+    assert recipe.config_class() is DigitsConfig
+    assert callable(recipe.train_function()) and callable(recipe.evaluate_function())
+    with pytest.raises(RecipeError, match=r"unknown recipe 'cifar'.*digits"):
+        get_recipe("cifar")
+
+
+def test_cli_errors_exit_2_with_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "digits", "--lr", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "equilibria: error:" in err and "lr must be in (0, inf)" in err
+    assert main(["train", "nope"]) == 2
+    assert "available recipes: digits" in capsys.readouterr().err
+    assert main(["train", "digits", "--bogus", "1"]) == 2
+    assert "--phantom-damping FLOAT" not in capsys.readouterr().err  # list uses plain type names
+
+
+def test_cli_help_lists_recipes_and_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "digits", "--help"]) == 0
+    out = capsys.readouterr().out
+    for fragment in ("--backward {implicit,phantom,neumann,jfb,unrolled}", "--resume", "default"):
+        assert fragment in out
+    assert main(["compare-gradients", "digits", "--help"]) == 0
+    assert "--methods" in capsys.readouterr().out
+    assert main(["recipes"]) == 0
+    assert "digits" in capsys.readouterr().out
+
+
+def test_every_option_has_help() -> None:
+    for f in dataclasses.fields(DigitsConfig) + dataclasses.fields(CompareConfig):
+        assert f.metadata.get("help"), f.name
+
+
+def test_import_equilibria_stays_light_and_python_m_works() -> None:
+    # (tqdm is not checked: torch itself imports it, through torch.hub)
+    code = (
+        "import sys, equilibria; "
+        "heavy = [m for m in ('equilibria.zoo', 'sklearn', 'matplotlib', 'safetensors') "
+        "if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "equilibria", "--help"], check=True, capture_output=True, text=True
+    ).stdout
+    assert "compare-gradients" in out and "digits" in out
+
+
+def test_mosaic_recipe_is_reachable_through_the_registry(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("equilibria.zoo.mosaic")
+    recipe = get_recipe("mosaic")
+    assert recipe.config_class().__name__ == "MosaicConfig"
+    assert main(["train", "mosaic", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--block {conv,attention,ham}" in out and "--run-dir" in out
+    assert main(["train", "mosaic", "--blok", "ham"]) == 2
+    assert "did you mean '--block'" in capsys.readouterr().err
+    assert main(["eval", "nonexistent.safetensors"]) == 1
+    assert "no checkpoint at" in capsys.readouterr().err

@@ -1,0 +1,75 @@
+"""torchrun with 2 processes (gloo, loopback) takes the same step as 1 process on the global batch.
+
+With plain SGD (no momentum, no weight decay) and learning rate 1, one optimizer step moves the
+parameters by exactly minus the gradient, so comparing the checkpoints compares the gradients that
+DistributedDataParallel averaged with the single-process gradient of the same 64 images. Float64,
+and tolerances set unreachable so that the forward and adjoint solves run a fixed number of
+iterations: every sample's computation is then independent of how the batch is split.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from equilibria.zoo.checkpoint import load_checkpoint
+from equilibria.zoo.digits import DigitsConfig, build_model, train
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIONS = {
+    "backward": "implicit", "optimizer": "sgd", "lr": 1.0, "warmup_epochs": 0, "epochs": 1,
+    "train_subset": 64, "batch_size": 64, "dtype": "float64", "tol": 1e-30, "max_iter": 12,
+    "implicit_tol": 1e-30, "implicit_max_iter": 15, "eval_max_iter": 5, "width": 8, "groups": 2,
+    "quiet": True, "report": False, "measure_memory": False,
+}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _argv(options: dict[str, object]) -> list[str]:
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def test_two_processes_give_the_single_process_gradient(tmp_path: Path) -> None:
+    ddp_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        "-m", "equilibria", "train", "digits", *_argv(OPTIONS), "--run-dir", str(ddp_dir),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout  # printed once, by rank 0
+    assert done.stdout.count("test accuracy") == 1
+    # only rank 0 wrote files, and nothing was left half-written
+    assert sorted(p.name for p in ddp_dir.iterdir()) == [
+        "checkpoint.safetensors", "config.json", "metrics.jsonl", "summary.json",
+    ]  # fmt: skip
+
+    config = DigitsConfig(**OPTIONS, run_dir=str(tmp_path / "single"))  # type: ignore[arg-type]
+    train(config)
+    start = build_model(config).state_dict()
+    two = load_checkpoint(ddp_dir).model
+    one = load_checkpoint(tmp_path / "single").model
+    for name, p0 in start.items():
+        grad_one, grad_two = p0 - one[name], p0 - two[name]  # lr = 1: the gradients
+        assert grad_one.abs().max() > 0, name
+        torch.testing.assert_close(grad_two, grad_one, rtol=1e-9, atol=1e-12, msg=name)
+    assert load_checkpoint(ddp_dir).extra["metrics"]["world_size"] == 2
