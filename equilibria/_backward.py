@@ -50,7 +50,7 @@ class Implicit(Backward):
 
     def __post_init__(self) -> None:
         resolve_solver(self.solver, "Implicit solver")
-        check_float("Implicit tol", self.tol, low=0.0)
+        check_float("Implicit tol", self.tol, low=0.0, low_open=False)
         check_int("Implicit max_iter", self.max_iter, minimum=1)
         check_choice("Implicit stop", self.stop, ("abs", "rel"))
         check_bool("Implicit warn_unconverged", self.warn_unconverged)

@@ -99,7 +99,7 @@ class DEQ(nn.Module):
             raise TypeError(f"init must be callable as init(x) -> z0, got {type(init).__name__}")
         _check_options(tol, max_iter, stop, warn_unconverged)
         if eval_tol is not None:
-            check_float("eval_tol", eval_tol, low=0.0)
+            check_float("eval_tol", eval_tol, low=0.0, low_open=False)
         if eval_max_iter is not None:
             check_int("eval_max_iter", eval_max_iter, minimum=1)
         self.cell = cell

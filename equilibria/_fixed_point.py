@@ -27,7 +27,7 @@ StopNorm = Literal["abs", "rel"]
 
 
 def _check_options(tol: Any, max_iter: Any, stop: Any, warn_unconverged: Any) -> None:
-    check_float("tol", tol, low=0.0)
+    check_float("tol", tol, low=0.0, low_open=False)
     check_int("max_iter", max_iter, minimum=1)
     check_choice("stop", stop, ("abs", "rel"))
     check_bool("warn_unconverged", warn_unconverged)
@@ -93,7 +93,8 @@ def solve(
             dtype and device). Every sample is solved independently.
         solver: a registered name (``"picard"``, ``"anderson"``, ``"broyden"``) or a solver object
             such as ``eq.Anderson(m=6)``.
-        tol: a sample stops when its residual falls below ``tol``.
+        tol: a sample stops when its residual falls below ``tol``; ``0`` runs the whole budget
+            (a fixed number of iterations).
         max_iter: iteration budget (map evaluations at the iterates, ``z0`` included).
         stop: ``"rel"``: ||f(z) - z|| / ||f(z)|| (scale-free); ``"abs"``: ||f(z) - z||.
         warn_unconverged: emit a ``RuntimeWarning`` when the budget runs out or the solve diverges.

@@ -114,7 +114,7 @@ BAD_INPUTS = [
     pytest.param(lambda: eq.Phantom(damping=2), ValueError, "Phantom damping must be in"),
     pytest.param(lambda: eq.Neumann(steps=0), ValueError, "Neumann steps must be an int >= 1"),
     pytest.param(lambda: eq.Neumann(damping=-1), ValueError, "Neumann damping must be in"),
-    pytest.param(lambda: eq.Implicit(tol=0), ValueError, "Implicit tol must be in (0.0,"),
+    pytest.param(lambda: eq.Implicit(tol=-1), ValueError, "Implicit tol must be in [0.0,"),
     pytest.param(lambda: eq.Implicit(max_iter=0), ValueError, "Implicit max_iter must be an int"),
     pytest.param(lambda: eq.Implicit(stop="l2"), ValueError, "Implicit stop must be one of"),
     pytest.param(
@@ -124,13 +124,15 @@ BAD_INPUTS = [
         id="implicit-warn",
     ),
     # --- solve options ------------------------------------------------------------------------
-    pytest.param(lambda: eq.solve(f, Z, tol=0), ValueError, "tol must be in (0.0,", id="tol-0"),
+    pytest.param(
+        lambda: eq.solve(f, Z, tol=-0.0001), ValueError, "tol must be in [0.0,", id="tol-neg-small"
+    ),
     pytest.param(lambda: eq.solve(f, Z, tol=-1e-3), ValueError, "tol must be in", id="tol-neg"),
     pytest.param(lambda: eq.solve(f, Z, tol=math.nan), ValueError, "got nan", id="tol-nan"),
     pytest.param(
         lambda: eq.solve(f, Z, tol=math.inf),
         ValueError,
-        "tol must be in (0.0, inf), got inf",
+        "tol must be in [0.0, inf), got inf",
         id="tol-inf",
     ),
     pytest.param(lambda: eq.solve(f, Z, tol="1e-3"), TypeError, "tol must be a real number"),
@@ -334,7 +336,7 @@ BAD_INPUTS = [
         lambda: eq.DEQ(cell, eval_max_iter=0), ValueError, "eval_max_iter must be an int >= 1"
     ),
     pytest.param(lambda: eq.DEQ(cell, eval_max_iter=2.5), TypeError, "eval_max_iter must be an"),
-    pytest.param(lambda: eq.DEQ(cell, eval_tol=0.0), ValueError, "eval_tol must be in (0.0,"),
+    pytest.param(lambda: eq.DEQ(cell, eval_tol=-1.0), ValueError, "eval_tol must be in [0.0,"),
     pytest.param(lambda: eq.DEQ(cell, max_iter=0), ValueError, "max_iter must be an int >= 1"),
     pytest.param(lambda: eq.DEQ(cell, stop="max"), ValueError, "stop must be one of"),
     pytest.param(lambda: eq.DEQ(cell, tolerance=1.0), TypeError, "unexpected keyword"),

@@ -483,3 +483,12 @@ def test_compaction_reports_nonfinite_samples_by_their_original_index():
         eq.NonFiniteError, match=re.escape("the map returned NaN or inf (samples 2)")
     ):
         eq.solve(f, p.z0(), solver="picard", tol=1e-8, max_iter=50, compact=True)
+
+
+@pytest.mark.parametrize("name", sorted(SOLVERS))
+def test_zero_tolerance_runs_the_whole_budget(name):
+    # tol=0 is a fixed iteration count: nothing ever counts as converged
+    p = Affine.make(batch=3, d=5, radius=0.5, seed=21)
+    sol = eq.solve(p.f, p.z0(), solver=name, tol=0.0, max_iter=7)
+    assert sol.nstep == 7 and sol.status is eq.Status.MAX_ITER
+    assert not bool(sol.converged.any())
