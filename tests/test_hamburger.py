@@ -1,0 +1,620 @@
+"""Tests of the matrix decompositions (nmf, vq, cd) and the Hamburger blocks."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from equilibria.layers import (
+    DECOMPOSITIONS,
+    Decomposition,
+    Hamburger,
+    HamburgerTokens,
+    cd,
+    moving_average_bases,
+    nmf,
+    random_bases,
+    vq,
+)
+from equilibria.layers._decompositions import _nmf_coef_update
+
+F64 = torch.float64
+HAMS = tuple(DECOMPOSITIONS)  # the registry drives the tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Independent reference implementations: plain out-of-place loops written from the paper's
+# equations. ``*_iterate`` runs the (C, D) steps; ``*_final`` is the last, differentiated step.
+
+
+def ref_nmf_iterate(x, d, steps, inv_t=1.0, eps=1e-6):
+    c = torch.softmax(inv_t * x.mT @ d, dim=-1)
+    for _ in range(steps):
+        c = c * (x.mT @ d) / (c @ (d.mT @ d) + eps)
+        d = d * (x @ c) / (d @ (c.mT @ c) + eps)
+    return d, c
+
+
+def ref_nmf_final(x, d, c, eps=1e-6):
+    return c * (x.mT @ d) / (c @ (d.mT @ d) + eps)
+
+
+def ref_cosine_softmax(x, d, inv_t, eps=1e-6):
+    cos = (x.mT @ (d / d.norm(dim=1, keepdim=True))) / (x.norm(dim=1)[..., None] + eps)
+    return torch.softmax(inv_t * cos, dim=-1)
+
+
+def ref_cluster_iterate(x, d, steps, inv_t, unit, eps=1e-6):
+    for _ in range(steps):
+        c = ref_cosine_softmax(x, d, inv_t, eps)
+        c = c / (c.sum(dim=1, keepdim=True) + eps)
+        d = x @ c
+        if unit:
+            d = d / d.norm(dim=1, keepdim=True)
+    return d, None
+
+
+def ref_ridge(x, d, beta):
+    """argmin_c ‖x_i − D c‖² + β‖c‖² for every column x_i, via least squares on [D; √β I]."""
+    batch, _, n = x.shape
+    rank = d.shape[-1]
+    eye = beta**0.5 * torch.eye(rank, dtype=x.dtype).expand(batch, rank, rank)
+    lhs = torch.cat([d, eye], dim=1)  # (B, d + r, r)
+    rhs = torch.cat([x, x.new_zeros(batch, rank, n)], dim=1)  # (B, d + r, n)
+    return torch.linalg.lstsq(lhs, rhs).solution.mT  # (B, n, r)
+
+
+REFERENCE = {
+    "nmf": (
+        lambda x, d, k: ref_nmf_iterate(x, d, k),
+        lambda x, d, c: ref_nmf_final(x, d, c),
+    ),
+    "vq": (
+        lambda x, d, k: ref_cluster_iterate(x, d, k, 100.0, unit=False),
+        lambda x, d, c: ref_cosine_softmax(x, d, 100.0),
+    ),
+    "cd": (
+        lambda x, d, k: ref_cluster_iterate(x, d, k, 100.0, unit=True),
+        lambda x, d, c: ref_ridge(x, d, 0.1),
+    ),
+}
+
+
+def make_input(ham, batch=2, dim=6, n=9, dtype=F64, requires_grad=False):
+    x = torch.rand(batch, dim, n, dtype=dtype) if ham == "nmf" else torch.randn(batch, dim, n)
+    return x.to(dtype).requires_grad_(requires_grad)
+
+
+def init_bases(ham, batch, dim, rank, dtype=F64):
+    return random_bases(batch, dim, rank, nonnegative=ham == "nmf", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional decompositions.
+
+
+@pytest.mark.parametrize("ham", HAMS)
+@pytest.mark.parametrize("bases_ndim", [None, 2, 3])
+def test_shapes_and_rank_from_bases(ham, bases_ndim):
+    x = make_input(ham, batch=3, dim=5, n=7)
+    bases = None if bases_ndim is None else init_bases(ham, 3, 5, 4)
+    if bases_ndim == 2:
+        bases = bases[0]
+    given = None if bases is None else bases.clone()
+    dec = DECOMPOSITIONS[ham](x, None if bases is not None else 4, bases=bases, steps=2)
+    assert isinstance(dec, Decomposition)
+    assert dec.bases.shape == (3, 5, 4) and dec.coef.shape == (3, 7, 4)
+    assert dec.reconstruct().shape == (3, 5, 7)
+    if bases is not None:  # the given bases are copied, not modified
+        assert torch.equal(bases, given)
+
+
+@pytest.mark.parametrize("ham", HAMS)
+@pytest.mark.parametrize("steps", [0, 1, 5])
+@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+def test_forward_matches_reference(ham, steps, grad):
+    x = make_input(ham, batch=2, dim=6, n=9)
+    d0 = init_bases(ham, 2, 6, 3)
+    d0_copy = d0.clone()
+    dec = DECOMPOSITIONS[ham](x, bases=d0, steps=steps, grad=grad)
+    iterate, final = REFERENCE[ham]
+    d, c = iterate(x, d0, steps)
+    torch.testing.assert_close(dec.bases, d)
+    torch.testing.assert_close(dec.coef, final(x, d, c))
+    assert torch.equal(d0, d0_copy)
+
+
+def test_nmf_error_non_increasing():
+    torch.manual_seed(1)
+    x = torch.rand(2, 12, 20, dtype=F64)
+    d0 = random_bases(2, 12, 4, dtype=F64)
+    errors = [
+        (x - nmf(x, bases=d0, steps=k, eps=1e-12).reconstruct()).norm().item() for k in range(40)
+    ]
+    for before, after in itertools.pairwise(errors):
+        assert after <= before * (1 + 1e-12)
+    assert errors[-1] < 0.9 * errors[0]
+
+
+@pytest.mark.parametrize("rank", [3, 5])
+def test_nmf_planted_low_rank_reaches_noise_floor(rank):
+    torch.manual_seed(2)
+    clean = torch.rand(2, 16, 3, dtype=F64) @ torch.rand(2, 3, 24, dtype=F64)  # true rank 3
+    noise = 3e-2 * torch.rand_like(clean)
+    x = clean + noise
+    dec = nmf(x, bases=random_bases(2, 16, rank, dtype=F64), steps=1000)
+    assert (x - dec.reconstruct()).norm() <= noise.norm()
+    too_small = nmf(x, bases=random_bases(2, 16, 1, dtype=F64), steps=1000)
+    assert (x - too_small.reconstruct()).norm() > 3 * noise.norm()
+
+
+def hard_kmeans(x, d, steps):
+    """Lloyd's k-means with cosine assignment; returns the bases before the final assignment."""
+    xn = x / x.norm(dim=1, keepdim=True)
+    for _ in range(steps):
+        labels = (xn.mT @ (d / d.norm(dim=1, keepdim=True))).argmax(-1)  # (B, n)
+        onehot = F.one_hot(labels, d.shape[-1]).to(x.dtype)  # (B, n, r)
+        d = (x @ onehot) / onehot.sum(1, keepdim=True)
+    labels = (xn.mT @ (d / d.norm(dim=1, keepdim=True))).argmax(-1)
+    return d, F.one_hot(labels, d.shape[-1]).to(x.dtype)
+
+
+def test_vq_high_inverse_temperature_is_hard_kmeans():
+    torch.manual_seed(3)
+    centres = F.normalize(torch.randn(2, 8, 4, dtype=F64), dim=1)
+    labels = torch.arange(30) % 4
+    x = 2.0 * centres[:, :, labels] + 0.05 * torch.randn(2, 8, 30, dtype=F64)
+    d0 = x[:, :, :4] + 0.1 * torch.randn(2, 8, 4, dtype=F64)  # one point of each cluster, moved
+    dec = vq(x, bases=d0, steps=5, inv_t=1e5)
+    d_ref, onehot = hard_kmeans(x, d0, 5)
+    torch.testing.assert_close(dec.coef, onehot, atol=1e-12, rtol=0)
+    torch.testing.assert_close(dec.bases, d_ref, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_cd_coefficients_are_the_ridge_solution(steps, beta):
+    x = torch.randn(2, 7, 11, dtype=F64)
+    dec = cd(x, bases=torch.randn(7, 4, dtype=F64), steps=steps, beta=beta)
+    torch.testing.assert_close(dec.coef, ref_ridge(x, dec.bases, beta))
+    if steps:
+        torch.testing.assert_close(dec.bases.norm(dim=1), torch.ones(2, 4, dtype=F64))
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_one_step_gradient_is_the_last_step_with_earlier_steps_constant(ham):
+    x = make_input(ham, batch=2, dim=6, n=9, requires_grad=True)
+    d0 = init_bases(ham, 2, 6, 3)
+    weight = torch.randn(2, 6, 9, dtype=F64)
+    dec = DECOMPOSITIONS[ham](x, bases=d0, steps=4, grad="one_step")
+    (grad,) = torch.autograd.grad((dec.reconstruct() * weight).sum(), x)
+    iterate, final = REFERENCE[ham]
+    with torch.no_grad():
+        d, c = iterate(x, d0, 4)
+    (grad_ref,) = torch.autograd.grad((d @ final(x, d, c).mT * weight).sum(), x)
+    torch.testing.assert_close(grad, grad_ref)
+    assert not dec.bases.requires_grad
+    # and it differs from the full gradient
+    dec_full = DECOMPOSITIONS[ham](x, bases=d0, steps=4, grad="bptt")
+    (grad_full,) = torch.autograd.grad((dec_full.reconstruct() * weight).sum(), x)
+    assert not torch.allclose(grad, grad_full)
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_bptt_gradient_matches_unrolled_reference_and_gradcheck(ham):
+    x = make_input(ham, batch=1, dim=4, n=6, requires_grad=True)
+    d0 = init_bases(ham, 1, 4, 2).requires_grad_()
+    iterate, final = REFERENCE[ham]
+
+    def loss_ref(x, d0):
+        d, c = iterate(x, d0, 3)
+        return (d @ final(x, d, c).mT).square().sum()
+
+    def loss(x, d0):
+        return DECOMPOSITIONS[ham](x, bases=d0, steps=3, grad="bptt").reconstruct().square().sum()
+
+    grads = torch.autograd.grad(loss(x, d0), (x, d0))
+    grads_ref = torch.autograd.grad(loss_ref(x, d0), (x, d0))
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    if ham != "vq":  # VQ's inv_t = 100 softmax is too stiff for finite differences
+        assert torch.autograd.gradcheck(
+            lambda x, d0: DECOMPOSITIONS[ham](x, bases=d0, steps=2, grad="bptt").reconstruct(),
+            (x, d0),
+        )
+    assert torch.autograd.gradcheck(
+        lambda x: vq(x, bases=d0.detach(), steps=2, inv_t=2.0, grad="bptt").reconstruct(), (x,)
+    )
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_final_step_gradcheck(ham):
+    """The differentiated last step alone (what one_step backpropagates) passes gradcheck."""
+    x = make_input(ham, batch=1, dim=4, n=6, requires_grad=True)
+    d0 = init_bases(ham, 1, 4, 2)
+    if ham == "nmf":  # steps=0 still starts from C = softmax(XᵀD), computed without gradient
+        c0 = torch.rand(1, 6, 2, dtype=F64)
+        fn = lambda x: d0 @ _nmf_coef_update(x, d0, c0, 1e-6).mT  # noqa: E731
+    else:
+        fn = lambda x: DECOMPOSITIONS[ham](x, bases=d0, steps=0, inv_t=2.0).reconstruct()  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+@contextlib.contextmanager
+def count_saved_bytes():
+    """Sums the bytes of the distinct tensors autograd saves for backward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_one_step_memory_does_not_grow_with_steps(ham):
+    x = make_input(ham, batch=2, dim=16, n=64, requires_grad=True)
+    d0 = init_bases(ham, 2, 16, 8)
+    saved = {}
+    for grad in ("one_step", "bptt"):
+        for steps in (1, 4, 16):
+            with count_saved_bytes() as seen:
+                DECOMPOSITIONS[ham](x, bases=d0, steps=steps, grad=grad).reconstruct()
+            saved[grad, steps] = sum(seen.values())
+    assert saved["one_step", 1] == saved["one_step", 4] == saved["one_step", 16]
+    assert saved["bptt", 1] < saved["bptt", 4] < saved["bptt", 16]
+    assert saved["one_step", 16] < saved["bptt", 1]
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_random_init_uses_generator(ham):
+    x = make_input(ham, batch=2, dim=5, n=8)
+    fn = DECOMPOSITIONS[ham]
+    a = fn(x, 3, generator=torch.Generator().manual_seed(7))
+    b = fn(x, 3, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(a.coef, b.coef)
+
+
+def test_inference_mode_and_float32():
+    x = torch.rand(2, 8, 16)
+    with torch.inference_mode():
+        for fn in DECOMPOSITIONS.values():
+            dec = fn(x, 4)
+            assert dec.coef.dtype == torch.float32 and torch.isfinite(dec.reconstruct()).all()
+
+
+def test_moving_average_bases():
+    buffer = random_bases(1, 6, 3, dtype=F64)[0]
+    new = random_bases(4, 6, 3, dtype=F64)
+    out = moving_average_bases(buffer, new, momentum=0.75)
+    expected = 0.75 * buffer + 0.25 * new.mean(0)
+    torch.testing.assert_close(out, expected / expected.norm(dim=0))
+    torch.testing.assert_close(moving_average_bases(buffer, new, momentum=0.0).norm(dim=0),
+                               torch.ones(3, dtype=F64))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Hamburger blocks: fused implementation vs an unfused reference.
+
+
+def reference_block(block, x, bases, steps, state):
+    """ReLU(x + Norm(W_u · ham(bread(x)))) computed the straightforward way."""
+    batch, channels = x.shape[:2]
+    z = x.reshape(batch, channels, -1)
+    feats = torch.einsum("dc,bcn->bdn", block.lower_weight, z) + block.lower_bias[:, None]
+    if block.ham == "nmf":
+        feats = feats.relu()
+    kwargs = {} if block.ham == "nmf" else {"inv_t": block.inv_t}
+    dec = DECOMPOSITIONS[block.ham](feats, bases=bases, steps=steps, grad=block.grad, **kwargs)
+    y = torch.einsum("cd,bdn->bcn", block.upper_weight, dec.reconstruct()).reshape(x.shape)
+    if block.norm == "batch":
+        y = F.batch_norm(y, state["running_mean"], state["running_var"], block.norm_weight,
+                         block.norm_bias, block.training, 0.1, 1e-5)  # fmt: skip
+    else:
+        y = y + block.upper_bias[:, None, None]
+    return F.relu(x + y)
+
+
+@pytest.mark.parametrize("ham", HAMS)
+@pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+def test_hamburger_matches_unfused_reference(ham, norm, training, grad):
+    block = Hamburger(5, ham=ham, dim=4, rank=3, train_steps=2, eval_steps=3, norm=norm,
+                      init="online", grad=grad, dtype=F64).train(training)  # fmt: skip
+    if norm == "batch":
+        with torch.no_grad():
+            block.running_mean.uniform_(-1, 1)
+            block.running_var.uniform_(0.5, 2)
+            block.norm_weight.uniform_(0.5, 2)
+            block.norm_bias.uniform_(-1, 1)
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    x = torch.randn(3, 5, 3, 4, dtype=F64, requires_grad=True)
+    out = block(x)
+    ref = reference_block(block, x, state["bases"], 2 if training else 3, state)
+    torch.testing.assert_close(out, ref)
+    weight = torch.randn_like(out)
+    inputs = [x, *block.parameters()]
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), inputs)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    if norm == "batch":  # running statistics updated exactly like nn.BatchNorm
+        torch.testing.assert_close(block.running_mean, state["running_mean"])
+        torch.testing.assert_close(block.running_var, state["running_var"])
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_tokens_match_feature_maps(ham):
+    maps = Hamburger(6, ham=ham, dim=5, rank=2, init="online", dtype=F64)
+    tokens = HamburgerTokens(6, ham=ham, dim=5, rank=2, init="online", dtype=F64)
+    tokens.load_state_dict(maps.state_dict())
+    x = torch.randn(2, 6, 4, 5, dtype=F64)
+    out_maps = maps(x)
+    out_tokens = tokens(x.flatten(2).mT)
+    torch.testing.assert_close(out_tokens, out_maps.flatten(2).mT)
+    torch.testing.assert_close(tokens.running_var, maps.running_var)
+    torch.testing.assert_close(tokens.bases, maps.bases)
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_online_bases_update(ham):
+    block = Hamburger(6, ham=ham, dim=5, rank=2, init="online", momentum=0.8, dtype=F64)
+    x = torch.randn(3, 6, 4, 4, dtype=F64)
+    before = block.bases.clone()
+    feats = torch.einsum("dc,bcn->bdn", block.lower_weight, x.flatten(2))
+    feats = feats + block.lower_bias[:, None]
+    feats = feats.relu() if ham == "nmf" else feats
+    kwargs = {} if ham == "nmf" else {"inv_t": 100.0}
+    with torch.no_grad():
+        solved = DECOMPOSITIONS[ham](feats, bases=before, steps=block.train_steps, **kwargs)
+    block(x)
+    torch.testing.assert_close(
+        block.bases, moving_average_bases(before, solved.bases, momentum=0.8)
+    )
+    if ham == "nmf":
+        assert (block.bases >= 0).all()
+    # evaluation uses the buffer without changing it, so it is deterministic
+    block.eval()
+    after = block.bases.clone()
+    torch.testing.assert_close(block(x), block(x))
+    assert torch.equal(block.bases, after)
+
+
+def test_random_init_draws_new_bases_at_each_call():
+    x = torch.randn(2, 4, 5, 5)
+    random_block = Hamburger(4, dim=4, rank=2, eval_steps=1).eval()
+    assert not torch.equal(random_block(x), random_block(x))
+
+
+@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+def test_hamburger_grad_modes_same_forward_and_memory(grad):
+    torch.manual_seed(4)
+    block = Hamburger(8, dim=8, rank=4, grad=grad, init="online", train_steps=6)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    saved = []
+    for steps in (2, 8):
+        block.train_steps = steps
+        with count_saved_bytes() as seen:
+            out = block(x)
+        saved.append(sum(seen.values()))
+        out.sum().backward()
+    if grad == "one_step":
+        assert saved[0] == saved[1]
+    else:
+        assert saved[0] < saved[1]
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in block.parameters())
+
+
+def test_hamburger_same_output_for_both_grad_modes():
+    one = Hamburger(6, dim=5, rank=2, init="online", dtype=F64)
+    full = Hamburger(6, dim=5, rank=2, init="online", grad="bptt", dtype=F64)
+    full.load_state_dict(one.state_dict())
+    x = torch.randn(2, 6, 4, 4, dtype=F64)
+    torch.testing.assert_close(one(x), full(x))
+
+
+def test_hamburger_without_lower_bread_and_dtypes():
+    block = Hamburger(4, dim=4, rank=2, lower_bread=False, dtype=F64)
+    assert block.lower_weight is None
+    out = block(torch.rand(2, 4, 3, 3, dtype=F64))
+    assert out.dtype == F64
+    bf16 = Hamburger(8, dim=8, rank=2, dtype=torch.bfloat16)
+    assert bf16(torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    meta = Hamburger(8, dim=8, rank=2, device="cpu")
+    assert meta.upper_weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_bfloat16_iterations_stay_close_to_full_precision(ham):
+    torch.manual_seed(5)
+    x = make_input(ham, batch=2, dim=32, n=200, dtype=torch.float32, requires_grad=True)
+    d0 = init_bases(ham, 2, 32, 8, dtype=torch.float32)
+    fn = DECOMPOSITIONS[ham]
+    full = fn(x, bases=d0, steps=6)
+    fast = fn(x, bases=d0, steps=6, iter_dtype=torch.bfloat16)
+    assert fast.coef.dtype == torch.float32
+    err_full = (x - full.reconstruct()).norm()
+    err_fast = (x - fast.reconstruct()).norm()
+    assert abs(err_fast - err_full) <= 0.02 * err_full
+    if ham == "vq":  # inv_t = 100 makes the assignments, hence the gradient, near-discontinuous
+        return
+    weight = torch.randn(2, 32, 200)
+    (g_full,) = torch.autograd.grad((full.reconstruct() * weight).sum(), x)
+    (g_fast,) = torch.autograd.grad((fast.reconstruct() * weight).sum(), x)
+    assert F.cosine_similarity(g_full.flatten(), g_fast.flatten(), dim=0) > 0.98
+
+
+def test_hamburger_bfloat16_iterations():
+    torch.manual_seed(6)
+    full = Hamburger(16, dim=32, rank=8, init="online")
+    fast = Hamburger(16, dim=32, rank=8, init="online", iter_dtype=torch.bfloat16)
+    fast.load_state_dict(full.state_dict())
+    x = torch.randn(2, 16, 12, 12)
+    out_full, out_fast = full(x), fast(x)
+    assert (out_full - out_fast).norm() <= 0.05 * out_full.norm()
+    assert "iter_dtype=torch.bfloat16" in repr(fast)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: exception type and a fragment of the message.
+
+X = torch.rand(2, 6, 9)
+
+BAD_CALLS = [
+    (lambda: nmf([[1.0]], 2), TypeError, "x must be a torch.Tensor"),
+    (lambda: nmf(torch.ones(2, 6, 9, dtype=torch.long), 2), TypeError, "floating dtype"),
+    (lambda: nmf(X[0], 2), ValueError, "shape (B, d, n)"),
+    (lambda: nmf(X[:, :, :0], 2), ValueError, "no empty dimension"),
+    (lambda: nmf(X), ValueError, "give rank or initial bases"),
+    (lambda: nmf(X, 0), ValueError, "rank must be in [1, min(d, n)] = [1, 6]"),
+    (lambda: nmf(X, 7), ValueError, "rank must be in [1, min(d, n)] = [1, 6]"),
+    (lambda: vq(X[:, :, :3], 4), ValueError, "= [1, 3]"),
+    (lambda: nmf(X, 2.0), TypeError, "rank must be an int"),
+    (lambda: nmf(X - 1, 2), ValueError, "x must be non-negative"),
+    (lambda: nmf(X, bases=-torch.rand(6, 2)), ValueError, "bases must be non-negative"),
+    (lambda: nmf(X, 2, steps=-1), ValueError, "steps must be >= 0"),
+    (lambda: nmf(X, 2, steps=1.5), TypeError, "steps must be an int"),
+    (lambda: nmf(X, 2, grad="full"), ValueError, "grad must be one of ('one_step', 'bptt')"),
+    (lambda: nmf(X, 2, eps=0.0), ValueError, "eps must be a finite number > 0"),
+    (lambda: vq(X, 2, inv_t=0.0), ValueError, "inv_t must be a finite number > 0"),
+    (lambda: cd(X, 2, beta=-1.0), ValueError, "beta must be a finite number > 0"),
+    (lambda: cd(X, 2, beta=float("nan")), ValueError, "beta must be a finite number > 0"),
+    (lambda: nmf(X, bases=torch.rand(5, 2)), ValueError, "bases must have shape (d, r)"),
+    (lambda: nmf(X, bases=torch.rand(3, 6, 2)), ValueError, "bases has batch size 3"),
+    (lambda: nmf(X, 3, bases=torch.rand(6, 2)), ValueError, "rank=3 disagrees"),
+    (lambda: nmf(X, bases=torch.rand(6, 2, dtype=F64)), ValueError, "must match x"),
+    (lambda: nmf(X, bases=[[1.0]]), TypeError, "bases must be a torch.Tensor"),
+    (lambda: nmf(X, 2, iter_dtype=torch.int8), TypeError, "iter_dtype must be None or a floating"),
+    (lambda: vq(X, 2, iter_dtype="bf16"), TypeError, "iter_dtype must be None or a floating"),
+    (
+        lambda: cd(X, 2, grad="bptt", iter_dtype=torch.bfloat16),
+        ValueError,
+        "applies to the no-grad iterations of grad='one_step'",
+    ),
+    (
+        lambda: Hamburger(8, grad="bptt", iter_dtype=torch.bfloat16),
+        ValueError,
+        "iter_dtype applies to grad='one_step' only",
+    ),
+    (lambda: Hamburger(8, iter_dtype=torch.int32), TypeError, "iter_dtype must be None"),
+    (
+        lambda: moving_average_bases(torch.rand(6, 2), torch.rand(2, 6, 2), momentum=1.0),
+        ValueError,
+        "momentum must be in [0, 1)",
+    ),
+    (
+        lambda: moving_average_bases(torch.rand(6, 2), torch.rand(6, 2), momentum=0.5),
+        ValueError,
+        "buffer must have shape (d, r)",
+    ),
+    (lambda: Hamburger(0), ValueError, "channels must be >= 1"),
+    (lambda: Hamburger(8.0), TypeError, "channels must be an int"),
+    (lambda: Hamburger(8, ham="svd"), ValueError, "ham must be one of ('nmf', 'vq', 'cd')"),
+    (lambda: Hamburger(8, dim=8, rank=9), ValueError, "rank must be in [1, 8]"),
+    (lambda: Hamburger(8, train_steps=-1), ValueError, "train_steps must be >= 0"),
+    (lambda: Hamburger(8, eval_steps=True), TypeError, "eval_steps must be an int"),
+    (lambda: Hamburger(8, grad="implicit"), ValueError, "grad must be one of"),
+    (lambda: Hamburger(8, init="zeros"), ValueError, "init must be one of ('random', 'online')"),
+    (lambda: Hamburger(8, momentum=1.0), ValueError, "momentum must be in [0, 1)"),
+    (lambda: Hamburger(8, norm="layer"), ValueError, "norm must be one of ('batch', 'none')"),
+    (lambda: Hamburger(8, inv_t=-1.0), ValueError, "inv_t must be a finite number > 0"),
+    (lambda: Hamburger(8, lower_bread=False), ValueError, "dim must equal channels=8"),
+    (lambda: Hamburger(8, lower_bread=1), TypeError, "lower_bread must be a bool"),
+    (lambda: Hamburger(8, rnak=4), TypeError, "rnak"),
+    (lambda: Hamburger(8, dim=8, rank=4)(torch.randn(2, 7, 4, 4)), ValueError, "C=8"),
+    (lambda: Hamburger(8, dim=8, rank=4)(torch.randn(2, 8, 16)), ValueError, "(B, C, H, W)"),
+    (lambda: Hamburger(8, dim=8, rank=4)("x"), TypeError, "x must be a torch.Tensor"),
+    (
+        lambda: Hamburger(8, dim=8, rank=4)(torch.ones(2, 8, 4, 4, dtype=torch.int32)),
+        TypeError,
+        "floating dtype",
+    ),
+    (
+        lambda: Hamburger(8, dim=8, rank=5)(torch.randn(2, 8, 2, 2)),
+        ValueError,
+        "rank=5 exceeds the number of positions n=4",
+    ),
+    (
+        lambda: Hamburger(4, dim=4, rank=2, lower_bread=False)(-torch.rand(2, 4, 3, 3)),
+        ValueError,
+        "needs a non-negative input",
+    ),
+    (
+        lambda: Hamburger(4, dim=4, rank=2)(torch.randn(1, 4, 1, 1)),
+        ValueError,
+        "rank=2 exceeds",
+    ),
+    (
+        lambda: Hamburger(4, dim=4, rank=1)(torch.randn(1, 4, 1, 1)),
+        ValueError,
+        "more than one value per channel",
+    ),
+    (lambda: HamburgerTokens(8, dim=8, rank=4)(torch.randn(2, 16, 7)), ValueError, "(B, N, C)"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "fragment"), BAD_CALLS)
+def test_bad_inputs(call, error, fragment):
+    with pytest.raises(error) as info:
+        call()
+    assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mosaic recipe (needs the zoo extra): data, config validation and a tiny training run.
+
+
+@pytest.mark.parametrize("task", ["key", "majority"])
+def test_mosaic_canvases(task):
+    pytest.importorskip("sklearn")
+    import numpy as np
+
+    from equilibria.zoo.mosaic import _digit_pools, make_canvases
+
+    images, labels, _, _ = _digit_pools()
+    kwargs = {"grid": 3, "occupancy": 0.7, "match_prob": 0.5, "task": task}
+    x, y, digits = make_canvases(np.random.default_rng(0), images, labels, 20, **kwargs)
+    x2, y2, _ = make_canvases(np.random.default_rng(0), images, labels, 20, **kwargs)
+    assert x.shape == (20, 2, 24, 24) and y.shape == (20, 24, 24)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2)  # seeded
+    assert set(np.unique(y)) == {0, 1, 2}
+    assert np.array_equal(y > 0, x[:, 0] > 0.25)  # strokes are labelled, background is not
+    assert np.array_equal(digits >= 0, y > 0) and digits.max() <= 9
+    if task == "key":
+        assert (x[:, 1].reshape(20, -1).sum(1) == 64).all()  # one marked 8×8 cell per canvas
+        assert set(np.unique(y[x[:, 1] > 0])) <= {0, 1}  # the key matches itself
+    else:
+        assert (x[:, 1] == 0).all()
+        assert ((y == 1).sum((1, 2)) > 0).all()
+
+
+def test_mosaic_config_validation_and_tiny_run(tmp_path):
+    pytest.importorskip("sklearn")
+    from equilibria.zoo.mosaic import MosaicConfig, compare, main, train
+
+    with pytest.raises(ValueError, match=r"unknown mosaic option\(s\) \['stpes'\]; allowed"):
+        MosaicConfig.from_dict({"stpes": 3})
+    with pytest.raises(ValueError, match=r"block must be one of \('conv', 'attention', 'ham'\)"):
+        MosaicConfig(block="mlp")
+    with pytest.raises(TypeError, match="steps must be int"):
+        MosaicConfig(steps=2.5)
+    with pytest.raises(ValueError, match=r"rank must be in \[1, 8\]"):
+        MosaicConfig(channels=8, rank=9)
+    with pytest.raises(ValueError, match=r"unknown variant\(s\)"):
+        compare(tmp_path, variants=["transformer"])
+    tiny = {"grid": 2, "channels": 8, "rank": 2, "steps": 2, "batch_size": 4, "test_canvases": 4}
+    metrics = train(MosaicConfig(**tiny, aux_weight=0.4))
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["ms_per_step"] > 0
+    assert set(metrics["iou"]) == {"background", "match", "other"}
+    overrides = [f"{k}={v}" for k, v in tiny.items()]
+    assert main(["compare", "--out", str(tmp_path), "--seeds", "0", "--variants", "conv only",
+                 "--set", *overrides]) == 0  # fmt: skip
+    assert (tmp_path / "table.md").read_text().count("| conv only |") == 1

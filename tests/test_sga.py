@@ -1,0 +1,140 @@
+"""Tests of stop-gradient attention (SGA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from equilibria.layers import StopGradientAttention, attention_map, stop_gradient_attention
+
+F64 = torch.float64
+
+
+def tokens(batch, n, channels, requires_grad=False):
+    return torch.randn(batch, n, channels, dtype=F64, requires_grad=requires_grad)
+
+
+def reference_block(block, x, y, a):
+    """Z = Norm(A σ(W_v Y) + σ(W_x X)) + X with a given, constant map A."""
+    value = block.act(block.value(y))
+    return block.norm(a @ value + block.act(block.skip(x))) + x
+
+
+@pytest.mark.parametrize("column_norm", [True, False])
+def test_map_normalisation_and_no_gradient(column_norm):
+    x, y = tokens(2, 5, 4, True), tokens(2, 7, 4, True)
+    value = tokens(2, 7, 3, True)
+    out = stop_gradient_attention(x, y, value, column_norm=column_norm)
+    grads = torch.autograd.grad(out.sum(), (x, y, value), allow_unused=True)
+    assert grads[0] is None and grads[1] is None  # nothing flows through the map
+    a = attention_map(x.detach(), y.detach(), scale=0.5, column_norm=column_norm)
+    sums = a.sum(1) if column_norm else a.sum(2)
+    torch.testing.assert_close(sums, torch.ones_like(sums))
+    assert torch.autograd.gradcheck(
+        lambda v: stop_gradient_attention(x.detach(), y.detach(), v, column_norm=column_norm),
+        (value,),
+    )
+
+
+def test_map_equals_formula():
+    x, y = tokens(2, 5, 4), tokens(2, 6, 4)
+    a = torch.softmax(0.3 * x @ y.mT, dim=-1)
+    a = a / a.sum(1, keepdim=True)
+    torch.testing.assert_close(attention_map(x, y, scale=0.3), a)
+
+
+@pytest.mark.parametrize("cross", [True, False])
+@pytest.mark.parametrize("norm", ["layer", "none"])
+def test_sga_block_passes_no_gradient_through_the_map(cross, norm):
+    block = StopGradientAttention(4, norm=norm, dtype=F64)
+    x = tokens(2, 5, 4, True)
+    y = tokens(2, 6, 4, True) if cross else x
+    out = block(x, y if cross else None)
+    with torch.no_grad():
+        a = attention_map(x, y, scale=block.scale)
+    ref = reference_block(block, x, y, a)
+    torch.testing.assert_close(out, ref)
+    weight = torch.randn_like(out)
+    inputs = [x, y, *block.parameters()] if cross else [x, *block.parameters()]
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    grads_ref = torch.autograd.grad((ref * weight).sum(), inputs)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_standard_attention_differentiates_the_map():
+    block = StopGradientAttention(4, attention="standard", dtype=F64)
+    x, y = tokens(1, 3, 4, True), tokens(1, 4, 4, True)
+    out = block(x, y)
+    with torch.no_grad():
+        a = attention_map(block.query(x), block.key(y), scale=block.scale)
+    ref = reference_block(block, x, y, a)
+    torch.testing.assert_close(out, ref)
+    weight = torch.randn_like(out)
+    (grad_y,) = torch.autograd.grad((out * weight).sum(), y)
+    (grad_y_const_map,) = torch.autograd.grad((ref * weight).sum(), y)
+    assert not torch.allclose(grad_y, grad_y_const_map)
+    assert torch.autograd.gradcheck(block, (x, y))
+    assert block.query.weight.requires_grad
+
+
+def test_self_attention_default_and_dtype_device():
+    block = StopGradientAttention(8, scale=1.0, column_norm=False, dtype=F64, device="cpu")
+    x = tokens(2, 6, 8)
+    torch.testing.assert_close(block(x), block(x, x))
+    assert block.value.weight.dtype == F64 and block.query is None
+    assert StopGradientAttention(8)(torch.randn(1, 3, 8)).dtype == torch.float32
+
+
+BAD_CALLS = [
+    (lambda: StopGradientAttention(0), ValueError, "channels must be >= 1"),
+    (lambda: StopGradientAttention(4.0), TypeError, "channels must be an int"),
+    (
+        lambda: StopGradientAttention(4, attention="flash"),
+        ValueError,
+        "attention must be one of ('stop_gradient', 'standard')",
+    ),
+    (lambda: StopGradientAttention(4, column_norm=1), TypeError, "column_norm must be a bool"),
+    (lambda: StopGradientAttention(4, scale=0.0), ValueError, "scale must be None or a finite"),
+    (lambda: StopGradientAttention(4, norm="batch"), ValueError, "norm must be one of"),
+    (
+        lambda: StopGradientAttention(4)(torch.randn(2, 5)),
+        ValueError,
+        "x must have shape (B, N, C)",
+    ),
+    (lambda: StopGradientAttention(4)(torch.randn(2, 5, 3)), ValueError, "C=4 channels"),
+    (
+        lambda: StopGradientAttention(4)(torch.randn(2, 5, 4), torch.randn(2, 5, 3)),
+        ValueError,
+        "must share B and C",
+    ),
+    (
+        lambda: StopGradientAttention(4)(torch.randn(2, 5, 4), torch.randn(3, 5, 4)),
+        ValueError,
+        "must share B and C",
+    ),
+    (
+        lambda: StopGradientAttention(4)(torch.randn(2, 5, 4), "y"),
+        TypeError,
+        "y must be a torch.Tensor",
+    ),
+    (
+        lambda: StopGradientAttention(4)(torch.ones(2, 5, 4, dtype=torch.long)),
+        TypeError,
+        "floating dtype",
+    ),
+    (
+        lambda: stop_gradient_attention(
+            torch.randn(2, 5, 4), torch.randn(2, 6, 4), torch.randn(2, 5, 4)
+        ),
+        ValueError,
+        "value must have shape",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "fragment"), BAD_CALLS)
+def test_bad_inputs(call, error, fragment):
+    with pytest.raises(error) as info:
+        call()
+    assert fragment in str(info.value)
