@@ -93,19 +93,6 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: i
 # Problems
 
 
-def tanh_affine(batch: int = 64, width: int = 256, radius: float = 0.9, seed: int = 0):
-    """f(z) = tanh(z W^T + x) with W scaled to spectral norm ``radius`` (a contraction)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(width, width, generator=g)
-    w = radius * w / torch.linalg.matrix_norm(w, 2)
-    x = torch.randn(batch, width, generator=g)
-
-    def f(z: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(torch.addmm(x, z, w.T))
-
-    return f, torch.zeros(batch, width)
-
-
 class ResBlock(nn.Module):
     """MDEQ-style residual cell: z -> GN(relu(z + GN(conv2(relu(GN(conv1 z))) + x)))."""
 
@@ -122,58 +109,3 @@ class ResBlock(nn.Module):
         y = torch.relu(self.gn1(self.conv1(z)))
         y = self.gn2(self.scale * self.conv2(y) + x)
         return self.gn3(torch.relu(z + y))
-
-
-def spectral_radius(f: Callable, z: torch.Tensor, iters: int = 60) -> float:
-    """Largest |eigenvalue| of df/dz at z, by power iteration on Jacobian-vector products (the
-    batch is treated as one block-diagonal operator)."""
-    v = torch.randn_like(z)
-    v = v / v.norm()
-    rho = 0.0
-    for _ in range(iters):
-        _, jv = torch.func.jvp(f, (z,), (v,))
-        rho = float(jv.norm())
-        if rho == 0.0:
-            break
-        v = jv / rho
-    return rho
-
-
-def conv_block(
-    batch: int = 16,
-    channels: int = 32,
-    size: int = 16,
-    radius: float = 0.9,
-    scale: float = 1.0,
-    seed: int = 0,
-):
-    """An MDEQ-style conv residual block whose Jacobian at the fixed point has spectral radius near
-    ``radius``; the state is rescaled by ``scale`` (g(z) = scale * f(z / scale))."""
-    import equilibria as eq
-
-    torch.manual_seed(seed)
-    block = ResBlock(channels).eval()
-    x = torch.randn(batch, channels, size, size)
-    z0 = torch.zeros(batch, channels, size, size)
-
-    def f(z: torch.Tensor) -> torch.Tensor:
-        return block(z, x)
-
-    # tune the conv2 scale by bisection on the spectral radius at the equilibrium
-    lo, hi = 0.05, 8.0
-    for _ in range(20):
-        block.scale = (lo * hi) ** 0.5
-        with torch.no_grad():
-            z = eq.solve(f, z0, solver=eq.Broyden(), tol=1e-6, max_iter=300).value
-        rho = spectral_radius(f, z)
-        if rho > radius:
-            hi = block.scale
-        else:
-            lo = block.scale
-    for p in block.parameters():
-        p.requires_grad_(False)
-
-    def g(z: torch.Tensor) -> torch.Tensor:
-        return scale * block(z / scale, x)
-
-    return g, z0, rho, block, x

@@ -34,7 +34,6 @@ from common import (
     ResBlock,
     interleaved_ms,
     median_ms,
-    spectral_radius,
     write_result,
 )
 
@@ -90,7 +89,7 @@ def tune_radius(problem: ConvProblem, radius: float = 0.9, steps: int = 14) -> f
         problem.block.scale = (lo * hi) ** 0.5
         with torch.no_grad():
             z = eq.solve(problem, problem.z0(), solver="broyden", tol=1e-6, max_iter=300).value
-        rho = spectral_radius(lambda v: problem(v).detach(), z, iters=40)
+        rho = float(eq.spectral_radius(problem, z, iters=40).max())
         lo, hi = (lo, problem.block.scale) if rho > radius else (problem.block.scale, hi)
     return rho
 
