@@ -40,25 +40,39 @@ class Iteration(NamedTuple):
     evaluations: int  # sample-evaluations of the map (rows passed to it, summed over calls)
 
 
-def residual_norm(g: Tensor, fx: Tensor, stop: Literal["abs", "rel"]) -> np.ndarray:
+def residual_norm(
+    g: Tensor, fx: Tensor, stop: Literal["abs", "rel"], gsq: Tensor | None = None
+) -> np.ndarray:
     """(B,) float64 residual ||g|| (abs) or ||g|| / ||f(z)|| (rel) per sample, on the host.
 
     The per-sample norms are computed on the device; the few scalars per sample then live on the
     host, where the bookkeeping of a solve (best iterate, stopping, traces) costs next to nothing.
     This is the one device-to-host transfer (on a GPU, the one synchronisation) per iteration.
+    ``gsq``, the squared norms of ``g`` when the solver already has them, saves a pass over ``g``.
 
     Edge cases are exact rather than fast: a norm that underflows to 0 or overflows in a low
     precision is recomputed in float64; a zero residual is 0 whatever ||f(z)||; a non-zero residual
     over ``f(z) = 0`` counts as the largest finite float (not converged, not an error). Raises
     nothing: non-finite values come back as NaN and are reported by the caller.
     """
-    tensors = [torch.linalg.vector_norm(g, dim=1)]
+    tensors = [torch.linalg.vector_norm(g, dim=1) if gsq is None else gsq]
     if stop == "rel":
         tensors.append(torch.linalg.vector_norm(fx, dim=1))
     norms = to_host(tensors)
+    if gsq is not None:
+        # a squared norm near the bottom of its dtype's range has lost precision (or hit 0)
+        if not bool(norms[0].min() > _SQUARE_FLOOR[gsq.dtype]):
+            return _residual_slow(g, fx, stop, [])
+        norms[0] = np.sqrt(norms[0])  # a new array: gsq may be a view of the solver's state
     if not all(_regular(n) for n in norms):
         return _residual_slow(g, fx, stop, norms)
     return norms[0] if stop == "abs" else norms[0] / norms[1]
+
+
+_SQUARE_FLOOR = {
+    dt: float(torch.finfo(dt).tiny / torch.finfo(dt).eps)
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
 
 
 def _regular(norms: np.ndarray) -> bool:
@@ -68,9 +82,11 @@ def _regular(norms: np.ndarray) -> bool:
 
 def _residual_slow(g: Tensor, fx: Tensor, stop: str, norms: list[np.ndarray]) -> np.ndarray:
     """The exact treatment of zero, underflowing, overflowing and non-finite norms."""
-    if g.dtype != torch.float64:
-        tensors = [torch.linalg.vector_norm(t, dim=1, dtype=torch.float64) for t in (g, fx)]
-        norms = to_host(tensors[: len(norms)])
+    count = 1 if stop == "abs" else 2
+    if g.dtype != torch.float64 or len(norms) != count:
+        dtype = torch.float64 if g.dtype != torch.float64 else None
+        tensors = [torch.linalg.vector_norm(t, dim=1, dtype=dtype) for t in (g, fx)[:count]]
+        norms = to_host(tensors)
     num = norms[0]
     if stop == "abs":
         return num
@@ -171,10 +187,10 @@ def _loop(
     state = solver.init(x, fx, g) if status is Status.MAX_ITER and max_iter > 1 else None
     lowest = rmax
     while status is Status.MAX_ITER and nstep < max_iter:
-        x, fx, g, state, used = solver.step(fn, x, fx, g, state)
+        x, fx, g, state, used, gsq = solver.step(fn, x, fx, g, state)
         nfev += used
         nstep += 1
-        r = residual_norm(g, fx, stop)  # the one device-to-host transfer of the iteration
+        r = residual_norm(g, fx, stop, gsq)  # the one device-to-host transfer of the iteration
         rmax = float(r.max())  # NaN propagates
         if not math.isfinite(rmax):
             _raise_nonfinite(what, nstep, x, fx, r)
@@ -237,11 +253,11 @@ def _loop_compact(
         def fn_active(z: Tensor, index: Tensor | None = index) -> Tensor:
             return fn(z, index)
 
-        x, fx, g, state, used = solver.step(fn_active, x, fx, g, state)
+        x, fx, g, state, used, gsq = solver.step(fn_active, x, fx, g, state)
         nfev += used
         nstep += 1
         evaluations += used * len(active)
-        r_active = residual_norm(g, fx, stop)
+        r_active = residual_norm(g, fx, stop, gsq)
         rmax = float(r_active.max())
         if not math.isfinite(rmax):
             _raise_nonfinite(what, nstep, x, fx, r_active, active)

@@ -62,9 +62,9 @@ def anderson_systems(monkeypatch):
     seen = []
     real = anderson_module._mixing
 
-    def recording(state, lam):
+    def recording(state):
         seen.append((state.system.dtype, torch.is_autocast_enabled("cpu")))
-        return real(state, lam)
+        return real(state)
 
     monkeypatch.setattr(anderson_module, "_mixing", recording)
     return seen

@@ -270,6 +270,40 @@ def test_forward_is_scale_invariant(name, solver):
 
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_float32_scale_invariance_down_to_where_squared_norms_lose_precision(name):
+    # scales by powers of two are exact in floating point; at 2**-40 the residuals near
+    # convergence (~1e-16) have squared norms below float32's precise range, so the driver must
+    # fall back from a solver's squared norms to exactly computed ones without changing anything
+    steps = {}
+    for s in (2.0**-40, 1.0, 2.0**40):
+        p, f = _scaled_tanh(s)
+        z0 = p.z0().float()
+        f32 = lambda z, f=f: f(z.double()).float()  # noqa: E731
+        sol = eq.solve(f32, z0, solver=name, tol=1e-5, max_iter=400, stop="rel")
+        assert sol.status is eq.Status.CONVERGED
+        steps[s] = sol.nstep
+        torch.testing.assert_close(
+            sol.residual.double(), residual(f32, sol.value, "rel").double(), rtol=1e-4, atol=0.0
+        )
+    # (the iterates agree to float32 round-off, not bitwise: Anderson's bordered system mixes the
+    # Gram block, which scales, with its border of ones, which does not)
+    assert steps[2.0**-40] == steps[1.0] == steps[2.0**40], steps
+
+
+def test_residual_norm_from_squared_norms_equals_the_direct_one():
+    from equilibria._iterate import residual_norm
+
+    g = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
+    fx = torch.randn(6, 40, generator=torch.Generator().manual_seed(4))
+    for scale in (1.0, 1e-17, 1e-25, 1e20):  # regular; squared norms imprecise, zero, infinite
+        gs, fs = g * scale, fx
+        exact = torch.linalg.vector_norm(gs.double(), dim=1) / torch.linalg.vector_norm(fs, dim=1)
+        for gsq in (None, gs.pow(2).sum(1)):
+            r = torch.from_numpy(residual_norm(gs, fs, "rel", gsq))
+            torch.testing.assert_close(r, exact.double(), rtol=1e-5, atol=0.0)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
 def test_implicit_backward_is_scale_invariant(name):
     # the problem and the upstream gradient are both rescaled; J is unchanged, so the adjoint
     # solve u = J^T u + s g must take the same number of iterations and return s u

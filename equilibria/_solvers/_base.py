@@ -20,13 +20,15 @@ Map = Callable[[Tensor], Tensor]
 
 class Step(NamedTuple):
     """A new iterate ``x``, its image ``fx = f(x)``, the residual ``g = fx - x``, the solver state
-    and the number of map evaluations the step used."""
+    and the number of map evaluations the step used; ``gsq``, when the solver computed it anyway,
+    is ``||g||^2`` per sample (B,), which spares the driver a pass over ``g``."""
 
     x: Tensor
     fx: Tensor
     g: Tensor
     state: Any
     nfev: int
+    gsq: Tensor | None = None
 
 
 class Solver(abc.ABC):

@@ -33,6 +33,7 @@ class AndersonState(NamedTuple):
     system: Tensor  # (B, m+1, m+1)  bordered [[0, 1^T], [1, G G^T]], float32 or float64
     rhs: Tensor  # (B, m+1, 1)  (1, 0, ..., 0)
     ridge_eye: Tensor  # (m+1, m+1)  diag(0, 1, ..., 1): where the ridge goes
+    ridge_weights: Tensor  # (m, m+1)  row k: the ridge as weights of diag(system), newest slot k
     count: int  # columns written so far (the newest is at slot (count - 1) % m)
 
 
@@ -75,12 +76,17 @@ class Anderson(Solver):
         rhs[:, 0] = 1.0
         ridge_eye = torch.eye(self.m + 1, dtype=gdt, device=x.device)
         ridge_eye[0, 0] = 0.0
+        # lam' = lam * ||G_newest||^2 + floor * trace(G G^T), one product with diag(system)
+        weights = torch.full((self.m, self.m + 1), _ridge_floor(gdt), dtype=gdt, device=x.device)
+        weights[:, 0] = 0.0
+        weights[:, 1:] += self.lam * torch.eye(self.m, dtype=gdt, device=x.device)
         state = AndersonState(
             images=x.new_zeros(b, self.m, d),
             residuals=x.new_zeros(b, self.m, d),
             system=torch.zeros(b, self.m + 1, self.m + 1, dtype=gdt, device=x.device),
             rhs=rhs,
             ridge_eye=ridge_eye,
+            ridge_weights=weights,
             count=0,
         )
         return _push(state, fx, g)
@@ -89,7 +95,7 @@ class Anderson(Solver):
         if state.count == 1:
             x = fx if self.beta == 1.0 else x + self.beta * g
         else:
-            alpha = _mixing(state, self.lam)  # (B, 1, m)
+            alpha = _mixing(state)  # (B, 1, m)
             if alpha.dtype != x.dtype:
                 alpha = alpha.to(x.dtype)
             x = torch.bmm(alpha, state.images).squeeze(1)
@@ -97,7 +103,10 @@ class Anderson(Solver):
                 x = x - (1.0 - self.beta) * torch.bmm(alpha, state.residuals).squeeze(1)
         fx = fn(x)
         g = fx - x
-        return Step(x, fx, g, _push(state, fx, g), 1)
+        state = _push(state, fx, g)
+        # <g, g> is the new diagonal entry of the Gram block: the driver's residual norm for free
+        slot = (state.count - 1) % self.m + 1
+        return Step(x, fx, g, state, 1, state.system.select(2, slot).select(1, slot))
 
     def select(self, state: AndersonState, index: Tensor) -> AndersonState:
         return state._replace(
@@ -139,7 +148,7 @@ def _push(state: AndersonState, fx: Tensor, g: Tensor) -> AndersonState:
     return state._replace(images=images, residuals=residuals, system=system, count=state.count + 1)
 
 
-def _mixing(state: AndersonState, lam: float) -> Tensor:
+def _mixing(state: AndersonState) -> Tensor:
     """Coefficients (B, 1, m) minimising ||a G||^2 + lam' ||a||^2 subject to sum(a) = 1.
 
     Solves the bordered system [[0, 1^T], [1, G G^T + lam' I]] [nu; a] = [1; 0] of ALGORITHMS.md §1
@@ -147,15 +156,13 @@ def _mixing(state: AndersonState, lam: float) -> Tensor:
     scale-free without letting the old, large residuals of a fast-converging iteration dominate it
     (as a ridge relative to trace(G G^T) does). A floor relative to the trace keeps the system away
     from round-off singularity and the tiny absolute term keeps an all-zero Gram (a sample already
-    exactly at its fixed point) solvable.
+    exactly at its fixed point) solvable. Both relative terms are one product of the system's
+    diagonal with the precomputed weights of the newest slot.
     """
-    newest = (state.count - 1) % state.images.shape[1] + 1
-    dtype = state.system.dtype
+    newest = (state.count - 1) % state.images.shape[1]
     diag = state.system.diagonal(dim1=1, dim2=2)  # (B, m+1): 0, ||G_1||^2, ..., ||G_m||^2
-    # lam * ||G_newest||^2 plus a round-off floor relative to the trace, so that the system stays
-    # well conditioned when the residuals are collinear or the newest one is exactly zero
-    ridge = torch.add(diag.sum(1).mul_(_ridge_floor(dtype)), diag[:, newest], alpha=lam)
-    ridge = ridge.clamp_min_(_tiny(dtype))  # (B,)
+    ridge = torch.matmul(diag, state.ridge_weights[newest])  # (B,)
+    ridge = ridge.clamp_min_(_tiny(state.system.dtype))
     system = torch.addcmul(state.system, ridge.view(-1, 1, 1), state.ridge_eye)
     solution = torch.linalg.solve_ex(system, state.rhs)[0]  # (B, m+1, 1)
     return solution[:, 1:].mT  # (B, 1, m)
@@ -167,4 +174,7 @@ def _ridge_floor(dtype: torch.dtype) -> float:
 
 
 def _tiny(dtype: torch.dtype) -> float:
-    return 1e-280 if dtype == torch.float64 else 1e-35
+    # the smallest normal number: only an all-zero Gram block (a sample exactly at its fixed
+    # point) ever meets it, so the ridge stays relative, and the iteration scale-free, down to
+    # residuals whose squares are still normal numbers
+    return float(torch.finfo(dtype).tiny)
