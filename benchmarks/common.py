@@ -75,6 +75,15 @@ def median_ms(fn: Callable[[], Any], *, repeats: int, warmup: int = 2) -> float:
 def interleaved_ms(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 2) -> dict:
     """Median wall time of several functions, run round-robin so that drifts in machine load hit
     every contender alike."""
+    samples = interleaved_samples(fns, repeats=repeats, warmup=warmup)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def interleaved_samples(
+    fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Wall times (ms) of several functions, run round-robin: sample i of every contender comes
+    from the same round, so ratios can be taken per round (see :func:`paired_ratio`)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -85,8 +94,13 @@ def interleaved_ms(fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: i
             t0 = time.perf_counter()
             fn()
             sync()
-            times[key].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            times[key].append(1e3 * (time.perf_counter() - t0))
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of a_i / b_i: robust to the machine's speed drifting between rounds."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------
