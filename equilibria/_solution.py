@@ -103,10 +103,12 @@ class BackwardInfo:
     """Statistics of the backward pass of one solve, filled in when backward runs.
 
     Attributes:
-        method: name of the backward method, or None before backward has run.
+        method: name of the backward method attached to the solve, or None without one.
         solution: for the implicit backward, the :class:`Solution` of the adjoint solve
             ``u = J^T u + g``; None for the other methods.
-        calls: how many times backward ran through this solve (e.g. twice with ``retain_graph``).
+        calls: how many times backward ran through this solve (e.g. twice with ``retain_graph``);
+            counted for the implicit and Neumann methods, whose backward is equilibria's own.
+            Phantom, JFB and unrolled gradients are plain autograd and leave it at 0.
     """
 
     method: str | None = None
@@ -137,6 +139,8 @@ class BackwardInfo:
         if self.method is None:
             return "BackwardInfo(not run)"
         if self.solution is None:
+            if self.method not in ("implicit", "neumann"):
+                return f"BackwardInfo(method={self.method!r})"
             return f"BackwardInfo(method={self.method!r}, calls={self.calls})"
         s = self.solution
         return (

@@ -367,6 +367,16 @@ def test_neumann_reports_method_and_calls():
     assert sol.backward.solution is None
 
 
+@pytest.mark.parametrize("backward", ["phantom", "jfb", "unrolled"])
+def test_autograd_methods_report_their_name_without_a_call_count(backward):
+    # their backward is plain autograd through map calls: nothing to count, so nothing printed
+    p = AffineParams.make(seed=23)
+    z, sol = eq.fixed_point(p.f, p.z0(), backward=backward)
+    loss(z).backward()
+    assert sol.backward.method == backward and sol.backward.solution is None
+    assert repr(sol.backward) == f"BackwardInfo(method={backward!r})"
+
+
 def test_implicit_gradient_for_input_only():
     # only x requires grad: the gradient reaches it through (df/dx)^T u
     p = AffineParams.make(seed=22)
