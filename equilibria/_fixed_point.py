@@ -215,6 +215,21 @@ def fixed_point(
     return spec.unflatten(z), sol
 
 
+# Not traced under torch.compile: the adjoint Function carries Python objects (the method, the
+# mutable record) and the leaf check walks the autograd graph, neither of which dynamo can trace.
+@torch.compiler.disable
+def _attach_adjoint(
+    fn: Map, z_star: Tensor, backward: Implicit | Neumann, record: BackwardInfo
+) -> Tensor:
+    zr = z_star.detach().requires_grad_()
+    with torch.enable_grad():
+        z_out = fn(zr)
+    if not _reaches_other_leaves(z_out, zr):  # f closes over nothing that needs a gradient
+        return z_star
+    record.pair = (z_out, zr)
+    return _Adjoint.apply(z_out, zr, z_star, backward, record)
+
+
 def attach_backward(fn: Map, z_star: Tensor, backward: Backward, record: BackwardInfo) -> Tensor:
     """Return a differentiable (B, D) state at the detached solution ``z_star`` of ``fn``."""
     record.method = backward.name
@@ -226,13 +241,7 @@ def attach_backward(fn: Map, z_star: Tensor, backward: Backward, record: Backwar
             h = fn(h) if lam == 1.0 else h + lam * (fn(h) - h)
         return h
     if isinstance(backward, (Implicit, Neumann)):
-        zr = z_star.detach().requires_grad_()
-        with torch.enable_grad():
-            z_out = fn(zr)
-        if not _reaches_other_leaves(z_out, zr):  # f closes over nothing that needs a gradient
-            return z_star
-        record.pair = (z_out, zr)
-        return _Adjoint.apply(z_out, zr, z_star, backward, record)
+        return _attach_adjoint(fn, z_star, backward, record)
     if isinstance(backward, Unrolled):
         raise ValueError(
             "backward='unrolled' needs the forward iterations recorded; it is only available "

@@ -120,6 +120,11 @@ def _as_float64(a: np.ndarray) -> np.ndarray:
 IndexedMap = Callable[[Tensor, "Tensor | None"], Tensor]
 
 
+# Under torch.compile of a whole model, dynamo runs the solver loop eagerly instead of tracing it:
+# its control flow depends on residuals read back every iteration and its ring-buffer slots are
+# Python ints, so tracing would recompile over and over (and hit dynamo's recompile limit). A cell
+# compiled on its own (``torch.compile(cell)``) still runs compiled inside the loop.
+@torch.compiler.disable
 def iterate(
     fn: Map | IndexedMap,
     x0: Tensor,

@@ -251,6 +251,37 @@ def test_compiled_cell_under_compaction(compiled, backward):
     assert backend.compiles <= 8  # below dynamo's recompile limit, so never an eager fallback
 
 
+@pytest.mark.filterwarnings(DYNAMO_GRAD_WARNING)
+@pytest.mark.parametrize(
+    ("backward", "compact"),
+    # compaction does not combine with the unrolled backward (a documented error)
+    [(b, c) for b in BACKWARD_NAMES for c in (False, True) if not (c and b == "unrolled")],
+)
+def test_compiling_the_whole_deq_runs_the_solver_loop_eagerly(backward, compact):
+    # torch.compile on a module that contains a DEQ: the solver loop is not traced (it would
+    # recompile on every ring-buffer slot and residual read-back), the results are exact, and
+    # later calls compile nothing new
+    torch._dynamo.reset()
+    layer = eq.DEQ(CompileCell(), backward=backward, tol=1e-10, max_iter=100, compact=compact)
+    x = torch.randn(8, 6, generator=gen(3), dtype=F64)
+    x[:5] *= 30  # easy samples, so that compaction shrinks the batch
+    x.requires_grad_()
+    z_ref = layer(x)
+    g_ref = torch.autograd.grad(loss(z_ref), [*layer.parameters(), x])
+    backend = Counting("aot_eager")
+    fast = torch.compile(layer, backend=backend)
+    compiles = []
+    for _ in range(3):
+        z = fast(x)
+        g = torch.autograd.grad(loss(z), [*layer.parameters(), x])
+        compiles.append(backend.compiles)
+    torch._dynamo.reset()
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert compiles[0] == compiles[-1] <= 10, compiles
+
+
 def test_autocast_with_compaction():
     cell = LinearCell()
     x = _x()
