@@ -48,6 +48,7 @@ bench-all: bench
 	$(PY) benchmarks/compaction.py
 	$(PY) benchmarks/stabilisers.py
 	$(PY) benchmarks/hamburger.py
+	$(PY) benchmarks/anderson_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
