@@ -120,6 +120,10 @@ class ResBlock(nn.Module):
         self.scale = 1.0
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.block(z, x, self.scale)
+
+    def block(self, z: torch.Tensor, x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+        """The cell with conv2 scaled by ``scale``: a float or a per-sample (B, 1, 1, 1) tensor."""
         y = torch.relu(self.gn1(self.conv1(z)))
-        y = self.gn2(self.scale * self.conv2(y) + x)
+        y = self.gn2(scale * self.conv2(y) + x)
         return self.gn3(torch.relu(z + y))

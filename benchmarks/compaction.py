@@ -17,29 +17,21 @@ import argparse
 from typing import Any
 
 import torch
-from torch import nn
 
 import equilibria as eq
 
-from common import interleaved_ms, write_result
+from common import ResBlock, interleaved_ms, write_result
 
 
-class GainCell(nn.Module):
-    """z -> GN(relu(z + GN(gain * conv2(relu(GN(conv1 z))) + x))), gain per sample."""
+class GainCell(ResBlock):
+    """The benchmarks' residual cell with a per-sample gain on conv2: its input is (x, gain)."""
 
-    def __init__(self, channels: int = 16, hidden: int = 32, groups: int = 4) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, hidden, 3, padding=1, bias=False)
-        self.conv2 = nn.Conv2d(hidden, channels, 3, padding=1, bias=False)
-        self.gn1 = nn.GroupNorm(groups, hidden, affine=False)
-        self.gn2 = nn.GroupNorm(groups, channels, affine=False)
-        self.gn3 = nn.GroupNorm(groups, channels, affine=False)
+    def __init__(self) -> None:
+        super().__init__(channels=16, hidden=32)
 
     def forward(self, z: torch.Tensor, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, gain = inputs  # (B, C, H, W), (B, 1, 1, 1)
-        y = torch.relu(self.gn1(self.conv1(z)))
-        y = self.gn2(gain * self.conv2(y) + x)
-        return self.gn3(torch.relu(z + y))
+        return self.block(z, x, gain)
 
 
 def problem(batch: int = 64, hard: int = 8, size: int = 16, seed: int = 0):
