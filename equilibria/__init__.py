@@ -9,6 +9,7 @@ Example:
 """
 
 from . import layers
+from ._backward import BACKWARDS as _backward_registry
 from ._backward import JFB, Backward, Implicit, Neumann, Phantom, Unrolled
 from ._deq import DEQ
 from ._diagnostics import GradientAgreement, gradient_agreement, plot_convergence
@@ -17,13 +18,14 @@ from ._errors import NonFiniteError
 from ._fixed_point import correction_loss, fixed_point, fixed_point_states, solve
 from ._norms import apply_norm, norm_cache, remove_norm
 from ._solution import BackwardInfo, Solution, Status
+from ._solvers import SOLVERS as _solver_registry
 from ._solvers import Anderson, Broyden, Picard, Solver
 from ._stabilisers import jacobian_penalty, spectral_radius
 
 __version__ = "0.1.0"
 
-SOLVERS = ("picard", "anderson", "broyden")
-BACKWARDS = ("implicit", "phantom", "neumann", "jfb", "unrolled")
+SOLVERS = tuple(_solver_registry)  # the registered names, in registration order
+BACKWARDS = tuple(_backward_registry)
 
 __all__ = [
     "BACKWARDS",

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._backward import Backward, Implicit, Unrolled, resolve_backward
+from ._backward import Backward, Implicit, resolve_backward
 from ._dropout import batch_index, reset_dropout
 from ._fixed_point import (
     StopNorm,
     _check_options,
     _warn_if_unconverged,
+    check_compact,
     fixed_point,
     fixed_point_states,
 )
@@ -22,7 +23,7 @@ from ._norms import norm_cache
 from ._solution import Solution
 from ._solvers import Solver, resolve_solver
 from ._tree import StateSpec, index_batch
-from ._validate import check_bool, check_float, check_int
+from ._validate import check_float, check_int
 
 Cell = Callable[[Any, Any], Any]
 
@@ -112,12 +113,7 @@ class DEQ(nn.Module):
         self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
         self.init = init
         self.warn_unconverged = warn_unconverged
-        check_bool("compact", compact)
-        if compact and isinstance(self.backward, Unrolled):
-            raise ValueError(
-                "compact=True cannot be combined with backward='unrolled'; use another backward "
-                "method or compact=False"
-            )
+        check_compact(compact, self.backward)
         self.compact = compact
         self.last_solution: Solution | None = None
         self._state_cache: dict[int, torch.Tensor] = {}
@@ -166,13 +162,26 @@ class DEQ(nn.Module):
             The equilibrium state, or a list of ``states`` states (earliest first).
         """
         tol, max_iter = self._budget()
-        keys = None if cache_key is None else _keys(cache_key, x, z0)
+        if states is not None:
+            check_int("states", states, minimum=1)
+            if self.compact:
+                raise ValueError(
+                    f"states={states} (fixed-point correction) cannot be combined with "
+                    "compact=True: the trajectory it samples needs every sample at every "
+                    "iteration; use a DEQ with compact=False"
+                )
+        keys = None if cache_key is None else _keys(cache_key)
         if keys is not None:
             self._harvest_adjoints()
             if z0 is not None:
                 raise ValueError("pass either z0 or cache_key, not both")
         z0 = self._z0(x, z0)
         if keys is not None:
+            batch = StateSpec.of(z0).batch
+            if len(keys) != batch:
+                raise ValueError(
+                    f"cache_key must have one id per sample ({batch}), got {len(keys)} ids"
+                )
             z0 = self._cached_start(z0, keys)
         cell = self.cell if isinstance(self.cell, nn.Module) else None
         if self.training and cell is not None:
@@ -279,9 +288,14 @@ class DEQ(nn.Module):
         )
 
 
-def _keys(cache_key: Sequence[int] | torch.Tensor, x: Any, z0: Any) -> list[int]:
+def _keys(cache_key: Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(cache_key, torch.Tensor):
-        if cache_key.dim() != 1 or cache_key.dtype.is_floating_point or cache_key.is_complex():
+        if (
+            cache_key.dim() != 1
+            or cache_key.dtype.is_floating_point
+            or cache_key.is_complex()
+            or cache_key.dtype == torch.bool
+        ):
             raise TypeError(
                 f"cache_key must be a 1-D integer tensor or a sequence of ints, got a tensor of "
                 f"shape {tuple(cache_key.shape)} and dtype {cache_key.dtype}"
@@ -297,20 +311,4 @@ def _keys(cache_key: Sequence[int] | torch.Tensor, x: Any, z0: Any) -> list[int]
         )
     if len(set(keys)) != len(keys):
         raise ValueError("cache_key must not repeat an id within a batch")
-    batch = _batch_size(x)
-    if batch is not None and len(keys) != batch:
-        raise ValueError(f"cache_key must have one id per sample ({batch}), got {len(keys)}")
     return keys
-
-
-def _batch_size(x: Any) -> int | None:
-    if isinstance(x, torch.Tensor):
-        return x.shape[0] if x.dim() else None
-    if isinstance(x, (tuple, list)):
-        sizes = [_batch_size(v) for v in x]
-    elif isinstance(x, Mapping):
-        sizes = [_batch_size(v) for v in x.values()]
-    else:
-        return None
-    sizes = [s for s in sizes if s is not None]
-    return sizes[0] if sizes else None

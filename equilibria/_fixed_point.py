@@ -13,7 +13,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._backward import JFB, Backward, Implicit, Neumann, Phantom, Unrolled, resolve_backward
 from ._iterate import Iteration, iterate
@@ -187,12 +186,7 @@ def fixed_point(
     solver = resolve_solver(solver)
     backward = resolve_backward(backward)
     _check_options(tol, max_iter, stop, warn_unconverged)
-    check_bool("compact", compact)
-    if compact and isinstance(backward, Unrolled):
-        raise ValueError(
-            "compact=True cannot be combined with backward='unrolled' (backpropagating through a "
-            "batch that shrinks); use another backward method or compact=False"
-        )
+    check_compact(compact, backward)
     fn = spec.flat_map(f)
     x0 = spec.flatten(z0)
     if isinstance(backward, Unrolled) and torch.is_grad_enabled():
@@ -210,9 +204,20 @@ def fixed_point(
         if torch.is_grad_enabled():
             full = (lambda x: fn(x, None)) if compact else fn
             z = attach_backward(full, z, backward, sol.backward)
+    if z is it.value:  # never hand out the storage of sol.value (an in-place edit would change it)
+        z = z.clone()
     if warn_unconverged:
         _warn_if_unconverged(sol, "the forward solve")
     return spec.unflatten(z), sol
+
+
+def check_compact(compact: bool, backward: Backward) -> None:
+    check_bool("compact", compact)
+    if compact and isinstance(backward, Unrolled):
+        raise ValueError(
+            "compact=True cannot be combined with backward='unrolled' (backpropagating through a "
+            "batch that shrinks); use another backward method or compact=False"
+        )
 
 
 # Not traced under torch.compile: the adjoint Function carries Python objects (the method, the
@@ -301,10 +306,16 @@ class _Adjoint(torch.autograd.Function):
         return z_star.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        z_out, zr = ctx.saved_tensors
         method, record = ctx.method, ctx.record
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative is being recorded
+            raise NotImplementedError(
+                f"backward={method.name!r} gives first derivatives only: its adjoint is a solved "
+                "fixed point, not a differentiable expression, so backward with create_graph=True "
+                "(double backward, gradient penalties through the equilibrium) would be silently "
+                "wrong; use backward='unrolled' or eq.Phantom(...) for higher derivatives"
+            )
+        z_out, zr = ctx.saved_tensors
 
         def vjp(u: Tensor) -> Tensor:  # J^T u
             return torch.autograd.grad(z_out, zr, u, retain_graph=True)[0]
@@ -353,7 +364,7 @@ def fixed_point_states(
     n: int,
     *,
     solver: str | Solver = "anderson",
-    backward: Phantom | JFB | None = None,
+    backward: str | Phantom | JFB | None = None,
     tol: float = 1e-4,
     max_iter: int = 50,
     stop: StopNorm = "rel",
@@ -372,8 +383,9 @@ def fixed_point_states(
         z0: initial state.
         n: number of states >= 1; the last one is at the equilibrium.
         solver: forward solver, name or object.
-        backward: the phantom path given to each state, ``eq.Phantom(...)`` or ``eq.JFB()``;
-            default ``eq.Phantom(steps=1, damping=1.0)`` (one differentiable step, as in DEQ-Flow).
+        backward: the phantom path given to each state, ``eq.Phantom(...)`` or ``eq.JFB()``
+            (or their names ``"phantom"``, ``"jfb"``); default ``eq.Phantom(steps=1,
+            damping=1.0)`` (one differentiable step, as in DEQ-Flow).
         tol: forward tolerance.
         max_iter: forward budget.
         stop: stop norm.
@@ -387,7 +399,7 @@ def fixed_point_states(
     """
     _check_callable(f)
     check_int("n", n, minimum=1)
-    backward = Phantom(steps=1, damping=1.0) if backward is None else backward
+    backward = Phantom(steps=1, damping=1.0) if backward is None else resolve_backward(backward)
     if not isinstance(backward, (Phantom, JFB)):
         raise TypeError(
             "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB() (the states "
@@ -410,7 +422,7 @@ def fixed_point_states(
     sol = _to_solution(it, spec, solver, stop, tol, it.value)
     trajectory = it.trajectory or []
     picks = [trajectory[max(0, round((i + 1) * it.nstep / n) - 1)] for i in range(n - 1)]
-    picks.append(it.value)
+    picks.append(it.value.clone())  # not the storage of sol.value
     if not torch.is_grad_enabled():
         return [spec.unflatten(p) for p in picks], sol
     return [spec.unflatten(attach_backward(fn, p, backward, sol.backward)) for p in picks], sol
@@ -427,6 +439,12 @@ def correction_loss(losses: Sequence[Tensor], gamma: float = 0.8) -> Tensor:
     check_float("gamma", gamma, low=0.0, high=1.0)
     if isinstance(losses, Tensor) or len(losses) == 0:
         raise ValueError("losses must be a non-empty sequence of scalar tensors, one per state")
+    for i, loss in enumerate(losses):
+        if not (isinstance(loss, Tensor) and loss.dim() == 0):
+            what = repr(loss)
+            if isinstance(loss, Tensor):
+                what = f"a tensor of shape {tuple(loss.shape)}"
+            raise ValueError(f"losses[{i}] must be a scalar (0-d) tensor, got {what}")
     n = len(losses)
     total = losses[-1]
     for i, loss in enumerate(losses[:-1]):

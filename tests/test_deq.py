@@ -296,8 +296,17 @@ def _picard_trajectory(cell, x, n):
     return out
 
 
-@pytest.mark.parametrize("backward", [None, eq.JFB(), eq.Phantom(steps=2, damping=0.5)])
-def test_fixed_point_states(backward):
+@pytest.mark.parametrize(
+    ("backward", "steps", "damping"),
+    [
+        (None, 1, 1.0),
+        (eq.JFB(), 1, 1.0),
+        (eq.Phantom(steps=2, damping=0.5), 2, 0.5),
+        ("jfb", 1, 1.0),
+        ("phantom", eq.Phantom().steps, eq.Phantom().damping),
+    ],
+)
+def test_fixed_point_states(backward, steps, damping):
     cell = Cell()
     x = _x()
 
@@ -317,12 +326,9 @@ def test_fixed_point_states(backward):
         want = state.detach()
         matches = []
         for k, h in enumerate(traj[: sol.nstep]):
-            if backward is None or isinstance(backward, eq.JFB):
-                step = f(h).detach()
-            else:
-                step = h
-                for _ in range(2):
-                    step = (step + 0.5 * (f(step) - step)).detach()
+            step = h
+            for _ in range(steps):
+                step = (step + damping * (f(step) - step)).detach()
             if torch.allclose(step, want, rtol=1e-12, atol=1e-12):
                 matches.append(k)
         assert matches, "a state is not a phantom step from an iterate"
@@ -336,7 +342,8 @@ def test_fixed_point_states(backward):
         assert float(g.abs().max()) > 0
     for a, b in itertools.pairwise(grads):
         assert not torch.equal(a, b)
-    assert rel_err(grads[0], grads[-1]) > 1e-3
+    # (five damped steps bring even the earliest iterate close to the equilibrium)
+    assert rel_err(grads[0], grads[-1]) > (1e-3 if steps < 5 else 1e-4)
 
 
 def test_fixed_point_states_more_states_than_iterations():

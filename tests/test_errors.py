@@ -344,6 +344,18 @@ BAD_INPUTS = [
         lambda: eq.DEQ(cell)({"x": Z}), TypeError, "z0 is required when x is not a tensor"
     ),
     pytest.param(
+        lambda: eq.DEQ(cell, backward="jfb")(Z, states=0),
+        ValueError,
+        "states must be an int >= 1, got 0",
+        id="deq-states-0",
+    ),
+    pytest.param(
+        lambda: eq.DEQ(cell, backward="jfb", compact=True)(Z, states=2),
+        ValueError,
+        "states=2 (fixed-point correction) cannot be combined with compact=True",
+        id="deq-states-compact",
+    ),
+    pytest.param(
         lambda: eq.DEQ(cell)(Z, states=2),
         TypeError,
         "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB()",
@@ -377,6 +389,30 @@ BAD_INPUTS = [
         ValueError,
         "losses must be a non-empty sequence",
         id="losses-tensor",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point_states(f, Z, 3, backward="implicit"),
+        TypeError,
+        "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB()",
+        id="states-implicit-name",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point_states(f, Z, 3, backward="phantm"),
+        ValueError,
+        "unknown backward 'phantm': " + VALID_BACKWARDS,
+        id="states-unknown-name",
+    ),
+    pytest.param(
+        lambda: eq.correction_loss([torch.ones(()), 2.0]),
+        ValueError,
+        "losses[1] must be a scalar (0-d) tensor, got 2.0",
+        id="losses-float",
+    ),
+    pytest.param(
+        lambda: eq.correction_loss([torch.ones(3)]),
+        ValueError,
+        "losses[0] must be a scalar (0-d) tensor, got a tensor of shape (3,)",
+        id="losses-vector",
     ),
     pytest.param(
         lambda: eq.correction_loss([torch.ones(())], gamma=0.0),

@@ -359,6 +359,39 @@ def test_backward_statistics_are_reported():
     assert "implicit" in repr(info) and "calls=2" in repr(info)
 
 
+@pytest.mark.parametrize("backward", ["implicit", "neumann"])
+def test_double_backward_through_a_solved_adjoint_raises(backward):
+    # a second derivative through the adjoint solve would treat the adjoint as a constant and be
+    # silently wrong; first derivatives under the same call still work
+    p = AffineParams.make(seed=24)
+    z, _ = eq.fixed_point(p.f, p.z0(), backward=backward)
+    with pytest.raises(NotImplementedError, match=f"backward={backward!r} gives first derivatives"):
+        torch.autograd.grad(loss(z), p.W, create_graph=True)
+    z, _ = eq.fixed_point(p.f, p.z0(), backward=backward)
+    assert torch.autograd.grad(loss(z), p.W)[0].shape == p.W.shape
+
+
+def test_second_derivatives_through_unrolled_match_the_dense_solution():
+    # the unrolled backward supports double backward; its Hessian-vector product matches the one
+    # of the closed-form equilibrium z* = (I - W)^-1 (U x + c)
+    p = AffineParams.make(seed=25, radius=0.5)
+    z, _ = eq.fixed_point(p.f, p.z0(), backward="unrolled", tol=1e-14, max_iter=200)
+    g = torch.autograd.grad(loss(z), p.W, create_graph=True)[0]
+    got = torch.autograd.grad(g.pow(2).sum(), p.W)[0]
+    g_ref = torch.autograd.grad(loss(p.dense()), p.W, create_graph=True)[0]
+    want = torch.autograd.grad(g_ref.pow(2).sum(), p.W)[0]
+    assert rel_err(got, want) < 1e-8
+
+
+def test_no_grad_output_does_not_share_storage_with_the_solution():
+    p = AffineParams.make(seed=26)
+    with torch.no_grad():
+        z, sol = eq.fixed_point(p.f, p.z0())
+    before = sol.value.clone()
+    z.add_(100.0)
+    assert torch.equal(sol.value, before)
+
+
 def test_neumann_reports_method_and_calls():
     p = AffineParams.make(seed=21)
     z, sol = eq.fixed_point(p.f, p.z0(), backward=eq.Neumann(steps=3))

@@ -247,6 +247,7 @@ CACHE_BAD = [
     (dict(cache_key=torch.zeros(2, 2, dtype=torch.long)), TypeError, r"shape \(2, 2\)"),
     (dict(cache_key=[0.0, 1.0, 2.0, 3.0]), TypeError, "cache_key must be a 1-D integer"),
     (dict(cache_key=[True, False, True, False]), TypeError, "sequence of ints"),
+    (dict(cache_key=torch.tensor([True, False, True, False])), TypeError, "dtype torch.bool"),
     (dict(cache_key="abcd"), TypeError, "cache_key must be a 1-D integer"),
     (dict(cache_key=3), TypeError, "cache_key must be a 1-D integer"),
     (dict(cache_key=[0, 1, 2]), ValueError, r"one id per sample \(4\), got 3"),
