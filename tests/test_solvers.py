@@ -426,6 +426,9 @@ def test_broyden_memory_does_not_grow_with_max_iter():
     seen = _RecordingBroyden.seen
     assert len(seen) == sol.nstep - 1 > 4  # the ring buffer wrapped around
     assert {s[0] for s in seen} == {s[1] for s in seen} == {(3, 4, 20)}
+    # every one of the `memory` slots is used before the restart, and never more
+    counts = [s[2].count for s in seen]
+    assert max(counts) == 4 and counts[:6] == [1, 2, 3, 4, 0, 1]
 
 
 # --- per-sample compaction ------------------------------------------------------------------

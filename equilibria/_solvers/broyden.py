@@ -31,7 +31,7 @@ _SKIP = 1e-10
 class BroydenState(NamedTuple):
     us: Tensor  # (B, M, D)  u_i
     vs: Tensor  # (B, M, D)  v_i
-    count: int  # pairs stored (at most M - 1; the M-th update triggers a restart)
+    count: int  # pairs stored (at most M; the update after the M-th triggers a restart)
     p: Tensor  # (B, D)  the next step, -H g
 
 
@@ -91,7 +91,7 @@ class Broyden(Solver):
         )
         keep = denom.abs() > _SKIP * scale
         u = torch.where(keep, (dx - h_dg) / torch.where(keep, denom, 1.0), 0.0)
-        if state.count + 1 >= self.memory:
+        if state.count >= self.memory:
             # The ring is full: restart from H = -I. (Dropping only the oldest pair is not sound:
             # every later pair was computed relative to an H that contained it, and the iteration
             # measurably diverges that way.)
