@@ -95,7 +95,11 @@ def solve(
         tol: a sample stops when its residual falls below ``tol``; ``0`` runs the whole budget
             (a fixed number of iterations).
         max_iter: iteration budget (map evaluations at the iterates, ``z0`` included).
-        stop: ``"rel"``: ||f(z) - z|| / ||f(z)|| (scale-free); ``"abs"``: ||f(z) - z||.
+        stop: ``"rel"``: ||f(z) - z|| / ||f(z)|| (scale-free); ``"abs"``: ||f(z) - z||. The rel
+            norm has no absolute floor (one would break scale invariance, also of adjoint solves
+            with tiny gradients), so a sample whose fixed point is 0 approached geometrically
+            keeps a rel residual near 1 - rho: use ``"abs"`` for such problems. Divergence is
+            judged per sample on ||f(z) - z|| in either norm.
         warn_unconverged: emit a ``RuntimeWarning`` when the budget runs out or the solve diverges.
         compact: per-sample compaction: samples that reached ``tol`` are dropped from the batch
             passed to ``f``, which is then called as ``f(z, index)`` with ``index`` the positions
@@ -345,7 +349,10 @@ def _solve_adjoint(vjp: Map, grad: Tensor, method: Implicit, initial: Tensor | N
                 f"{tuple(grad.shape)} (one row per sample of the flattened state)"
             )
         initial = initial.to(grad.device, grad.dtype)
-        u0 = torch.where(torch.isnan(initial), grad, initial)
+        # a sample with no upstream gradient has the adjoint 0 exactly: start it there, not at a
+        # warm start it would only approach geometrically (its rel residual would not fall)
+        cold = torch.isnan(initial) | (grad == 0).all(1, keepdim=True)
+        u0 = torch.where(cold, grad, initial)
     it = iterate(
         lambda u: vjp(u) + grad,
         u0,

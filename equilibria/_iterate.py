@@ -23,8 +23,8 @@ from ._solution import Status
 from ._solvers import Solver
 from ._solvers._base import Map
 
-# The solve stops as DIVERGED when the largest residual exceeds this multiple of the smallest
-# largest-residual seen so far (a blow-up, not a transient).
+# The solve stops as DIVERGED when a sample's residual ||f(z) - z|| exceeds this multiple of the
+# lowest it has had (a blow-up, not a transient).
 DIVERGENCE_FACTOR = 1e6
 
 
@@ -42,8 +42,9 @@ class Iteration(NamedTuple):
 
 def residual_norm(
     g: Tensor, fx: Tensor, stop: Literal["abs", "rel"], gsq: Tensor | None = None
-) -> np.ndarray:
-    """(B,) float64 residual ||g|| (abs) or ||g|| / ||f(z)|| (rel) per sample, on the host.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) float64 residuals per sample, on the host: in the stop norm, ||g|| (abs) or
+    ||g|| / ||f(z)|| (rel), and ||g|| itself (the same array for abs).
 
     The per-sample norms are computed on the device; the few scalars per sample then live on the
     host, where the bookkeeping of a solve (best iterate, stopping, traces) costs next to nothing.
@@ -66,7 +67,7 @@ def residual_norm(
         norms[0] = np.sqrt(norms[0])  # a new array: gsq may be a view of the solver's state
     if not all(_regular(n) for n in norms):
         return _residual_slow(g, fx, stop, norms)
-    return norms[0] if stop == "abs" else norms[0] / norms[1]
+    return (norms[0] if stop == "abs" else norms[0] / norms[1]), norms[0]
 
 
 _SQUARE_FLOOR = {
@@ -80,7 +81,9 @@ def _regular(norms: np.ndarray) -> bool:
     return bool(norms.min() > 0.0) and bool(norms.max() < np.inf)
 
 
-def _residual_slow(g: Tensor, fx: Tensor, stop: str, norms: list[np.ndarray]) -> np.ndarray:
+def _residual_slow(
+    g: Tensor, fx: Tensor, stop: str, norms: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """The exact treatment of zero, underflowing, overflowing and non-finite norms."""
     count = 1 if stop == "abs" else 2
     if g.dtype != torch.float64 or len(norms) != count:
@@ -89,13 +92,13 @@ def _residual_slow(g: Tensor, fx: Tensor, stop: str, norms: list[np.ndarray]) ->
         norms = to_host(tensors)
     num = norms[0]
     if stop == "abs":
-        return num
+        return num, num
     den = norms[1]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         r = num / den
     finite = np.isfinite(num) & np.isfinite(den)
     r = np.where(num == 0.0, 0.0, np.where(den == 0.0, _HUGE, r))
-    return np.where(finite, np.minimum(r, _HUGE), np.nan)
+    return np.where(finite, np.minimum(r, _HUGE), np.nan), num
 
 
 _HUGE = float(np.finfo(np.float64).max)
@@ -166,6 +169,30 @@ def _with_autocast(fn: Callable[..., Tensor], device_type: str, dtype: torch.dty
     return fn_autocast
 
 
+class _Divergence:
+    """Per-sample blow-up test on the abs residual ||f(z) - z||, whatever the stop norm.
+
+    A sample diverges when its residual exceeds DIVERGENCE_FACTOR times the lowest it has had. The
+    lowest is floored at the round-off level (the dtype's eps times the batch's largest first
+    residual), so that a sample that reached its fixed point exactly is not declared divergent by
+    round-off noise; and the abs residual, unlike the rel one, stays meaningful for a sample whose
+    fixed point is 0.
+    """
+
+    def __init__(self, first: np.ndarray, dtype: torch.dtype) -> None:
+        self.lowest = first.copy()
+        self.floor = float(torch.finfo(dtype).eps) * float(first.max())
+
+    def blown(self, residual: np.ndarray, active: np.ndarray | None = None) -> bool:
+        lowest = self.lowest if active is None else self.lowest[active]
+        out = bool((residual > DIVERGENCE_FACTOR * np.maximum(lowest, self.floor)).any())
+        if active is None:
+            self.lowest = np.minimum(lowest, residual)
+        else:
+            self.lowest[active] = np.minimum(lowest, residual)
+        return out
+
+
 def _loop(
     fn: Map,
     x0: Tensor,
@@ -180,22 +207,22 @@ def _loop(
     x = x0
     fx = fn(x)
     g = fx - x
-    r = residual_norm(g, fx, stop)
+    r, r_abs = residual_norm(g, fx, stop)
     rmax = float(r.max())
     if not math.isfinite(rmax):
         _raise_nonfinite(what, 1, x, fx, r)
+    divergence = _Divergence(r_abs, x0.dtype)
     best_x, best_r = x, r
     trace, residuals = [rmax], [r]
     trajectory = [x] if keep_trajectory else None
     nfev, nstep = 1, 1
     status = Status.CONVERGED if rmax < tol else Status.MAX_ITER
     state = solver.init(x, fx, g) if status is Status.MAX_ITER and max_iter > 1 else None
-    lowest = rmax
     while status is Status.MAX_ITER and nstep < max_iter:
         x, fx, g, state, used, gsq = solver.step(fn, x, fx, g, state)
         nfev += used
         nstep += 1
-        r = residual_norm(g, fx, stop, gsq)  # the one device-to-host transfer of the iteration
+        r, r_abs = residual_norm(g, fx, stop, gsq)  # the one device-to-host transfer per iteration
         rmax = float(r.max())  # NaN propagates
         if not math.isfinite(rmax):
             _raise_nonfinite(what, nstep, x, fx, r)
@@ -212,9 +239,8 @@ def _loop(
             trajectory.append(x)
         if best_r.max() < tol:
             status = Status.CONVERGED
-        elif rmax > DIVERGENCE_FACTOR * lowest:
+        elif divergence.blown(r_abs):
             status = Status.DIVERGED
-        lowest = min(lowest, rmax)
     if best_x is x0:
         best_x = best_x.clone()
     evaluations = batch * nfev
@@ -234,10 +260,11 @@ def _loop_compact(
     x = x0
     fx = fn(x, None)
     g = fx - x
-    r = residual_norm(g, fx, stop)
+    r, r_abs = residual_norm(g, fx, stop)
     rmax = float(r.max())
     if not math.isfinite(rmax):
         _raise_nonfinite(what, 1, x, fx, r)
+    divergence = _Divergence(r_abs, x0.dtype)
     best_x, best_r = x0.clone(), r.copy()
     trace, residuals = [rmax], [r]
     nfev, nstep, evaluations = 1, 1, batch
@@ -245,7 +272,6 @@ def _loop_compact(
     index: Tensor | None = None
     status = Status.CONVERGED if rmax < tol else Status.MAX_ITER
     state = solver.init(x, fx, g) if status is Status.MAX_ITER and max_iter > 1 else None
-    lowest = rmax
     done = r < tol
     while status is Status.MAX_ITER and nstep < max_iter:
         if done.any():  # drop the samples that reached tol from everything the solver carries
@@ -262,7 +288,7 @@ def _loop_compact(
         nfev += used
         nstep += 1
         evaluations += used * len(active)
-        r_active = residual_norm(g, fx, stop, gsq)
+        r_active, abs_active = residual_norm(g, fx, stop, gsq)
         rmax = float(r_active.max())
         if not math.isfinite(rmax):
             _raise_nonfinite(what, nstep, x, fx, r_active, active)
@@ -278,9 +304,8 @@ def _loop_compact(
         done = r_active < tol
         if done.all():
             status = Status.CONVERGED
-        elif rmax > DIVERGENCE_FACTOR * lowest:
+        elif divergence.blown(abs_active, active):
             status = Status.DIVERGED
-        lowest = min(lowest, rmax)
     return Iteration(best_x, best_r, status, nstep, nfev, trace, residuals, None, evaluations)
 
 

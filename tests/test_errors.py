@@ -542,6 +542,40 @@ def test_implicit_backward_out_of_budget_warns_and_reports():
     assert sol.backward.solution.status is eq.Status.MAX_ITER
 
 
+def test_divergence_is_reported_in_the_rel_norm_too():
+    # in the rel norm this map's residual tends to 0.9, but ||f(z) - z|| grows 10x per step
+    z0 = torch.zeros(3, 2, dtype=F64)
+    sol = eq.solve(lambda z: 10.0 * z + 1.0, z0, solver="picard", tol=1e-8, max_iter=100)
+    assert sol.status is eq.Status.DIVERGED and sol.nstep < 100
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_a_sample_whose_image_is_zero_is_not_divergence(name):
+    # z -> relu(0.5 z + b): sample 1 is started at 4 and its fixed point is 0, where f(z) = 0 and
+    # the rel residual is undefined; the solve converges instead of stopping as DIVERGED
+    b = torch.tensor([[0.5, 0.5], [-1.0, -1.0]], dtype=F64)
+
+    def f(z):
+        return torch.relu(0.5 * z + b)
+
+    z0 = torch.tensor([[0.0, 0.0], [4.0, 4.0]], dtype=F64)
+    sol = eq.solve(f, z0, solver=name, tol=1e-8, max_iter=200)
+    assert sol.status is eq.Status.CONVERGED, (sol.status, sol.nstep)
+    torch.testing.assert_close(sol.value, torch.tensor([[1.0, 1.0], [0.0, 0.0]], dtype=F64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_a_residual_of_exactly_zero_is_not_followed_by_divergence(name, dtype):
+    # tol=0 runs the whole budget: once the residual hits exactly 0, the round-off noise of the
+    # next iterations must not count as a blow-up (an affine map Anderson solves exactly)
+    a = torch.tensor([[0.5, 0.1], [0.0, 0.3]], dtype=dtype)
+    sol = eq.solve(lambda z: z @ a.T + 1.0, torch.zeros(1, 2, dtype=dtype), solver=name, tol=0.0)
+    assert sol.status is eq.Status.MAX_ITER and sol.nstep == 50, (sol.status, sol.nstep)
+    want = torch.linalg.solve(torch.eye(2, dtype=F64) - a.double(), torch.ones(2, dtype=F64))
+    torch.testing.assert_close(sol.value[0].double(), want, rtol=1e-6, atol=0)
+
+
 def test_divergence_is_reported():
     # f(z) = 10 z + 1: Picard moves away from the fixed point -1/9 by a factor 10 per step
     z0 = torch.zeros(3, 2, dtype=F64)

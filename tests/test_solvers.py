@@ -299,8 +299,10 @@ def test_residual_norm_from_squared_norms_equals_the_direct_one():
         gs, fs = g * scale, fx
         exact = torch.linalg.vector_norm(gs.double(), dim=1) / torch.linalg.vector_norm(fs, dim=1)
         for gsq in (None, gs.pow(2).sum(1)):
-            r = torch.from_numpy(residual_norm(gs, fs, "rel", gsq))
+            r, r_abs = map(torch.from_numpy, residual_norm(gs, fs, "rel", gsq))
             torch.testing.assert_close(r, exact.double(), rtol=1e-5, atol=0.0)
+            want_abs = torch.linalg.vector_norm(gs.double(), dim=1)
+            torch.testing.assert_close(r_abs, want_abs, rtol=1e-5, atol=0.0)
 
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)
