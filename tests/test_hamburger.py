@@ -14,6 +14,7 @@ from equilibria.layers import (
     Decomposition,
     Hamburger,
     HamburgerTokens,
+    _decompositions,
     cd,
     moving_average_bases,
     nmf,
@@ -44,7 +45,9 @@ def ref_nmf_final(x, d, c, eps=1e-6):
 
 
 def ref_cosine_softmax(x, d, inv_t, eps=1e-6):
-    cos = (x.mT @ (d / d.norm(dim=1, keepdim=True))) / (x.norm(dim=1)[..., None] + eps)
+    cos = (x.mT @ (d / d.norm(dim=1, keepdim=True).clamp_min(eps))) / (
+        x.norm(dim=1)[..., None] + eps
+    )
     return torch.softmax(inv_t * cos, dim=-1)
 
 
@@ -54,7 +57,7 @@ def ref_cluster_iterate(x, d, steps, inv_t, unit, eps=1e-6):
         c = c / (c.sum(dim=1, keepdim=True) + eps)
         d = x @ c
         if unit:
-            d = d / d.norm(dim=1, keepdim=True)
+            d = d / d.norm(dim=1, keepdim=True).clamp_min(eps)
     return d, None
 
 
@@ -70,18 +73,21 @@ def ref_ridge(x, d, beta):
 
 REFERENCE = {
     "nmf": (
-        lambda x, d, k: ref_nmf_iterate(x, d, k),
-        lambda x, d, c: ref_nmf_final(x, d, c),
+        lambda x, d, k, inv_t=1.0, eps=1e-6: ref_nmf_iterate(x, d, k, inv_t, eps),
+        lambda x, d, c, inv_t=1.0, eps=1e-6, beta=None: ref_nmf_final(x, d, c, eps),
     ),
     "vq": (
-        lambda x, d, k: ref_cluster_iterate(x, d, k, 100.0, unit=False),
-        lambda x, d, c: ref_cosine_softmax(x, d, 100.0),
+        lambda x, d, k, inv_t=100.0, eps=1e-6: ref_cluster_iterate(x, d, k, inv_t, False, eps),
+        lambda x, d, c, inv_t=100.0, eps=1e-6, beta=None: ref_cosine_softmax(x, d, inv_t, eps),
     ),
     "cd": (
-        lambda x, d, k: ref_cluster_iterate(x, d, k, 100.0, unit=True),
-        lambda x, d, c: ref_ridge(x, d, 0.1),
+        lambda x, d, k, inv_t=100.0, eps=1e-6: ref_cluster_iterate(x, d, k, inv_t, True, eps),
+        lambda x, d, c, inv_t=100.0, eps=1e-6, beta=0.1: ref_ridge(x, d, beta),
     ),
 }
+# Non-default options for the reference tests: every option must reach the computation.
+CUSTOM = {"nmf": {"inv_t": 3.0, "eps": 1e-3}, "vq": {"inv_t": 7.0, "eps": 1e-3},
+          "cd": {"inv_t": 7.0, "eps": 1e-3, "beta": 0.7}}  # fmt: skip
 
 
 def make_input(ham, batch=2, dim=6, n=9, dtype=F64, requires_grad=False):
@@ -116,15 +122,18 @@ def test_shapes_and_rank_from_bases(ham, bases_ndim):
 @pytest.mark.parametrize("ham", HAMS)
 @pytest.mark.parametrize("steps", [0, 1, 5])
 @pytest.mark.parametrize("grad", ["one_step", "bptt"])
-def test_forward_matches_reference(ham, steps, grad):
+@pytest.mark.parametrize("custom", [False, True])
+def test_forward_matches_reference(ham, steps, grad, custom):
     x = make_input(ham, batch=2, dim=6, n=9)
     d0 = init_bases(ham, 2, 6, 3)
     d0_copy = d0.clone()
-    dec = DECOMPOSITIONS[ham](x, bases=d0, steps=steps, grad=grad)
+    options = CUSTOM[ham] if custom else {}
+    dec = DECOMPOSITIONS[ham](x, bases=d0, steps=steps, grad=grad, **options)
     iterate, final = REFERENCE[ham]
-    d, c = iterate(x, d0, steps)
+    iterate_options = {k: v for k, v in options.items() if k != "beta"}
+    d, c = iterate(x, d0, steps, **iterate_options)
     torch.testing.assert_close(dec.bases, d)
-    torch.testing.assert_close(dec.coef, final(x, d, c))
+    torch.testing.assert_close(dec.coef, final(x, d, c, **options))
     assert torch.equal(d0, d0_copy)
 
 
@@ -232,13 +241,21 @@ def test_bptt_gradient_matches_unrolled_reference_and_gradcheck(ham):
 
 
 @pytest.mark.parametrize("ham", HAMS)
-def test_final_step_gradcheck(ham):
-    """The differentiated last step alone (what one_step backpropagates) passes gradcheck."""
+def test_final_step_gradcheck(monkeypatch, ham):
+    """The one-step path, whose only differentiated part is the last step, passes gradcheck."""
     x = make_input(ham, batch=1, dim=4, n=6, requires_grad=True)
     d0 = init_bases(ham, 1, 4, 2)
-    if ham == "nmf":  # steps=0 still starts from C = softmax(XᵀD), computed without gradient
+    if ham == "nmf":
+        # Even with steps=0 the one-step NMF starts from C = softmax(XᵀD) computed without
+        # gradient: freeze that no-grad part (D, W) at x so the last step is the whole function.
         c0 = torch.rand(1, 6, 2, dtype=F64)
-        fn = lambda x: d0 @ _nmf_coef_update(x, d0, c0, 1e-6).mT  # noqa: E731
+        assert torch.autograd.gradcheck(lambda x: d0 @ _nmf_coef_update(x, d0, c0, 1e-6).mT, (x,))
+        fn = lambda x: nmf(x, bases=d0, steps=3, inv_t=2.0).reconstruct()  # noqa: E731
+        expected = fn(x)
+        problem = _decompositions._problem("nmf", x, None, 3, d0, 2.0, "one_step", 1e-6, None, None)
+        frozen = _decompositions._nmf_solve(problem)
+        monkeypatch.setattr(_decompositions, "_nmf_solve", lambda p: frozen)
+        torch.testing.assert_close(fn(x), expected)  # frozen at x: the same forward
     else:
         fn = lambda x: DECOMPOSITIONS[ham](x, bases=d0, steps=0, inv_t=2.0).reconstruct()  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
@@ -310,7 +327,9 @@ def reference_block(block, x, bases, steps, state):
     feats = torch.einsum("dc,bcn->bdn", block.lower_weight, z) + block.lower_bias[:, None]
     if block.ham == "nmf":
         feats = feats.relu()
-    kwargs = {} if block.ham == "nmf" else {"inv_t": block.inv_t}
+    kwargs = {"inv_t": block.inv_t, "eps": block.eps}
+    if block.ham == "cd":
+        kwargs["beta"] = block.beta
     dec = DECOMPOSITIONS[block.ham](feats, bases=bases, steps=steps, grad=block.grad, **kwargs)
     y = torch.einsum("cd,bdn->bcn", block.upper_weight, dec.reconstruct()).reshape(x.shape)
     if block.norm == "batch":
@@ -325,9 +344,13 @@ def reference_block(block, x, bases, steps, state):
 @pytest.mark.parametrize("norm", ["batch", "none"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("grad", ["one_step", "bptt"])
-def test_hamburger_matches_unfused_reference(ham, norm, training, grad):
-    block = Hamburger(5, ham=ham, dim=4, rank=3, train_steps=2, eval_steps=3, norm=norm,
-                      init="online", grad=grad, dtype=F64).train(training)  # fmt: skip
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("custom", [False, True])
+def test_hamburger_matches_unfused_reference(ham, norm, training, grad, tokens, custom):
+    cls = HamburgerTokens if tokens else Hamburger
+    options = CUSTOM[ham] if custom else {}
+    block = cls(5, ham=ham, dim=4, rank=3, train_steps=2, eval_steps=3, norm=norm, init="online",
+                grad=grad, dtype=F64, **options).train(training)  # fmt: skip
     if norm == "batch":
         with torch.no_grad():
             block.running_mean.uniform_(-1, 1)
@@ -336,7 +359,10 @@ def test_hamburger_matches_unfused_reference(ham, norm, training, grad):
             block.norm_bias.uniform_(-1, 1)
     state = {k: v.clone() for k, v in block.state_dict().items()}
     x = torch.randn(3, 5, 3, 4, dtype=F64, requires_grad=True)
-    out = block(x)
+    if tokens:  # the same positions as tokens (B, N, C); gradients flow through the transpose
+        out = block(x.flatten(2).mT).mT.reshape(x.shape)
+    else:
+        out = block(x)
     ref = reference_block(block, x, state["bases"], 2 if training else 3, state)
     torch.testing.assert_close(out, ref)
     weight = torch.randn_like(out)
@@ -348,6 +374,39 @@ def test_hamburger_matches_unfused_reference(ham, norm, training, grad):
     if norm == "batch":  # running statistics updated exactly like nn.BatchNorm
         torch.testing.assert_close(block.running_mean, state["running_mean"])
         torch.testing.assert_close(block.running_var, state["running_var"])
+
+
+@pytest.mark.parametrize("ham", ["nmf", "cd"])  # the hams with a fused one-step backward
+@pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_block_gradcheck_with_frozen_solve(monkeypatch, ham, norm, tokens, training, batch):
+    """The fused backward (_BreadAndLastStep) vs finite differences, in float64.
+
+    The no-grad solve (D, P, W) is frozen to its value at the first call, so the block becomes the
+    differentiable last step that the one-step gradient is exact for.
+    """
+    torch.manual_seed(7)
+    cls = HamburgerTokens if tokens else Hamburger
+    init = "random" if training else "online"
+    block = cls(5, ham=ham, dim=4, rank=2, init=init, norm=norm, dtype=F64).train(training)
+    if ham == "nmf":  # keep the ReLU away from its kink
+        with torch.no_grad():
+            block.lower_bias.add_(1.0)
+    solve, cache = block._solve, []
+
+    def frozen(x):
+        if not cache:
+            cache.append(solve(x))
+        return cache[0]
+
+    monkeypatch.setattr(block, "_solve", frozen)
+    shape = (batch, 9, 5) if tokens else (batch, 5, 3, 3)
+    x = torch.randn(*shape, dtype=F64, requires_grad=True)
+    params = (block.lower_weight, block.lower_bias, block.upper_weight)
+    assert torch.autograd.gradcheck(lambda x, *p: block(x), (x, *params))
+    assert cache  # the fused path was taken
 
 
 @pytest.mark.parametrize("ham", HAMS)
@@ -393,24 +452,29 @@ def test_random_init_draws_new_bases_at_each_call():
     assert not torch.equal(random_block(x), random_block(x))
 
 
-@pytest.mark.parametrize("grad", ["one_step", "bptt"])
-def test_hamburger_grad_modes_same_forward_and_memory(grad):
+@pytest.mark.parametrize("ham", HAMS)
+def test_hamburger_grad_modes_same_forward_and_memory(ham):
     torch.manual_seed(4)
-    block = Hamburger(8, dim=8, rank=4, grad=grad, init="online", train_steps=6)
-    x = torch.randn(2, 8, 6, 6, requires_grad=True)
-    saved = []
+    blocks = {grad: Hamburger(8, ham=ham, dim=8, rank=4, grad=grad, init="online", dtype=F64)
+              for grad in ("one_step", "bptt")}  # fmt: skip
+    blocks["bptt"].load_state_dict(blocks["one_step"].state_dict())
+    x = torch.randn(2, 8, 6, 6, dtype=F64, requires_grad=True)
+    saved = {}
     for steps in (2, 8):
-        block.train_steps = steps
-        with count_saved_bytes() as seen:
-            out = block(x)
-        saved.append(sum(seen.values()))
-        out.sum().backward()
-    if grad == "one_step":
-        assert saved[0] == saved[1]
-    else:
-        assert saved[0] < saved[1]
+        outs = {}
+        for grad, block in blocks.items():
+            block.train_steps = steps
+            with count_saved_bytes() as seen:
+                outs[grad] = block(x)
+            saved[grad, steps] = sum(seen.values())
+            outs[grad].sum().backward()
+        torch.testing.assert_close(outs["one_step"], outs["bptt"])
+        torch.testing.assert_close(blocks["one_step"].bases, blocks["bptt"].bases)
+    assert saved["one_step", 2] == saved["one_step", 8]
+    assert saved["bptt", 2] < saved["bptt", 8]
     assert x.grad is not None and torch.isfinite(x.grad).all()
-    assert all(p.grad is not None for p in block.parameters())
+    for block in blocks.values():
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
 
 
 def test_hamburger_same_output_for_both_grad_modes():
@@ -433,6 +497,57 @@ def test_hamburger_without_lower_bread_and_dtypes():
 
 
 @pytest.mark.parametrize("ham", HAMS)
+@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+@pytest.mark.parametrize("init", ["random", "online"])
+@pytest.mark.parametrize("tokens", [False, True])
+def test_hamburger_under_autocast(ham, grad, init, tokens):
+    """bfloat16 autocast on CPU: forward and backward run, gradients are finite, dtypes kept."""
+    torch.manual_seed(8)
+    cls = HamburgerTokens if tokens else Hamburger
+    block = cls(8, ham=ham, dim=8, rank=2, init=init, grad=grad)
+    x = torch.randn(*((2, 16, 8) if tokens else (2, 8, 4, 4)), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.float().square().sum().backward()
+    assert x.grad.dtype == x.dtype and torch.isfinite(x.grad).all()
+    for name, param in block.named_parameters():
+        assert param.grad is not None, name
+        assert param.grad.dtype == param.dtype and torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ham", HAMS)
+@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+def test_half_precision_blocks(dtype, ham, grad):
+    # (float16 NMF with bptt records its updates in float32: in float16 the backward overflows)
+    torch.manual_seed(9)
+    block = Hamburger(8, ham=ham, dim=8, rank=2, grad=grad, dtype=dtype)
+    x = torch.randn(2, 8, 4, 4, dtype=dtype, requires_grad=True)
+    out = block(x)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    out.float().square().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all()
+    assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+def test_cd_half_precision_matches_float32(dtype, grad):
+    """CD's ridge solve runs in float32 for half-precision inputs and is cast back."""
+    torch.manual_seed(10)
+    x = torch.randn(2, 16, 40)
+    d0 = random_bases(1, 16, 4, nonnegative=False)[0]
+    full = cd(x, bases=d0, steps=3, grad=grad)
+    half = cd(x.to(dtype), bases=d0.to(dtype), steps=3, grad=grad)
+    assert half.coef.dtype == half.bases.dtype == dtype
+    err_full = (x - full.reconstruct()).norm()
+    err_half = (x - half.reconstruct().float()).norm()
+    assert abs(err_half - err_full) <= 0.02 * err_full
+    assert (half.coef.float() - full.coef).norm() <= 0.05 * full.coef.norm()
+
+
+@pytest.mark.parametrize("ham", HAMS)
 def test_bfloat16_iterations_stay_close_to_full_precision(ham):
     torch.manual_seed(5)
     x = make_input(ham, batch=2, dim=32, n=200, dtype=torch.float32, requires_grad=True)
@@ -441,6 +556,7 @@ def test_bfloat16_iterations_stay_close_to_full_precision(ham):
     full = fn(x, bases=d0, steps=6)
     fast = fn(x, bases=d0, steps=6, iter_dtype=torch.bfloat16)
     assert fast.coef.dtype == torch.float32
+    assert not torch.equal(fast.bases, full.bases)  # the bfloat16 products were used
     err_full = (x - full.reconstruct()).norm()
     err_fast = (x - fast.reconstruct()).norm()
     assert abs(err_fast - err_full) <= 0.02 * err_full
@@ -452,13 +568,17 @@ def test_bfloat16_iterations_stay_close_to_full_precision(ham):
     assert F.cosine_similarity(g_full.flatten(), g_fast.flatten(), dim=0) > 0.98
 
 
-def test_hamburger_bfloat16_iterations():
+@pytest.mark.parametrize("ham", HAMS)
+def test_hamburger_bfloat16_iterations(ham):
     torch.manual_seed(6)
-    full = Hamburger(16, dim=32, rank=8, init="online")
-    fast = Hamburger(16, dim=32, rank=8, init="online", iter_dtype=torch.bfloat16)
+    inv_t = 10.0 if ham == "vq" else None  # VQ's default 100 makes the assignments too stiff
+    full = Hamburger(16, ham=ham, dim=32, rank=8, init="online", inv_t=inv_t)
+    fast = Hamburger(16, ham=ham, dim=32, rank=8, init="online", inv_t=inv_t,
+                     iter_dtype=torch.bfloat16)  # fmt: skip
     fast.load_state_dict(full.state_dict())
     x = torch.randn(2, 16, 12, 12)
     out_full, out_fast = full(x), fast(x)
+    assert not torch.equal(out_full, out_fast)  # the bfloat16 path was taken
     assert (out_full - out_fast).norm() <= 0.05 * out_full.norm()
     assert "iter_dtype=torch.bfloat16" in repr(fast)
 
@@ -467,6 +587,14 @@ def test_hamburger_bfloat16_iterations():
 # Bad inputs: exception type and a fragment of the message.
 
 X = torch.rand(2, 6, 9)
+X_NAN = X.clone().index_put_(
+    (torch.tensor(1), torch.tensor(2), torch.tensor(3)), torch.tensor(float("nan"))
+)
+X_INF = X.clone().index_put_(
+    (torch.tensor(0), torch.tensor(0), torch.tensor(0)), torch.tensor(float("inf"))
+)
+MAP = torch.randn(2, 8, 4, 4)
+MAP_NAN = MAP.clone().index_put_((torch.tensor(0), torch.tensor(1)), torch.tensor(float("nan")))
 
 BAD_CALLS = [
     (lambda: nmf([[1.0]], 2), TypeError, "x must be a torch.Tensor"),
@@ -502,7 +630,33 @@ BAD_CALLS = [
     (
         lambda: Hamburger(8, grad="bptt", iter_dtype=torch.bfloat16),
         ValueError,
-        "iter_dtype applies to grad='one_step' only",
+        "iter_dtype=torch.bfloat16 applies to grad='one_step' only (or must equal the parameter "
+        "dtype torch.float32), got grad='bptt'",
+    ),
+    (lambda: nmf(X_NAN, 2), ValueError, "nmf: x must be finite (no NaN or Inf), got 1 non-finite"),
+    (lambda: nmf(X_NAN, 2), ValueError, "the first nan at index (1, 2, 3)"),
+    (lambda: vq(X_INF, 2), ValueError, "vq: x must be finite (no NaN or Inf), got 1 non-finite"),
+    (lambda: cd(X_NAN - 1, 2), ValueError, "cd: x must be finite"),
+    (lambda: cd(X_INF, 2, grad="bptt"), ValueError, "the first inf at index (0, 0, 0)"),
+    (lambda: vq(X, bases=torch.full((6, 2), float("nan"))), ValueError, "vq: bases must be finite"),
+    (lambda: random_bases(1, 6, 0), ValueError, "rank must be >= 1, got 0"),
+    (lambda: random_bases(-1, 6, 2), ValueError, "batch must be >= 1, got -1"),
+    (lambda: random_bases(1, -6, 2), ValueError, "dim must be >= 1, got -6"),
+    (lambda: random_bases(1, 6, 2.0), TypeError, "rank must be an int, got float 2.0"),
+    (
+        lambda: moving_average_bases(torch.rand(6, 2), [[1.0]], momentum=0.5),
+        TypeError,
+        "bases must be a torch.Tensor, got list [[1.0]]",
+    ),
+    (
+        lambda: moving_average_bases(None, torch.rand(2, 6, 2), momentum=0.5),
+        TypeError,
+        "buffer must be a torch.Tensor, got NoneType None",
+    ),
+    (
+        lambda: moving_average_bases(torch.rand(6, 2), torch.rand(2, 6, 2), momentum="0.5"),
+        TypeError,
+        "momentum must be a float in [0, 1), got str '0.5'",
     ),
     (lambda: Hamburger(8, iter_dtype=torch.int32), TypeError, "iter_dtype must be None"),
     (
@@ -518,12 +672,23 @@ BAD_CALLS = [
     (lambda: Hamburger(0), ValueError, "channels must be >= 1"),
     (lambda: Hamburger(8.0), TypeError, "channels must be an int"),
     (lambda: Hamburger(8, ham="svd"), ValueError, "ham must be one of ('nmf', 'vq', 'cd')"),
-    (lambda: Hamburger(8, dim=8, rank=9), ValueError, "rank must be in [1, 8]"),
+    (lambda: Hamburger(8, dim=8, rank=9), ValueError, "rank must be in [1, dim] = [1, 8], got 9"),
+    (lambda: Hamburger(8, dim=8, rank=0), ValueError, "rank must be >= 1, got 0"),
     (lambda: Hamburger(8, train_steps=-1), ValueError, "train_steps must be >= 0"),
     (lambda: Hamburger(8, eval_steps=True), TypeError, "eval_steps must be an int"),
     (lambda: Hamburger(8, grad="implicit"), ValueError, "grad must be one of"),
     (lambda: Hamburger(8, init="zeros"), ValueError, "init must be one of ('random', 'online')"),
     (lambda: Hamburger(8, momentum=1.0), ValueError, "momentum must be in [0, 1)"),
+    (
+        lambda: Hamburger(8, momentum=float("nan")),
+        ValueError,
+        "momentum must be in [0, 1), got nan",
+    ),
+    (
+        lambda: Hamburger(8, momentum=None),
+        TypeError,
+        "momentum must be a float in [0, 1), got NoneType None",
+    ),
     (lambda: Hamburger(8, norm="layer"), ValueError, "norm must be one of ('batch', 'none')"),
     (lambda: Hamburger(8, inv_t=-1.0), ValueError, "inv_t must be a finite number > 0"),
     (lambda: Hamburger(8, lower_bread=False), ValueError, "dim must equal channels=8"),
@@ -558,6 +723,35 @@ BAD_CALLS = [
         "more than one value per channel",
     ),
     (lambda: HamburgerTokens(8, dim=8, rank=4)(torch.randn(2, 16, 7)), ValueError, "(B, N, C)"),
+    (lambda: Hamburger(8, dim=8, rank=4)(MAP_NAN), ValueError, "x must be finite (no NaN or Inf)"),
+    (
+        lambda: HamburgerTokens(8, ham="cd", dim=8, rank=4)(MAP_NAN.flatten(2).mT),
+        ValueError,
+        "x must be finite (no NaN or Inf), got 16 non-finite value(s)",
+    ),
+    (
+        lambda: Hamburger(4, dim=4, rank=2, lower_bread=False)(
+            torch.full((2, 4, 3, 3), float("inf"))
+        ),
+        ValueError,
+        "x must be finite",
+    ),
+    (
+        lambda: Hamburger(8, dim=8, rank=4)(MAP.double()),
+        ValueError,
+        "x must have the block's parameter dtype torch.float32 (or run under torch.autocast), got "
+        "x of dtype torch.float64",
+    ),
+    (
+        lambda: HamburgerTokens(8, dim=8, rank=4, dtype=torch.float64)(torch.randn(2, 16, 8)),
+        ValueError,
+        "parameter dtype torch.float64",
+    ),
+    (
+        lambda: Hamburger(8, dim=8, rank=4, device="meta")(MAP),
+        ValueError,
+        "x must be on the block's device meta, got x on cpu",
+    ),
 ]
 
 
@@ -566,6 +760,23 @@ def test_bad_inputs(call, error, fragment):
     with pytest.raises(error) as info:
         call()
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_iter_dtype_equal_to_the_working_dtype_is_allowed_with_bptt(ham):
+    """Like the functional rule: iter_dtype equal to the working dtype is a no-op for any grad."""
+    x = make_input(ham, batch=2, dim=6, n=9)
+    d0 = init_bases(ham, 2, 6, 3)
+    fn = DECOMPOSITIONS[ham]
+    torch.testing.assert_close(fn(x, bases=d0, grad="bptt", iter_dtype=F64).coef,
+                               fn(x, bases=d0, grad="bptt").coef)  # fmt: skip
+    for dtype in (None, F64):
+        plain = Hamburger(6, ham=ham, dim=5, rank=2, init="online", grad="bptt", dtype=dtype)
+        same = Hamburger(6, ham=ham, dim=5, rank=2, init="online", grad="bptt", dtype=dtype,
+                         iter_dtype=dtype or torch.get_default_dtype())  # fmt: skip
+        same.load_state_dict(plain.state_dict())
+        maps = torch.randn(2, 6, 3, 3, dtype=dtype)
+        torch.testing.assert_close(same(maps), plain(maps))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from equilibria.layers import StopGradientAttention, attention_map, stop_gradient_attention
 
@@ -14,10 +17,10 @@ def tokens(batch, n, channels, requires_grad=False):
     return torch.randn(batch, n, channels, dtype=F64, requires_grad=requires_grad)
 
 
-def reference_block(block, x, y, a):
+def reference_block(block, x, y, a, negative_slope=0.2):
     """Z = Norm(A σ(W_v Y) + σ(W_x X)) + X with a given, constant map A."""
-    value = block.act(block.value(y))
-    return block.norm(a @ value + block.act(block.skip(x))) + x
+    value = F.leaky_relu(block.value(y), negative_slope)
+    return block.norm(a @ value + F.leaky_relu(block.skip(x), negative_slope)) + x
 
 
 @pytest.mark.parametrize("column_norm", [True, False])
@@ -30,6 +33,8 @@ def test_map_normalisation_and_no_gradient(column_norm):
     a = attention_map(x.detach(), y.detach(), scale=0.5, column_norm=column_norm)
     sums = a.sum(1) if column_norm else a.sum(2)
     torch.testing.assert_close(sums, torch.ones_like(sums))
+    # the default scale is 1/√C
+    torch.testing.assert_close(out, a @ value)
     assert torch.autograd.gradcheck(
         lambda v: stop_gradient_attention(x.detach(), y.detach(), v, column_norm=column_norm),
         (value,),
@@ -43,16 +48,27 @@ def test_map_equals_formula():
     torch.testing.assert_close(attention_map(x, y, scale=0.3), a)
 
 
+# (block options, the scale, column_norm and negative_slope they must reach the computation as)
+OPTIONS = [
+    ({}, 1 / math.sqrt(4), True, 0.2),
+    ({"scale": 0.7, "column_norm": False, "negative_slope": 0.05}, 0.7, False, 0.05),
+    ({"scale": 2, "negative_slope": -0.5}, 2.0, True, -0.5),
+]
+
+
 @pytest.mark.parametrize("cross", [True, False])
 @pytest.mark.parametrize("norm", ["layer", "none"])
-def test_sga_block_passes_no_gradient_through_the_map(cross, norm):
-    block = StopGradientAttention(4, norm=norm, dtype=F64)
+@pytest.mark.parametrize(("options", "scale", "column_norm", "slope"), OPTIONS)
+def test_sga_block_passes_no_gradient_through_the_map(
+    cross, norm, options, scale, column_norm, slope
+):
+    block = StopGradientAttention(4, norm=norm, dtype=F64, **options)
     x = tokens(2, 5, 4, True)
     y = tokens(2, 6, 4, True) if cross else x
     out = block(x, y if cross else None)
     with torch.no_grad():
-        a = attention_map(x, y, scale=block.scale)
-    ref = reference_block(block, x, y, a)
+        a = attention_map(x, y, scale=scale, column_norm=column_norm)
+    ref = reference_block(block, x, y, a, slope)
     torch.testing.assert_close(out, ref)
     weight = torch.randn_like(out)
     inputs = [x, y, *block.parameters()] if cross else [x, *block.parameters()]
@@ -62,13 +78,14 @@ def test_sga_block_passes_no_gradient_through_the_map(cross, norm):
         torch.testing.assert_close(g, g_ref)
 
 
-def test_standard_attention_differentiates_the_map():
-    block = StopGradientAttention(4, attention="standard", dtype=F64)
+@pytest.mark.parametrize(("options", "scale", "column_norm", "slope"), OPTIONS)
+def test_standard_attention_differentiates_the_map(options, scale, column_norm, slope):
+    block = StopGradientAttention(4, attention="standard", dtype=F64, **options)
     x, y = tokens(1, 3, 4, True), tokens(1, 4, 4, True)
     out = block(x, y)
     with torch.no_grad():
-        a = attention_map(block.query(x), block.key(y), scale=block.scale)
-    ref = reference_block(block, x, y, a)
+        a = attention_map(block.query(x), block.key(y), scale=scale, column_norm=column_norm)
+    ref = reference_block(block, x, y, a, slope)
     torch.testing.assert_close(out, ref)
     weight = torch.randn_like(out)
     (grad_y,) = torch.autograd.grad((out * weight).sum(), y)
@@ -86,6 +103,8 @@ def test_self_attention_default_and_dtype_device():
     assert StopGradientAttention(8)(torch.randn(1, 3, 8)).dtype == torch.float32
 
 
+X = torch.randn(2, 5, 4)
+
 BAD_CALLS = [
     (lambda: StopGradientAttention(0), ValueError, "channels must be >= 1"),
     (lambda: StopGradientAttention(4.0), TypeError, "channels must be an int"),
@@ -96,6 +115,72 @@ BAD_CALLS = [
     ),
     (lambda: StopGradientAttention(4, column_norm=1), TypeError, "column_norm must be a bool"),
     (lambda: StopGradientAttention(4, scale=0.0), ValueError, "scale must be None or a finite"),
+    (
+        lambda: StopGradientAttention(4, scale=float("nan")),
+        ValueError,
+        "scale must be None or a finite number > 0, got nan",
+    ),
+    (
+        lambda: StopGradientAttention(4, scale="1"),
+        TypeError,
+        "scale must be None or a finite number > 0, got str '1'",
+    ),
+    (
+        lambda: StopGradientAttention(4, negative_slope="0.2"),
+        TypeError,
+        "negative_slope must be a float, got str '0.2'",
+    ),
+    (
+        lambda: StopGradientAttention(4, negative_slope=True),
+        TypeError,
+        "negative_slope must be a float, got bool True",
+    ),
+    (
+        lambda: StopGradientAttention(4, negative_slope=float("inf")),
+        ValueError,
+        "negative_slope must be a finite number, got inf",
+    ),
+    (
+        lambda: stop_gradient_attention(X, X, X, scale=-1.0),
+        ValueError,
+        "scale must be None or a finite number > 0, got -1.0",
+    ),
+    (
+        lambda: stop_gradient_attention(X, X, X, scale=float("nan")),
+        ValueError,
+        "scale must be None or a finite number > 0, got nan",
+    ),
+    (lambda: attention_map(X, X, scale=0), ValueError, "scale must be a finite number > 0, got 0"),
+    (
+        lambda: attention_map(X, X, scale=float("inf")),
+        ValueError,
+        "scale must be a finite number > 0, got inf",
+    ),
+    (
+        lambda: attention_map(X, X, scale=None),
+        TypeError,
+        "scale must be a finite number > 0, got NoneType None",
+    ),
+    (
+        lambda: attention_map(X, X, scale=1.0, eps=-1e-9),
+        ValueError,
+        "eps must be a finite number >= 0, got -1e-09",
+    ),
+    (
+        lambda: attention_map(X, X, scale=1.0, eps="0"),
+        TypeError,
+        "eps must be a float >= 0, got str '0'",
+    ),
+    (
+        lambda: StopGradientAttention(4)(X.clone().fill_(float("nan"))),
+        ValueError,
+        "x must be finite (no NaN or Inf)",
+    ),
+    (
+        lambda: StopGradientAttention(4)(X, X.clone().fill_(float("inf"))),
+        ValueError,
+        "y must be finite (no NaN or Inf)",
+    ),
     (lambda: StopGradientAttention(4, norm="batch"), ValueError, "norm must be one of"),
     (
         lambda: StopGradientAttention(4)(torch.randn(2, 5)),

@@ -71,6 +71,26 @@ def _check_positive(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_finite(name: str, t: Tensor) -> None:
+    """Raises ValueError when t holds NaN or ±Inf (one host sync; details only on failure)."""
+    if not bool(torch.isfinite(t).all()):
+        bad = ~torch.isfinite(t)
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{name} must be finite (no NaN or Inf), got {int(bad.sum())} non-finite value(s) of "
+            f"{t.numel()}, the first {t[first].item()} at index {first}"
+        )
+
+
+def _check_momentum(momentum: object) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        kind = type(momentum).__name__
+        raise TypeError(f"momentum must be a float in [0, 1), got {kind} {momentum!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    return float(momentum)
+
+
 def _check_grad(grad: object) -> None:
     if grad not in _GRAD_MODES:
         raise ValueError(f"grad must be one of {_GRAD_MODES}, got {grad!r}")
@@ -102,6 +122,7 @@ def _check_problem(
         raise ValueError(
             f"{fn}: x must have shape (B, d, n) with no empty dimension, got {tuple(x.shape)}"
         )
+    _check_finite(f"{fn}: x", x)
     _check_int("steps", steps, 0)
     _check_grad(grad)
     _check_positive("eps", eps)
@@ -123,6 +144,7 @@ def _check_problem(
             raise ValueError(
                 f"{fn}: bases ({bases.dtype}, {bases.device}) must match x ({x.dtype}, {x.device})"
             )
+        _check_finite(f"{fn}: bases", bases)
         if rank is not None and rank != bases.shape[-1]:
             raise ValueError(f"{fn}: rank={rank} disagrees with bases.shape[-1]={bases.shape[-1]}")
         rank = bases.shape[-1]
@@ -136,6 +158,39 @@ def _check_problem(
             f"{tuple(x.shape)}, got {rank}"
         )
     return x, bases, rank
+
+
+class _Problem(NamedTuple):
+    """Validated arguments shared by :func:`nmf`, :func:`vq`, :func:`cd` and the Hamburger."""
+
+    x: Tensor
+    rank: int
+    steps: int
+    bases: Tensor | None
+    inv_t: float
+    grad: GradMode
+    eps: float
+    generator: torch.Generator | None = None
+    iter_dtype: torch.dtype | None = None
+
+
+def _problem(
+    fn: str,
+    x: object,
+    rank: object,
+    steps: object,
+    bases: object,
+    inv_t: object,
+    grad: object,
+    eps: object,
+    generator: object,
+    iter_dtype: object,
+) -> _Problem:
+    """Validates the arguments every decomposition takes (see :func:`_check_problem`)."""
+    x, bases, rank = _check_problem(fn, x, rank, bases, steps, grad, eps)
+    inv_t = _check_positive("inv_t", inv_t)
+    iter_dtype = _check_iter_dtype(iter_dtype, x, grad)
+    return _Problem(x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
 
 
 def _normalize_columns(d: Tensor, eps: float = 1e-12) -> Tensor:
@@ -167,6 +222,9 @@ def random_bases(
     Returns:
         Bases of shape (B, d, r) whose columns have unit L2 norm.
     """
+    _check_int("batch", batch, 1)
+    _check_int("dim", dim, 1)
+    _check_int("rank", rank, 1)
     shape = (batch, dim, rank)
     kwargs = {"generator": generator, "device": device, "dtype": dtype}
     d = torch.rand(shape, **kwargs) if nonnegative else torch.randn(shape, **kwargs)
@@ -189,10 +247,10 @@ def moving_average_bases(buffer: Tensor, bases: Tensor, *, momentum: float) -> T
     Returns:
         The updated bases, shape (d, r), unit-norm columns, no gradient.
     """
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    momentum = _check_momentum(momentum)
+    for name, t in (("buffer", buffer), ("bases", bases)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__} {t!r}")
     if buffer.ndim != 2 or bases.ndim != 3 or bases.shape[1:] != buffer.shape:
         raise ValueError(
             f"buffer must have shape (d, r) and bases (B, d, r) with the same (d, r), got "
@@ -304,8 +362,8 @@ def nmf(
 
     Reference: Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021, §2.2.
     """
-    x, bases, rank = _check_problem("nmf", x, rank, bases, steps, grad, eps)
-    inv_t = _check_positive("inv_t", inv_t)
+    p = _problem("nmf", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
+    x, bases = p.x, p.bases
     if bool((x < 0).any()):
         raise ValueError(
             f"nmf: x must be non-negative (apply a ReLU first, as the Hamburger's lower bread "
@@ -313,22 +371,17 @@ def nmf(
         )
     if bases is not None and bool((bases < 0).any()):
         raise ValueError("nmf: initial bases must be non-negative")
-    iter_dtype = _check_iter_dtype(iter_dtype, x, grad)
-    return _nmf(x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
+    return _nmf(p)
 
 
-def _nmf(
-    x: Tensor,
-    rank: int,
-    steps: int,
-    bases: Tensor | None,
-    inv_t: float,
-    grad: GradMode,
-    eps: float,
-    generator: torch.Generator | None,
-    iter_dtype: torch.dtype | None = None,
-) -> Decomposition:
+def _nmf(p: _Problem) -> Decomposition:
     """NMF without input validation; see :func:`nmf`."""
+    x, rank, steps, bases, inv_t, grad, eps, generator, _ = p
+    if grad == "bptt" and x.dtype == torch.float16:
+        # differentiating the divisions by C DᵀD + ε overflows float16 (1/den² with den near
+        # ε after the ReLU's zeros): record the updates in float32, hand back float16 factors
+        up = _nmf(p._replace(x=x.float(), bases=None if bases is None else bases.float()))
+        return Decomposition(up.bases.to(x.dtype), up.coef.to(x.dtype))
     if grad == "bptt":
         d = _initial_bases(x, rank, bases, True, generator)
         if bases is not None and bases.requires_grad:
@@ -338,7 +391,7 @@ def _nmf(
             c = _nmf_coef_update(x, d, c, eps)
             d = _nmf_bases_update(x, d, c, eps)
         return Decomposition(d, _nmf_coef_update(x, d, c, eps))
-    d, weight = _nmf_solve(x, rank, steps, bases, inv_t, eps, generator, iter_dtype)
+    d, weight = _nmf_solve(p)
     # The only product autograd records. It is stored so that its gradient w.r.t. x comes out in
     # x's own layout; a mismatch makes the lower bread's ReLU backward an order of magnitude slower.
     product = _x_transpose_times(x, d)  # XᵀD, (B, n, r)
@@ -346,22 +399,14 @@ def _nmf(
     return Decomposition(d, coef)
 
 
-def _nmf_solve(
-    x: Tensor,
-    rank: int,
-    steps: int,
-    bases: Tensor | None,
-    inv_t: float,
-    eps: float,
-    generator: torch.Generator | None,
-    iter_dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor]:
+def _nmf_solve(p: _Problem) -> tuple[Tensor, Tensor]:
     """The no-grad part of one-step NMF.
 
     Returns D (B, d, r) and W (B, n, r) such that the final coefficients are C = XᵀD ⊙ W, i.e.
     C ⊙ XᵀD ⊘ (C DᵀD + ε) with the last D and C held constant. W is stored like
     ``_x_transpose_times(x, D)``.
     """
+    x, rank, steps, bases, inv_t, _, eps, generator, iter_dtype = p
     with torch.no_grad():
         xd = x.detach()
         d = _initial_bases(xd, rank, bases, True, generator)
@@ -425,19 +470,9 @@ def _cosine_coef(x: Tensor, d: Tensor, inv_t: float, eps: float) -> Tensor:
     return torch.softmax(_x_transpose_times(x, dn) * scale, dim=-1)
 
 
-def _run_clusters(
-    x: Tensor,
-    rank: int,
-    steps: int,
-    bases: Tensor | None,
-    inv_t: float,
-    grad: GradMode,
-    eps: float,
-    generator: torch.Generator | None,
-    unit_bases: bool,
-    iter_dtype: torch.dtype | None,
-) -> Tensor:
+def _run_clusters(p: _Problem, unit_bases: bool) -> Tensor:
     """Returns the bases after ``steps`` cluster updates (detached unless ``grad="bptt"``)."""
+    x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype = p
     if grad == "bptt":
         d = _initial_bases(x, rank, bases, False, generator)
         if bases is not None and bases.requires_grad:
@@ -489,26 +524,13 @@ def vq(
 
     Reference: Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021, §2.2.
     """
-    x, bases, rank = _check_problem("vq", x, rank, bases, steps, grad, eps)
-    inv_t = _check_positive("inv_t", inv_t)
-    iter_dtype = _check_iter_dtype(iter_dtype, x, grad)
-    return _vq(x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
+    return _vq(_problem("vq", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype))
 
 
-def _vq(
-    x: Tensor,
-    rank: int,
-    steps: int,
-    bases: Tensor | None,
-    inv_t: float,
-    grad: GradMode,
-    eps: float,
-    generator: torch.Generator | None,
-    iter_dtype: torch.dtype | None = None,
-) -> Decomposition:
+def _vq(p: _Problem) -> Decomposition:
     """VQ without input validation; see :func:`vq`."""
-    d = _run_clusters(x, rank, steps, bases, inv_t, grad, eps, generator, False, iter_dtype)
-    return Decomposition(d, _cosine_coef(x, d, inv_t, eps))
+    d = _run_clusters(p, unit_bases=False)
+    return Decomposition(d, _cosine_coef(p.x, d, p.inv_t, p.eps))
 
 
 def cd(
@@ -552,47 +574,22 @@ def cd(
     Reference: Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021, §2.2;
     Dhillon & Modha, "Concept decompositions for large sparse text data", 2001.
     """
-    x, bases, rank = _check_problem("cd", x, rank, bases, steps, grad, eps)
-    inv_t = _check_positive("inv_t", inv_t)
-    beta = _check_positive("beta", beta)
-    iter_dtype = _check_iter_dtype(iter_dtype, x, grad)
-    return _cd(x, rank, steps, bases, inv_t, beta, grad, eps, generator, iter_dtype)
+    p = _problem("cd", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
+    return _cd(p, _check_positive("beta", beta))
 
 
-def _cd(
-    x: Tensor,
-    rank: int,
-    steps: int,
-    bases: Tensor | None,
-    inv_t: float,
-    beta: float,
-    grad: GradMode,
-    eps: float,
-    generator: torch.Generator | None,
-    iter_dtype: torch.dtype | None = None,
-) -> Decomposition:
+def _cd(p: _Problem, beta: float) -> Decomposition:
     """CD without input validation; see :func:`cd`."""
-    d = _run_clusters(x, rank, steps, bases, inv_t, grad, eps, generator, True, iter_dtype)
-    if grad == "bptt":
-        return Decomposition(d, _x_transpose_times(x, _ridge_projector(d, beta)))
-    with torch.no_grad():
-        proj = _ridge_projector(d, beta)
-    return Decomposition(d, _x_transpose_times(x, proj))
+    if p.grad == "bptt":
+        d = _run_clusters(p, unit_bases=True)
+        return Decomposition(d, _x_transpose_times(p.x, _ridge_projector(d, beta)))
+    d, proj = _cd_solve(p, beta)
+    return Decomposition(d, _x_transpose_times(p.x, proj))
 
 
-def _cd_solve(
-    x: Tensor,
-    rank: int,
-    steps: int,
-    bases: Tensor | None,
-    inv_t: float,
-    beta: float,
-    eps: float,
-    generator: torch.Generator | None,
-    iter_dtype: torch.dtype | None,
-) -> tuple[Tensor, Tensor]:
+def _cd_solve(p: _Problem, beta: float) -> tuple[Tensor, Tensor]:
     """The no-grad part of one-step CD: D (B, d, r) and P = D (DᵀD + βI)⁻¹, so that C = XᵀP."""
-    d = _run_clusters(x, rank, steps, bases, inv_t, "one_step", eps, generator, True, iter_dtype)
+    d = _run_clusters(p._replace(grad="one_step"), unit_bases=True)
     with torch.no_grad():
         return d, _ridge_projector(d, beta)
 
@@ -600,8 +597,11 @@ def _cd_solve(
 def _ridge_projector(d: Tensor, beta: float) -> Tensor:
     """P = D (DᵀD + βI)⁻¹, shape (B, d, r): the ridge coefficients are C = XᵀP (a small solve)."""
     rank = d.shape[-1]
-    gram = torch.bmm(d.mT, d) + beta * torch.eye(rank, dtype=d.dtype, device=d.device)
-    return torch.linalg.solve(gram, d.mT).mT  # gram is symmetric
+    # linalg.solve has no half-precision kernels (and r x r Gram matrices lose too much in them):
+    # solve in float32 and cast back
+    work = d.float() if d.dtype.itemsize < 4 else d
+    gram = torch.bmm(work.mT, work) + beta * torch.eye(rank, dtype=work.dtype, device=d.device)
+    return torch.linalg.solve(gram, work.mT).mT.to(d.dtype)  # gram is symmetric
 
 
 DECOMPOSITIONS: dict[str, Callable[..., Decomposition]] = {"nmf": nmf, "vq": vq, "cd": cd}

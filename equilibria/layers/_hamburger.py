@@ -30,10 +30,13 @@ from ._decompositions import (
     GradMode,
     _cd,
     _cd_solve,
+    _check_finite,
     _check_int,
+    _check_momentum,
     _check_positive,
     _nmf,
     _nmf_solve,
+    _Problem,
     _vq,
     _x_transpose_times,
     moving_average_bases,
@@ -200,17 +203,16 @@ class _HamburgerBase(nn.Module):
         _check_int("channels", channels, 1)
         _check_choice("ham", ham, _HAMS)
         _check_int("dim", dim, 1)
-        _check_int("rank", rank, 1, dim)
+        _check_int("rank", rank, 1)
+        if rank > dim:
+            raise ValueError(f"rank must be in [1, dim] = [1, {dim}], got {rank}")
         _check_int("train_steps", train_steps, 0)
         _check_int("eval_steps", eval_steps, 0)
         inv_t = _DEFAULT_INV_T[ham] if inv_t is None else _check_positive("inv_t", inv_t)
         beta = _check_positive("beta", beta)
         _check_choice("grad", grad, ("one_step", "bptt"))
         _check_choice("init", init, _INITS)
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        momentum = _check_momentum(momentum)
         _check_choice("norm", norm, _NORMS)
         if not isinstance(lower_bread, bool):
             raise TypeError(f"lower_bread must be a bool, got {type(lower_bread).__name__}")
@@ -226,13 +228,19 @@ class _HamburgerBase(nn.Module):
             raise TypeError(
                 f"iter_dtype must be None or a floating torch.dtype, got {iter_dtype!r}"
             )
-        if iter_dtype is not None and grad != "one_step":
-            raise ValueError(f"iter_dtype applies to grad='one_step' only, got grad={grad!r}")
+        param_dtype = torch.get_default_dtype() if dtype is None else dtype
+        if iter_dtype is not None and iter_dtype != param_dtype and grad != "one_step":
+            # the functional rule (_check_iter_dtype): iter_dtype equal to the working dtype is
+            # a no-op and allowed with any grad
+            raise ValueError(
+                f"iter_dtype={iter_dtype} applies to grad='one_step' only (or must equal the "
+                f"parameter dtype {param_dtype}), got grad={grad!r}"
+            )
         self.iter_dtype = iter_dtype
         self.channels, self.ham, self.dim, self.rank = channels, ham, dim, rank
         self.train_steps, self.eval_steps = train_steps, eval_steps
         self.inv_t, self.beta, self.grad, self.init = inv_t, beta, grad, init
-        self.momentum, self.norm, self.eps = float(momentum), norm, eps
+        self.momentum, self.norm, self.eps = momentum, norm, eps
         self.lower_bread = lower_bread
 
         factory = {"device": device, "dtype": dtype}
@@ -293,6 +301,15 @@ class _HamburgerBase(nn.Module):
             raise TypeError(f"x must have a floating dtype, got {x.dtype}")
         if x.numel() == 0:
             raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+        param = self.upper_weight
+        if x.device != param.device:
+            raise ValueError(f"x must be on the block's device {param.device}, got x on {x.device}")
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"x must have the block's parameter dtype {param.dtype} (or run under "
+                f"torch.autocast), got x of dtype {x.dtype}"
+            )
+        _check_finite("x", x)
         return x
 
     def _activate(self, feats: Tensor) -> Tensor:
@@ -307,15 +324,8 @@ class _HamburgerBase(nn.Module):
                 f"Hamburger(ham='nmf', lower_bread=False) needs a non-negative input, its minimum "
                 f"is {x.min().item():.4g}; keep the lower bread (it ends in a ReLU) or apply one"
             )
-        steps = self.train_steps if self.training else self.eval_steps
-        bases, low = self.bases, None if self.iter_dtype == x.dtype else self.iter_dtype
-        args = (x, self.rank, steps, bases, self.inv_t)
-        if self.ham == "nmf":
-            dec = _nmf(*args, self.grad, self.eps, None, low)
-        elif self.ham == "vq":
-            dec = _vq(*args, self.grad, self.eps, None, low)
-        else:
-            dec = _cd(*args, self.beta, self.grad, self.eps, None, low)
+        p = self._problem(x)
+        dec = _cd(p, self.beta) if self.ham == "cd" else (_nmf if self.ham == "nmf" else _vq)(p)
         self._update_bases(dec)
         return dec
 
@@ -327,21 +337,31 @@ class _HamburgerBase(nn.Module):
                 f"larger input"
             )
 
+    def _problem(self, x: Tensor) -> _Problem:
+        """The decomposition problem this block poses for x (B, d, n) in its current mode."""
+        steps = self.train_steps if self.training else self.eval_steps
+        one_step = self.grad == "one_step" and self.iter_dtype != x.dtype
+        low = self.iter_dtype if one_step else None
+        return _Problem(x, self.rank, steps, self.bases, self.inv_t, self.grad, self.eps, None, low)
+
     def _solve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """No-grad part of the one-step NMF or CD: (D, P, W) with C = XᵀP ⊙ W (W None for CD)."""
-        steps = self.train_steps if self.training else self.eval_steps
-        low = None if self.iter_dtype == x.dtype else self.iter_dtype
         if self.ham == "nmf":
-            d, scale = _nmf_solve(x, self.rank, steps, self.bases, self.inv_t, self.eps, None, low)
+            d, scale = _nmf_solve(self._problem(x))
             return d, d, scale
-        d, proj = _cd_solve(
-            x, self.rank, steps, self.bases, self.inv_t, self.beta, self.eps, None, low
-        )
+        d, proj = _cd_solve(self._problem(x), self.beta)
         return d, proj, None
 
     def _ham(self, z: Tensor, tokens: bool) -> Decomposition:
         """Lower bread + decomposition of z ((B, C, n), or (B, n, C) tokens)."""
-        fused = self.lower_weight is not None and self.grad == "one_step" and self.ham != "vq"
+        # The fused backward assumes z, the weights and the saved tensors share one dtype, which
+        # autocast breaks (bf16 features, fp32 weights): under autocast take the autograd path.
+        fused = (
+            self.lower_weight is not None
+            and self.grad == "one_step"
+            and self.ham != "vq"
+            and not torch.is_autocast_enabled(z.device.type)
+        )
         if fused:
             self._check_positions(z.mT if tokens else z)
             coef, bases = _BreadAndLastStep.apply(

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ._decompositions import _check_finite
+
 __all__ = [
     "AttentionKind",
     "StopGradientAttention",
@@ -50,6 +52,24 @@ def _check_pair(query: Tensor, key: Tensor) -> None:
         )
 
 
+def _check_scale(scale: object, allow_none: bool) -> None:
+    if allow_none and scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        allowed = "None or a finite number > 0" if allow_none else "a finite number > 0"
+        raise TypeError(f"scale must be {allowed}, got {type(scale).__name__} {scale!r}")
+    if not math.isfinite(scale) or scale <= 0:
+        allowed = "None or a finite number > 0" if allow_none else "a finite number > 0"
+        raise ValueError(f"scale must be {allowed}, got {scale!r}")
+
+
+def _check_eps(eps: object) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float >= 0, got {type(eps).__name__} {eps!r}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
 def attention_map(
     query: Tensor, key: Tensor, *, scale: float, column_norm: bool = True, eps: float = 1e-9
 ) -> Tensor:
@@ -58,14 +78,16 @@ def attention_map(
     Args:
         query: (B, N, C).
         key: (B, M, C).
-        scale: multiplies the logits.
+        scale: multiplies the logits, a finite number > 0.
         column_norm: rescale each column to sum to one over the N queries (after the row softmax).
-        eps: added to the column sums.
+        eps: added to the column sums, >= 0.
 
     Returns:
         A, shape (B, N, M).
     """
     _check_pair(_check_tokens("query", query), _check_tokens("key", key))
+    _check_scale(scale, allow_none=False)
+    _check_eps(eps)
     a = torch.softmax(torch.bmm(query, key.mT) * scale, dim=-1)  # (B, N, M)
     if column_norm:
         a = a / (a.sum(dim=1, keepdim=True) + eps)
@@ -106,6 +128,7 @@ def stop_gradient_attention(
     """
     x, y, value = _check_tokens("x", x), _check_tokens("y", y), _check_tokens("value", value)
     _check_pair(x, y)
+    _check_scale(scale, allow_none=True)
     if value.shape[:2] != y.shape[:2]:
         raise ValueError(
             f"value must have shape (B, M, C_v) matching y {tuple(y.shape)}, got "
@@ -167,13 +190,14 @@ class StopGradientAttention(nn.Module):
             raise ValueError(f"attention must be one of {_ATTENTIONS}, got {attention!r}")
         if not isinstance(column_norm, bool):
             raise TypeError(f"column_norm must be a bool, got {type(column_norm).__name__}")
-        if scale is not None and (
-            isinstance(scale, bool)
-            or not isinstance(scale, (int, float))
-            or not math.isfinite(scale)
-            or scale <= 0
-        ):
-            raise ValueError(f"scale must be None or a finite number > 0, got {scale!r}")
+        _check_scale(scale, allow_none=True)
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+            raise TypeError(
+                f"negative_slope must be a float, got {type(negative_slope).__name__} "
+                f"{negative_slope!r}"
+            )
+        if not math.isfinite(negative_slope):
+            raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
         self.channels, self.attention, self.column_norm = channels, attention, column_norm
@@ -186,7 +210,7 @@ class StopGradientAttention(nn.Module):
             self.key = nn.Linear(channels, channels, **factory)  # W_k
         else:
             self.query = self.key = None
-        self.act = nn.LeakyReLU(negative_slope)
+        self.act = nn.LeakyReLU(float(negative_slope))
         self.norm = nn.LayerNorm(channels, **factory) if norm == "layer" else nn.Identity()
 
     def extra_repr(self) -> str:
@@ -202,6 +226,9 @@ class StopGradientAttention(nn.Module):
         if x.shape[-1] != self.channels:
             raise ValueError(f"x must have C={self.channels} channels, got {tuple(x.shape)}")
         _check_pair(x, y)
+        _check_finite("x", x)
+        if y is not x:
+            _check_finite("y", y)
         value = self.act(self.value(y))  # σ(W_v Y), (B, M, C)
         if self.query is None:
             attended = stop_gradient_attention(
