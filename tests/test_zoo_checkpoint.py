@@ -129,3 +129,34 @@ def test_failed_write_keeps_last_good_checkpoint(
     assert path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.safetensors"]  # no temp
     load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("meta", "missing"),
+    [
+        ({"recipe": "digits"}, "config, epoch, step, optimizer, rng, sha256"),
+        (
+            {"recipe": "digits", "config": {}, "epoch": 1, "step": 2, "rng": {"numpy": []},
+             "sha256": ""},
+            "optimizer, rng.python",
+        ),
+    ],
+)  # fmt: skip
+def test_checkpoint_with_missing_keys_is_rejected(
+    tmp_path: Path, meta: dict[str, object], missing: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    from equilibria.zoo.cli import main
+
+    path = tmp_path / "checkpoint.safetensors"
+    header = json.dumps({"format": ckpt_mod.FORMAT, **meta})
+    save_file({"model/w": torch.zeros(2)}, path, metadata={"equilibria": header})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: corrupted checkpoint: its metadata lacks {missing}")
+    assert "optimizer, rng, sha256)" in str(info.value)  # what a checkpoint has
+    assert main(["eval", str(path)]) == 1
+    assert f"metadata lacks {missing}" in capsys.readouterr().err

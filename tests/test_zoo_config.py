@@ -11,8 +11,16 @@ import pytest
 from equilibria.zoo import RecipeError, get_recipe
 from equilibria.zoo.cli import main
 from equilibria.zoo.compare import CompareConfig
-from equilibria.zoo.config import ConfigError, from_dict, parse_options, to_dict
+from equilibria.zoo.config import (
+    ConfigError,
+    ConfigTypeError,
+    check_range,
+    from_dict,
+    parse_options,
+    to_dict,
+)
 from equilibria.zoo.digits import DigitsConfig
+from equilibria.zoo.mosaic import MosaicConfig
 
 # (command-line options, message fragments)
 BAD_OPTIONS = [
@@ -32,6 +40,10 @@ BAD_OPTIONS = [
         ["--backward", "implicit", "--correction-states", "3"],
         ["correction_states=3 needs backward 'phantom' or 'jfb'", "'implicit'"],
     ),
+    (["--batch-size", "2000"], ["batch_size must be <= 1437", "got 2000"]),
+    (["--seed", "5000000000"], ["seed must be in [0, 4294967295]", "got 5000000000"]),
+    (["--seed", "-1"], ["seed must be in [0, 4294967295]", "got -1"]),
+    (["--warmup-epochs", "3", "--epochs", "2"], ["warmup_epochs must be <= epochs=2", "got 3"]),
     (["--resume"], ["resume needs run_dir"]),
     (["--epochs"], ["--epochs", "expected one argument"]),
 ]
@@ -48,16 +60,18 @@ def test_bad_options_name_what_is_allowed(argv: list[str], fragments: list[str])
 @pytest.mark.parametrize(
     ("field", "value", "exc", "fragment"),
     [
-        ("width", "32", ConfigError, "width must be an int"),
-        ("width", True, ConfigError, "width must be an int"),
-        ("lr", float("nan"), ConfigError, "lr must be finite"),
-        ("augment", 1, ConfigError, "augment must be true or false"),
-        ("dtype", "float16", ConfigError, "dtype must be one of 'float32', 'float64'"),
+        ("width", "32", ConfigTypeError, "width must be int, got '32'"),
+        ("width", True, ConfigTypeError, "width must be int, got True"),
+        ("lr", float("nan"), ConfigError, "lr must be finite, got nan"),
+        ("augment", 1, ConfigTypeError, "augment must be true or false, got 1"),
+        ("dtype", "float16", ConfigError, r"dtype must be one of \('float32', 'float64'\), got"),
     ],
 )
 def test_config_type_errors(field: str, value: object, exc: type, fragment: str) -> None:
-    with pytest.raises(exc, match=fragment):
+    with pytest.raises(exc, match=fragment) as info:
         DigitsConfig(**{field: value})
+    assert isinstance(info.value, ConfigError)
+    assert isinstance(info.value, TypeError) == (exc is ConfigTypeError)
 
 
 def test_options_parse_into_typed_config() -> None:
@@ -109,7 +123,10 @@ def test_cli_errors_exit_2_with_message(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["train", "nope"]) == 2
     assert "available recipes: digits" in capsys.readouterr().err
     assert main(["train", "digits", "--bogus", "1"]) == 2
-    assert "--phantom-damping FLOAT" not in capsys.readouterr().err  # list uses plain type names
+    err = capsys.readouterr().err
+    assert "unknown option(s) for DigitsConfig: '--bogus'" in err and "allowed options:" in err
+    assert "--phantom-damping float (default: 0.5)" in err  # the list uses plain type names
+    assert "--phantom-damping FLOAT" not in err
 
 
 def test_cli_help_lists_recipes_and_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,8 +141,9 @@ def test_cli_help_lists_recipes_and_options(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_every_option_has_help() -> None:
-    for f in dataclasses.fields(DigitsConfig) + dataclasses.fields(CompareConfig):
-        assert f.metadata.get("help"), f.name
+    for cls in (DigitsConfig, CompareConfig, MosaicConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name}"
 
 
 def test_import_equilibria_stays_light_and_python_m_works() -> None:
@@ -146,13 +164,67 @@ def test_import_equilibria_stays_light_and_python_m_works() -> None:
 def test_mosaic_recipe_is_reachable_through_the_registry(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    pytest.importorskip("equilibria.zoo.mosaic")
     recipe = get_recipe("mosaic")
-    assert recipe.config_class().__name__ == "MosaicConfig"
+    assert recipe.config_class() is MosaicConfig
     assert main(["train", "mosaic", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--block {conv,attention,ham}" in out and "--run-dir" in out
+    flat = " ".join(out.split())  # argparse wraps the help lines
+    assert "global-context block after the conv stem" in flat and "(default: ham)" in flat
     assert main(["train", "mosaic", "--blok", "ham"]) == 2
     assert "did you mean '--block'" in capsys.readouterr().err
     assert main(["eval", "nonexistent.safetensors"]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+# mosaic errors have the same form as digits': config class, option, value, what is allowed
+MOSAIC_BAD = [
+    ({"lr": 0}, ConfigError, "MosaicConfig: lr must be in (0, inf), got 0.0"),
+    ({"weight_decay": -1}, ConfigError, "MosaicConfig: weight_decay must be in [0, inf), got -1.0"),
+    ({"lr": float("inf")}, ConfigError, "MosaicConfig: lr must be finite, got inf"),
+    (
+        {"grid": 2, "channels": 128, "rank": 65},
+        ConfigError,
+        "MosaicConfig: rank must be <= 64 (the positions of the context block for grid=2), got 65",
+    ),
+    ({"channels": 8, "rank": 9}, ConfigError, "MosaicConfig: rank must be in [1, 8], got 9"),
+    ({"seed": 2**32}, ConfigError, "MosaicConfig: seed must be in [0, 4294967295], got 4294967296"),
+    ({"occupancy": 0}, ConfigError, "MosaicConfig: occupancy must be in (0, 1], got 0.0"),
+    ({"steps": 2.5}, ConfigTypeError, "MosaicConfig: steps must be int, got 2.5"),
+    (
+        {"block": "mlp"},
+        ConfigError,
+        "MosaicConfig: block must be one of ('conv', 'attention', 'ham'), got 'mlp'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("options", "exc", "message"), MOSAIC_BAD)
+def test_mosaic_config_errors_name_option_value_and_allowed(
+    options: dict[str, object], exc: type, message: str
+) -> None:
+    with pytest.raises(exc) as info:
+        MosaicConfig(**options)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+def test_mosaic_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "mosaic", "--lr", "0"]) == 2
+    assert "MosaicConfig: lr must be in (0, inf), got 0.0" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"unknown mosaic option\(s\) \['stpes'\]") as info:
+        MosaicConfig.from_dict({"stpes": 3})
+    assert "did you mean 'steps'?" in str(info.value) and "--rank int (default: 16)" in str(
+        info.value
+    )
+
+
+def test_check_range_keeps_the_value_as_given() -> None:
+    config = DigitsConfig()
+    object.__setattr__(config, "width", 0)
+    with pytest.raises(ConfigError) as info:
+        check_range(config, "width", low=1)
+    assert str(info.value) == "DigitsConfig: width must be in [1, inf), got 0"
+    object.__setattr__(config, "lr", 2.0)
+    with pytest.raises(ConfigError) as info:
+        check_range(config, "lr", low=0, high=1, low_open=True)
+    assert str(info.value) == "DigitsConfig: lr must be in (0, 1], got 2.0"

@@ -73,3 +73,13 @@ def test_two_processes_give_the_single_process_gradient(tmp_path: Path) -> None:
         assert grad_one.abs().max() > 0, name
         torch.testing.assert_close(grad_two, grad_one, rtol=1e-9, atol=1e-12, msg=name)
     assert load_checkpoint(ddp_dir).extra["metrics"]["world_size"] == 2
+
+    # starting again in the same folder: every rank fails with the same clear error
+    before = (ddp_dir / "checkpoint.safetensors").read_bytes()
+    cmd[cmd.index("--master-port") + 1] = str(_free_port())
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0
+    message = f"equilibria: error: run folder {ddp_dir} already holds a run"
+    assert again.stderr.count(message) == 2, again.stderr[-3000:]
+    assert "gloo" not in again.stderr.lower() and "Connection closed" not in again.stderr
+    assert (ddp_dir / "checkpoint.safetensors").read_bytes() == before  # untouched

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from equilibria.zoo import mosaic
 from equilibria.zoo.checkpoint import CheckpointError, load_checkpoint
 from equilibria.zoo.cli import main
 from equilibria.zoo.config import ConfigError
 from equilibria.zoo.digits import DigitsConfig, batch_loss, build_model, load_data, train
+from equilibria.zoo.runs import MissingExtraError
 
 REPO = Path(__file__).resolve().parents[1]
 # A tiny run: 2 steps of 64 per epoch, small state, short evaluation solve.
@@ -186,14 +190,108 @@ def test_fixed_point_correction_trains(tmp_path: Path) -> None:
         **{**TINY, "epochs": 1}, correction_states=3, run_dir=str(tmp_path / "run")
     )
     summary = train(config)
-    assert 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["epochs"] == 1 and math.isfinite(summary["test_loss"])
     model = build_model(config)
     x, y, _, _ = load_data()
     loss, logits = batch_loss(model, x[:8], y[:8], config)
+    # the correction loss is sum_i gamma^(n-1-i) CE(state i), computed here independently
+    states = model(x[:8], states=3)
+    assert isinstance(states, list) and len(states) == 3
+    gamma = config.correction_gamma
+    expected = sum(gamma ** (2 - i) * F.cross_entropy(out, y[:8]) for i, out in enumerate(states))
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-6, atol=0)
+    assert torch.equal(logits, states[-1])
     single, _ = batch_loss(model, x[:8], y[:8], dataclasses.replace(config, correction_states=0))
-    assert logits.shape == (8, 10) and float(loss.detach()) > float(
-        single.detach()
-    )  # three weighted terms
+    assert float(loss.detach()) > float(single.detach())  # three weighted terms
+
+
+@pytest.mark.parametrize(("module", "report"), [("sklearn", False), ("matplotlib", True)])
+def test_missing_extra_fails_before_the_run_folder_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, report: bool
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    run = tmp_path / "run"
+    config = DigitsConfig(**{**TINY, "epochs": 1, "report": report}, run_dir=str(run))
+    with pytest.raises(MissingExtraError) as info:
+        train(config)
+    assert f"missing optional dependency {module}" in str(info.value)
+    assert "pip install 'equilibria[zoo]'" in str(info.value)
+    assert not run.exists()
+    # through the CLI: a clear error, exit 1, nothing written (so a rerun is not refused)
+    flag = "--report" if report else "--no-report"
+    argv = ["train", "digits", *TINY_ARGS, "--epochs", "1", flag, "--run-dir", str(run)]
+    assert main(argv) == 1
+    assert not run.exists()
+
+
+def test_without_report_matplotlib_is_not_needed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    summary = train(DigitsConfig(**{**TINY, "epochs": 1}, run_dir=str(tmp_path / "run")))
+    assert summary["epochs"] == 1 and "report" not in summary
+
+
+def test_report_of_a_folder_without_metrics_is_a_clean_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope"
+    assert main(["report", str(missing)]) == 2
+    assert f"equilibria: error: report: {missing} is not a folder" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text('{"recipe": "mosaic", "config": {}}')
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"report: {tmp_path} holds no per-epoch metrics (metrics.jsonl)" in err
+    assert "Traceback" not in err
+
+
+MOSAIC_TINY = [
+    "--grid", "2", "--channels", "8", "--rank", "2", "--steps", "2", "--batch-size", "4",
+    "--test-canvases", "4", "--threads", "1",
+]  # fmt: skip
+
+
+def test_mosaic_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "mosaic"
+    assert main(["train", "mosaic", *MOSAIC_TINY, f"--run-dir={run}"]) == 0  # the `=` form
+    assert f"run folder: {run}" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "summary.json"]
+    assert main(["train", "mosaic", *MOSAIC_TINY, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"run folder {run} already holds a run; choose another --run-dir" in err
+    assert "--resume" not in err  # mosaic has no --resume
+    assert main(["train", "mosaic", "--run-dir="]) == 2
+    assert "--run-dir needs a folder" in capsys.readouterr().err
+    # several torchrun processes: refused before anything is written
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    other = tmp_path / "ddp"
+    assert main(["train", "mosaic", *MOSAIC_TINY, "--run-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "recipe 'mosaic' has no distributed training, got WORLD_SIZE=2" in err
+    assert "recipes that train under torchrun: digits" in err
+    assert not other.exists()
+
+
+def test_mosaic_module_refuses_to_overwrite_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert mosaic.main(["train", *MOSAIC_TINY, "--log-every", "0", "--out", str(out)]) == 0
+    first = (out / "metrics.json").read_text()
+    assert json.loads(first)["config"]["grid"] == 2
+    assert [p.name for p in out.iterdir()] == ["metrics.json"]  # no temporary left
+    capsys.readouterr()
+    assert mosaic.main(["train", *MOSAIC_TINY, "--out", str(out)]) == 2
+    assert f"--out {out} is not empty" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == first
+    assert mosaic.main(["compare", "--out", str(out), "--variants", "conv only"]) == 2
+    assert f"--out {out} is not empty" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=f"out {out} is not empty"):
+        mosaic.compare(out, variants=["conv only"])
+    assert mosaic.main(["train", "--lr", "0"]) == 2
+    assert "MosaicConfig: lr must be in (0, inf), got 0.0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

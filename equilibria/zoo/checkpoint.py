@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 FORMAT = "equilibria.zoo.checkpoint/1"
 _META_KEY = "equilibria"
+_REQUIRED = ("recipe", "config", "epoch", "step", "optimizer", "rng", "sha256")
 
 
 class CheckpointError(RuntimeError):
@@ -214,6 +215,15 @@ def _read_header(data: bytes, path: Path) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: unsupported checkpoint format {meta.get('format')!r}, expected {FORMAT!r}"
+        )
+    missing = [k for k in _REQUIRED if k not in meta]
+    if "rng" in meta:
+        rng = meta["rng"] if isinstance(meta["rng"], dict) else {}
+        missing += [f"rng.{k}" for k in ("numpy", "python") if k not in rng]
+    if missing:
+        raise CheckpointError(
+            f"{path}: corrupted checkpoint: its metadata lacks {', '.join(missing)} (a checkpoint "
+            f"of format {FORMAT!r} has {', '.join(_REQUIRED)})"
         )
     return meta
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,23 +131,28 @@ def _train(recipe: Recipe, options: list[str]) -> int:
     if any(o in ("-h", "--help") for o in options):
         print(_recipe_help(recipe, "train", cls))
         return 0
+    from .runs import require_extras
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world not in ("", "1") and not recipe.distributed:
+        supported = [r.name for r in RECIPES.values() if r.distributed]
+        raise ConfigError(
+            f"recipe {recipe.name!r} has no distributed training, got WORLD_SIZE={world}; run it "
+            f"as a single process (recipes that train under torchrun: "
+            f"{', '.join(supported) or 'none'})"
+        )
     run_dir = None
     if not recipe.run_folder:  # the recipe has no run folder of its own: config + summary here
         from .runs import default_run_dir
 
-        if "--run-dir" in options:
-            i = options.index("--run-dir")
-            if i + 1 >= len(options):
-                raise ConfigError("--run-dir needs a folder")
-            run_dir = Path(options[i + 1])
-            options = options[:i] + options[i + 2 :]
-        else:
-            run_dir = default_run_dir(recipe.name)
+        options, given = _pop_run_dir(options)
+        run_dir = default_run_dir(recipe.name) if given is None else Path(given)
     config = parse_options(cls, options, prog=f"{PROG} train {recipe.name}")
+    require_extras(*recipe.extras)  # before anything is written
     if run_dir is not None:
         from .runs import RunFolder, write_json
 
-        RunFolder(run_dir).start(recipe.name, to_dict(config))
+        RunFolder(run_dir).start(recipe.name, to_dict(config), resumable=recipe.resumable)
     summary = recipe.train_function()(config)
     if run_dir is not None:
         write_json(run_dir / "summary.json", summary)
@@ -156,9 +162,22 @@ def _train(recipe: Recipe, options: list[str]) -> int:
     return 0
 
 
-def _is_main() -> bool:
-    import os
+def _pop_run_dir(options: list[str]) -> tuple[list[str], str | None]:
+    """Take ``--run-dir DIR`` or ``--run-dir=DIR`` out of ``options``."""
+    for i, o in enumerate(options):
+        if o == "--run-dir":
+            if i + 1 >= len(options) or options[i + 1].startswith("-"):
+                raise ConfigError("--run-dir needs a folder, e.g. --run-dir runs/mine")
+            return options[:i] + options[i + 2 :], options[i + 1]
+        if o.startswith("--run-dir="):
+            value = o.split("=", 1)[1]
+            if not value:
+                raise ConfigError("--run-dir needs a folder, got an empty --run-dir=")
+            return options[:i] + options[i + 1 :], value
+    return options, None
 
+
+def _is_main() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
@@ -221,17 +240,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_demo(run_dir=args.run_dir, quiet=args.quiet, epochs=args.epochs)
         if args.command == "report":
-            from .report import write_report
+            from .report import ReportError, write_report
 
-            print(write_report(args.run_dir))
+            try:
+                print(write_report(args.run_dir))
+            except ReportError as e:
+                print(f"{PROG}: error: {e}", file=sys.stderr)
+                return 2
             return 0
     except (ConfigError, RecipeError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         from .checkpoint import CheckpointError
+        from .runs import MissingExtraError
 
-        if isinstance(e, CheckpointError):
+        if isinstance(e, (CheckpointError, MissingExtraError)):
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
         raise

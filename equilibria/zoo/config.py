@@ -20,11 +20,17 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
+from equilibria._validate import check_float
+
 C = TypeVar("C")
 
 
 class ConfigError(ValueError):
     """An option is unknown or has an invalid value; the message lists what is allowed."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An option's value has the wrong type (a :class:`ConfigError` that is also a TypeError)."""
 
 
 def option(default: Any, help: str, *, resumable: bool = False) -> Any:
@@ -84,31 +90,32 @@ def check_value(cls_name: str, name: str, value: Any, hint: Any) -> Any:
         allowed = typing.get_args(hint)
         if value not in allowed:
             raise ConfigError(
-                f"{cls_name}: {name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+                f"{cls_name}: {name} must be one of ({', '.join(map(repr, allowed))}), "
+                f"got {value!r}"
             )
         return value
     if origin is tuple:
         if not isinstance(value, (tuple, list)):
-            raise ConfigError(f"{cls_name}: {name} must be a sequence, got {value!r}")
+            raise ConfigTypeError(f"{cls_name}: {name} must be a sequence, got {value!r}")
         item = typing.get_args(hint)[0]
         return tuple(check_value(cls_name, name, v, item) for v in value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{cls_name}: {name} must be a number, got {value!r}")
+            raise ConfigTypeError(f"{cls_name}: {name} must be a number, got {value!r}")
         if not math.isfinite(value):
             raise ConfigError(f"{cls_name}: {name} must be finite, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{cls_name}: {name} must be an int, got {value!r}")
+            raise ConfigTypeError(f"{cls_name}: {name} must be int, got {value!r}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{cls_name}: {name} must be true or false, got {value!r}")
+            raise ConfigTypeError(f"{cls_name}: {name} must be true or false, got {value!r}")
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{cls_name}: {name} must be a string, got {value!r}")
+            raise ConfigTypeError(f"{cls_name}: {name} must be a string, got {value!r}")
         return value
     raise TypeError(f"{cls_name}.{name}: unsupported config field type {hint!r}")
 
@@ -132,21 +139,17 @@ def check_range(
     high: float | None = None,
     low_open: bool = False,
 ) -> None:
-    """Raise :class:`ConfigError` unless ``low <= config.name <= high`` (``<`` if ``low_open``)."""
+    """Raise :class:`ConfigError` unless ``low <= config.name <= high`` (``<`` if ``low_open``).
+
+    The check is :func:`equilibria._validate.check_float` (the core library's); its message
+    (option, interval, value) is kept, with the value shown as given (``0``, not ``0.0``).
+    """
     value = getattr(config, name)
-    ok = True
-    if low is not None:
-        ok = value > low if low_open else value >= low
-    if high is not None:
-        ok = ok and value <= high
-    if not ok:
-        left = "(" if low_open else "["
-        lo = "-inf" if low is None else f"{low:g}"
-        right = ")" if high is None else "]"
-        hi = "inf" if high is None else f"{high:g}"
-        raise ConfigError(
-            f"{type(config).__name__}: {name} must be in {left}{lo}, {hi}{right}, got {value!r}"
-        )
+    try:
+        check_float(name, value, low=low, high=high, low_open=low_open, high_open=False)
+    except (TypeError, ValueError) as e:
+        text = str(e).rsplit(", got ", 1)[0]
+        raise ConfigError(f"{type(config).__name__}: {text}, got {value!r}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

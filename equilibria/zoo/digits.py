@@ -51,9 +51,10 @@ from .checkpoint import CheckpointError, load_checkpoint, restore_rng, save_chec
 from .config import ConfigError, check_fields, check_range, differences, from_dict, option, to_dict
 from .distributed import DistInfo
 from .memory import PeakMemory
-from .runs import SUMMARY, RunFolder, default_run_dir, write_json
+from .runs import SUMMARY, RunFolder, default_run_dir, require_extras, write_json
 
 RECIPE = "digits"
+EXTRAS = ("sklearn", "safetensors", "tqdm")  # the zoo extras a run needs (and matplotlib: report)
 TEST_SIZE = 360
 TRAIN_SIZE = 1797 - TEST_SIZE
 SolverName = Literal["anderson", "picard", "broyden"]
@@ -135,8 +136,9 @@ class DigitsConfig:
             check_range(self, field, low=1)
         for field in ("phantom_steps", "implicit_max_iter", "epochs", "batch_size"):
             check_range(self, field, low=1)
-        for field in ("correction_states", "warmup_epochs", "seed", "threads"):
+        for field in ("correction_states", "warmup_epochs", "threads"):
             check_range(self, field, low=0)
+        check_range(self, "seed", low=0, high=2**32 - 1)  # numpy's seed range
         for field in ("gain", "tol", "eval_tol", "implicit_tol", "lr"):
             check_range(self, field, low=0, low_open=True)
         check_range(self, "phantom_damping", low=0, high=1, low_open=True)
@@ -151,6 +153,16 @@ class DigitsConfig:
             raise ConfigError(
                 f"{name}: train_subset must be 0 or >= batch_size={self.batch_size}, "
                 f"got {self.train_subset}"
+            )
+        if self.batch_size > TRAIN_SIZE:
+            raise ConfigError(
+                f"{name}: batch_size must be <= {TRAIN_SIZE} (the training images; fewer with "
+                f"train_subset), got {self.batch_size}"
+            )
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(
+                f"{name}: warmup_epochs must be <= epochs={self.epochs} (else the learning rate "
+                f"never reaches its peak), got {self.warmup_epochs}"
             )
         if self.correction_states and self.backward not in ("phantom", "jfb"):
             raise ConfigError(
@@ -401,6 +413,8 @@ def train(
     Raises:
         ConfigError: invalid options, a run folder that already holds a run (without
             ``resume``), or a resume whose options differ from the saved run.
+        MissingExtraError: an optional dependency is not installed (checked before the run
+            folder is written).
         CheckpointError: ``resume`` with a truncated or corrupted checkpoint (the file is left
             as it is). A run killed before its first checkpoint resumes from the start.
     """
@@ -426,10 +440,14 @@ def _train(
             f"batch_size={config.batch_size} must be divisible by the number of processes "
             f"({info.world_size})"
         )
+    require_extras(*EXTRAS, *(("matplotlib",) if config.report else ()))
     run = RunFolder(config.run_dir or (default_run_dir(RECIPE) if info.is_main else "."))
     config = dataclasses.replace(config, run_dir=str(run.path))
     saved_config = to_dict(config)
     ckpt = None
+    # rank 0 decides whether the folder holds a run; every rank then fails with the same error
+    if not config.resume:
+        run.check_new(holds=distributed.broadcast_flag(info.is_main and run.holds_run(), info))
     if config.resume:
         run.check_resume(RECIPE, saved_config, DigitsConfig)
         if run.checkpoint.exists():  # else: stopped before its first checkpoint, start over

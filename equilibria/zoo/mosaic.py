@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import math
 import statistics
 import sys
 import time
-import types
-import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -43,6 +42,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from equilibria.layers import Hamburger
+
+from .config import (
+    ConfigError,
+    add_arguments,
+    check_fields,
+    check_range,
+    describe_options,
+    from_dict,
+    option,
+)
+from .runs import require_extras, require_new_folder, write_json, write_text
 
 __all__ = [
     "VARIANTS",
@@ -55,10 +65,7 @@ __all__ = [
     "train",
 ]
 
-Block = Literal["conv", "attention", "ham"]
 Ham = Literal["nmf", "vq", "cd"]
-Grad = Literal["one_step", "bptt"]
-Init = Literal["random", "online"]
 Task = Literal["key", "majority"]
 NUM_CLASSES = 3  # background, same class as the key, other class
 CLASS_NAMES = ("background", "match", "other")  # for "majority": majority, minority
@@ -70,60 +77,49 @@ _SPLIT_SEED = 1234  # which digit images are used for training and which for tes
 
 @dataclass(frozen=True)
 class MosaicConfig:
-    """Configuration of one mosaic-segmentation run; validated on construction.
+    """Options of one mosaic-segmentation run (each is an option ``--name-with-dashes``).
 
-    Attributes:
-        task: ``"key"`` (label 1: same class as the marked key digit, 2: another class) or
-            ``"majority"`` (two classes per canvas; label 1: the more frequent one, 2: the other).
-        block: global-context block after the convolutional stem: ``"conv"`` (a 3×3 conv, no
-            global context), ``"attention"`` (single-head SDPA self-attention) or ``"ham"``.
-        ham: decomposition of the Hamburger (``block="ham"``).
-        grad: gradient of the Hamburger, ``"one_step"`` or ``"bptt"``.
-        ham_init: initial bases of the Hamburger, ``"random"`` per sample or ``"online"``.
-        seed: seed of the initialisation and of the training canvases.
-        grid: the canvas holds grid × grid cells of 8×8 pixels.
-        channels: width of the network.
-        rank: rank of the Hamburger's decomposition.
-        ham_train_steps: decomposition steps in training.
-        ham_eval_steps: decomposition steps in evaluation.
-        steps: optimisation steps (each on a fresh batch of canvases).
-        batch_size: canvases per step.
-        lr: peak learning rate of AdamW (cosine decay after a short warm-up).
-        weight_decay: AdamW weight decay.
-        occupancy: probability that a cell holds a digit.
-        match_prob: probability that a non-key digit has the key's class.
-        test_canvases: canvases in the (fixed) test set.
-        aux_weight: weight of an auxiliary loss, the digit class of every stroke pixel predicted
-            by a 1×1 head on the stem features (0 disables it), as segmentation networks train
-            with an auxiliary head; used in training only, by every variant alike.
-        threads: torch CPU threads.
+    Validated on construction with the shared checks of :mod:`equilibria.zoo.config`: a wrong type
+    or value raises :class:`ConfigError` naming the option, the value and what is allowed.
     """
 
-    task: Task = "key"
-    block: Block = "ham"
-    ham: Ham = "nmf"
-    grad: Grad = "one_step"
-    ham_init: Init = "random"
-    seed: int = 0
-    grid: int = 4
-    channels: int = 32
-    rank: int = 16
-    ham_train_steps: int = 6
-    ham_eval_steps: int = 7
-    steps: int = 1500
-    batch_size: int = 16
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    occupancy: float = 0.75
-    match_prob: float = 0.5
-    test_canvases: int = 500
-    aux_weight: float = 0.4
-    threads: int = 2
+    task: Literal["key", "majority"] = option(
+        "key",
+        "'key' (label 1: same class as the marked key digit, 2: another class) or 'majority' "
+        "(two classes per canvas; label 1: the more frequent one, 2: the other)",
+    )
+    block: Literal["conv", "attention", "ham"] = option(
+        "ham",
+        "global-context block after the conv stem: 'conv' (a 3x3 conv, no global context), "
+        "'attention' (single-head SDPA self-attention) or 'ham' (Hamburger)",
+    )
+    ham: Literal["nmf", "vq", "cd"] = option("nmf", "decomposition of the Hamburger (block 'ham')")
+    grad: Literal["one_step", "bptt"] = option("one_step", "gradient of the Hamburger")
+    ham_init: Literal["random", "online"] = option(
+        "random", "initial bases of the Hamburger: random per sample or online"
+    )
+    seed: int = option(0, "seed of the initialisation and of the training canvases")
+    grid: int = option(4, "the canvas holds grid x grid cells of 8x8 pixels")
+    channels: int = option(32, "width of the network")
+    rank: int = option(16, "rank of the Hamburger's decomposition (<= channels)")
+    ham_train_steps: int = option(6, "decomposition steps in training")
+    ham_eval_steps: int = option(7, "decomposition steps in evaluation")
+    steps: int = option(1500, "optimisation steps (each on a fresh batch of canvases)")
+    batch_size: int = option(16, "canvases per step")
+    lr: float = option(3e-3, "peak learning rate of AdamW (cosine decay after a short warm-up)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    occupancy: float = option(0.75, "probability that a cell holds a digit")
+    match_prob: float = option(0.5, "probability that a non-key digit has the key's class")
+    test_canvases: int = option(500, "canvases in the (fixed) test set")
+    aux_weight: float = option(
+        0.4,
+        "weight of an auxiliary loss (digit class of every stroke pixel, from a 1x1 head on the "
+        "stem features; training only, every variant alike); 0 disables it",
+    )
+    threads: int = option(2, "torch CPU threads")
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            _check_field(f.name, getattr(self, f.name), hints[f.name])
+        check_fields(self)
         bounds = {
             "grid": (2, 8),
             "channels": (4, 1024),
@@ -134,48 +130,35 @@ class MosaicConfig:
             "batch_size": (2, 4096),
             "test_canvases": (1, 10**6),
             "threads": (1, 256),
-            "seed": (0, 2**31 - 1),
+            "seed": (0, 2**32 - 1),  # numpy's seed range
         }
         for name, (low, high) in bounds.items():
-            value = getattr(self, name)
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+            check_range(self, name, low=low, high=high)
         positions = (self.grid * _DIGIT // 2) ** 2
         if self.rank > positions:
-            raise ValueError(f"rank must be <= {positions} positions for grid={self.grid}")
-        for name in ("lr", "weight_decay", "aux_weight"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(
-                    f"{name} must be a finite number {'>' if name == 'lr' else '>='} 0"
-                )
-        if not 0 < self.occupancy <= 1:
-            raise ValueError(f"occupancy must be in (0, 1], got {self.occupancy}")
-        if not 0 <= self.match_prob <= 1:
-            raise ValueError(f"match_prob must be in [0, 1], got {self.match_prob}")
+            raise ConfigError(
+                f"MosaicConfig: rank must be <= {positions} (the positions of the context block "
+                f"for grid={self.grid}), got {self.rank}"
+            )
+        check_range(self, "lr", low=0, low_open=True)
+        check_range(self, "weight_decay", low=0)
+        check_range(self, "aux_weight", low=0)
+        check_range(self, "occupancy", low=0, high=1, low_open=True)
+        check_range(self, "match_prob", low=0, high=1)
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> MosaicConfig:
+    def from_dict(cls, options: Mapping[str, Any]) -> MosaicConfig:
         """Builds a config from a dict, rejecting unknown keys with the list of allowed ones."""
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(allowed))
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(names))
         if unknown:
-            raise ValueError(f"unknown mosaic option(s) {unknown}; allowed: {allowed}")
-        return cls(**options)
-
-
-def _check_field(name: str, value: object, hint: object) -> None:
-    if typing.get_origin(hint) is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        return
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, hint) and not isinstance(value, bool)  # type: ignore[arg-type]
-    if not ok:
-        raise TypeError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+            close = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
+            hints = "".join(f"\n  {k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+            raise ConfigError(
+                f"unknown mosaic option(s) {unknown}; allowed options:\n"
+                f"{describe_options(cls)}{hints}"
+            )
+        return from_dict(cls, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +281,7 @@ def _majority_canvases(
     *,
     grid: int,
     occupancy: float,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Canvases:
     """Two classes per canvas; label 1 for the digits of the more frequent class, 2 otherwise."""
     cells = grid * grid
     digits = max(3, round(occupancy * cells))
@@ -445,6 +428,7 @@ def train(config: MosaicConfig, *, log_every: int = 0) -> dict[str, Any]:
     """
     if not isinstance(config, MosaicConfig):
         raise TypeError(f"config must be a MosaicConfig, got {type(config).__name__}")
+    require_extras("sklearn")
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
@@ -554,7 +538,8 @@ def compare(
     """Trains every variant for every seed; writes ``results.json`` and ``table.md`` in ``out``.
 
     Args:
-        out: run folder (created).
+        out: run folder: created, or an existing empty folder (earlier results are never
+            overwritten).
         seeds: seeds of the runs.
         variants: names from :data:`VARIANTS` (default: all).
         overrides: config fields applied to every run (e.g. ``{"steps": 500}``).
@@ -569,7 +554,8 @@ def compare(
         raise ValueError(f"unknown variant(s) {unknown}; allowed: {list(VARIANTS)}")
     overrides = dict(overrides or {})
     MosaicConfig.from_dict(overrides)  # validate before the long loop
-    out = Path(out)
+    out = require_new_folder(out, "out")
+    require_extras("sklearn")
     out.mkdir(parents=True, exist_ok=True)
     runs, rows = [], []
     start = time.perf_counter()
@@ -619,7 +605,7 @@ def _write(
         "rows": rows,
         "runs": runs,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "results.json", summary)
     config = MosaicConfig.from_dict(overrides)
     header = (
         f"Mosaic segmentation (task={config.task!r}, {config.grid}x{config.grid} cells, "
@@ -629,7 +615,7 @@ def _write(
         f"is the median training step; block MMACs: forward of the context block per canvas "
         f"(analytic). Total {elapsed / 60:.1f} min.\n\n"
     )
-    (out / "table.md").write_text(header + _table(rows) + "\n")
+    write_text(out / "table.md", header + _table(rows) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,18 +631,6 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(MosaicConfig)
-    for f in dataclasses.fields(MosaicConfig):
-        hint = hints[f.name]
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"default: {f.default}"}
-        if typing.get_origin(hint) is Literal:
-            kwargs["choices"] = typing.get_args(hint)
-        elif isinstance(hint, type) and not isinstance(hint, types.GenericAlias):
-            kwargs["type"] = hint
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, **kwargs)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; see ``python -m equilibria.zoo.mosaic --help``."""
     parser = argparse.ArgumentParser(
@@ -666,11 +640,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("train", help="train one configuration and print its metrics")
-    _add_config_options(one)
-    one.add_argument("--out", type=Path, help="write metrics.json in this folder")
+    add_arguments(one, MosaicConfig)
+    one.add_argument("--out", type=Path, help="write metrics.json in this new (or empty) folder")
     one.add_argument("--log-every", type=int, default=100)
     table = sub.add_parser("compare", help="all variants x seeds; writes table.md, results.json")
-    table.add_argument("--out", type=Path, required=True, help="run folder")
+    table.add_argument("--out", type=Path, required=True, help="new (or empty) output folder")
     table.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     table.add_argument(
         "--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
@@ -682,14 +656,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )  # fmt: skip
     table.add_argument("--log-every", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except ConfigError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.out is not None:
+        require_new_folder(args.out, "--out")
     if args.command == "train":
         options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "log_every")}
         result = train(MosaicConfig.from_dict(options), log_every=args.log_every)
-        text = json.dumps(result, indent=2)
-        print(text)
+        print(json.dumps(result, indent=2))
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "metrics.json").write_text(text + "\n")
+            write_json(args.out / "metrics.json", result)
         return 0
     overrides = {}
     for item in args.set:

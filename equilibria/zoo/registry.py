@@ -37,6 +37,11 @@ class Recipe:
             ``"module:ConfigClass:function"``, if it has one.
         run_folder: whether ``train`` writes its own run folder (its config then has ``run_dir``);
             if not, the CLI writes ``config.json`` and ``summary.json`` into ``--run-dir``.
+        extras: optional modules (the ``zoo`` extra) a training run needs; the CLI imports them
+            before it writes anything, so a missing one fails early with a clear error.
+        distributed: whether ``train`` supports data-parallel training under ``torchrun``
+            (``WORLD_SIZE > 1``); if not, the CLI refuses to run on several processes.
+        resumable: whether the config has ``resume`` (a stopped run can be continued).
     """
 
     name: str
@@ -47,6 +52,9 @@ class Recipe:
     evaluate: str | None = None
     compare_gradients: str | None = None
     run_folder: bool = True
+    extras: tuple[str, ...] = ()
+    distributed: bool = False
+    resumable: bool = False
 
     def _attr(self, name: str, module_name: str | None = None) -> Any:
         module_name = self.module if module_name is None else module_name
@@ -124,6 +132,9 @@ register(
         train="train",
         evaluate="evaluate",
         compare_gradients="equilibria.zoo.compare:CompareConfig:compare_gradients",
+        extras=("sklearn", "safetensors", "tqdm"),
+        distributed=True,
+        resumable=True,
     )
 )
 register(
@@ -134,5 +145,6 @@ register(
         config="MosaicConfig",
         train="train",
         run_folder=False,
+        extras=("sklearn",),
     )
 )

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .runs import CONFIG, REPORT, SUMMARY, RunFolder, read_json
+from .runs import CONFIG, METRICS, REPORT, SUMMARY, RunFolder, read_json, require_extras
 
 
 def _pyplot() -> Any:
@@ -91,12 +91,26 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
     return str(value)
 
 
+class ReportError(FileNotFoundError):
+    """The folder is not a run folder with per-epoch metrics (``metrics.jsonl``)."""
+
+
 def write_report(run_dir: str | os.PathLike[str]) -> Path:
-    """Write ``report.md`` and its plots into ``run_dir``; returns the report's path."""
+    """Write ``report.md`` and its plots into ``run_dir``; returns the report's path.
+
+    Raises:
+        ReportError: if ``run_dir`` is no folder or holds no ``metrics.jsonl`` rows.
+    """
     run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise ReportError(f"report: {run.path} is not a folder; give a run folder of a recipe")
     rows = run.read_metrics()
     if not rows:
-        raise FileNotFoundError(f"{run.metrics_path}: no metrics to report")
+        raise ReportError(
+            f"report: {run.path} holds no per-epoch metrics ({METRICS}); a report needs the run "
+            "folder of a recipe that writes them (e.g. `equilibria train digits`)"
+        )
+    require_extras("matplotlib")
     summary = read_json(run.path / SUMMARY) if (run.path / SUMMARY).is_file() else {}
     saved = read_json(run.path / CONFIG) if (run.path / CONFIG).is_file() else {}
     config = saved.get("config", {})

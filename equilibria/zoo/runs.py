@@ -8,6 +8,7 @@ overwritten by accident. JSON files are written atomically (temporary file, then
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -35,15 +36,60 @@ def default_run_dir(recipe: str, root: str | os.PathLike[str] = "runs") -> Path:
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def require_new_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Return ``path`` if it does not exist or is an empty folder, so nothing is overwritten.
+
+    Raises:
+        ConfigError: naming the option and the folder when it is a file or holds files.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        what = "is not a folder" if not path.is_dir() else "is not empty"
+        raise ConfigError(
+            f"{option} {path} {what}; choose a new or empty folder (earlier results are never "
+            "overwritten)"
+        )
+    return path
+
+
+def require_extras(*modules: str) -> None:
+    """Import the optional dependencies a run needs, before anything is written.
+
+    Raises:
+        MissingExtraError: naming the missing package(s) and ``pip install 'equilibria[zoo]'``.
+    """
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(
+            f"missing optional dependenc{'y' if len(missing) == 1 else 'ies'} "
+            f"{', '.join(missing)} (needed by this run); install the recipe extras with "
+            "pip install 'equilibria[zoo]'"
+        )
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency of the recipes (the ``zoo`` extra) is not installed."""
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -75,19 +121,34 @@ class RunFolder:
         """Whether the folder already holds (part of) a run."""
         return any((self.path / name).exists() for name in (CONFIG, METRICS, CHECKPOINT))
 
-    def start(self, recipe: str, config: dict[str, Any]) -> None:
+    def start(self, recipe: str, config: dict[str, Any], *, resumable: bool = True) -> None:
         """Create the folder for a new run and write ``config.json``.
+
+        Args:
+            recipe: the recipe's name.
+            config: the run's options.
+            resumable: whether the recipe has ``--resume`` (suggested in the error if so).
 
         Raises:
             ConfigError: if the folder already holds a run.
         """
-        if self.holds_run():
-            raise ConfigError(
-                f"run folder {self.path} already holds a run; pass --resume to continue it or "
-                "choose another --run-dir"
-            )
+        self.check_new(resumable=resumable)
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / CONFIG, {"recipe": recipe, "config": config})
+
+    def check_new(self, *, resumable: bool = True, holds: bool | None = None) -> None:
+        """Raise :class:`ConfigError` if the folder already holds a run.
+
+        Args:
+            resumable: whether the recipe has ``--resume`` (suggested in the error if so).
+            holds: whether it does, as decided elsewhere (e.g. by rank 0 for every process);
+                ``None``: look.
+        """
+        if self.holds_run() if holds is None else holds:
+            hint = "pass --resume to continue it or " if resumable else ""
+            raise ConfigError(
+                f"run folder {self.path} already holds a run; {hint}choose another --run-dir"
+            )
 
     def check_resume(self, recipe: str, config: dict[str, Any], config_cls: type) -> None:
         """Check that the folder holds a run of ``recipe`` with a compatible config.
