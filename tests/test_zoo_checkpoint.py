@@ -160,3 +160,12 @@ def test_checkpoint_with_missing_keys_is_rejected(
     assert "optimizer, rng, sha256)" in str(info.value)  # what a checkpoint has
     assert main(["eval", str(path)]) == 1
     assert f"metadata lacks {missing}" in capsys.readouterr().err
+
+
+def test_checkpoint_whose_metadata_is_not_an_object_is_rejected(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_file({"model/w": torch.zeros(2)}, path, metadata={"equilibria": "[1, 2]"})
+    with pytest.raises(CheckpointError, match="its metadata is a list, not an object"):
+        load_checkpoint(path)

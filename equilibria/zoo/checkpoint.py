@@ -212,6 +212,11 @@ def _read_header(data: bytes, path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: corrupted checkpoint or not written by equilibria ({type(e).__name__}: {e})"
         ) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{path}: corrupted checkpoint or not written by equilibria (its metadata is a "
+            f"{type(meta).__name__}, not an object)"
+        )
     if meta.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: unsupported checkpoint format {meta.get('format')!r}, expected {FORMAT!r}"
