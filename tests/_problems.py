@@ -235,6 +235,22 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
+def assert_grads_close(got: Any, want: Any, rtol: float) -> None:
+    """Every gradient in ``got`` exists and is within ``rtol`` (relative 2-norm) of ``want``."""
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a is not None, f"no gradient for leaf {i}"
+        assert rel_err(a, b) < rtol, (i, rel_err(a, b))
+
+
+def assert_error_bound(value: Tensor, reference: Tensor, bound: Tensor, atol: float) -> None:
+    """Per sample ||value - reference|| <= bound (up to a relative 1e-6 and ``atol``): the a
+    posteriori error bound of a solve, e.g. ||(I - A)^-1|| ||f(z) - z|| for an affine map or
+    ||f(z) - z|| / (1 - L) for a contraction with Lipschitz constant L."""
+    err = torch.linalg.vector_norm((value - reference).reshape(value.shape[0], -1), dim=1)
+    assert err.shape == bound.shape, (err.shape, bound.shape)
+    assert bool((err <= bound * (1 + 1e-6) + atol).all()), (err, bound)
+
+
 def budget(solver: eq.Solver, radius: float) -> int:
     """An iteration budget that is plenty for every solver at a relative tol of 1e-10."""
     if isinstance(solver, eq.Picard) or (isinstance(solver, eq.Anderson) and solver.m == 1):

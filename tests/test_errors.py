@@ -18,6 +18,7 @@ from _problems import F64, SOLVER_NAMES, Affine, BatchAffine
 
 import equilibria as eq
 from equilibria._backward import BACKWARDS
+from equilibria._iterate import DIVERGENCE_FACTOR
 from equilibria._solvers import SOLVERS
 
 Z = torch.zeros(2, 3, dtype=F64)
@@ -56,6 +57,50 @@ def _backward_with_nan_gradient():
     w = torch.eye(3, dtype=F64).mul(0.5).requires_grad_()
     z, _ = eq.fixed_point(lambda z: z @ w.T + 1.0, Z, backward="implicit")
     z.backward(torch.full_like(z, math.nan))
+
+
+# non-finite values appearing during the solve: (id, entry point, _nan_at_call arguments, keyword
+# arguments, message fragment)
+_NONFINITE_DURING_SOLVE = [
+    (
+        "nan-first-call",
+        eq.solve,
+        (1,),
+        {"solver": "picard", "tol": 1e-12},
+        "at iteration 1: the map returned NaN or inf (samples 1)",
+    ),
+    *(
+        (
+            f"nan-later-{name}",
+            eq.solve,
+            (4,),
+            {"solver": name, "tol": 1e-15, "max_iter": 20},
+            "in the solve at iteration 4: the map returned NaN or inf (samples 1)",
+        )
+        for name in SOLVER_NAMES
+    ),
+    (
+        "nan-fixed-point",
+        eq.fixed_point,
+        (3,),
+        {"backward": "phantom", "tol": 1e-15},
+        "non-finite values in the solve at iteration 3: the map returned",
+    ),
+    (
+        "inf-later-rel",
+        eq.solve,
+        (2, 0, math.inf),
+        {"solver": "broyden", "tol": 1e-15},
+        "at iteration 2: the map returned NaN or inf (samples 0)",
+    ),
+    (
+        "inf-later-abs",
+        eq.solve,
+        (2, 0, math.inf),
+        {"solver": "broyden", "stop": "abs"},
+        "at iteration 2: the map returned NaN or inf (samples 0)",
+    ),
+]
 
 
 BAD_INPUTS = [
@@ -290,38 +335,14 @@ BAD_INPUTS = [
         id="z0-inf",
     ),
     # --- non-finite values appearing during the solve ------------------------------------------
-    pytest.param(
-        lambda: eq.solve(_nan_at_call(1), Z, solver="picard", tol=1e-12),
-        eq.NonFiniteError,
-        "at iteration 1: the map returned NaN or inf (samples 1)",
-        id="nan-first-call",
-    ),
     *(
         pytest.param(
-            lambda name=name: eq.solve(_nan_at_call(4), Z, solver=name, tol=1e-15, max_iter=20),
+            lambda run=run, at=at, kw=kw: run(_nan_at_call(*at), Z, **kw),
             eq.NonFiniteError,
-            "in the solve at iteration 4: the map returned NaN or inf (samples 1)",
-            id=f"nan-later-{name}",
+            message,
+            id=case,
         )
-        for name in SOLVER_NAMES
-    ),
-    pytest.param(
-        lambda: eq.fixed_point(_nan_at_call(3), Z, backward="phantom", tol=1e-15),
-        eq.NonFiniteError,
-        "non-finite values in the solve at iteration 3: the map returned",
-        id="nan-fixed-point",
-    ),
-    pytest.param(
-        lambda: eq.solve(_nan_at_call(2, 0, math.inf), Z, solver="broyden", tol=1e-15),
-        eq.NonFiniteError,
-        "at iteration 2: the map returned NaN or inf (samples 0)",
-        id="inf-later-rel",
-    ),
-    pytest.param(
-        lambda: eq.solve(_nan_at_call(2, 0, math.inf), Z, solver="broyden", stop="abs"),
-        eq.NonFiniteError,
-        "at iteration 2: the map returned NaN or inf (samples 0)",
-        id="inf-later-abs",
+        for case, run, at, kw, message in _NONFINITE_DURING_SOLVE
     ),
     pytest.param(
         _backward_with_nan_gradient,
@@ -542,11 +563,49 @@ def test_implicit_backward_out_of_budget_warns_and_reports():
     assert sol.backward.solution.status is eq.Status.MAX_ITER
 
 
+def _divergence_step(f, z0, dtype=F64, max_iter=100):
+    """The step at which a Picard solve of ``f`` from ``z0`` must stop as DIVERGED, by a hand loop:
+    the first whose abs residual ||f(z) - z|| exceeds DIVERGENCE_FACTOR times the lowest that
+    sample has had, the lowest floored at eps times the largest first residual of the batch."""
+    z, lowest, floor = z0, None, None
+    for nstep in range(1, max_iter + 1):
+        r = torch.linalg.vector_norm(f(z) - z, dim=1)
+        if lowest is None:
+            lowest, floor = r, torch.finfo(dtype).eps * float(r.max())
+        elif bool((r > DIVERGENCE_FACTOR * lowest.clamp_min(floor)).any()):
+            return nstep
+        lowest = torch.minimum(lowest, r)
+        z = f(z)
+    raise AssertionError("no divergence within the budget")
+
+
 def test_divergence_is_reported_in_the_rel_norm_too():
     # in the rel norm this map's residual tends to 0.9, but ||f(z) - z|| grows 10x per step
     z0 = torch.zeros(3, 2, dtype=F64)
     sol = eq.solve(lambda z: 10.0 * z + 1.0, z0, solver="picard", tol=1e-8, max_iter=100)
-    assert sol.status is eq.Status.DIVERGED and sol.nstep < 100
+    want = _divergence_step(lambda z: 10.0 * z + 1.0, z0)
+    assert want == math.floor(math.log10(DIVERGENCE_FACTOR)) + 2
+    assert sol.status is eq.Status.DIVERGED and sol.nstep == want, (sol.nstep, want)
+
+
+def test_divergence_is_per_sample_with_a_floored_lowest_residual():
+    # sample 0 grows 10x per step from a residual far below the round-off floor (eps times the
+    # largest first residual, sample 1's), so its growth counts from the floor; sample 1 has a
+    # constant residual of 1 and sample 2 one of 1e12 (never a blow-up: a rule on the batch's
+    # largest residual would not fire until sample 0 passed 1e12 * DIVERGENCE_FACTOR)
+    shift = torch.tensor([[1e-25], [1.0], [1e12]], dtype=F64)
+    grow = torch.tensor([[10.0], [1.0], [1.0]], dtype=F64)
+
+    def f(z):
+        return grow * z + shift
+
+    z0 = torch.zeros(3, 1, dtype=F64)
+    want = _divergence_step(f, z0)
+    # with the floor and per sample: 1e-25 * 10^k > FACTOR * eps * 1e12
+    k = math.floor(math.log10(DIVERGENCE_FACTOR * torch.finfo(F64).eps * 1e12 / 1e-25)) + 1
+    assert want == k + 1, (want, k)
+    sol = eq.solve(f, z0, solver="picard", tol=1e-8, max_iter=100, stop="abs")
+    assert sol.status is eq.Status.DIVERGED and sol.nstep == want, (sol.status, sol.nstep, want)
 
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)
@@ -583,7 +642,11 @@ def test_divergence_is_reported():
         lambda z: 10.0 * z + 1.0, z0, solver="picard", tol=1e-8, max_iter=100, stop="abs"
     )
     assert sol.status is eq.Status.DIVERGED
-    assert sol.nstep < 100
+    # ||f(z) - z|| = sqrt(2) 10^(n-1) at step n: the first step past DIVERGENCE_FACTOR times the
+    # first (the lowest) residual
+    want = _divergence_step(lambda z: 10.0 * z + 1.0, z0)
+    assert want == math.floor(math.log10(DIVERGENCE_FACTOR)) + 2
+    assert sol.nstep == want, (sol.nstep, want)
     assert not bool(sol.converged.any())
     torch.testing.assert_close(sol.value, z0, rtol=0, atol=0)  # the best iterate
     torch.testing.assert_close(
@@ -597,10 +660,17 @@ def test_divergence_is_reported():
 
 
 @pytest.mark.parametrize("name", SOLVER_NAMES)
-@pytest.mark.parametrize("max_iter", [1, 2, 5])
+@pytest.mark.parametrize("max_iter", [1, 2, 5, 2000])
 def test_status_agrees_with_per_sample_flags(name, max_iter):
+    # max_iter=2000 is plenty for every solver: the converging case
     p = Affine.make(batch=5, d=8, radius=0.95, seed=4, symmetric=False)
     sol = eq.solve(p.f, p.z0(), solver=name, tol=1e-6, max_iter=max_iter)
-    assert sol.nstep == max_iter
-    assert (sol.status is eq.Status.CONVERGED) == bool(sol.converged.all()) is False
+    converges = max_iter == 2000
+    if converges:
+        assert sol.nstep < max_iter
+        assert sol.status is eq.Status.CONVERGED
+    else:
+        assert sol.nstep == max_iter
+        assert sol.status is eq.Status.MAX_ITER
+    assert (sol.status is eq.Status.CONVERGED) == bool(sol.converged.all()) is converges
     torch.testing.assert_close(sol.converged, sol.residual < 1e-6, rtol=0, atol=0)

@@ -23,9 +23,11 @@ from _problems import (
     AffineParams,
     Tanh,
     TreeAffine,
+    assert_grads_close,
     has_node,
     loss,
     rel_err,
+    residual,
 )
 
 import equilibria as eq
@@ -37,12 +39,6 @@ TIGHT = {"tol": 1e-12, "max_iter": 500}
 
 def tight_implicit(solver: str = "anderson") -> eq.Implicit:
     return eq.Implicit(solver=solver, tol=1e-12, max_iter=500)
-
-
-def assert_grads_close(got, want, rtol):
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert a is not None, f"no gradient for leaf {i}"
-        assert rel_err(a, b) < rtol, (i, rel_err(a, b))
 
 
 # --- implicit vs dense analytic --------------------------------------------------------------
@@ -68,6 +64,8 @@ def test_implicit_matches_dense_gradient(solver, adjoint_solver):
     assert_grads_close(got, want, 1e-6)
     assert sol.backward.method == "implicit"
     assert bool(sol.backward.converged.all())
+    # the adjoint was solved by the solver asked for, not by a default
+    assert sol.backward.solution.solver == adjoint_solver
 
 
 @pytest.mark.parametrize("stop", ["abs", "rel"])
@@ -76,7 +74,7 @@ def test_implicit_matches_hand_written_ift(stop):
     # with u_b = (I - W^T)^{-1} g_b
     p = AffineParams.make(radius=0.95, seed=2, d=6, batch=3)
     backward = eq.Implicit(tol=1e-12, max_iter=500, stop=stop)
-    z, _ = eq.fixed_point(p.f, p.z0(), backward=backward, stop=stop, **TIGHT)
+    z, sol = eq.fixed_point(p.f, p.z0(), backward=backward, stop=stop, **TIGHT)
     got = p.grads(loss(z))
     with torch.no_grad():
         zs = p.dense()
@@ -87,6 +85,42 @@ def test_implicit_matches_hand_written_ift(stop):
         u = torch.linalg.solve(eye - p.W.T, gbar.T).T  # (B, D)
         want = (u.T @ zs, u.T @ p.x, u.sum(0), u @ p.U)
     assert_grads_close(got, want, 1e-6)
+    adjoint = sol.backward.solution
+    assert adjoint.stop == stop and adjoint.status is eq.Status.CONVERGED
+    torch.testing.assert_close(adjoint.value, u, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("stop", ["abs", "rel"])
+def test_implicit_adjoint_stops_in_its_own_norm(stop):
+    # the adjoint solve u = W^T u + g with Picard is a hand-written loop: it must stop at the first
+    # iterate whose residual is below tol in the adjoint's stop norm (whatever the forward's), and
+    # report that residual; ||u|| is far from 1, so the abs and rel norms stop at different steps
+    p = AffineParams.make(radius=0.9, seed=5, d=5, batch=3)
+    tol = 1e-6
+    backward = eq.Implicit(solver="picard", tol=tol, max_iter=500, stop=stop)
+    other = "rel" if stop == "abs" else "abs"
+    z, sol = eq.fixed_point(p.f, p.z0(), backward=backward, stop=other, **TIGHT)
+    gbar = 50.0 * torch.ones_like(z)
+    z.backward(gbar)
+    adjoint = sol.backward.solution
+    assert adjoint.solver == "picard" and adjoint.stop == stop
+    assert adjoint.status is eq.Status.CONVERGED
+
+    def adjoint_map(v):
+        return v @ p.W.detach() + gbar
+
+    with torch.no_grad():
+        u, steps = gbar, 1
+        while float(residual(adjoint_map, u, stop).max()) >= tol:
+            u, steps = adjoint_map(u), steps + 1
+        other_steps, v = 1, gbar
+        while float(residual(adjoint_map, v, other).max()) >= tol:
+            v, other_steps = adjoint_map(v), other_steps + 1
+    assert steps != other_steps, "the problem does not tell the norms apart"
+    assert adjoint.nstep == steps, (adjoint.nstep, steps)
+    torch.testing.assert_close(adjoint.value, u, rtol=1e-12, atol=0)
+    want_r = residual(adjoint_map, adjoint.value, stop)
+    torch.testing.assert_close(adjoint.residual, want_r, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])

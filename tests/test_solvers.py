@@ -23,7 +23,10 @@ from _problems import (
     Tanh,
     TreeAffine,
     abs_residual,
+    assert_error_bound,
     budget,
+    gen,
+    orthogonal,
     rel_err,
     residual,
     solver_damping,
@@ -31,6 +34,7 @@ from _problems import (
 
 import equilibria as eq
 from equilibria._solvers import SOLVERS
+from equilibria._solvers import anderson as _anderson
 from equilibria._solvers.broyden import Broyden, BroydenState
 
 CONFIGS = list(SOLVER_CONFIGS.items())
@@ -75,9 +79,8 @@ def test_affine_matches_linalg_solve(name, solver, radius, symmetric):
     torch.testing.assert_close(sol.residual, residual(p.f, sol.value, "rel"), rtol=1e-6, atol=0)
     assert float(sol.residual.max()) < tol
     # exact error bound: ||z - z*|| <= ||(I - A)^-1|| ||f(z) - z|| per sample
-    err = torch.linalg.vector_norm(sol.value - p.solution(), dim=1)
     bound = p.inverse_norm() * abs_residual(p.f, sol.value)
-    assert bool((err <= bound * (1 + 1e-6) + 1e-14).all()), (err, bound)
+    assert_error_bound(sol.value, p.solution(), bound, atol=1e-14)
     assert rel_err(sol.value, p.solution()) < 100 * tol / (1 - radius)
 
 
@@ -92,8 +95,7 @@ def test_tanh_matches_long_picard(name, solver, norm):
     torch.testing.assert_close(sol.residual, abs_residual(p.f, sol.value), rtol=1e-6, atol=1e-15)
     assert float(sol.residual.max()) < tol
     # contraction bound: ||z - z*|| <= ||f(z) - z|| / (1 - L)
-    err = torch.linalg.vector_norm(sol.value - ref, dim=1)
-    assert bool((err <= sol.residual / (1 - norm) * (1 + 1e-6) + 1e-14).all())
+    assert_error_bound(sol.value, ref, sol.residual / (1 - norm), atol=1e-14)
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dict"])
@@ -329,6 +331,7 @@ def test_implicit_backward_is_scale_invariant(name):
         )
         z.backward(s * gbar)
         assert bool(sol.backward.converged.all())
+        assert sol.backward.solution.solver == name
         steps[s] = sol.backward.nstep
         adjoints[s] = sol.backward.solution.value / s
     assert steps[1e-3] == steps[1.0] == steps[1e3], steps
@@ -397,6 +400,119 @@ def test_anderson_m1_is_damped_picard(beta):
     assert a.nstep == b.nstep
     torch.testing.assert_close(a.residuals, b.residuals, rtol=1e-12, atol=0)
     torch.testing.assert_close(a.value, b.value, rtol=1e-12, atol=0)
+
+
+def _check_anderson_ring(state, history, m):
+    """The ring holds the last min(count, m) pushes, push k in slot k % m, zeros elsewhere, and
+    the bordered system holds their Gram matrix [[0, 1^T], [1, G G^T]] (zero where unused)."""
+    count = len(history)
+    assert state.count == count
+    n = min(count, m)
+    slots = [k % m for k in range(count - n, count)]
+    images, residuals = torch.zeros_like(state.images), torch.zeros_like(state.residuals)
+    for k, slot in zip(range(count - n, count), slots, strict=True):
+        images[:, slot], residuals[:, slot] = history[k]
+    torch.testing.assert_close(state.images, images, rtol=0, atol=0)
+    torch.testing.assert_close(state.residuals, residuals, rtol=0, atol=0)
+    system = torch.zeros_like(state.system)
+    system[:, 1:, 1:] = residuals @ residuals.mT
+    system[:, 0, [s + 1 for s in slots]] = 1.0
+    system[:, [s + 1 for s in slots], 0] = 1.0
+    torch.testing.assert_close(state.system, system, rtol=1e-12, atol=1e-14)
+    return slots
+
+
+@pytest.mark.parametrize(
+    ("m", "lam", "beta"),
+    [(1, 0.3, 0.6), (2, 0.0, 0.7), (3, 0.3, 1.0), (3, 0.3, 0.6), (4, 2.0, 0.5)],
+)
+def test_anderson_step_solves_the_bordered_system(m, lam, beta):
+    # one Anderson step at a time against the least-squares problem written out by hand, for a
+    # ring still filling (count < m) and wrapped around (count > m):
+    #   min_a ||sum_i a_i G_i||^2 + lam' ||a||^2  s.t.  sum_i a_i = 1,
+    #   lam' = lam ||G_newest||^2 + 1e-12 trace(G G^T)  (float64 floor),
+    #   x = beta sum_i a_i F_i + (1 - beta) sum_i a_i X_i  with X_i = F_i - G_i
+    g = gen(21)
+    b, d = 3, 6
+    w = 1.3 * orthogonal(d, g)
+    inp = torch.randn(b, d, generator=g, dtype=F64)
+
+    def fn(z):
+        return torch.tanh(z @ w.T + inp) + 0.2 * z
+
+    solver = eq.Anderson(m=m, lam=lam, beta=beta)
+    x = torch.randn(b, d, generator=g, dtype=F64)
+    fx = fn(x)
+    gx = fx - x
+    state = solver.init(x, fx, gx)
+    history = [(fx, gx)]
+    for count in range(1, m + 4):
+        slots = _check_anderson_ring(state, history, m)
+        if count == 1:
+            want_x = x + beta * gx
+        else:
+            fs = torch.stack([fi for fi, _ in history[-len(slots) :]], 1)  # (B, n, D)
+            gs = torch.stack([gi for _, gi in history[-len(slots) :]], 1)
+            n = len(slots)
+            ridge = lam * gs[:, -1].pow(2).sum(1) + 1e-12 * gs.pow(2).sum((1, 2))  # (B,)
+            bordered = torch.zeros(b, n + 1, n + 1, dtype=F64)
+            bordered[:, 0, 1:] = 1.0
+            bordered[:, 1:, 0] = 1.0
+            bordered[:, 1:, 1:] = gs @ gs.mT + ridge.view(-1, 1, 1) * torch.eye(n, dtype=F64)
+            rhs = torch.zeros(b, n + 1, dtype=F64)
+            rhs[:, 0] = 1.0
+            a = torch.linalg.solve(bordered, rhs)[:, 1:]  # (B, n), in push order
+            torch.testing.assert_close(a.sum(1), torch.ones(b, dtype=F64))
+            alpha = torch.zeros(b, m, dtype=F64)
+            alpha[:, slots] = a
+            torch.testing.assert_close(_anderson._mixing(state)[:, 0], alpha, rtol=1e-9, atol=1e-12)
+            mixed_f = torch.einsum("bn,bnd->bd", a, fs)
+            mixed_x = torch.einsum("bn,bnd->bd", a, fs - gs)
+            want_x = beta * mixed_f + (1.0 - beta) * mixed_x
+        step = solver.step(fn, x, fx, gx, state)
+        torch.testing.assert_close(step.x, want_x, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(step.fx, fn(step.x), rtol=0, atol=0)
+        torch.testing.assert_close(step.g, step.fx - step.x, rtol=0, atol=0)
+        assert step.nfev == 1
+        torch.testing.assert_close(step.gsq, step.g.pow(2).sum(1), rtol=1e-12, atol=0)
+        x, fx, gx, state = step.x, step.fx, step.g, step.state
+        history.append((fx, gx))
+    _check_anderson_ring(state, history, m)
+    assert state.count == m + 4 > m
+
+
+def test_anderson_push_writes_the_next_ring_slot():
+    # _push alone, from an empty ring: push k lands in slot k % m and fills row/column k % m + 1
+    m, b, d = 3, 2, 4
+    g = gen(22)
+    x = torch.randn(b, d, generator=g, dtype=F64)
+    state = eq.Anderson(m=m, lam=0.1).init(x, x, torch.zeros_like(x))
+    history = [(x, torch.zeros_like(x))]
+    for _ in range(2 * m + 1):
+        fx = torch.randn(b, d, generator=g, dtype=F64)
+        gx = torch.randn(b, d, generator=g, dtype=F64)
+        state = _anderson._push(state, fx, gx)
+        history.append((fx, gx))
+        _check_anderson_ring(state, history, m)
+
+
+def test_broyden_line_search_never_increases_a_residual():
+    # f(z) = z - 2.5 atan(z) is not contractive: its only fixed point is 0, where |f'(0)| = 1.5;
+    # plain Broyden steps overshoot and increase some samples' residual, the line search
+    # (Armijo on ||f(z) - z||, the abs norm) backtracks them, at the cost of extra evaluations
+    def f(z):
+        return z - 2.5 * torch.atan(z)
+
+    z0 = 4.0 * torch.linspace(0.5, 1.5, 3, dtype=F64).unsqueeze(1).expand(3, 4).clone()
+    kwargs = {"tol": 1e-10, "max_iter": 100, "stop": "abs"}
+    plain = eq.solve(f, z0, solver=eq.Broyden(line_search=False), **kwargs)
+    searched = eq.solve(f, z0, solver=eq.Broyden(line_search=True), **kwargs)
+    assert plain.nfev == plain.nstep
+    assert bool((plain.residuals[1:] > plain.residuals[:-1]).any())
+    assert searched.status is eq.Status.CONVERGED
+    assert bool((searched.residuals[1:] <= searched.residuals[:-1]).all()), searched.residuals
+    assert searched.nfev > searched.nstep
+    torch.testing.assert_close(searched.value, torch.zeros_like(z0), rtol=0, atol=1e-9)
 
 
 class _RecordingBroyden(Broyden):
@@ -471,13 +587,12 @@ def test_compaction_matches_the_full_solve(name, solver, stop):
     nan = torch.isnan(sol.residuals)
     assert bool(nan[-1, 0]) and not bool(nan[0].any())
     assert bool((nan[1:] >= nan[:-1]).all())
-    # each sample's last recorded residual is its first below tol (it stops there). Row 0 is
-    # skipped: it is overwritten by a bug, see test_compaction_keeps_the_first_row_of_residuals
+    # each sample's last recorded residual is its first below tol (it stops there)
     for b in range(5):
-        rows = sol.residuals[1:][~nan[1:, b], b]
+        rows = sol.residuals[~nan[:, b], b]
         assert float(rows[-1]) < tol and bool((rows[:-1] >= tol).all())
     finite = torch.where(nan, -torch.inf, sol.residuals)
-    torch.testing.assert_close(sol.trace[1:], finite.max(1).values[1:], rtol=0, atol=0)
+    torch.testing.assert_close(sol.trace, finite.max(1).values, rtol=0, atol=0)
 
 
 def test_compaction_keeps_the_first_row_of_residuals():
