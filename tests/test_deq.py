@@ -12,6 +12,7 @@ import itertools
 
 import pytest
 import torch
+from _cells import TanhCell, backward_reference, dense_implicit
 from _problems import BACKWARD_NAMES, F64, SOLVER_NAMES, gen, has_node, rel_err
 from torch import nn
 
@@ -21,21 +22,11 @@ from equilibria._fixed_point import _Adjoint
 TIGHT = {"tol": 1e-12, "max_iter": 300}
 
 
-class Cell(nn.Module):
+class Cell(TanhCell):
     """f(z, x) = tanh(W z + U x + c) with ||W||_2 = 0.7: a contraction in z."""
 
     def __init__(self, d=5, dx=3, dtype=F64, seed=0):
-        super().__init__()
-        g = gen(seed)
-        w = torch.randn(d, d, generator=g, dtype=dtype)
-        self.W = nn.Parameter(0.7 * w / torch.linalg.matrix_norm(w, ord=2))
-        self.inj = nn.Linear(dx, d, dtype=dtype)
-        with torch.no_grad():
-            self.inj.weight.copy_(torch.randn(d, dx, generator=g, dtype=dtype))
-            self.inj.bias.copy_(torch.randn(d, generator=g, dtype=dtype))
-
-    def forward(self, z, x):
-        return torch.tanh(z @ self.W.T + self.inj(x))
+        super().__init__(d=d, dx=dx, dtype=dtype, seed=seed, norm=0.7)
 
 
 class TreeCell(nn.Module):
@@ -52,24 +43,8 @@ class TreeCell(nn.Module):
 
 def reference(cell, x, z_shape):
     """Dense z* and dense implicit gradients of loss(z*) w.r.t. the cell's parameters and x."""
-    with torch.no_grad():
-        z = torch.zeros(z_shape, dtype=x.dtype)
-        for _ in range(200):
-            z = cell(z, x)
-    params = [*cell.parameters(), x]
-    zz = z.clone().requires_grad_()
-    gbar = torch.autograd.grad(_loss(zz), zz)[0]
-    us = []
-    for b in range(z.shape[0]):
-        jac = torch.autograd.functional.jacobian(
-            lambda v, b=b: cell(v[None], x[b : b + 1])[0], z[b]
-        )
-        eye = torch.eye(jac.shape[0], dtype=jac.dtype)
-        us.append(torch.linalg.solve(eye - jac.T, gbar[b]))
-    u = torch.stack(us)
-    out = cell(z, x)
-    grads = torch.autograd.grad(out, params, u)
-    return z, grads
+    z0 = torch.zeros(z_shape, dtype=x.dtype)
+    return dense_implicit(lambda z: cell(z, x), z0, [*cell.parameters(), x], _loss, iters=200)
 
 
 def _loss(z):
@@ -245,6 +220,12 @@ def test_every_backward_trains_every_parameter(backward):
         assert p.grad is not None and float(p.grad.abs().max()) > 0, name
     assert x.grad is not None and float(x.grad.abs().max()) > 0
     assert layer.last_solution.backward.method == backward
+    # each method's own gradient, from an independent dense reference: the exact implicit gradient
+    # (implicit; unrolled through a converged solve), or its formula on explicit loops / dense J
+    params = [*cell.parameters(), x]
+    want = backward_reference(lambda z: cell(z, x), _init(x), params, _loss, backward)
+    for name, p, b in zip([n for n, _ in cell.named_parameters()] + ["x"], params, want):
+        assert rel_err(p.grad, b) < 1e-4, name
 
 
 def test_float32_layer():
@@ -255,8 +236,22 @@ def test_float32_layer():
     assert z.dtype == torch.float32 and layer.last_solution.all_converged
     z.sum().backward()
     assert cell.W.grad.dtype == torch.float32
-    z64, _ = reference(copy.deepcopy(cell).double(), x.detach().double().requires_grad_(), (4, 5))
+    cell64 = copy.deepcopy(cell).double()
+    x64 = x.detach().double().requires_grad_()
+    z64, (w64, *_) = dense_implicit(
+        lambda z: cell64(z, x64), torch.zeros(4, 5, dtype=F64), [cell64.W], lambda z: z.sum()
+    )
     torch.testing.assert_close(z.detach().double(), z64, rtol=1e-4, atol=1e-4)
+    assert rel_err(cell.W.grad.double(), w64) < 1e-3
+    assert (
+        rel_err(
+            x.grad.double(),
+            dense_implicit(
+                lambda z: cell64(z, x64), torch.zeros(4, 5, dtype=F64), [x64], lambda z: z.sum()
+            )[1][0],
+        )
+        < 1e-3
+    )
 
 
 @pytest.mark.parametrize("backward", ["implicit", "phantom", "jfb"])
@@ -321,7 +316,7 @@ def test_fixed_point_states(backward, steps, damping):
     assert sol.status is eq.Status.CONVERGED
     # each state is a phantom step from an iterate of the solver, later states from later iterates
     traj = _picard_trajectory(cell, x, sol.nstep)
-    picks = []
+    picks, all_matches = [], []
     for state in states:
         want = state.detach()
         matches = []
@@ -333,7 +328,20 @@ def test_fixed_point_states(backward, steps, damping):
                 matches.append(k)
         assert matches, "a state is not a phantom step from an iterate"
         picks.append(matches[0])
+        all_matches.append(matches)
     assert picks == sorted(picks) and len(set(picks)) == n
+    # evenly spaced along the trajectory (iterates 0 .. nstep - 1), ending with the final iterate:
+    # the i-th of the first n - 1 states comes from iterate round((i + 1) nstep / n) - 1
+    nstep = sol.nstep
+    assert nstep >= 2 * n  # enough iterations for the spacing to be visible
+    want = [max(0, round((i + 1) * nstep / n) - 1) for i in range(n - 1)] + [nstep - 1]
+    assert picks[:-1] == want[:-1]
+    # (near convergence several late iterates give the same final state to 1e-12)
+    assert nstep - 1 in all_matches[-1]
+    picks[-1] = nstep - 1
+    gaps = [b - a for a, b in itertools.pairwise(picks)]
+    assert max(gaps) - min(gaps) <= 1
+    assert picks[0] >= nstep // n - 1
     # the last state is at the equilibrium (within the phantom step)
     torch.testing.assert_close(states[-1].detach(), sol.value, rtol=1e-8, atol=1e-8)
     # every state has its own gradient path to the parameters

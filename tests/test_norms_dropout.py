@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from _cells import backward_reference, dense_implicit
 from _problems import BACKWARD_NAMES, F64, gen, loss, rel_err
 from torch import nn
 from torch.nn.utils import parametrize
@@ -68,19 +69,8 @@ def count_norm_calls(module):
 
 def dense_reference(cell, x, params):
     """Dense z* (long Picard loop) and dense implicit gradients of loss(z*) w.r.t. ``params``."""
-    with torch.no_grad():
-        z = torch.zeros(x.shape[0], 5, dtype=F64)
-        for _ in range(300):
-            z = cell(z, x)
-    zz = z.clone().requires_grad_()
-    gbar = torch.autograd.grad(loss(zz), zz)[0]
-    us = []
-    for b in range(z.shape[0]):
-        jac = torch.autograd.functional.jacobian(
-            lambda v, b=b: cell(v[None], x[b : b + 1])[0], z[b]
-        )
-        us.append(torch.linalg.solve(torch.eye(5, dtype=F64) - jac.T, gbar[b]))
-    return z, torch.autograd.grad(cell(z, x), params, torch.stack(us))
+    z0 = torch.zeros(x.shape[0], 5, dtype=F64)
+    return dense_implicit(lambda z: cell(z, x), z0, params, loss, iters=300)
 
 
 # --- norms: computed once per forward ----------------------------------------------------------
@@ -283,6 +273,17 @@ class DropCell(nn.Module):
         return torch.tanh(self.drop(z @ self.W.T) + x)
 
 
+def _masked_reference(cell, mask, x, backward):
+    """The gradient of loss(z*) w.r.t. W that ``backward`` computes for the map
+    z -> tanh((z W^T) * mask + x), by the dense references of ``_cells`` (no library call)."""
+    w = cell.W.detach().clone().requires_grad_()
+
+    def f(z):
+        return torch.tanh((z @ w.T) * mask.to(F64) + x)
+
+    return backward_reference(f, torch.zeros(x.shape[0], 5, dtype=F64), [w], loss, backward)[0]
+
+
 def record_masks(drop):
     """Every call of ``drop``: (its mask, input, output, compaction index, output is input)."""
     calls = []
@@ -320,6 +321,10 @@ def test_dropout_mask_is_constant_within_a_solve_and_new_on_the_next(backward):
     with torch.no_grad():
         fz = torch.tanh((z.detach() @ cell.W.T) * mask.to(F64) + x)
     assert float((fz - z.detach()).norm() / fz.norm()) < 1e-9
+    # the gradient is that of the masked map, from an independent dense reference that applies the
+    # recorded mask explicitly
+    want = _masked_reference(cell, mask, x, backward)
+    assert rel_err(cell.W.grad, want) < (1e-6 if backward == "unrolled" else 1e-7)
     first = len(calls)
     layer(x)
     new = calls[first][0]
@@ -414,6 +419,9 @@ def test_dropout_under_compaction_uses_the_full_batch_mask(backward):
     assert subsets > 0
     torch.testing.assert_close(z_cmp, z_full, rtol=1e-9, atol=1e-9)
     assert rel_err(g_cmp, g_full) < 1e-8
+    # both are the gradient of the masked map, by a dense reference applying the mask explicitly
+    want = _masked_reference(DropCell(), full_mask, x, backward)
+    assert rel_err(g_cmp, want) < 1e-7 and rel_err(g_full, want) < 1e-7
 
 
 DROP_BAD = [

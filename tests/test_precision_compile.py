@@ -16,8 +16,11 @@ depend on the number of iterations.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from _cells import backward_reference
 from _problems import BACKWARD_NAMES, F64, SOLVER_NAMES, Tanh, gen, loss, rel_err
 from torch import nn
 
@@ -54,6 +57,24 @@ class LinearCell(nn.Module):
 
 def _x(batch=8, d=16, seed=1, dtype=torch.float32):
     return torch.randn(batch, d, generator=gen(seed), dtype=dtype)
+
+
+def _loss64(z):
+    """``loss`` of a float32 state evaluated in float64 (its targets drawn in float32)."""
+    g = gen(123)
+    target = torch.randn(z.shape, generator=g, dtype=torch.float32).to(z.dtype)
+    weight = torch.randn(z.shape, generator=g, dtype=torch.float32).to(z.dtype)
+    return 0.5 * ((z - target) ** 2).sum() + (weight * z).sum()
+
+
+def _reference64(cell, x, backward, loss_fn):
+    """The gradients ``backward`` computes w.r.t. the cell's parameters, from a float64 copy of the
+    cell with a dense z* (dense IFT solve for implicit, explicit loops for the phantom methods)."""
+    cell64 = copy.deepcopy(cell).double()
+    x64 = x.double()
+    params = list(cell64.parameters())
+    z0 = torch.zeros(x.shape[0], 16, dtype=F64)
+    return backward_reference(lambda z: cell64(z, x64), z0, params, loss_fn, backward)
 
 
 @pytest.fixture
@@ -133,6 +154,12 @@ def test_autocast_fixed_point_gradients_are_close_to_float32(backward):
     for a, b in zip(low, high):
         assert a.dtype == torch.float32 and bool(torch.isfinite(a).all())
         assert rel_err(a, b) < 5e-2
+    # both against a float64 dense reference (forward tolerance 1e-2 bounds the accuracy)
+    assert float(_loss64(z.detach().double())) == pytest.approx(float(loss(z.detach())), rel=1e-5)
+    want = _reference64(cell, x, backward, _loss64)
+    for a, h, b in zip(low, high, want):
+        assert rel_err(a.double(), b) < 2e-2
+        assert rel_err(h.double(), b) < 1e-2
     if backward == "implicit":
         assert sol.backward.solution.all_converged
 
@@ -154,6 +181,12 @@ def test_autocast_deq_with_a_tuple_state():
     assert a.dtype == b.dtype == torch.float32 and layer.last_solution.all_converged
     (a.sum() + b.sum()).backward()
     assert bool(torch.isfinite(cell.lin.weight.grad).all())
+    # the gradient of sum(z*) by a float64 dense IFT reference on the concatenated state
+    want = _reference64(cell, x, "implicit", lambda z: z.sum())
+    for name, p, w in zip(
+        ["lin.weight", "lin.bias", "inj.weight", "inj.bias"], cell.parameters(), want
+    ):
+        assert rel_err(p.grad.double(), w) < 2e-2, name
 
 
 # --- torch.compile -----------------------------------------------------------------------------

@@ -1,11 +1,15 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written and give what their comments say."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
+
+import equilibria as eq
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -14,11 +18,54 @@ def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
+def _run(code: str, name: str) -> dict:
+    torch.manual_seed(0)  # the examples draw their data and weights from the global generator
+    namespace = {"__name__": "__readme__"}
+    exec(compile(code, name, "exec"), namespace)
+    return namespace
+
+
+def _check_quickstart(ns: dict) -> None:
+    layer, cell, x, z, loss = ns["layer"], ns["cell"], ns["x"], ns["z"], ns["loss"]
+    assert x.shape == (32, 64) and z.shape == (32, 64)
+    sol = layer.last_solution
+    assert sol.status is eq.Status.CONVERGED and sol.all_converged
+    assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
+    # loss.backward() reached the weight-norm originals and the biases
+    for name, p in cell.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), name
+        assert float(p.grad.abs().max()) > 0, name
+    # z is the equilibrium of the cell (to the solver's tolerance, before the phantom steps)
+    with torch.no_grad():
+        fz = cell(z, x)
+        err = float((fz - z).norm() / fz.norm())
+    assert err < 1e-3
+
+
+def _check_hamburger(ns: dict) -> None:
+    assert ns["y"].shape == (2, 256, 32, 32) and bool(torch.isfinite(ns["y"]).all())
+    assert ns["x_hat"].shape == (2, 64, 500) and bool(torch.isfinite(ns["x_hat"]).all())
+    assert ns["z"].shape == (2, 100, 64) and bool(torch.isfinite(ns["z"]).all())
+
+
+CHECKS = {"layer = eq.DEQ(": _check_quickstart, "Hamburger(": _check_hamburger}
+
+
 def test_the_readme_has_python_examples():
-    assert len(_python_blocks()) >= 2
+    blocks = _python_blocks()
+    assert len(blocks) >= 2
+    # every check below has its example
+    for marker in CHECKS:
+        assert any(marker in code for code in blocks), marker
 
 
 @pytest.mark.parametrize("index", range(len(_python_blocks())))
 def test_readme_example_runs(index, capsys):
     code = _python_blocks()[index]
-    exec(compile(code, f"README.md example {index}", "exec"), {"__name__": "__readme__"})
+    ns = _run(code, f"README.md example {index}")
+    checks = [check for marker, check in CHECKS.items() if marker in code]
+    assert checks, f"README example {index} has no assertions in this test"
+    for check in checks:
+        check(ns)
+    if "print(layer.last_solution)" in code:  # what the example prints
+        assert "status=converged" in capsys.readouterr().out

@@ -307,6 +307,16 @@ def test_spectral_radius_at_a_deq_equilibrium_is_below_one():
         sol = eq.solve(m.f, torch.zeros_like(m.z), tol=1e-10, max_iter=100)
     rho = eq.spectral_radius(m.f, sol.value, generator=gen(0))  # default iters
     assert bool(((rho > 0) & (rho < 0.95 + 1e-6)).all())
+    # the dense spectral radius of the Jacobian at each sample's equilibrium
+    z_star = sol.value
+    exact = []
+    for b in range(z_star.shape[0]):
+        jac = torch.autograd.functional.jacobian(
+            lambda v, b=b: torch.tanh(v @ m.W.detach().T + m.x.detach()[b]), z_star[b]
+        )
+        exact.append(torch.linalg.eigvals(jac).abs().max())
+    exact = torch.stack(exact)
+    assert float(((rho - exact) / exact).abs().max()) < 0.02
 
 
 # --- bad input ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import itertools
 
 import pytest
 import torch
+from _cells import backward_reference, dense_implicit
 from _problems import F64, SOLVER_NAMES, gen, loss, rel_err
 from torch import nn
 
@@ -61,6 +62,11 @@ def _x(batch=4, seed=1, hard=None):
     return x
 
 
+def _dense(cell, x, params):
+    """Dense z* and implicit gradients of loss(z*) (independent of the library)."""
+    return dense_implicit(lambda z: cell(z, x), _init(x), params, loss, iters=400)
+
+
 def _layer(cell, **kwargs):
     options = {"init": _init, "backward": ADJ, **TIGHT}
     options.update(kwargs)
@@ -86,6 +92,11 @@ def test_z0_warm_start_converges_at_once(solver):
     cold_g = torch.autograd.grad(loss(layer(x)), params)
     warm_g = torch.autograd.grad(loss(layer(x, z0=z.detach())), params)
     for a, b in zip(warm_g, cold_g):
+        assert rel_err(a, b) < 1e-8
+    # ... and both are the dense implicit-function-theorem gradients
+    z_ref, dense = _dense(cell, x, params)
+    torch.testing.assert_close(z_warm.detach(), z_ref, rtol=1e-9, atol=1e-9)
+    for a, b in zip(warm_g, dense):
         assert rel_err(a, b) < 1e-8
 
 
@@ -182,6 +193,8 @@ def test_implicit_backward_is_warm_started_by_the_cache():
         steps.append(layer.last_solution.backward.nstep)
         want = torch.autograd.grad(loss(reference(x)), params)
         for a, b in zip(grads, want):
+            assert rel_err(a, b) < 1e-8
+        for a, b in zip(grads, _dense(cell, x, params)[1]):  # the warm one is the dense one
             assert rel_err(a, b) < 1e-8
     assert steps[0] > 5 and steps[1] <= 2
     # after a parameter update the cached adjoint is only a guess: still the cold gradients,
@@ -308,6 +321,12 @@ def test_compaction_gives_the_uncompacted_equilibria_and_gradients(solver, backw
     assert s_full.all_converged and s_cmp.all_converged
     torch.testing.assert_close(z_cmp, z_full, rtol=1e-9, atol=1e-9)
     for a, b in zip(g_cmp, g_full):
+        assert rel_err(a, b) < 1e-8
+    # anchored to the method's gradient from a dense z* (dense IFT solve, or explicit loops)
+    ref = Cell()
+    params = [*ref.parameters(), x]
+    want = backward_reference(lambda z: ref(z, x), _init(x), params, loss, backward, iters=400)
+    for a, b in zip(g_cmp, want):
         assert rel_err(a, b) < 1e-8
     assert s_cmp.evaluations < 0.6 * s_full.evaluations
     assert s_full.evaluations == 8 * s_full.nfev
