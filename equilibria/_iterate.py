@@ -193,6 +193,18 @@ class _Divergence:
         return out
 
 
+def _first_iterate(
+    x: Tensor, fx: Tensor, stop: Literal["abs", "rel"], what: str
+) -> tuple[Tensor, np.ndarray, float, _Divergence]:
+    """g, the stop-norm residuals, their maximum and the divergence test of the first iterate."""
+    g = fx - x
+    r, r_abs = residual_norm(g, fx, stop)
+    rmax = float(r.max())
+    if not math.isfinite(rmax):
+        _raise_nonfinite(what, 1, x, fx, r)
+    return g, r, rmax, _Divergence(r_abs, x.dtype)
+
+
 def _loop(
     fn: Map,
     x0: Tensor,
@@ -206,12 +218,7 @@ def _loop(
     batch = x0.shape[0]
     x = x0
     fx = fn(x)
-    g = fx - x
-    r, r_abs = residual_norm(g, fx, stop)
-    rmax = float(r.max())
-    if not math.isfinite(rmax):
-        _raise_nonfinite(what, 1, x, fx, r)
-    divergence = _Divergence(r_abs, x0.dtype)
+    g, r, rmax, divergence = _first_iterate(x, fx, stop, what)
     best_x, best_r = x, r
     trace, residuals = [rmax], [r]
     trajectory = [x] if keep_trajectory else None
@@ -259,12 +266,7 @@ def _loop_compact(
     batch = x0.shape[0]
     x = x0
     fx = fn(x, None)
-    g = fx - x
-    r, r_abs = residual_norm(g, fx, stop)
-    rmax = float(r.max())
-    if not math.isfinite(rmax):
-        _raise_nonfinite(what, 1, x, fx, r)
-    divergence = _Divergence(r_abs, x0.dtype)
+    g, r, rmax, divergence = _first_iterate(x, fx, stop, what)
     best_x, best_r = x0.clone(), r.copy()
     trace, residuals = [rmax], [r]
     nfev, nstep, evaluations = 1, 1, batch
