@@ -54,7 +54,7 @@ def plot_convergence(
     if backward and sol.backward.solution is not None:
         runs.append(("backward (adjoint)", sol.backward.solution, "C3"))
     for label, run, color in runs:
-        steps = torch.arange(1, run.nstep + 1)
+        steps = torch.arange(1, run.nstep + 1, device="cpu")
         if samples:
             for column in run.residuals.T:
                 ax.plot(steps, column.clamp_min(1e-300), color=color, alpha=0.15, lw=0.7)

@@ -49,7 +49,7 @@ def _to_solution(
         nfev=it.nfev,
         residual=residual,
         converged=torch.from_numpy(it.residual < tol).to(value.device),
-        trace=torch.tensor(it.trace, dtype=torch.float64),
+        trace=torch.tensor(it.trace, dtype=torch.float64, device="cpu"),
         residuals=torch.from_numpy(np.stack(it.residuals)),
         evaluations=it.evaluations,
         stop=stop,

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ._random import draw
 from ._tree import StateSpec
 from ._validate import check_choice, check_int
 
@@ -38,7 +39,7 @@ def jacobian_penalty(
         z: the state at which to evaluate, usually the equilibrium; it is detached.
         samples: number of random probes >= 1 averaged.
         reduction: ``"mean"`` over the batch (a scalar) or ``"none"`` (a (B,) tensor).
-        generator: random generator for the probes.
+        generator: random generator for the probes (a CPU one also serves CUDA data).
 
     Returns:
         The penalty: a scalar or (B,) tensor with a graph to the parameters ``f`` closes over.
@@ -78,7 +79,7 @@ def penalty_at(
         return total.mean() if reduction == "mean" else total
     with torch.enable_grad():
         for _ in range(samples):
-            eps = torch.randn(fz.shape, generator=generator, dtype=fz.dtype, device=fz.device)
+            eps = draw(fz.shape, normal=True, generator=generator, dtype=fz.dtype, device=fz.device)
             (vjp,) = torch.autograd.grad(
                 fz, zr, eps, create_graph=True, retain_graph=True, allow_unused=True
             )
@@ -106,7 +107,7 @@ def spectral_radius(
         f: the map.
         z: the state (usually the equilibrium); detached.
         iters: power iterations >= 1.
-        generator: random generator for the start vector.
+        generator: random generator for the start vector (a CPU one also serves CUDA data).
 
     Returns:
         (B,) detached estimates.
@@ -121,7 +122,7 @@ def spectral_radius(
         fz = spec.flat_map(f)(zr)
     if not fz.requires_grad:  # the map does not depend on z (nor on anything else): J = 0
         return zr.new_zeros(zr.shape[0])
-    v = torch.randn(zr.shape, generator=generator, dtype=zr.dtype, device=zr.device)
+    v = draw(zr.shape, normal=True, generator=generator, dtype=zr.dtype, device=zr.device)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
     rho = torch.zeros(zr.shape[0], dtype=zr.dtype, device=zr.device)
     for _ in range(iters):

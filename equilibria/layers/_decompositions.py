@@ -19,6 +19,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from .._random import draw
+
 __all__ = [
     "DECOMPOSITIONS",
     "Decomposition",
@@ -215,7 +217,8 @@ def random_bases(
         dim: feature dimension d.
         rank: number of bases r.
         nonnegative: uniform on [0, 1) (for NMF) instead of standard normal (for VQ and CD).
-        generator: optional random generator, for reproducible draws.
+        generator: optional random generator, for reproducible draws; a generator on another
+            device (a CPU one for CUDA bases) draws where it lives and the result is moved.
         device: device of the result.
         dtype: dtype of the result.
 
@@ -226,8 +229,7 @@ def random_bases(
     _check_int("dim", dim, 1)
     _check_int("rank", rank, 1)
     shape = (batch, dim, rank)
-    kwargs = {"generator": generator, "device": device, "dtype": dtype}
-    d = torch.rand(shape, **kwargs) if nonnegative else torch.randn(shape, **kwargs)
+    d = draw(shape, normal=not nonnegative, generator=generator, device=device, dtype=dtype)
     return _normalize_columns(d)
 
 
@@ -345,7 +347,7 @@ def nmf(
             the final C update, with D and the previous C held constant (memory independent of
             ``steps``); ``"bptt"`` differentiates through every update.
         eps: added to every denominator.
-        generator: random generator for the initial bases.
+        generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
             ``grad="one_step"`` (``None``: x.dtype). ``torch.bfloat16`` halves their cost on CPUs
             with AVX512-BF16 or AMX and on recent GPUs; the iterates and the final,
@@ -513,7 +515,7 @@ def vq(
         grad: ``"one_step"`` (differentiate only the final assignment, D held constant) or
             ``"bptt"`` (differentiate through every step).
         eps: added to norms and column sums.
-        generator: random generator for the initial bases.
+        generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
             ``grad="one_step"`` (``None``: x.dtype). ``torch.bfloat16`` halves their cost on CPUs
             with AVX512-BF16 or AMX and on recent GPUs; the iterates and the final,
@@ -562,7 +564,7 @@ def cd(
         beta: ridge weight β > 0.
         grad: ``"one_step"`` (differentiate only the ridge solve, D held constant) or ``"bptt"``.
         eps: added to norms and column sums.
-        generator: random generator for the initial bases.
+        generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
             ``grad="one_step"`` (``None``: x.dtype). ``torch.bfloat16`` halves their cost on CPUs
             with AVX512-BF16 or AMX and on recent GPUs; the iterates and the final,

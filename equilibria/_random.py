@@ -1,0 +1,29 @@
+"""Random draws that accept a generator living on another device than the result."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def draw(
+    shape: tuple[int, ...],
+    *,
+    normal: bool,
+    generator: torch.Generator | None,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+) -> Tensor:
+    """Standard normal (``normal=True``) or uniform [0, 1) samples of ``shape`` on ``device``.
+
+    A generator on another device than ``device`` (a CPU generator for CUDA data, the usual way to
+    seed) draws where it lives and the result is moved, so one seeded CPU generator gives the same
+    numbers on every device; torch itself would refuse the mix.
+    """
+    sample = torch.randn if normal else torch.rand
+    if generator is not None:
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        if generator.device.type != target.type:
+            out = sample(shape, generator=generator, dtype=dtype, device=generator.device)
+            return out.to(target)
+    return sample(shape, generator=generator, dtype=dtype, device=device)
