@@ -14,6 +14,7 @@ that a table row does not depend on the order in which tests run.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,8 @@ from equilibria._backward import BACKWARDS
 from equilibria._solvers import SOLVERS
 
 F64 = torch.float64
+# where the suite runs (tests/conftest.py): EQUILIBRIA_TEST_DEVICE=cuda runs it on a GPU
+DEVICE = torch.device(os.environ.get("EQUILIBRIA_TEST_DEVICE") or "cpu")
 
 # Every registered solver with its default settings, plus variants that take other code paths.
 SOLVER_NAMES = tuple(SOLVERS)
@@ -316,8 +319,8 @@ class AffineParams:
 def loss(z: Tensor) -> Tensor:
     """A fixed nonlinear scalar loss: its upstream gradient depends on z."""
     g = gen(123)
-    target = torch.randn(z.shape, generator=g, dtype=z.dtype)
-    weight = torch.randn(z.shape, generator=g, dtype=z.dtype)
+    target = torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
+    weight = torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
     return 0.5 * ((z - target) ** 2).sum() + (weight * z).sum()
 
 

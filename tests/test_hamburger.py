@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from _problems import DEVICE
 
 from equilibria.layers import (
     DECOMPOSITIONS,
@@ -506,7 +507,7 @@ def test_hamburger_under_autocast(ham, grad, init, tokens):
     cls = HamburgerTokens if tokens else Hamburger
     block = cls(8, ham=ham, dim=8, rank=2, init=init, grad=grad)
     x = torch.randn(*((2, 16, 8) if tokens else (2, 8, 4, 4)), requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out = block(x)
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.float().square().sum().backward()

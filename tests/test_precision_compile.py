@@ -1,6 +1,6 @@
 """Mixed precision, torch.compile, and host synchronisations per iteration.
 
-Precision: under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the cell runs in bfloat16 while
+Precision: under ``torch.autocast(device, dtype=torch.bfloat16)`` the cell runs in bfloat16 while
 the state stays in its own dtype (float32) and the solver's arithmetic (Anderson's bordered
 least-squares system included) runs with autocast off, in float32 or better.
 
@@ -21,7 +21,7 @@ import copy
 import pytest
 import torch
 from _cells import backward_reference
-from _problems import BACKWARD_NAMES, F64, SOLVER_NAMES, Tanh, gen, loss, rel_err
+from _problems import BACKWARD_NAMES, DEVICE, F64, SOLVER_NAMES, Tanh, gen, loss, rel_err
 from torch import nn
 
 import equilibria as eq
@@ -51,7 +51,7 @@ class LinearCell(nn.Module):
 
     def forward(self, z, x):
         u = self.lin(z) + self.inj(x)
-        self.seen.append((u.dtype, torch.is_autocast_enabled("cpu")))
+        self.seen.append((u.dtype, torch.is_autocast_enabled(DEVICE.type)))
         return torch.tanh(u)
 
 
@@ -84,7 +84,7 @@ def anderson_systems(monkeypatch):
     real = anderson_module._mixing
 
     def recording(state):
-        seen.append((state.system.dtype, torch.is_autocast_enabled("cpu")))
+        seen.append((state.system.dtype, torch.is_autocast_enabled(DEVICE.type)))
         return real(state)
 
     monkeypatch.setattr(anderson_module, "_mixing", recording)
@@ -99,7 +99,7 @@ def test_autocast_solves_converge_in_float32_state(solver):
     cell = LinearCell()
     x = _x()
     z0 = torch.zeros(8, 16)
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(DEVICE.type, dtype=BF16):
         sol = eq.solve(lambda z: cell(z, x), z0, solver=solver, tol=1e-2, max_iter=50)
     assert sol.all_converged
     assert sol.value.dtype == torch.float32 and sol.residual.dtype == torch.float32
@@ -114,7 +114,7 @@ def test_autocast_solves_converge_in_float32_state(solver):
 def test_anderson_system_is_float32_under_autocast(anderson_systems):
     cell = LinearCell()
     x = _x()
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(DEVICE.type, dtype=BF16):
         sol = eq.solve(lambda z: cell(z, x), torch.zeros(8, 16), tol=1e-3, max_iter=30)
     assert sol.nstep > 2 and anderson_systems
     # float32 system, solved with autocast off (autocast would run it in bfloat16)
@@ -141,7 +141,7 @@ def test_autocast_fixed_point_gradients_are_close_to_float32(backward):
     bwd = eq.Implicit(tol=1e-3) if backward == "implicit" else backward
 
     def grads(autocast):
-        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        with torch.autocast(DEVICE.type, dtype=BF16, enabled=autocast):
             z, sol = eq.fixed_point(
                 lambda z: cell(z, x), torch.zeros(8, 16), backward=bwd, tol=1e-2, max_iter=50
             )
@@ -176,7 +176,7 @@ def test_autocast_deq_with_a_tuple_state():
 
     layer = eq.DEQ(pair_cell, init=init, tol=1e-2, backward=eq.Implicit(tol=1e-3))
     x = _x()
-    with torch.autocast("cpu", dtype=BF16):
+    with torch.autocast(DEVICE.type, dtype=BF16):
         a, b = layer(x)
     assert a.dtype == b.dtype == torch.float32 and layer.last_solution.all_converged
     (a.sum() + b.sum()).backward()
@@ -248,6 +248,7 @@ def _run(cell, x, solver, backward, **kwargs):
     return z.detach(), grads, layer.last_solution
 
 
+@pytest.mark.no_device_mode
 @pytest.mark.filterwarnings(DYNAMO_GRAD_WARNING)
 @pytest.mark.parametrize("backward", BACKWARD_NAMES)
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
@@ -265,6 +266,7 @@ def test_compiled_cell_in_every_solver_and_backward(compiled, solver, backward):
     assert backend.compiles <= 4  # no recompilation per call or per test
 
 
+@pytest.mark.no_device_mode
 @pytest.mark.filterwarnings(DYNAMO_GRAD_WARNING)
 @pytest.mark.parametrize("backward", ["implicit", "phantom"])
 def test_compiled_cell_under_compaction(compiled, backward):
@@ -284,6 +286,7 @@ def test_compiled_cell_under_compaction(compiled, backward):
     assert backend.compiles <= 8  # below dynamo's recompile limit, so never an eager fallback
 
 
+@pytest.mark.no_device_mode
 @pytest.mark.filterwarnings(DYNAMO_GRAD_WARNING)
 @pytest.mark.parametrize(
     ("backward", "compact"),
@@ -322,13 +325,14 @@ def test_autocast_with_compaction():
     out = {}
     for compact in (False, True):
         layer = eq.DEQ(cell, tol=1e-2, compact=compact)
-        with torch.autocast("cpu", dtype=BF16):
+        with torch.autocast(DEVICE.type, dtype=BF16):
             out[compact] = (layer(x).detach(), layer.last_solution)
     (z_full, s_full), (z_cmp, s_cmp) = out[False], out[True]
     assert s_cmp.all_converged and s_cmp.evaluations < s_full.evaluations
     assert z_cmp.dtype == torch.float32 and rel_err(z_cmp, z_full) < 2e-2
 
 
+@pytest.mark.no_device_mode
 @pytest.mark.slow
 @pytest.mark.filterwarnings(DYNAMO_GRAD_WARNING)
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _problems import DEVICE
 
 from equilibria.layers import StopGradientAttention, attention_map, stop_gradient_attention
 
@@ -96,7 +97,7 @@ def test_standard_attention_differentiates_the_map(options, scale, column_norm, 
 
 
 def test_self_attention_default_and_dtype_device():
-    block = StopGradientAttention(8, scale=1.0, column_norm=False, dtype=F64, device="cpu")
+    block = StopGradientAttention(8, scale=1.0, column_norm=False, dtype=F64, device=DEVICE)
     x = tokens(2, 6, 8)
     torch.testing.assert_close(block(x), block(x, x))
     assert block.value.weight.dtype == F64 and block.query is None

@@ -185,19 +185,25 @@ class Counted:
 def test_solution_penalty_reuses_the_recorded_evaluation(backward, reduction, monkeypatch):
     m = Counted()
     z, sol = eq.fixed_point(m.f, m.z0(), backward=backward, **TIGHT)
-    vjps = []
+    vjps, depth = [], [0]
     real_grad = torch.autograd.grad
 
     def counting_grad(*args, **kwargs):
-        vjps.append(1)
-        return real_grad(*args, **kwargs)
+        # outermost calls only: under a torch-function mode (tests/conftest.py) autograd.grad
+        # re-dispatches through the patched name
+        vjps.append(depth[0] == 0)
+        depth[0] += 1
+        try:
+            return real_grad(*args, **kwargs)
+        finally:
+            depth[0] -= 1
 
     before = m.calls
     monkeypatch.setattr(torch.autograd, "grad", counting_grad)
     pen = sol.jacobian_penalty(samples=3, reduction=reduction, generator=gen(9))
     monkeypatch.undo()
     assert m.calls == before  # no extra map call
-    assert len(vjps) == 3  # one VJP per probe
+    assert sum(vjps) == 3  # one VJP per probe
     ref = eq.jacobian_penalty(m.f, z, samples=3, reduction=reduction, generator=gen(9))
     assert m.calls == before + 1  # the free function evaluates the map once
     torch.testing.assert_close(pen, ref, rtol=1e-13, atol=0)
