@@ -22,6 +22,12 @@ Usage::
 
     python benchmarks/hamburger.py                 # full sweep, writes results/hamburger.{json,png}
     python benchmarks/hamburger.py --quick         # small smoke run
+    python benchmarks/hamburger.py --device cuda --sides 16 32 48 64 128
+                                                   # on a GPU: writes results/hamburger-cuda.*
+
+On a CUDA device every timing synchronises the device, SDPA picks its fused CUDA kernel, and peak
+memory is the peak of ``torch.cuda.max_memory_allocated`` during one forward+backward above what
+was allocated before it (in process; the CPU thread counts do not apply).
 """
 
 from __future__ import annotations
@@ -133,6 +139,11 @@ def macs(name: str, n: int, c: int, d: int, r: int, k: int, *, fused: bool = Tru
 # Timing and memory.
 
 
+def sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def fwd_bwd(block: nn.Module, x: torch.Tensor) -> None:
     block.zero_grad(set_to_none=True)
     x.grad = None
@@ -147,12 +158,14 @@ def pick_heads(channels: int, x: torch.Tensor, reps: int) -> tuple[int, dict[int
     """Fastest SDPA head count for forward+backward on x."""
     times = {}
     for heads in HEAD_CHOICES:
-        block = SDPABlock(channels, heads)
+        block = SDPABlock(channels, heads).to(x.device)
         fwd_bwd(block, x)
         samples = []
         for _ in range(reps):
+            sync(x)
             tic = time.perf_counter()
             fwd_bwd(block, x)
+            sync(x)
             samples.append(time.perf_counter() - tic)
         times[heads] = statistics.median(samples)
     return min(times, key=times.get), times
@@ -164,8 +177,10 @@ def measure_time(blocks: dict[str, nn.Module], x: torch.Tensor, reps: int, warmu
     for rep in range(warmup + reps):
         for name, block in blocks.items():
             for kind, fn in (("fwd_bwd", fwd_bwd), ("fwd", forward)):
+                sync(x)
                 tic = time.perf_counter()
                 fn(block, x)
+                sync(x)
                 if rep >= warmup:
                     samples[name][kind].append(1e3 * (time.perf_counter() - tic))
     out = {}
@@ -206,6 +221,19 @@ def memory_probe(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_mib": (_status("VmHWM") - before) / 2**20}))
 
 
+def cuda_memory(block: nn.Module, x: torch.Tensor) -> float:
+    """Peak CUDA memory (MiB) of one forward+backward above what is allocated before it."""
+    fwd_bwd(block, x)  # warm-up: workspaces and lazily built kernels
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    sync(x)
+    before = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    block(x).sum().backward()
+    sync(x)
+    return (torch.cuda.max_memory_allocated(x.device) - before) / 2**20
+
+
 def measure_memory(
     name: str, side: int, heads: int, threads: int, args: argparse.Namespace
 ) -> float:
@@ -243,7 +271,7 @@ def plot(results: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.set_title(
             {
-                "fwd_bwd_ms": f"fwd+bwd time, ms (median, {run['threads']} thread(s))",
+                "fwd_bwd_ms": f"fwd+bwd time, ms (median, {_label(run, long=True)})",
                 "peak_mib": "peak memory of fwd+bwd, MiB",
                 "gmacs": "forward GMACs (analytic)",
             }[key]
@@ -251,8 +279,8 @@ def plot(results: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     cfg = results["config"]
     fig.suptitle(
-        f"Hamburger vs attention blocks on CPU: B={cfg['batch']}, C=d={cfg['dim']}, "
-        f"r={cfg['rank']}, K={cfg['steps']}, float32, torch {cfg['torch']}"
+        f"Hamburger vs attention blocks on {cfg.get('device', 'CPU')}: B={cfg['batch']}, "
+        f"C=d={cfg['dim']}, r={cfg['rank']}, K={cfg['steps']}, float32, torch {cfg['torch']}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -263,15 +291,18 @@ def sweep(args: argparse.Namespace, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     c, r, k = args.dim, args.rank, args.steps
+    device = torch.device(args.device)
     run: dict = {"threads": threads, "load_avg_start": os.getloadavg(), "sweep": []}
+    if device.type != "cpu":
+        run["device"] = device.type
     for side in args.sides:
         n = side * side
-        x = torch.randn(args.batch, c, side, side, requires_grad=True)
+        x = torch.randn(args.batch, c, side, side, device=device, requires_grad=True)
         if args.sdpa_heads == "auto":
             heads, head_times = pick_heads(c, x, reps=3)
         else:
             heads, head_times = int(args.sdpa_heads), {}
-        blocks = {name: make_block(name, c, r, k, heads) for name in BLOCKS}
+        blocks = {name: make_block(name, c, r, k, heads).to(device) for name in BLOCKS}
         timing = measure_time(blocks, x, args.reps, args.warmup)
         row = {"side": side, "n": n, "sdpa_heads": heads, "blocks": {}}
         row["sdpa_head_fwd_bwd_ms"] = {h: 1e3 * t for h, t in head_times.items()}
@@ -279,10 +310,14 @@ def sweep(args: argparse.Namespace, threads: int) -> dict:
             row["blocks"][name] = {
                 **timing[name],
                 "gmacs": args.batch * macs(name, n, c, c, r, k) / 1e9,
-                "peak_mib": measure_memory(name, side, heads, threads, args),
+                "peak_mib": (
+                    cuda_memory(blocks[name], x)
+                    if x.is_cuda
+                    else measure_memory(name, side, heads, threads, args)
+                ),
             }
         run["sweep"].append(row)
-        print(f"\n{threads} thread(s), n = {side}² = {n}, B={args.batch}, SDPA heads={heads}")
+        print(f"\n{_label(run, long=True)}, n = {side}² = {n}, B={args.batch}, SDPA heads={heads}")
         print(f"{'block':13s} {'GMACs':>7s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} "
               f"{'x sdpa':>7s} {'peak MiB':>9s}")  # fmt: skip
         for name, m in row["blocks"].items():
@@ -320,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sdpa-heads", default="auto", help="'auto' or a head count")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument("--quick", action="store_true", help="sides 16 32, 3 repetitions")
     parser.add_argument("--probe", choices=BLOCKS, help=argparse.SUPPRESS)
     parser.add_argument("--side", type=int, help=argparse.SUPPRESS)
@@ -330,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.sides, args.reps = [16, 32], 3
+    device = torch.device(args.device)
+    if device.type != "cpu":
+        args.threads = [torch.get_num_threads()]  # one run: the host threads barely matter
     start = time.perf_counter()
     c, r, k = args.dim, args.rank, args.steps
     results: dict = {
@@ -344,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "float32",
             "torch": torch.__version__,
             "cpu": _cpu_name(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         },
         "runs": [sweep(args, threads) for threads in args.threads],
     }
@@ -356,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     results["config"]["elapsed_s"] = time.perf_counter() - start
     for run in results["runs"]:
         last = run["sweep"][-1]
-        print(f"\n{run['threads']} thread(s), n={last['n']}: forward+backward / SDPA:")
+        print(f"\n{_label(run, long=True)}, n={last['n']}: forward+backward / SDPA:")
         for name in ("ham-nmf", "ham-nmf-bf16", "ham-vq", "ham-cd", "nonlocal"):
             print(f"  {name:13s} {last['blocks'][name]['fwd_bwd_ratio']:.4f}")
         print("  growth exponents k, cost ∝ n^k (whole sweep / two largest n):")
@@ -372,9 +412,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{paper['ham_nmf_gmacs_this_implementation']:.1f} as implemented here)"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / "hamburger.json", args.out / "hamburger.png"
+    stem = "hamburger" if device.type == "cpu" else f"hamburger-{device.type}"
+    json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "hamburger.md").write_text(markdown(results))
+    (args.out / f"{stem}.md").write_text(markdown(results))
     plot(results, png_path)
     print("\n" + markdown(results))
     print(f"wrote {json_path} and {png_path} in {results['config']['elapsed_s']:.0f} s")
@@ -388,15 +429,15 @@ def markdown(results: dict) -> str:
     side = results["runs"][0]["sweep"][-1]["side"]
     lines = [
         f"n = {side}² = {last_n}, B = {cfg['batch']}, C = d = {cfg['dim']}, r = {cfg['rank']}, "
-        f"K = {cfg['steps']}, float32, {cfg['cpu']}; times are medians of {cfg['reps']} "
-        f"interleaved repetitions, ratios are medians of per-repetition ratios to SDPA; k is "
-        f"the growth exponent between the two largest n ({results['runs'][-1]['threads']} "
-        f"thread(s)).",
+        f"K = {cfg['steps']}, float32, {cfg.get('device', 'CPU')} ({cfg['cpu']}); times are "
+        f"medians of {cfg['reps']} interleaved repetitions, ratios are medians of per-repetition "
+        f"ratios to SDPA; k is the growth exponent between the two largest n "
+        f"({_label(results['runs'][-1], long=True)}).",
         "",
         "| block | fwd GMACs | "
         + " | ".join(
-            f"fwd ms ({t}T) | fwd+bwd ms ({t}T) | × SDPA ({t}T)"
-            for t in (run["threads"] for run in results["runs"])
+            f"fwd ms ({t}) | fwd+bwd ms ({t}) | × SDPA ({t})"
+            for t in (_label(run) for run in results["runs"])
         )
         + " | peak MiB | time ∝ n^k | memory ∝ n^k |",
         "|---|---|" + "---|---|---|" * len(results["runs"]) + "---|---|---|",
@@ -415,6 +456,13 @@ def markdown(results: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _label(run: dict, long: bool = False) -> str:
+    """How a run is named in tables: its thread count on CPU, its device otherwise."""
+    if "device" in run:
+        return run["device"].upper()
+    return f"{run['threads']} thread(s)" if long else f"{run['threads']}T"
 
 
 def _cpu_name() -> str:

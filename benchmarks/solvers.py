@@ -24,8 +24,9 @@ cache holds: timed on its own, on one input over and over, a conv map ran up to 
 same calls inside a solve, which made even plain Picard iteration look 1.5x "overhead". The
 JSON also keeps solve time / (iterations x one standalone call near the equilibrium).
 
-Run: ``make bench`` or ``python benchmarks/solvers.py [--quick]``. Writes
-``benchmarks/results/solvers.json`` and ``benchmarks/results/solvers.md``.
+Run: ``make bench`` or ``python benchmarks/solvers.py [--quick] [--device cuda]``. Writes
+``benchmarks/results/solvers.json`` and ``benchmarks/results/solvers.md`` (``solvers-cuda.*`` with
+``--device cuda``; every timing synchronises the device).
 """
 
 from __future__ import annotations
@@ -109,10 +110,10 @@ def tune_radius(problem: ConvProblem, radius: float = 0.9, steps: int = 14) -> f
     return rho
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, device: torch.device) -> torch.nn.Module:
     if name == "tanh":
-        return TanhAffine()
-    problem = ConvProblem()
+        return TanhAffine().to(device)
+    problem = ConvProblem().to(device)
     problem.rho = tune_radius(problem)
     if name == "conv-1e-3":
         problem.scale = 1e-3
@@ -259,7 +260,7 @@ def reference_grads(problem: torch.nn.Module) -> list[torch.Tensor]:
 
 def _upstream(z: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(z.shape, generator=g) / z.numel() ** 0.5).to(z.dtype)
+    return (torch.randn(z.shape, generator=g) / z.numel() ** 0.5).to(z.device, z.dtype)
 
 
 def _rel_error(grads: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
@@ -345,13 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--grad-error", type=float, default=1e-3, help="gradient accuracy target")
     parser.add_argument("--problems", nargs="*", default=["tanh", "conv", "conv-1e-3"])
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else 25
     results: dict[str, Any] = {"tol": TOL, "max_iter": MAX_ITER, "problems": {}}
+    results["device"] = _device_name(device)
     for name in args.problems:
-        problem = build(name)
+        problem = build(name, device)
         fwd = forward_rows(problem, 4 * repeats if name == "tanh" else max(3, repeats // 3))
         bwd = backward_rows(problem, max(3, repeats // 3), args.grad_error, fwd["tuned_lam"])
         entry = {"forward": fwd, "implicit": bwd}
@@ -360,11 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         results["problems"][name] = entry
         _print_problem(name, entry)
     results["targets"] = _targets(results["problems"])
-    path = write_result("solvers", results)
+    stem = "solvers" if device.type == "cpu" else f"solvers-{device.type}"
+    path = write_result(stem, results)
     md = _markdown(results)
-    (RESULTS / "solvers.md").write_text(md)
+    (RESULTS / f"{stem}.md").write_text(md)
     print(md)
-    print(f"wrote {path} and {RESULTS / 'solvers.md'}")
+    print(f"wrote {path} and {RESULTS / f'{stem}.md'}")
     return 0
 
 
@@ -460,11 +465,17 @@ def _markdown(results: dict) -> str:
     m = machine()
     lines.append("")
     lines.append(
-        f"Measured with torch {m['torch']} on {m['cores']} {m['cpu']} cores ({m['device']}), "
-        f"{m['threads']} threads; overhead = solve time / time spent inside the map during the "
-        "solve (median over solves)."
+        f"Measured with torch {m['torch']} on {results['device']} ({m['cores']} {m['cpu']} "
+        f"cores, {m['threads']} threads); overhead = solve time / time spent inside the map "
+        "during the solve (median over solves)."
     )
     return "\n".join(lines) + "\n"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({device})"
 
 
 if __name__ == "__main__":
