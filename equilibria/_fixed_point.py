@@ -267,13 +267,15 @@ def _reaches_other_leaves(z_out: Tensor, zr: Tensor) -> bool:
     """
     if z_out.grad_fn is None:
         return False
-    seen: set[int] = set()
+    # the visited nodes are kept alive: an autograd node's Python wrapper can be freed and its id
+    # reused by another node's wrapper (torch 2.11 does this), which would skip unvisited nodes
+    seen: dict[int, Any] = {}
     stack = [z_out.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        seen.add(id(node))
+        seen[id(node)] = node
         variable = getattr(node, "variable", None)
         if variable is not None:  # an AccumulateGrad node: a leaf that requires grad
             if variable is not zr:
