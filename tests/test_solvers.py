@@ -271,25 +271,28 @@ def test_forward_is_scale_invariant(name, solver):
     torch.testing.assert_close(values[1e3], values[1.0], rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", SOLVER_NAMES)
-def test_float32_scale_invariance_down_to_where_squared_norms_lose_precision(name):
-    # scales by powers of two are exact in floating point; at 2**-40 the residuals near
-    # convergence (~1e-16) have squared norms below float32's precise range, so the driver must
-    # fall back from a solver's squared norms to exactly computed ones without changing anything
-    steps = {}
+@pytest.mark.parametrize(("name", "solver"), CONFIGS, ids=CONFIG_IDS)
+def test_float32_power_of_two_rescaling_is_bitwise_invariant(name, solver):
+    # scales by powers of two are exact in floating point, so a scale-free solver must produce
+    # exactly the rescaled iterates: the same steps and bitwise the same value / s. At 2**-40 the
+    # residuals near convergence (~1e-16) have squared norms below float32's precise range, so the
+    # driver must fall back from a solver's squared norms to exactly computed ones without changing
+    # anything; Anderson's bordered system is normalised by the trace of its Gram block (before,
+    # its border of ones did not scale and the round-off of the solve did: one step more or less)
+    steps, values = {}, {}
     for s in (2.0**-40, 1.0, 2.0**40):
         p, f = _scaled_tanh(s)
         z0 = p.z0().float()
         f32 = lambda z, f=f: f(z.double()).float()  # noqa: E731
-        sol = eq.solve(f32, z0, solver=name, tol=1e-5, max_iter=400, stop="rel")
+        sol = eq.solve(f32, z0, solver=solver, tol=1e-5, max_iter=400, stop="rel")
         assert sol.status is eq.Status.CONVERGED
-        steps[s] = sol.nstep
+        steps[s], values[s] = sol.nstep, sol.value / s
         torch.testing.assert_close(
             sol.residual.double(), residual(f32, sol.value, "rel").double(), rtol=1e-4, atol=0.0
         )
-    # (the iterates agree to float32 round-off, not bitwise: Anderson's bordered system mixes the
-    # Gram block, which scales, with its border of ones, which does not)
     assert steps[2.0**-40] == steps[1.0] == steps[2.0**40], steps
+    for s in (2.0**-40, 2.0**40):
+        assert torch.equal(values[s], values[1.0]), s
 
 
 def test_residual_norm_from_squared_norms_equals_the_direct_one():
