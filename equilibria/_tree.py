@@ -127,6 +127,7 @@ class StateSpec:
                 and out.shape[1:] == self.shapes[0][1:]
                 and out.shape[0] == batch
                 and out.dtype == self.dtype
+                and out.device == self.device
             ):
                 return out
         leaves = self._match_structure(out, name)
@@ -193,7 +194,7 @@ class StateSpec:
         """
         if self.kind == "tensor":
             tail = self.shapes[0][1:]
-            dtype = self.dtype
+            dtype, device = self.dtype, self.device
 
             def flat_tensor(x: Tensor, *extra: Any) -> Tensor:
                 b = x.shape[0]
@@ -203,6 +204,7 @@ class StateSpec:
                     and out.shape[0] == b
                     and out.shape[1:] == tail
                     and out.dtype == dtype
+                    and out.device == device
                 ):
                     out = self.check_output(out, b, name)
                 return out.reshape(b, -1)

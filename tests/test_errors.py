@@ -275,6 +275,18 @@ BAD_INPUTS = [
         "f(z)[1] must have the dtype of the state, torch.float64, got torch.float32",
         id="f-leaf-dtype",
     ),
+    pytest.param(  # "meta" stands in for a GPU: the check is the same on any other device
+        lambda: eq.solve(lambda z: z.to("meta"), Z),
+        ValueError,
+        f"f(z) must be on the device of the state, {Z.device}, got meta",
+        id="f-device",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point(lambda z: (z[0], z[1].to("meta")), PAIR),
+        ValueError,
+        "f(z)[1] must be on the device of the state",
+        id="f-leaf-device",
+    ),
     pytest.param(
         lambda: eq.DEQ(lambda z, x: z[:, :2])(Z),
         ValueError,
