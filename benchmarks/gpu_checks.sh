@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]     # default OUT_DIR: benchmarks/results/gpu
 #
 # Every step has its own time limit and runs even when an earlier one fails; the log and the
-# *-cuda result files end up in OUT_DIR. Run from the repository root.
+# *-cuda result files end up in OUT_DIR (the Hamburger sweep of batch B in OUT_DIR/hamburger-bB;
+# HAM_BATCHES="1 8" by default). Run from the repository root.
 set -u
 out=${1:-benchmarks/results/gpu}
 mkdir -p "$out"
@@ -30,8 +31,10 @@ step() {  # step SECONDS NAME COMMAND...: SIGINT at the limit, so pytest still p
 torch.version.cuda, torch.cuda.get_device_name(), torch.backends.cuda.matmul.allow_tf32)"
     step 75 "CUDA tests" "$py" -m pytest "${pytest_args[@]}" tests/test_cuda.py
     step 140 "solver benchmark" "$py" benchmarks/solvers.py --device cuda
-    step 75 "Hamburger benchmark" "$py" benchmarks/hamburger.py --device cuda \
-        --sides 16 32 48 64 128 --out "$out"
+    for batch in ${HAM_BATCHES:-1 8}; do
+        step 75 "Hamburger benchmark, batch $batch" "$py" benchmarks/hamburger.py --device cuda \
+            --batch "$batch" --sides 16 32 48 64 128 --out "$out/hamburger-b$batch"
+    done
     step 170 "suite on cuda" env EQUILIBRIA_TEST_DEVICE=cuda "$py" -m pytest "${pytest_args[@]}" \
         tests/test_gradients.py tests/test_solvers.py tests/test_deq.py \
         tests/test_warmstart_compaction.py tests/test_stabilisers.py tests/test_norms_dropout.py \

@@ -5,13 +5,16 @@ called without a device (in the tests and in the library) creates on that device
 ``torch.set_default_device``, except that random factories (``randn``, ``rand``, ``randint``,
 ``randperm``) draw on the CPU, from the CPU generator given or the global one, and move the result,
 so seeded problems are the same numbers on every device (module initialisation and ``*_like``
-draws still use the device's generator). Tests that cannot run under a global torch-function
-mode (torch.compile) are marked ``no_device_mode`` and skipped whenever the variable is set.
-Setting it to ``cpu`` runs the same machinery on the CPU.
+draws still use the device's generator). ``torch.testing.assert_close`` compares values across
+devices there (the documented CPU tensors of a solution, its trace and residual history, against
+results on the device). Tests that cannot run under a global torch-function mode (torch.compile)
+and recipes that build their own CPU data are marked ``no_device_mode`` and skipped whenever the
+variable is set. Setting the variable to ``cpu`` runs the same machinery on the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -41,7 +44,8 @@ class _OnDevice(TorchFunctionMode):
             generator = kwargs.get("generator")
             on_cpu = generator.device.type == "cpu" if generator is not None else func in _RANDOM
             if on_cpu and self.device.type != "cpu":
-                return func(*args, **kwargs).to(self.device)
+                requires_grad = kwargs.pop("requires_grad", False)
+                return func(*args, **kwargs).to(self.device).requires_grad_(requires_grad)
             kwargs["device"] = self.device
         return func(*args, **kwargs)
 
@@ -51,12 +55,14 @@ def pytest_configure(config: pytest.Config) -> None:
         if DEVICE.type == "cuda" and not torch.cuda.is_available():
             raise pytest.UsageError(f"EQUILIBRIA_TEST_DEVICE={DEVICE} but CUDA is not available")
         _OnDevice(DEVICE).__enter__()  # for the whole session
+        compare = functools.partial(torch.testing.assert_close, check_device=False)
+        torch.testing.assert_close = compare
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not _REQUESTED:
         return
-    mode = pytest.mark.skip(reason="cannot run under the test device mode (torch.compile)")
+    mode = pytest.mark.skip(reason="needs plain torch (torch.compile or a CPU recipe)")
     for item in items:
         if "no_device_mode" in item.keywords:
             item.add_marker(mode)

@@ -131,7 +131,8 @@ def test_mixed_devices_are_refused_with_the_devices_named():
 
 def test_cpu_generator_draws_the_same_numbers_on_every_device():
     bases = [random_bases(2, 8, 3, generator=gen(1), device=dev, dtype=F64) for dev in (CPU, GPU)]
-    torch.testing.assert_close(bases[1].cpu(), bases[0], rtol=0, atol=0)
+    # the same draws; the column normalisation rounds differently on the GPU (measured: 1e-16)
+    torch.testing.assert_close(bases[1].cpu(), bases[0], rtol=1e-14, atol=0)
     p = Tanh.make(batch=3, d=5, seed=2)
     pens, radii = [], []
     for dev in (CPU, GPU):
@@ -216,6 +217,7 @@ def test_host_synchronisations_per_iteration_on_cuda(solver):
     def f(z):
         return z @ a.T + b
 
+    eq.solve(f, torch.zeros_like(b), solver=solver, max_iter=3)  # one-time set-up not counted
     counts = []
     for max_iter in (5, 25):
         with warnings.catch_warnings(record=True) as seen:

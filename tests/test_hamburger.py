@@ -751,7 +751,7 @@ BAD_CALLS = [
     (
         lambda: Hamburger(8, dim=8, rank=4, device="meta")(MAP),
         ValueError,
-        "x must be on the block's device meta, got x on cpu",
+        f"x must be on the block's device meta, got x on {DEVICE.type}",
     ),
 ]
 
@@ -808,6 +808,7 @@ def test_mosaic_canvases(task):
         assert ((y == 1).sum((1, 2)) > 0).all()
 
 
+@pytest.mark.no_device_mode  # the recipe builds its data and model on the CPU
 def test_mosaic_config_validation_and_tiny_run(tmp_path):
     pytest.importorskip("sklearn")
     from equilibria.zoo.mosaic import MosaicConfig, compare, main, train

@@ -141,7 +141,7 @@ def test_cache_key_mixes_known_and_unknown_keys():
     z = layer(x[[3, 1, 4, 5, 0, 2]], cache_key=keys)
     sol = layer.last_solution
     first = sol.residuals[0]
-    known = torch.tensor([k in (0, 1) for k in keys])
+    known = torch.tensor([k in (0, 1) for k in keys], device=first.device)
     assert bool((first[known] < TIGHT["tol"]).all())
     torch.testing.assert_close(first[~known], torch.ones(4, dtype=F64))  # rel residual of f(0)
     assert sol.all_converged
