@@ -88,7 +88,9 @@ def remove_norm(module: nn.Module, *, leave_parametrized: bool = True) -> nn.Mod
         module: changed in place and returned.
         leave_parametrized: keep the current normalised weights as plain parameters (True) or
             restore the unnormalised originals (False). Weight norm is an exact reparametrisation
-            (g v / ||v|| is the weight itself), so its layers always keep the current weight.
+            (g v / ||v|| is the weight itself), so its layers always keep the current weight (to
+            the round-off of torch's weight-norm kernel: ~1e-16 relative in float64 on the CPU,
+            ~5e-8 measured for the fused CUDA kernel).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")

@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 from _cells import backward_reference, dense_implicit
-from _problems import BACKWARD_NAMES, F64, gen, loss, rel_err
+from _problems import BACKWARD_NAMES, DEVICE, F64, gen, loss, rel_err
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -199,14 +199,17 @@ def test_remove_norm_keeps_the_function_with_plain_parameters(kind):
     ],
 )
 def test_remove_norm_can_restore_the_unnormalised_weights(kind):
-    # weight norm is exact (g v / ||v|| is the weight), so its layers keep the current weight
+    # weight norm is exact (g v / ||v|| is the weight), so its layers keep the current weight, to
+    # the round-off of torch's weight-norm kernel: 1e-16 on the CPU; its fused CUDA kernel was
+    # measured at 5e-8 relative in float64 (H200, torch 2.11)
+    tol = 1e-14 if DEVICE.type == "cpu" else 1e-7
     cell = NormCell()
     plain = {n: p.detach().clone() for n, p in cell.named_parameters()}
     eq.apply_norm(cell, kind)
     eq.remove_norm(cell, leave_parametrized=False)
     assert not any(parametrize.is_parametrized(m) for m in cell.modules())
     for name, p in cell.named_parameters():
-        torch.testing.assert_close(p.detach(), plain[name], rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(p.detach(), plain[name], rtol=tol, atol=tol)
 
 
 def test_apply_norm_selects_layers_and_is_idempotent():
