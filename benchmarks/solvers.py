@@ -347,13 +347,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-error", type=float, default=1e-3, help="gradient accuracy target")
     parser.add_argument("--problems", nargs="*", default=["tanh", "conv", "conv-1e-3"])
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    parser.add_argument(
+        "--no-tf32",
+        action="store_true",
+        help="on CUDA, turn off TF32 in convolutions (PyTorch's default has it on for cuDNN)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else 25
     results: dict[str, Any] = {"tol": TOL, "max_iter": MAX_ITER, "problems": {}}
     results["device"] = _device_name(device)
+    if device.type == "cuda":
+        results["tf32"] = {
+            "cudnn_conv": torch.backends.cudnn.allow_tf32,
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+        }
     for name in args.problems:
         problem = build(name, device)
         fwd = forward_rows(problem, 4 * repeats if name == "tanh" else max(3, repeats // 3))
