@@ -488,7 +488,7 @@ def _markdown(results: dict) -> str:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({device})"
+    return "CPU"
 
 
 if __name__ == "__main__":
