@@ -22,7 +22,8 @@ def draw(
     """
     sample = torch.randn if normal else torch.rand
     if generator is not None:
-        target = torch.device(device) if device is not None else torch.get_default_device()
+        # torch.empty(0).device: the default device, also before torch.get_default_device (2.3)
+        target = torch.device(device) if device is not None else torch.empty(0).device
         if generator.device.type != target.type:
             out = sample(shape, generator=generator, dtype=dtype, device=generator.device)
             return out.to(target)
