@@ -163,7 +163,11 @@ def iterate(
 
 def _with_autocast(fn: Callable[..., Tensor], device_type: str, dtype: torch.dtype) -> Callable:
     def fn_autocast(*args: Any) -> Tensor:
-        with torch.autocast(device_type, dtype=dtype):
+        # No cast cache in no-grad iterations: torch before 2.5 caches the low-precision copies of
+        # parameters made under no_grad too, and the differentiable call after the solve (same
+        # outer autocast region) then reuses copies without a graph: the parameter gradients
+        # silently vanished. Newer torch does not cache there either.
+        with torch.autocast(device_type, dtype=dtype, cache_enabled=torch.is_grad_enabled()):
             return fn(*args)
 
     return fn_autocast

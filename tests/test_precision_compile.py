@@ -164,6 +164,27 @@ def test_autocast_fixed_point_gradients_are_close_to_float32(backward):
         assert sol.backward.solution.all_converged
 
 
+def test_no_grad_iterations_do_not_fill_the_autocast_cast_cache():
+    # before torch 2.5 the cast cache kept no-grad low-precision copies of the parameters and the
+    # differentiable call after the solve reused them: the parameter gradients vanished (found on
+    # torch 2.4.1). The no-grad map calls must run with the cache off, the recorded one with it on.
+    cell, x = LinearCell(), _x()
+    calls = []
+
+    def f(z):
+        calls.append((torch.is_grad_enabled(), torch.is_autocast_cache_enabled()))
+        return cell(z, x)
+
+    with torch.autocast(DEVICE.type, dtype=BF16):
+        z, _ = eq.fixed_point(f, torch.zeros_like(x), backward="implicit", tol=1e-3)
+    no_grad = [cache for grad, cache in calls if not grad]
+    with_grad = [cache for grad, cache in calls if grad]
+    assert no_grad and not any(no_grad)
+    assert with_grad == [True]
+    grads = torch.autograd.grad(loss(z), list(cell.parameters()))
+    assert all(float(g.abs().sum()) > 0 for g in grads)
+
+
 def test_autocast_deq_with_a_tuple_state():
     cell = LinearCell()
 
