@@ -8,7 +8,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 PIP := $(PY) -m pip install --quiet -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow lint format bench bench-all install clean
+.PHONY: demo test test-slow test-torch lint format bench bench-all install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
+# The suite against another torch release, in its own venv (no constraints.txt: it pins torch;
+# a CUDA build of an older torch is several GB): make test-torch TORCH=2.4.1
+TORCH ?= 2.4.1
+test-torch:
+	$(PYTHON) -m venv .venv-torch-$(TORCH)
+	.venv-torch-$(TORCH)/bin/python -m pip install --quiet torch==$(TORCH) 'numpy<2' -e '.[zoo,dev]'
+	.venv-torch-$(TORCH)/bin/python -m pytest -q $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -51,4 +59,4 @@ bench-all: bench
 	$(PY) benchmarks/anderson_cost.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-torch-* build *.egg-info .pytest_cache .ruff_cache
