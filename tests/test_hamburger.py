@@ -383,7 +383,8 @@ def test_hamburger_matches_unfused_reference(ham, norm, training, grad, tokens, 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_fused_block_gradcheck_with_frozen_solve(monkeypatch, ham, norm, tokens, training, batch):
-    """The fused backward (_BreadAndLastStep) vs finite differences, in float64.
+    """The fused backward (_BreadAndLastStep) vs finite differences, in float64, first and second
+    derivatives (gradient penalties differentiate it with create_graph=True).
 
     The no-grad solve (D, P, W) is frozen to its value at the first call, so the block becomes the
     differentiable last step that the one-step gradient is exact for.
@@ -407,6 +408,7 @@ def test_fused_block_gradcheck_with_frozen_solve(monkeypatch, ham, norm, tokens,
     x = torch.randn(*shape, dtype=F64, requires_grad=True)
     params = (block.lower_weight, block.lower_bias, block.upper_weight)
     assert torch.autograd.gradcheck(lambda x, *p: block(x), (x, *params))
+    assert torch.autograd.gradgradcheck(lambda x, *p: block(x), (x, *params))
     assert cache  # the fused path was taken
 
 

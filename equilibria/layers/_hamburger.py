@@ -154,7 +154,9 @@ class _BreadAndLastStep(torch.autograd.Function):
             d_feats = torch.bmm(g, proj.mT)  # (B, n, d), the layout of feats
         else:
             d_feats = torch.bmm(proj, g.mT)  # (B, d, n)
-        if ctx.relu:  # ReLU backward written in place (masked_fill_ is ~50x slower on CPU)
+        if ctx.relu and torch.is_grad_enabled():  # create_graph=True: out of place, recorded
+            d_feats = torch.ops.aten.threshold_backward(d_feats, feats, 0)
+        elif ctx.relu:  # ReLU backward written in place (masked_fill_ is ~50x slower on CPU)
             torch.ops.aten.threshold_backward.grad_input(d_feats, feats, 0, grad_input=d_feats)
         d_z = d_weight = d_bias = None
         if ctx.tokens:
