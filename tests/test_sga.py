@@ -115,6 +115,32 @@ BAD_CALLS = [
         "attention must be one of ('stop_gradient', 'standard')",
     ),
     (lambda: StopGradientAttention(4, column_norm=1), TypeError, "column_norm must be a bool"),
+    (
+        lambda: stop_gradient_attention(X, X, X, column_norm="no"),
+        TypeError,
+        "column_norm must be a bool, got str 'no'",
+    ),
+    (lambda: attention_map(X, X, scale=1.0, column_norm=None), TypeError, "column_norm must be"),
+    (
+        lambda: stop_gradient_attention(X, X.double(), X),
+        ValueError,
+        "y must have the dtype and device of x, torch.float32 on cpu, got torch.float64",
+    ),
+    (
+        lambda: stop_gradient_attention(X, X, X.double()),
+        ValueError,
+        "value must have the dtype and device of x",
+    ),
+    (
+        lambda: attention_map(X, X.to("meta"), scale=1.0),
+        ValueError,
+        "key must have the dtype and device of query",
+    ),
+    (
+        lambda: StopGradientAttention(4)(X.double()),
+        ValueError,
+        "x must have the dtype and device of the block's parameters, torch.float32",
+    ),
     (lambda: StopGradientAttention(4, scale=0.0), ValueError, "scale must be None or a finite"),
     (
         lambda: StopGradientAttention(4, scale=float("nan")),

@@ -93,6 +93,12 @@ def _check_momentum(momentum: object) -> float:
     return float(momentum)
 
 
+def _check_generator(generator: object) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        kind = type(generator).__name__
+        raise TypeError(f"generator must be a torch.Generator or None, got {kind} {generator!r}")
+
+
 def _check_grad(grad: object) -> None:
     if grad not in _GRAD_MODES:
         raise ValueError(f"grad must be one of {_GRAD_MODES}, got {grad!r}")
@@ -110,56 +116,6 @@ def _check_iter_dtype(iter_dtype: object, x: Tensor, grad: str) -> torch.dtype |
             f"got grad={grad!r}"
         )
     return iter_dtype
-
-
-def _check_problem(
-    fn: str, x: object, rank: object, bases: object, steps: object, grad: object, eps: object
-) -> tuple[Tensor, Tensor | None, int]:
-    """Validates the arguments shared by all decompositions; returns (x, bases, rank)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{fn}: x must be a torch.Tensor of shape (B, d, n), got {type(x)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{fn}: x must have a floating dtype, got {x.dtype}")
-    if x.ndim != 3 or x.numel() == 0:
-        raise ValueError(
-            f"{fn}: x must have shape (B, d, n) with no empty dimension, got {tuple(x.shape)}"
-        )
-    _check_finite(f"{fn}: x", x)
-    _check_int("steps", steps, 0)
-    _check_grad(grad)
-    _check_positive("eps", eps)
-    batch, dim, n = x.shape
-    limit = min(dim, n)
-    if bases is not None:
-        if not isinstance(bases, Tensor):
-            raise TypeError(f"{fn}: bases must be a torch.Tensor or None, got {type(bases)}")
-        if bases.ndim not in (2, 3) or bases.shape[-2] != dim:
-            raise ValueError(
-                f"{fn}: bases must have shape (d, r) or (B, d, r) with d={dim}, "
-                f"got {tuple(bases.shape)}"
-            )
-        if bases.ndim == 3 and bases.shape[0] not in (1, batch):
-            raise ValueError(
-                f"{fn}: bases has batch size {bases.shape[0]}, x has {batch}; they must match"
-            )
-        if bases.dtype != x.dtype or bases.device != x.device:
-            raise ValueError(
-                f"{fn}: bases ({bases.dtype}, {bases.device}) must match x ({x.dtype}, {x.device})"
-            )
-        _check_finite(f"{fn}: bases", bases)
-        if rank is not None and rank != bases.shape[-1]:
-            raise ValueError(f"{fn}: rank={rank} disagrees with bases.shape[-1]={bases.shape[-1]}")
-        rank = bases.shape[-1]
-    if rank is None:
-        raise ValueError(f"{fn}: give rank or initial bases")
-    if isinstance(rank, bool) or not isinstance(rank, int):
-        raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__} {rank!r}")
-    if not 1 <= rank <= limit:
-        raise ValueError(
-            f"{fn}: rank must be in [1, min(d, n)] = [1, {limit}] for x of shape "
-            f"{tuple(x.shape)}, got {rank}"
-        )
-    return x, bases, rank
 
 
 class _Problem(NamedTuple):
@@ -188,9 +144,52 @@ def _problem(
     generator: object,
     iter_dtype: object,
 ) -> _Problem:
-    """Validates the arguments every decomposition takes (see :func:`_check_problem`)."""
-    x, bases, rank = _check_problem(fn, x, rank, bases, steps, grad, eps)
+    """Validates the arguments every decomposition takes."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{fn}: x must be a torch.Tensor of shape (B, d, n), got {type(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{fn}: x must have a floating dtype, got {x.dtype}")
+    if x.ndim != 3 or x.numel() == 0:
+        raise ValueError(
+            f"{fn}: x must have shape (B, d, n) with no empty dimension, got {tuple(x.shape)}"
+        )
+    _check_finite(f"{fn}: x", x)
+    _check_int("steps", steps, 0)
+    _check_grad(grad)
+    eps = _check_positive("eps", eps)
     inv_t = _check_positive("inv_t", inv_t)
+    _check_generator(generator)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+        raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__} {rank!r}")
+    batch, dim, n = x.shape
+    if bases is not None:
+        if not isinstance(bases, Tensor):
+            raise TypeError(f"{fn}: bases must be a torch.Tensor or None, got {type(bases)}")
+        if bases.ndim not in (2, 3) or bases.shape[-2] != dim:
+            raise ValueError(
+                f"{fn}: bases must have shape (d, r) or (B, d, r) with d={dim}, "
+                f"got {tuple(bases.shape)}"
+            )
+        if bases.ndim == 3 and bases.shape[0] not in (1, batch):
+            raise ValueError(
+                f"{fn}: bases has batch size {bases.shape[0]}, x has {batch}; they must match"
+            )
+        if bases.dtype != x.dtype or bases.device != x.device:
+            raise ValueError(
+                f"{fn}: bases ({bases.dtype}, {bases.device}) must match x ({x.dtype}, {x.device})"
+            )
+        _check_finite(f"{fn}: bases", bases)
+        if rank is not None and rank != bases.shape[-1]:
+            raise ValueError(f"{fn}: rank={rank} disagrees with bases.shape[-1]={bases.shape[-1]}")
+        rank = bases.shape[-1]
+    if rank is None:
+        raise ValueError(f"{fn}: give rank or initial bases")
+    limit = min(dim, n)
+    if not 1 <= rank <= limit:
+        raise ValueError(
+            f"{fn}: rank must be in [1, min(d, n)] = [1, {limit}] for x of shape "
+            f"{tuple(x.shape)}, got {rank}"
+        )
     iter_dtype = _check_iter_dtype(iter_dtype, x, grad)
     return _Problem(x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
 
@@ -228,6 +227,9 @@ def random_bases(
     _check_int("batch", batch, 1)
     _check_int("dim", dim, 1)
     _check_int("rank", rank, 1)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+    _check_generator(generator)
     shape = (batch, dim, rank)
     d = draw(shape, normal=not nonnegative, generator=generator, device=device, dtype=dtype)
     return _normalize_columns(d)
@@ -266,7 +268,8 @@ def moving_average_bases(buffer: Tensor, bases: Tensor, *, momentum: float) -> T
 def _initial_bases(
     x: Tensor, rank: int, bases: Tensor | None, nonnegative: bool, generator: torch.Generator | None
 ) -> Tensor:
-    """Returns (B, d, r) initial bases: a fresh copy of the given ones or a random draw."""
+    """Returns (B, d, r) initial bases: a fresh copy of the given ones (which keeps their graph
+    when recorded) or a random draw."""
     batch, dim, _ = x.shape
     if bases is None:
         return random_bases(
@@ -386,8 +389,6 @@ def _nmf(p: _Problem) -> Decomposition:
         return Decomposition(up.bases.to(x.dtype), up.coef.to(x.dtype))
     if grad == "bptt":
         d = _initial_bases(x, rank, bases, True, generator)
-        if bases is not None and bases.requires_grad:
-            d = bases.expand_as(d)  # keep the graph to the given bases
         c = torch.softmax(inv_t * torch.bmm(x.mT, d), dim=-1)
         for _ in range(steps):
             c = _nmf_coef_update(x, d, c, eps)
@@ -477,8 +478,6 @@ def _run_clusters(p: _Problem, unit_bases: bool) -> Tensor:
     x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype = p
     if grad == "bptt":
         d = _initial_bases(x, rank, bases, False, generator)
-        if bases is not None and bases.requires_grad:
-            d = bases.expand_as(d)
         return _cluster_updates(x, d, steps, inv_t, eps, unit_bases)
     with torch.no_grad():
         xd = x.detach()

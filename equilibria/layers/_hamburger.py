@@ -230,6 +230,8 @@ class _HamburgerBase(nn.Module):
             raise TypeError(
                 f"iter_dtype must be None or a floating torch.dtype, got {iter_dtype!r}"
             )
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
         param_dtype = torch.get_default_dtype() if dtype is None else dtype
         if iter_dtype is not None and iter_dtype != param_dtype and grad != "one_step":
             # the functional rule (_check_iter_dtype): iter_dtype equal to the working dtype is
@@ -261,15 +263,20 @@ class _HamburgerBase(nn.Module):
             self.register_buffer("running_var", torch.ones(channels, **factory))
         else:
             self.upper_bias = nn.Parameter(torch.empty(channels, **factory))
-        if init == "online":
-            bases = random_bases(1, dim, rank, nonnegative=ham == "nmf", **factory)[0]
-            self.register_buffer("bases", bases)  # (d, r), see moving_average_bases
+        if init == "online":  # (d, r), drawn by reset_parameters; see moving_average_bases
+            self.register_buffer("bases", torch.empty(dim, rank, **factory))
         else:
             self.register_buffer("bases", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialises the projections like ``nn.Linear`` and the norm to the identity."""
+        """Initialises the projections like ``nn.Linear``, the norm to the identity and the online
+        bases to a random draw."""
+        if self.bases is not None:  # drawn first: the order of the random draws is unchanged
+            with torch.no_grad():
+                fresh = random_bases(1, self.dim, self.rank, nonnegative=self.ham == "nmf",
+                                     device=self.bases.device, dtype=self.bases.dtype)  # fmt: skip
+                self.bases.copy_(fresh[0])
         for weight, bias in ((self.lower_weight, self.lower_bias),
                              (self.upper_weight, self.upper_bias)):  # fmt: skip
             if weight is None:
@@ -424,7 +431,9 @@ class Hamburger(_HamburgerBase):
         init: ``"random"`` bases drawn per sample at every call, or ``"online"`` bases kept in the
             buffer ``bases`` (d, r): used as the initial bases at every call and, in training,
             updated after each call by :func:`~equilibria.layers.moving_average_bases`.
-        momentum: weight kept on the old online bases at each update, in [0, 1).
+        momentum: weight kept on the old online bases at each update, in [0, 1): the default
+            0.9 moves the buffer 10% of the way to each batch's bases (the paper's code, with
+            ``bases += eta * (update - bases)`` and eta = 0.9, moves 90%: ``momentum = 1 - eta``).
         norm: ``"batch"`` (BatchNorm over batch and positions, folded into the upper bread) or
             ``"none"`` (the upper bread gets a bias instead).
         lower_bread: apply the C → d projection; when False the ham works on x itself (dim must

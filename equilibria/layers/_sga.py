@@ -44,12 +44,27 @@ def _check_tokens(name: str, t: object) -> Tensor:
     return t
 
 
-def _check_pair(query: Tensor, key: Tensor) -> None:
+def _check_pair(query: Tensor, key: Tensor, names: tuple[str, str] = ("query", "key")) -> None:
     if query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
         raise ValueError(
             f"queries (B, N, C) and keys (B, M, C) must share B and C, got {tuple(query.shape)} "
             f"and {tuple(key.shape)}"
         )
+    _check_like(names[1], key, query, names[0])
+
+
+def _check_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
+    """``t`` must have the dtype and device of ``ref``."""
+    if t.dtype != ref.dtype or t.device != ref.device:
+        raise ValueError(
+            f"{name} must have the dtype and device of {ref_name}, {ref.dtype} on {ref.device}, "
+            f"got {t.dtype} on {t.device}"
+        )
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def _check_scale(scale: object, allow_none: bool) -> None:
@@ -87,6 +102,7 @@ def attention_map(
     """
     _check_pair(_check_tokens("query", query), _check_tokens("key", key))
     _check_scale(scale, allow_none=False)
+    _check_bool("column_norm", column_norm)
     _check_eps(eps)
     a = torch.softmax(torch.bmm(query, key.mT) * scale, dim=-1)  # (B, N, M)
     if column_norm:
@@ -127,13 +143,15 @@ def stop_gradient_attention(
     Colorization", ECCV 2022.
     """
     x, y, value = _check_tokens("x", x), _check_tokens("y", y), _check_tokens("value", value)
-    _check_pair(x, y)
+    _check_pair(x, y, ("x", "y"))
     _check_scale(scale, allow_none=True)
+    _check_bool("column_norm", column_norm)
     if value.shape[:2] != y.shape[:2]:
         raise ValueError(
             f"value must have shape (B, M, C_v) matching y {tuple(y.shape)}, got "
             f"{tuple(value.shape)}"
         )
+    _check_like("value", value, x, "x")
     scale = 1.0 / math.sqrt(x.shape[-1]) if scale is None else scale
     with torch.no_grad():
         a = attention_map(x, y, scale=scale, column_norm=column_norm, eps=eps)
@@ -188,8 +206,7 @@ class StopGradientAttention(nn.Module):
             raise ValueError(f"channels must be >= 1, got {channels}")
         if attention not in _ATTENTIONS:
             raise ValueError(f"attention must be one of {_ATTENTIONS}, got {attention!r}")
-        if not isinstance(column_norm, bool):
-            raise TypeError(f"column_norm must be a bool, got {type(column_norm).__name__}")
+        _check_bool("column_norm", column_norm)
         _check_scale(scale, allow_none=True)
         if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
             raise TypeError(
@@ -225,7 +242,8 @@ class StopGradientAttention(nn.Module):
         y = x if y is None else _check_tokens("y", y)
         if x.shape[-1] != self.channels:
             raise ValueError(f"x must have C={self.channels} channels, got {tuple(x.shape)}")
-        _check_pair(x, y)
+        _check_like("x", x, self.value.weight, "the block's parameters")
+        _check_pair(x, y, ("x", "y"))
         _check_finite("x", x)
         if y is not x:
             _check_finite("y", y)
