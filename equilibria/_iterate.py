@@ -177,15 +177,16 @@ class _Divergence:
     """Per-sample blow-up test on the abs residual ||f(z) - z||, whatever the stop norm.
 
     A sample diverges when its residual exceeds DIVERGENCE_FACTOR times the lowest it has had. The
-    lowest is floored at the round-off level (the dtype's eps times the batch's largest first
-    residual), so that a sample that reached its fixed point exactly is not declared divergent by
-    round-off noise; and the abs residual, unlike the rel one, stays meaningful for a sample whose
-    fixed point is 0.
+    lowest is floored at the round-off level of a residual, the dtype's eps times the batch's
+    largest ||f(z0)|| (or first residual, if larger), so that a sample that reached its fixed point
+    exactly is not declared divergent by round-off noise, also when the solve starts at the fixed
+    point (a warm start, whose first residuals are round-off themselves); and the abs residual,
+    unlike the rel one, stays meaningful for a sample whose fixed point is 0.
     """
 
-    def __init__(self, first: np.ndarray, dtype: torch.dtype) -> None:
+    def __init__(self, first: np.ndarray, scale: float, dtype: torch.dtype) -> None:
         self.lowest = first.copy()
-        self.floor = float(torch.finfo(dtype).eps) * float(first.max())
+        self.floor = float(torch.finfo(dtype).eps) * max(float(first.max()), scale)
 
     def blown(self, residual: np.ndarray, active: np.ndarray | None = None) -> bool:
         lowest = self.lowest if active is None else self.lowest[active]
@@ -206,7 +207,8 @@ def _first_iterate(
     rmax = float(r.max())
     if not math.isfinite(rmax):
         _raise_nonfinite(what, 1, x, fx, r)
-    return g, r, rmax, _Divergence(r_abs, x.dtype)
+    scale = float(torch.linalg.vector_norm(fx.detach(), dim=1).max())  # once per solve
+    return g, r, rmax, _Divergence(r_abs, scale, x.dtype)
 
 
 def _loop(

@@ -578,12 +578,14 @@ def test_implicit_backward_out_of_budget_warns_and_reports():
 def _divergence_step(f, z0, dtype=F64, max_iter=100):
     """The step at which a Picard solve of ``f`` from ``z0`` must stop as DIVERGED, by a hand loop:
     the first whose abs residual ||f(z) - z|| exceeds DIVERGENCE_FACTOR times the lowest that
-    sample has had, the lowest floored at eps times the largest first residual of the batch."""
+    sample has had, the lowest floored at eps times the batch's largest ||f(z0)|| or first
+    residual, whichever is larger."""
     z, lowest, floor = z0, None, None
     for nstep in range(1, max_iter + 1):
         r = torch.linalg.vector_norm(f(z) - z, dim=1)
         if lowest is None:
-            lowest, floor = r, torch.finfo(dtype).eps * float(r.max())
+            scale = max(float(r.max()), float(torch.linalg.vector_norm(f(z), dim=1).max()))
+            lowest, floor = r, torch.finfo(dtype).eps * scale
         elif bool((r > DIVERGENCE_FACTOR * lowest.clamp_min(floor)).any()):
             return nstep
         lowest = torch.minimum(lowest, r)
@@ -602,7 +604,7 @@ def test_divergence_is_reported_in_the_rel_norm_too():
 
 def test_divergence_is_per_sample_with_a_floored_lowest_residual():
     # sample 0 grows 10x per step from a residual far below the round-off floor (eps times the
-    # largest first residual, sample 1's), so its growth counts from the floor; sample 1 has a
+    # largest ||f(z0)||, sample 2's), so its growth counts from the floor; sample 1 has a
     # constant residual of 1 and sample 2 one of 1e12 (never a blow-up: a rule on the batch's
     # largest residual would not fire until sample 0 passed 1e12 * DIVERGENCE_FACTOR)
     shift = torch.tensor([[1e-25], [1.0], [1e12]], dtype=F64)
@@ -645,6 +647,22 @@ def test_a_residual_of_exactly_zero_is_not_followed_by_divergence(name, dtype):
     assert sol.status is eq.Status.MAX_ITER and sol.nstep == 50, (sol.status, sol.nstep)
     want = torch.linalg.solve(torch.eye(2, dtype=F64) - a.double(), torch.ones(2, dtype=F64))
     torch.testing.assert_close(sol.value[0].double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_a_warm_start_at_the_fixed_point_is_not_divergence(name):
+    # re-solving from a converged float32 solution with tol=0 (the whole budget): the first
+    # residuals are already round-off, and the noise of the next iterations is not a blow-up
+    torch.manual_seed(0)
+    w, x = 0.3 * torch.randn(3, 3), torch.randn(64, 3)
+
+    def f(z):
+        return torch.tanh(z @ w.T + x)
+
+    first = eq.solve(f, torch.zeros(64, 3), solver=name, tol=0.0, max_iter=200)
+    again = eq.solve(f, first.value.clone(), solver=name, tol=0.0, max_iter=50)
+    assert again.status is eq.Status.MAX_ITER and again.nstep == 50, (again.status, again.nstep)
+    assert float(again.residual.max()) < 1e-5
 
 
 def test_divergence_is_reported():
