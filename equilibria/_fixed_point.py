@@ -315,11 +315,17 @@ class _Adjoint(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         method, record = ctx.method, ctx.record
         if torch.is_grad_enabled():  # create_graph=True: a second derivative is being recorded
+            why = (
+                "its adjoint is a truncated series applied to the recorded map call at a detached "
+                "z*, whose dependence on the parameters it does not carry"
+                if isinstance(method, Neumann)
+                else "its adjoint is a solved fixed point, not a differentiable expression"
+            )
             raise NotImplementedError(
-                f"backward={method.name!r} gives first derivatives only: its adjoint is a solved "
-                "fixed point, not a differentiable expression, so backward with create_graph=True "
-                "(double backward, gradient penalties through the equilibrium) would be silently "
-                "wrong; use backward='unrolled' or eq.Phantom(...) for higher derivatives"
+                f"backward={method.name!r} gives first derivatives only: {why}, so backward with "
+                "create_graph=True (double backward, gradient penalties through the equilibrium) "
+                "would be silently wrong; use backward='unrolled' or eq.Phantom(...) for higher "
+                "derivatives"
             )
         z_out, zr = ctx.saved_tensors
 
@@ -431,9 +437,9 @@ def fixed_point_states(
     sol = _to_solution(it, spec, solver, stop, tol, it.value)
     trajectory = it.trajectory or []
     picks = [trajectory[max(0, round((i + 1) * it.nstep / n) - 1)] for i in range(n - 1)]
-    picks.append(it.value.clone())  # not the storage of sol.value
-    if not torch.is_grad_enabled():
-        return [spec.unflatten(p) for p in picks], sol
+    picks.append(it.value)
+    if not torch.is_grad_enabled():  # copies: the picks can be sol.value, z0 or each other
+        return [spec.unflatten(p.clone()) for p in picks], sol
     return [spec.unflatten(attach_backward(fn, p, backward, sol.backward)) for p in picks], sol
 
 

@@ -394,13 +394,17 @@ def test_backward_statistics_are_reported():
     assert "implicit" in repr(info) and "calls=2" in repr(info)
 
 
-@pytest.mark.parametrize("backward", ["implicit", "neumann"])
-def test_double_backward_through_a_solved_adjoint_raises(backward):
-    # a second derivative through the adjoint solve would treat the adjoint as a constant and be
-    # silently wrong; first derivatives under the same call still work
+@pytest.mark.parametrize(
+    ("backward", "why"),
+    [("implicit", "a solved fixed point"), ("neumann", "a truncated series")],
+)
+def test_double_backward_through_a_solved_adjoint_raises(backward, why):
+    # a second derivative through the adjoint would treat it as a constant and be silently
+    # wrong; first derivatives under the same call still work
     p = AffineParams.make(seed=24)
     z, _ = eq.fixed_point(p.f, p.z0(), backward=backward)
-    with pytest.raises(NotImplementedError, match=f"backward={backward!r} gives first derivatives"):
+    match = f"backward={backward!r} gives first derivatives only: its adjoint is {why}"
+    with pytest.raises(NotImplementedError, match=match):
         torch.autograd.grad(loss(z), p.W, create_graph=True)
     z, _ = eq.fixed_point(p.f, p.z0(), backward=backward)
     assert torch.autograd.grad(loss(z), p.W)[0].shape == p.W.shape
@@ -425,6 +429,25 @@ def test_no_grad_output_does_not_share_storage_with_the_solution():
     before = sol.value.clone()
     z.add_(100.0)
     assert torch.equal(sol.value, before)
+
+
+def test_no_grad_states_share_no_storage_with_the_solution_z0_or_each_other():
+    # the best iterate is an early one (the map contracts for 3 calls, then expands), so a pick
+    # of the trajectory is the tensor that sol.value came from; the first pick is z0's iterate
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        return 0.5 * z if calls[0] <= 3 else -3.0 * z
+
+    z0 = torch.ones(1, 2, dtype=F64)
+    with torch.no_grad():
+        zs, sol = eq.fixed_point_states(f, z0, 5, solver="picard", tol=1e-12, max_iter=5)
+    before, z0_before = sol.value.clone(), z0.clone()
+    for z in zs:
+        z.mul_(100.0)
+    assert torch.equal(sol.value, before) and torch.equal(z0, z0_before)
+    assert len({z.data_ptr() for z in zs}) == len(zs)
 
 
 def test_neumann_reports_method_and_calls():
