@@ -79,7 +79,7 @@ class Broyden(Solver):
             fx_new = fn(x_new)
             g_new = fx_new - x_new
             nfev = 1
-        n = min(state.count, self.memory)
+        n = state.count  # <= memory: a full ring restarts below
         us, vs = state.us[:, :n], state.vs[:, :n]  # (B, n, D)
         dx, dg = x_new - x, g_new - g
         h_g = _combine(us, _dots(vs, g_new)) - g_new if n else -g_new  # H g_new
