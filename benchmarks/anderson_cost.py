@@ -1,17 +1,21 @@
 """Where Anderson's per-iteration cost goes (the numbers behind the README's overhead notes).
 
-1. In the loop: ``torch.profiler`` over Anderson solves of the benchmark's conv block, reporting
+1. Per iteration on the tanh benchmark's map (batch 64, width 256): a map call (40 in a row),
+   and the wall time per iteration of Picard (map + driver) and of Anderson (map + driver +
+   solver) over solves that run a fixed 40 iterations, all round-robin.
+2. In the loop: ``torch.profiler`` over Anderson solves of the benchmark's conv block, reporting
    the mean time of the two batched products that read the history (the Gram row and the mixing,
    ``aten::bmm``), against the same products timed on their own with a warm cache.
-2. Fusion: the Anderson update (ring-buffer writes, Gram row, relative ridge, bordered solve,
-   mixing product) at the tanh benchmark's sizes (batch 64, width 256, m = 5), eager against the
-   same function compiled by inductor.
+3. Fusion: the library's Anderson update (``_push``: ring-buffer writes and Gram row;
+   ``_mixing``: relative ridge, normalised bordered solve; then the mixing product) at the tanh
+   sizes, eager against the same function compiled by inductor.
 
 Run: ``python benchmarks/anderson_cost.py``; writes ``benchmarks/results/anderson_cost.json``.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any
 
@@ -34,8 +38,25 @@ def per_call_us(fn: Any, repeats: int = 2000, warmup: int = 50) -> float:
     return 1e6 * (time.perf_counter() - t0) / repeats
 
 
+def per_iteration_tanh(rounds: int = 200, iters: int = 40) -> dict[str, float]:
+    problem = build("tanh", torch.device("cpu"))
+    z0 = problem.z0()
+    times: dict[str, list[float]] = {"map": [], "picard": [], "anderson": []}
+    with torch.no_grad():
+        for _ in range(rounds):  # round-robin, so that drifts of the machine hit all alike
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                problem(z0)
+            times["map"].append((time.perf_counter() - t0) / iters)
+            for name in ("picard", "anderson"):
+                t0 = time.perf_counter()
+                eq.solve(problem, z0, solver=name, tol=0.0, max_iter=iters)
+                times[name].append((time.perf_counter() - t0) / iters)
+    return {f"{k}_us": 1e6 * statistics.median(v) for k, v in times.items()}
+
+
 def history_products_in_the_loop() -> dict[str, float]:
-    problem = build("conv")
+    problem = build("conv", torch.device("cpu"))
     z0 = problem.z0()
     with torch.no_grad():
         for _ in range(3):
@@ -59,16 +80,11 @@ def history_products_in_the_loop() -> dict[str, float]:
     }
 
 
-def update(images, residuals, system, rhs, ridge_eye, weights, fx, g, slot: int):
-    """One Anderson update written as one function, so that inductor can fuse it."""
-    images[:, slot] = fx
-    residuals[:, slot] = g
-    row = torch.bmm(g.unsqueeze(1), residuals.mT).squeeze(1)
-    system[:, slot + 1, 1:] = row
-    system[:, 1:, slot + 1] = row
-    ridge = (system.diagonal(dim1=1, dim2=2) @ weights).clamp_min(1e-38)
-    solution = torch.linalg.solve_ex(system + ridge.view(-1, 1, 1) * ridge_eye, rhs)[0]
-    return torch.bmm(solution[:, 1:].mT, images).squeeze(1)
+def update(state: anderson_module.AndersonState, fx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """One Anderson update from the library's own pieces, as one function for inductor to fuse."""
+    state = anderson_module._push(state, fx, g)
+    alpha = anderson_module._mixing(state)
+    return torch.bmm(alpha, state.images).squeeze(1)
 
 
 def fused_update() -> dict[str, float]:
@@ -80,27 +96,21 @@ def fused_update() -> dict[str, float]:
         state = solver.init(x, fx, g)
         for _ in range(solver.m + 1):
             state = anderson_module._push(state, fx, g)
-        args = (
-            state.images,
-            state.residuals,
-            state.system,
-            state.rhs,
-            state.ridge_eye,
-            state.ridge_weights[2],
-            fx,
-            g,
-            2,
-        )
-        eager = per_call_us(lambda: update(*args))
+        eager = per_call_us(lambda: update(state, fx, g))
         compiled = torch.compile(update, dynamic=False)
         t0 = time.perf_counter()
-        compiled(*args)
+        compiled(state, fx, g)
         compile_s = time.perf_counter() - t0
-        fused = per_call_us(lambda: compiled(*args))
+        fused = per_call_us(lambda: compiled(state, fx, g))
     return {"eager_us": eager, "inductor_us": fused, "compile_s": compile_s}
 
 
 def main() -> int:
+    tanh = per_iteration_tanh()
+    print(
+        f"tanh map: one call {tanh['map_us']:.0f} us; per iteration: Picard "
+        f"{tanh['picard_us']:.0f} us, Anderson {tanh['anderson_us']:.0f} us"
+    )
     loop = history_products_in_the_loop()
     print(
         f"conv block, {loop['iterations']} Anderson iterations, {loop['history_mb']:.1f} MB of "
@@ -113,7 +123,8 @@ def main() -> int:
         f"Anderson update at batch 64 x width 256: eager {fused['eager_us']:.0f} us, "
         f"inductor {fused['inductor_us']:.0f} us per call (compiled in {fused['compile_s']:.1f} s)"
     )
-    path = write_result("anderson_cost", {"in_the_loop": loop, "fused_update": fused})
+    result = {"tanh_per_iteration": tanh, "in_the_loop": loop, "fused_update": fused}
+    path = write_result("anderson_cost", result)
     print(f"wrote {path}")
     return 0
 
