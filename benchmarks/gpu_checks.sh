@@ -30,7 +30,7 @@ step() {  # step SECONDS NAME COMMAND...: SIGINT at the limit, so pytest still p
     "$py" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, \
 torch.version.cuda, torch.cuda.get_device_name(), torch.backends.cuda.matmul.allow_tf32)"
     step 75 "CUDA tests" "$py" -m pytest "${pytest_args[@]}" tests/test_cuda.py
-    step 140 "solver benchmark" "$py" benchmarks/solvers.py --device cuda
+    step 140 "solver benchmark" "$py" benchmarks/solvers.py --device cuda --out "$out"
     for batch in ${HAM_BATCHES:-1 8}; do
         step 75 "Hamburger benchmark, batch $batch" "$py" benchmarks/hamburger.py --device cuda \
             --batch "$batch" --sides 16 32 48 64 128 --out "$out/hamburger-b$batch"
@@ -41,5 +41,4 @@ torch.version.cuda, torch.cuda.get_device_name(), torch.backends.cuda.matmul.all
         tests/test_hamburger.py tests/test_sga.py tests/test_diagnostics.py tests/test_errors.py \
         tests/test_properties.py tests/test_precision_compile.py
 } 2>&1 | tee "$out/gpu.log"
-cp benchmarks/results/solvers-cuda.json benchmarks/results/solvers-cuda.md "$out"/ 2>/dev/null
 ls "$out"

@@ -7,9 +7,10 @@ called without a device (in the tests and in the library) creates on that device
 so seeded problems are the same numbers on every device (module initialisation and ``*_like``
 draws still use the device's generator). ``torch.testing.assert_close`` compares values across
 devices there (the documented CPU tensors of a solution, its trace and residual history, against
-results on the device). Tests that cannot run under a global torch-function mode (torch.compile)
-and recipes that build their own CPU data are marked ``no_device_mode`` and skipped whenever the
-variable is set. Setting the variable to ``cpu`` runs the same machinery on the CPU.
+results on the device). Tests that cannot run under a global torch-function mode (torch.compile),
+recipes that build their own CPU data and the CPU-vs-CUDA comparisons of tests/test_cuda.py are
+marked ``no_device_mode`` and skipped whenever the variable is set. Setting the variable to
+``cpu`` runs the same machinery on the CPU.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not _REQUESTED:
         return
-    mode = pytest.mark.skip(reason="needs plain torch (torch.compile or a CPU recipe)")
+    mode = pytest.mark.skip(reason="runs without the test device mode (see tests/conftest.py)")
     for item in items:
         if "no_device_mode" in item.keywords:
             item.add_marker(mode)

@@ -1,8 +1,9 @@
 """CUDA: the same problems on the CPU and on a GPU give the same answers.
 
-Skipped without CUDA (CI has none). On a GPU machine run ``pytest tests/test_cuda.py``; the rest
-of the suite runs there with ``EQUILIBRIA_TEST_DEVICE=cuda`` (tests/conftest.py). Every tensor
-here names its device, so the file gives the same results with or without that variable.
+Skipped without CUDA (CI has none). On a GPU machine run ``pytest tests/test_cuda.py`` without
+``EQUILIBRIA_TEST_DEVICE``; the rest of the suite runs there with ``EQUILIBRIA_TEST_DEVICE=cuda``
+(tests/conftest.py), which skips this file: it builds its CPU side with the shared problem
+helpers, whose device-less factories that mode would send to the GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from _problems import (
 import equilibria as eq
 from equilibria.layers import Hamburger, HamburgerTokens, StopGradientAttention, nmf, random_bases
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.no_device_mode,
+]
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
