@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from equilibria.zoo import mosaic
 from equilibria.zoo.checkpoint import CheckpointError, load_checkpoint
 from equilibria.zoo.cli import main
-from equilibria.zoo.config import ConfigError
+from equilibria.zoo.config import ConfigError, from_dict
 from equilibria.zoo.digits import DigitsConfig, batch_loss, build_model, load_data, train
 from equilibria.zoo.runs import MissingExtraError
 
@@ -242,7 +242,22 @@ def test_report_of_a_folder_without_metrics_is_a_clean_error(
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"report: {tmp_path} holds no per-epoch metrics (metrics.jsonl)" in err
-    assert "Traceback" not in err
+
+
+def test_warmup_longer_than_training_is_refused_for_new_runs_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"warmup_epochs must be <= epochs=2 .*got 3"):
+        train(DigitsConfig(**{**TINY, "epochs": 2, "warmup_epochs": 3}, run_dir=str(run)))
+    assert not run.exists()
+    argv = ["train", "digits", *TINY_ARGS, "--epochs", "2", "--warmup-epochs", "3"]
+    assert main([*argv, "--run-dir", str(run)]) == 2
+    assert "warmup_epochs must be <= epochs=2" in capsys.readouterr().err
+    assert not run.exists()
+    # a saved run from before the rule still rebuilds its config (eval, resume)
+    saved = {**TINY, "epochs": 2, "warmup_epochs": 3}
+    assert from_dict(DigitsConfig, saved).warmup_epochs == 3
 
 
 MOSAIC_TINY = [

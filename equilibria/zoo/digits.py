@@ -159,11 +159,6 @@ class DigitsConfig:
                 f"{name}: batch_size must be <= {TRAIN_SIZE} (the training images; fewer with "
                 f"train_subset), got {self.batch_size}"
             )
-        if self.warmup_epochs > self.epochs:
-            raise ConfigError(
-                f"{name}: warmup_epochs must be <= epochs={self.epochs} (else the learning rate "
-                f"never reaches its peak), got {self.warmup_epochs}"
-            )
         if self.correction_states and self.backward not in ("phantom", "jfb"):
             raise ConfigError(
                 f"{name}: correction_states={self.correction_states} needs backward 'phantom' "
@@ -435,6 +430,12 @@ def _train(
     config: DigitsConfig, info: DistInfo, on_epoch_end: Callable[[int], None] | None
 ) -> dict[str, Any]:
     wall_start = time.perf_counter()
+    # a rule for new runs only: a saved run that predates it must still load and resume
+    if not config.resume and config.warmup_epochs > config.epochs:
+        raise ConfigError(
+            f"DigitsConfig: warmup_epochs must be <= epochs={config.epochs} (else the learning "
+            f"rate never reaches its peak), got {config.warmup_epochs}"
+        )
     if config.batch_size % info.world_size:
         raise ConfigError(
             f"batch_size={config.batch_size} must be divisible by the number of processes "
