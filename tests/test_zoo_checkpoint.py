@@ -169,3 +169,37 @@ def test_checkpoint_whose_metadata_is_not_an_object_is_rejected(tmp_path: Path) 
     save_file({"model/w": torch.zeros(2)}, path, metadata={"equilibria": "[1, 2]"})
     with pytest.raises(CheckpointError, match="its metadata is a list, not an object"):
         load_checkpoint(path)
+
+
+_VALID_META = {
+    "recipe": "digits", "config": {}, "epoch": 1, "step": 2, "optimizer": None,
+    "rng": {"numpy": [], "python": []},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "tensors", "fragment"),
+    [
+        ({"epoch": "one"}, ("torch", "numpy"), "its metadata 'epoch' must be int, got str 'one'"),
+        ({"epoch": True}, ("torch", "numpy"), "its metadata 'epoch' must be int, got bool"),
+        ({"config": [1]}, ("torch", "numpy"), "its metadata 'config' must be dict, got list"),
+        ({"optimizer": "x"}, ("torch", "numpy"), "'optimizer' must be dict or null, got str"),
+        ({}, ("numpy",), "it lacks the tensors ['rng/torch']"),
+    ],
+)
+def test_checkpoint_with_wrong_metadata_types_is_rejected(
+    tmp_path: Path, change: dict[str, object], tensors: tuple[str, ...], fragment: str
+) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "checkpoint.safetensors"
+    data = {"model/w": torch.zeros(2), **{f"rng/{k}": torch.zeros(1) for k in tensors}}
+    meta = {**_VALID_META, **change, "sha256": ckpt_mod._digest(data)}
+    header = json.dumps({"format": ckpt_mod.FORMAT, **meta})
+    save_file(data, path, metadata={"equilibria": header})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: corrupted checkpoint: ")
+    assert fragment in str(info.value)

@@ -31,7 +31,12 @@ from torch import Tensor, nn
 
 FORMAT = "equilibria.zoo.checkpoint/1"
 _META_KEY = "equilibria"
-_REQUIRED = ("recipe", "config", "epoch", "step", "optimizer", "rng", "sha256")
+# the metadata entries and what each must hold (bool is not accepted as an int)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "recipe": (str,), "config": (dict,), "epoch": (int,), "step": (int,),
+    "optimizer": (dict, type(None)), "rng": (dict,), "sha256": (str,),
+}  # fmt: skip
+_REQUIRED = tuple(_TYPES)
 
 
 class CheckpointError(RuntimeError):
@@ -230,6 +235,14 @@ def _read_header(data: bytes, path: Path) -> dict[str, Any]:
             f"{path}: corrupted checkpoint: its metadata lacks {', '.join(missing)} (a checkpoint "
             f"of format {FORMAT!r} has {', '.join(_REQUIRED)})"
         )
+    for key, kinds in _TYPES.items():
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            allowed = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise CheckpointError(
+                f"{path}: corrupted checkpoint: its metadata {key!r} must be {allowed}, got "
+                f"{type(value).__name__} {value!r}"[:300]
+            )
     return meta
 
 
@@ -272,6 +285,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, recipe: str | None = None) 
         optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
         optimizer = _unflatten_optimizer(optim, meta["optimizer"])
     rng: dict[str, Any] = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
+    lacking = [f"rng/{k}" for k in ("torch", "numpy") if k not in rng]
+    if lacking:
+        raise CheckpointError(f"{path}: corrupted checkpoint: it lacks the tensors {lacking}")
     rng["numpy_meta"] = meta["rng"]["numpy"]
     rng["python"] = meta["rng"]["python"]
     return Checkpoint(
