@@ -838,8 +838,6 @@ def test_mosaic_config_validation_and_tiny_run(tmp_path):
     pytest.importorskip("sklearn")
     from equilibria.zoo.mosaic import MosaicConfig, compare, main, train
 
-    with pytest.raises(ValueError, match=r"unknown mosaic option\(s\) \['stpes'\]; allowed"):
-        MosaicConfig.from_dict({"stpes": 3})
     with pytest.raises(ValueError, match=r"block must be one of \('conv', 'attention', 'ham'\)"):
         MosaicConfig(block="mlp")
     with pytest.raises(TypeError, match="steps must be int"):
@@ -848,6 +846,16 @@ def test_mosaic_config_validation_and_tiny_run(tmp_path):
         MosaicConfig(channels=8, rank=9)
     with pytest.raises(ValueError, match=r"unknown variant\(s\)"):
         compare(tmp_path, variants=["transformer"])
+    # refused before the folder or any run exists: options the variants or seeds set, no seeds,
+    # and a bad seed after a good one
+    out = tmp_path / "cmp"
+    with pytest.raises(ValueError, match=r"overrides \['block', 'seed'\] are set by the compared"):
+        compare(out, variants=["conv only"], overrides={"block": "attention", "seed": 7})
+    with pytest.raises(ValueError, match="seeds must name at least one seed"):
+        compare(out, seeds=())
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 4294967295\], got -1"):
+        compare(out, seeds=[0, -1], variants=["conv only"])
+    assert not out.exists()
     tiny = {"grid": 2, "channels": 8, "rank": 2, "steps": 2, "batch_size": 4, "test_canvases": 4}
     metrics = train(MosaicConfig(**tiny, aux_weight=0.4))
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["ms_per_step"] > 0

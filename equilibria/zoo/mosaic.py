@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -48,7 +47,6 @@ from .config import (
     add_arguments,
     check_fields,
     check_range,
-    describe_options,
     from_dict,
     option,
 )
@@ -145,20 +143,6 @@ class MosaicConfig:
         check_range(self, "aux_weight", low=0)
         check_range(self, "occupancy", low=0, high=1, low_open=True)
         check_range(self, "match_prob", low=0, high=1)
-
-    @classmethod
-    def from_dict(cls, options: Mapping[str, Any]) -> MosaicConfig:
-        """Builds a config from a dict, rejecting unknown keys with the list of allowed ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            close = {k: difflib.get_close_matches(k, names, 1) for k in unknown}
-            hints = "".join(f"\n  {k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
-            raise ConfigError(
-                f"unknown mosaic option(s) {unknown}; allowed options:\n"
-                f"{describe_options(cls)}{hints}"
-            )
-        return from_dict(cls, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,8 +536,23 @@ def compare(
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; allowed: {list(VARIANTS)}")
+    seeds = list(seeds)
+    if not seeds:
+        raise ConfigError("seeds must name at least one seed, got none")
     overrides = dict(overrides or {})
-    MosaicConfig.from_dict(overrides)  # validate before the long loop
+    # options that the variants or the seed list set would be silently replaced: refuse them
+    fixed = sorted({"seed"}.union(*(VARIANTS[name] for name in names)) & set(overrides))
+    if fixed:
+        raise ConfigError(
+            f"overrides {fixed} are set by the compared variants or the seeds (choose them with "
+            f"variants= / --variants and seeds= / --seeds)"
+        )
+    # every run's config, validated before the folder exists and before the long loop
+    configs = {
+        (name, seed): from_dict(MosaicConfig, {**overrides, **VARIANTS[name], "seed": seed})
+        for name in names
+        for seed in seeds
+    }
     out = require_new_folder(out, "out")
     require_extras("sklearn")
     out.mkdir(parents=True, exist_ok=True)
@@ -562,7 +561,7 @@ def compare(
     for name in names:
         results = []
         for seed in seeds:
-            config = MosaicConfig.from_dict({**overrides, **VARIANTS[name], "seed": seed})
+            config = configs[name, seed]
             print(f"[{name}] seed {seed}", flush=True)
             result = train(config, log_every=log_every)
             print(
@@ -606,7 +605,7 @@ def _write(
         "runs": runs,
     }
     write_json(out / "results.json", summary)
-    config = MosaicConfig.from_dict(overrides)
+    config = from_dict(MosaicConfig, overrides)
     header = (
         f"Mosaic segmentation (task={config.task!r}, {config.grid}x{config.grid} cells, "
         f"{config.steps} steps of {config.batch_size} canvases, {config.threads} threads), "
@@ -664,11 +663,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.out is not None:
-        require_new_folder(args.out, "--out")
     if args.command == "train":
+        if args.out is not None:
+            require_new_folder(args.out, "--out")
         options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "log_every")}
-        result = train(MosaicConfig.from_dict(options), log_every=args.log_every)
+        result = train(from_dict(MosaicConfig, options), log_every=args.log_every)
         print(json.dumps(result, indent=2))
         if args.out is not None:
             args.out.mkdir(parents=True, exist_ok=True)
