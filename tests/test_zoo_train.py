@@ -289,6 +289,23 @@ def test_mosaic_through_the_cli(
     assert not other.exists()
 
 
+def test_a_failed_run_is_recorded_and_named_on_a_rerun(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a learning rate this large makes the first loss non-finite: a clear error (no traceback),
+    # the failure recorded in the folder, and a rerun there says that the run failed
+    run = tmp_path / "mosaic"
+    argv = ["train", "mosaic", *MOSAIC_TINY, "--lr", "1e10", "--aux-weight", "0"]
+    assert main([*argv, "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("equilibria: error: training stopped: FloatingPointError: non-finite")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("FloatingPointError")
+    assert main(["train", "mosaic", *MOSAIC_TINY, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"run folder {run} already holds a run that failed (FloatingPointError" in err
+
+
 def test_mosaic_module_refuses_to_overwrite_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

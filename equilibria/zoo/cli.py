@@ -149,12 +149,20 @@ def _train(recipe: Recipe, options: list[str]) -> int:
         run_dir = default_run_dir(recipe.name) if given is None else Path(given)
     config = parse_options(cls, options, prog=f"{PROG} train {recipe.name}")
     require_extras(*recipe.extras)  # before anything is written
-    if run_dir is not None:
-        from .runs import RunFolder, write_json
+    if run_dir is None:
+        summary = recipe.train_function()(config)
+    else:
+        from .runs import RunFailedError, RunFolder, write_json
 
-        RunFolder(run_dir).start(recipe.name, to_dict(config), resumable=recipe.resumable)
-    summary = recipe.train_function()(config)
-    if run_dir is not None:
+        run = RunFolder(run_dir)
+        run.start(recipe.name, to_dict(config), resumable=recipe.resumable)
+        try:
+            summary = recipe.train_function()(config)
+        except Exception as e:  # recorded in the folder, so a rerun there says what happened
+            text = run.fail(e)
+            raise RunFailedError(
+                f"training stopped: {text}; the run folder {run_dir} records the failure"
+            ) from e
         write_json(run_dir / "summary.json", summary)
         print(f"run folder: {run_dir}")
     if _is_main():
@@ -253,9 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:
         from .checkpoint import CheckpointError
-        from .runs import MissingExtraError
+        from .runs import MissingExtraError, RunFailedError
 
-        if isinstance(e, (CheckpointError, MissingExtraError)):
+        if isinstance(e, (CheckpointError, MissingExtraError, RunFailedError)):
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
         raise

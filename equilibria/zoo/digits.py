@@ -51,10 +51,10 @@ from .checkpoint import CheckpointError, load_checkpoint, restore_rng, save_chec
 from .config import ConfigError, check_fields, check_range, differences, from_dict, option, to_dict
 from .distributed import DistInfo
 from .memory import PeakMemory
+from .registry import get_recipe
 from .runs import SUMMARY, RunFolder, default_run_dir, require_extras, write_json
 
 RECIPE = "digits"
-EXTRAS = ("sklearn", "safetensors", "tqdm")  # the zoo extras a run needs (and matplotlib: report)
 TEST_SIZE = 360
 TRAIN_SIZE = 1797 - TEST_SIZE
 SolverName = Literal["anderson", "picard", "broyden"]
@@ -441,7 +441,9 @@ def _train(
             f"batch_size={config.batch_size} must be divisible by the number of processes "
             f"({info.world_size})"
         )
-    require_extras(*EXTRAS, *(("matplotlib",) if config.report else ()))
+    # the recipe's extras (one list, in the registry), and matplotlib for the report
+    extras = get_recipe(RECIPE).extras
+    require_extras(*extras, *(("matplotlib",) if config.report else ()))
     run = RunFolder(config.run_dir or (default_run_dir(RECIPE) if info.is_main else "."))
     config = dataclasses.replace(config, run_dir=str(run.path))
     saved_config = to_dict(config)

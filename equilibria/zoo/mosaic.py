@@ -663,9 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.out is not None:  # named as the command line names it (compare checks again)
+        require_new_folder(args.out, "--out")
     if args.command == "train":
-        if args.out is not None:
-            require_new_folder(args.out, "--out")
         options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "log_every")}
         result = train(from_dict(MosaicConfig, options), log_every=args.log_every)
         print(json.dumps(result, indent=2))

@@ -92,6 +92,10 @@ class MissingExtraError(ImportError):
     """An optional dependency of the recipes (the ``zoo`` extra) is not installed."""
 
 
+class RunFailedError(RuntimeError):
+    """Training stopped with an error after its run folder was written (recorded in it)."""
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
@@ -146,9 +150,27 @@ class RunFolder:
         """
         if self.holds_run() if holds is None else holds:
             hint = "pass --resume to continue it or " if resumable else ""
+            failed = self.failure()
+            what = f"a run that failed ({failed})" if failed else "a run"
             raise ConfigError(
-                f"run folder {self.path} already holds a run; {hint}choose another --run-dir"
+                f"run folder {self.path} already holds {what}; {hint}choose another --run-dir"
             )
+
+    def fail(self, error: BaseException) -> str:
+        """Record in ``summary.json`` that the run stopped with ``error``; returns the text."""
+        text = f"{type(error).__name__}: {error}"
+        write_json(self.path / SUMMARY, {"status": "failed", "error": text})
+        return text
+
+    def failure(self) -> str | None:
+        """The error a failed run recorded with :meth:`fail`, else None."""
+        try:
+            summary = json.loads((self.path / SUMMARY).read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(summary, dict) and summary.get("status") == "failed":
+            return str(summary.get("error"))
+        return None
 
     def check_resume(self, recipe: str, config: dict[str, Any], config_cls: type) -> None:
         """Check that the folder holds a run of ``recipe`` with a compatible config.
