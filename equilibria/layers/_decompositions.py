@@ -104,12 +104,16 @@ def _check_grad(grad: object) -> None:
         raise ValueError(f"grad must be one of {_GRAD_MODES}, got {grad!r}")
 
 
+def _check_float_dtype(name: str, dtype: object) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{name} must be None or a floating torch.dtype, got {dtype!r}")
+
+
 def _check_iter_dtype(iter_dtype: object, x: Tensor, grad: str) -> torch.dtype | None:
     """None (work in x.dtype) or a floating dtype for the no-grad iterations of ``one_step``."""
     if iter_dtype is None or iter_dtype == x.dtype:
         return None
-    if not isinstance(iter_dtype, torch.dtype) or not iter_dtype.is_floating_point:
-        raise TypeError(f"iter_dtype must be None or a floating torch.dtype, got {iter_dtype!r}")
+    _check_float_dtype("iter_dtype", iter_dtype)
     if grad != "one_step":
         raise ValueError(
             f"iter_dtype={iter_dtype} applies to the no-grad iterations of grad='one_step', "
@@ -227,8 +231,7 @@ def random_bases(
     _check_int("batch", batch, 1)
     _check_int("dim", dim, 1)
     _check_int("rank", rank, 1)
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+    _check_float_dtype("dtype", dtype)
     _check_generator(generator)
     shape = (batch, dim, rank)
     d = draw(shape, normal=not nonnegative, generator=generator, device=device, dtype=dtype)

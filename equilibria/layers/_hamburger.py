@@ -31,6 +31,8 @@ from ._decompositions import (
     _cd,
     _cd_solve,
     _check_finite,
+    _check_float_dtype,
+    _check_grad,
     _check_int,
     _check_momentum,
     _check_positive,
@@ -212,7 +214,7 @@ class _HamburgerBase(nn.Module):
         _check_int("eval_steps", eval_steps, 0)
         inv_t = _DEFAULT_INV_T[ham] if inv_t is None else _check_positive("inv_t", inv_t)
         beta = _check_positive("beta", beta)
-        _check_choice("grad", grad, ("one_step", "bptt"))
+        _check_grad(grad)
         _check_choice("init", init, _INITS)
         momentum = _check_momentum(momentum)
         _check_choice("norm", norm, _NORMS)
@@ -224,14 +226,8 @@ class _HamburgerBase(nn.Module):
                 f"channels={channels}, got dim={dim}"
             )
         eps = _check_positive("eps", eps)
-        if iter_dtype is not None and (
-            not isinstance(iter_dtype, torch.dtype) or not iter_dtype.is_floating_point
-        ):
-            raise TypeError(
-                f"iter_dtype must be None or a floating torch.dtype, got {iter_dtype!r}"
-            )
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+        _check_float_dtype("iter_dtype", iter_dtype)
+        _check_float_dtype("dtype", dtype)
         param_dtype = torch.get_default_dtype() if dtype is None else dtype
         if iter_dtype is not None and iter_dtype != param_dtype and grad != "one_step":
             # the functional rule (_check_iter_dtype): iter_dtype equal to the working dtype is
