@@ -17,14 +17,15 @@ def draw(
     """Standard normal (``normal=True``) or uniform [0, 1) samples of ``shape`` on ``device``.
 
     A generator on another device than ``device`` (a CPU generator for CUDA data, the usual way to
-    seed) draws where it lives and the result is moved, so one seeded CPU generator gives the same
-    numbers on every device; torch itself would refuse the mix.
+    seed, or one on another GPU) draws where it lives and the result is moved, so one seeded CPU
+    generator gives the same numbers on every device; torch itself would refuse the mix.
     """
     sample = torch.randn if normal else torch.rand
     if generator is not None:
         # torch.empty(0).device: the default device, also before torch.get_default_device (2.3)
         target = torch.device(device) if device is not None else torch.empty(0).device
-        if generator.device.type != target.type:
+        here = generator.device
+        if here.type != target.type or (target.index is not None and here.index != target.index):
             out = sample(shape, generator=generator, dtype=dtype, device=generator.device)
             return out.to(target)
     return sample(shape, generator=generator, dtype=dtype, device=device)

@@ -877,3 +877,9 @@ def test_reset_parameters_redraws_the_online_bases(ham):
     block.reset_parameters()
     torch.testing.assert_close(block.bases, initial, rtol=0, atol=0)  # the construction draw
     torch.testing.assert_close(block.running_var, torch.ones(8), rtol=0, atol=0)
+
+
+def test_a_generator_on_another_device_draws_there_and_moves():
+    # ("meta" stands in for a GPU: CPU CI has none; tests/test_cuda.py compares the values)
+    bases = random_bases(2, 6, 3, generator=torch.Generator().manual_seed(1), device="meta")
+    assert bases.device.type == "meta" and bases.shape == (2, 6, 3)
