@@ -85,7 +85,15 @@ def _fold_batch_norm(
         weight, bias: affine parameters, shape (C,).
         running_mean, running_var: buffers, shape (C,), updated in place when training.
         training: use batch statistics (and update the buffers) instead of the running ones.
+
+    Half-precision inputs are normalised in float32 (as torch's batch norm kernels do): the
+    gradient of rsqrt(var + eps) is of order var^-1.5, which overflows float16 for a channel of
+    near-constant output. A' and s come back in the dtype of ``a * weight``.
     """
+    out_dtype = torch.promote_types(a.dtype, weight.dtype)
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, coef = a.float(), coef.float()
+        weight, bias = weight.float(), bias.float()
     if training:
         batch, n, _ = coef.shape
         count = batch * n
@@ -106,9 +114,9 @@ def _fold_batch_norm(
             unbiased = var * (count / (count - 1))
             running_var.lerp_(unbiased.to(running_var.dtype), _BN_MOMENTUM)
     else:
-        mean, var = running_mean, running_var
+        mean, var = running_mean.to(a.dtype), running_var.to(a.dtype)
     scale = weight * torch.rsqrt(var + _BN_EPS)  # (C,)
-    return a * scale[:, None], bias - mean * scale
+    return (a * scale[:, None]).to(out_dtype), (bias - mean * scale).to(out_dtype)
 
 
 class _BreadAndLastStep(torch.autograd.Function):
