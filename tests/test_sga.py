@@ -124,7 +124,8 @@ BAD_CALLS = [
     (
         lambda: stop_gradient_attention(X, X.double(), X),
         ValueError,
-        "y must have the dtype and device of x, torch.float32 on cpu, got torch.float64",
+        f"y must have the dtype and device of x, torch.float32 on {X.device}, got torch.float64 on "
+        f"{X.device}",
     ),
     (
         lambda: stop_gradient_attention(X, X, X.double()),
