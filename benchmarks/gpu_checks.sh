@@ -7,7 +7,8 @@
 #
 # Every step has its own time limit and runs even when an earlier one fails; the log and the
 # *-cuda result files end up in OUT_DIR (the Hamburger sweep of batch B in OUT_DIR/hamburger-bB;
-# HAM_BATCHES="1 8" by default). Run from the repository root.
+# HAM_BATCHES="1 8" by default; HAM_BATCHES= skips the sweep; SOLVER_ARGS adds options to the solver
+# benchmark, e.g. SOLVER_ARGS=--no-tf32). Run from the repository root.
 set -u
 out=${1:-benchmarks/results/gpu}
 mkdir -p "$out"
@@ -30,8 +31,10 @@ step() {  # step SECONDS NAME COMMAND...: SIGINT at the limit, so pytest still p
     "$py" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, \
 torch.version.cuda, torch.cuda.get_device_name(), torch.backends.cuda.matmul.allow_tf32)"
     step 75 "CUDA tests" "$py" -m pytest "${pytest_args[@]}" tests/test_cuda.py
-    step 140 "solver benchmark" "$py" benchmarks/solvers.py --device cuda --out "$out"
-    for batch in ${HAM_BATCHES:-1 8}; do
+    step 60 "per-iteration profile" "$py" benchmarks/gpu_profile.py --device cuda --out "$out"
+    # shellcheck disable=SC2086  # SOLVER_ARGS is a list of options
+    step 140 "solver benchmark" "$py" benchmarks/solvers.py --device cuda --out "$out" ${SOLVER_ARGS:-}
+    for batch in ${HAM_BATCHES-1 8}; do
         step 75 "Hamburger benchmark, batch $batch" "$py" benchmarks/hamburger.py --device cuda \
             --batch "$batch" --sides 16 32 48 64 128 --out "$out/hamburger-b$batch"
     done

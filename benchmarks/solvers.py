@@ -116,8 +116,11 @@ def tune_radius(problem: ConvProblem, radius: float = 0.9, steps: int = 14) -> f
 def build(name: str, device: torch.device) -> torch.nn.Module:
     if name == "tanh":
         return TanhAffine().to(device)
-    problem = ConvProblem().to(device)
+    # tuned on the CPU, then moved: the same block on every device (tuned on a GPU, the radius
+    # estimate's random start and round-off gave another conv2 scale, hence another problem)
+    problem = ConvProblem()
     problem.rho = tune_radius(problem)
+    problem = problem.to(device)
     if name == "conv-1e-3":
         problem.scale = 1e-3
     return problem
