@@ -23,7 +23,7 @@ from equilibria.layers import (
     random_bases,
     vq,
 )
-from equilibria.layers._decompositions import _nmf_coef_update
+from equilibria.layers._decompositions import _check_finite, _nmf_coef_update
 from equilibria.layers._hamburger import _fold_batch_norm
 
 F64 = torch.float64
@@ -562,6 +562,22 @@ def test_half_precision_blocks(dtype, ham, grad):
     out, grads = _forward_backward(low, x.to(dtype), autocast=False)
     assert out.dtype == grads[0].dtype == dtype and torch.isfinite(out).all()
     _assert_low_precision_close(ham, out, ref, grads, grads_ref, low)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finiteness_check_is_exact(dtype):
+    """The check sums first: finite values whose sum overflows pass (value by value), and every
+    NaN or Inf, alone or with its opposite (a NaN sum), is found."""
+    big = torch.finfo(dtype).max
+    torch.manual_seed(12)
+    _check_finite("x", torch.full((3, 40), big / 2, dtype=dtype))  # the sum overflows
+    _check_finite("x", torch.full((3, 40), -big / 2, dtype=dtype).requires_grad_())
+    _check_finite("x", torch.randn(2, 5, dtype=dtype))
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")]):
+        x = torch.randn(3, 40, dtype=dtype)
+        x.view(-1)[torch.randperm(120)[: len(bad)]] = torch.tensor(bad, dtype=dtype)
+        with pytest.raises(ValueError, match=f"got {len(bad)} non-finite value"):
+            _check_finite("x", x)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
