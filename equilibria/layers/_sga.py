@@ -53,9 +53,15 @@ def _check_pair(query: Tensor, key: Tensor, names: tuple[str, str] = ("query", "
     _check_like(names[1], key, query, names[0])
 
 
-def _check_like(name: str, t: Tensor, ref: Tensor, ref_name: str) -> None:
-    """``t`` must have the dtype and device of ``ref``."""
-    if t.dtype != ref.dtype or t.device != ref.device:
+def _check_like(
+    name: str, t: Tensor, ref: Tensor, ref_name: str, *, under_autocast: bool = False
+) -> None:
+    """``t`` must have the dtype and device of ``ref``; with ``under_autocast``, only the device
+    while autocast is on there (its matrix products hand back their own dtype)."""
+    same_dtype = t.dtype == ref.dtype or (
+        under_autocast and torch.is_autocast_enabled(t.device.type)
+    )
+    if not same_dtype or t.device != ref.device:
         raise ValueError(
             f"{name} must have the dtype and device of {ref_name}, {ref.dtype} on {ref.device}, "
             f"got {t.dtype} on {t.device}"
@@ -151,7 +157,7 @@ def stop_gradient_attention(
             f"value must have shape (B, M, C_v) matching y {tuple(y.shape)}, got "
             f"{tuple(value.shape)}"
         )
-    _check_like("value", value, x, "x")
+    _check_like("value", value, x, "x", under_autocast=True)
     scale = 1.0 / math.sqrt(x.shape[-1]) if scale is None else scale
     with torch.no_grad():
         a = attention_map(x, y, scale=scale, column_norm=column_norm, eps=eps)
@@ -242,7 +248,7 @@ class StopGradientAttention(nn.Module):
         y = x if y is None else _check_tokens("y", y)
         if x.shape[-1] != self.channels:
             raise ValueError(f"x must have C={self.channels} channels, got {tuple(x.shape)}")
-        _check_like("x", x, self.value.weight, "the block's parameters")
+        _check_like("x", x, self.value.weight, "the block's parameters", under_autocast=True)
         _check_pair(x, y, ("x", "y"))
         _check_finite("x", x)
         if y is not x:
