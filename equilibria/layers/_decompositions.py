@@ -393,10 +393,17 @@ def nmf(
 def _nmf(p: _Problem) -> Decomposition:
     """NMF without input validation; see :func:`nmf`."""
     x, rank, steps, bases, inv_t, grad, eps, generator, _ = p
-    if grad == "bptt" and x.dtype == torch.float16:
+    device_type = x.device.type
+    float16_autocast = (
+        torch.is_autocast_enabled(device_type)
+        and torch.get_autocast_dtype(device_type) == torch.float16
+    )
+    if grad == "bptt" and (x.dtype == torch.float16 or float16_autocast):
         # differentiating the divisions by C DᵀD + ε overflows float16 (1/den² with den near
-        # ε after the ReLU's zeros): record the updates in float32, hand back float16 factors
-        up = _nmf(p._replace(x=x.float(), bases=None if bases is None else bases.float()))
+        # ε after the ReLU's zeros): record the updates in float32 (autocast off, or its
+        # products would be float16 again), hand back factors in x's dtype
+        with torch.autocast(device_type, enabled=False):
+            up = _nmf(p._replace(x=x.float(), bases=None if bases is None else bases.float()))
         return Decomposition(up.bases.to(x.dtype), up.coef.to(x.dtype))
     if grad == "bptt":
         d = _initial_bases(x, rank, bases, True, generator)
