@@ -714,6 +714,7 @@ BAD_CALLS = [
     (lambda: vq(X, 2, inv_t=0.0), ValueError, "inv_t must be a finite number > 0"),
     (lambda: cd(X, 2, beta=-1.0), ValueError, "beta must be a finite number > 0"),
     (lambda: cd(X, 2, beta=float("nan")), ValueError, "beta must be a finite number > 0"),
+    (lambda: nmf(X, 2, eps=10**400), ValueError, "eps must be a finite number > 0, got 1000"),
     (lambda: nmf(X, bases=torch.rand(5, 2)), ValueError, "bases must have shape (d, r)"),
     (lambda: nmf(X, bases=torch.rand(3, 6, 2)), ValueError, "bases has batch size 3"),
     (lambda: nmf(X, 3, bases=torch.rand(6, 2)), ValueError, "rank=3 disagrees"),
@@ -779,6 +780,11 @@ BAD_CALLS = [
     (lambda: Hamburger(8, grad="implicit"), ValueError, "grad must be one of"),
     (lambda: Hamburger(8, init="zeros"), ValueError, "init must be one of ('random', 'online')"),
     (lambda: Hamburger(8, momentum=1.0), ValueError, "momentum must be in [0, 1)"),
+    (
+        lambda: Hamburger(8, momentum=-(10**400)),
+        ValueError,
+        "momentum must be in [0, 1), got -1000",
+    ),
     (
         lambda: Hamburger(8, momentum=float("nan")),
         ValueError,

@@ -180,6 +180,21 @@ BAD_CALLS = [
     ),
     (lambda: attention_map(X, X, scale=0), ValueError, "scale must be a finite number > 0, got 0"),
     (
+        lambda: attention_map(X, X, scale=10**400, eps=10**400),
+        ValueError,
+        "scale must be a finite number > 0, got 1000",
+    ),
+    (
+        lambda: attention_map(X, X, scale=1.0, eps=10**400),
+        ValueError,
+        "eps must be a finite number",
+    ),
+    (
+        lambda: StopGradientAttention(4, negative_slope=10**400),
+        ValueError,
+        "negative_slope must be a finite number, got 1000",
+    ),
+    (
         lambda: attention_map(X, X, scale=float("inf")),
         ValueError,
         "scale must be a finite number > 0, got inf",

@@ -65,12 +65,30 @@ def _check_int(name: str, value: object, low: int, high: int | None = None) -> i
     return value
 
 
-def _check_positive(name: str, value: object) -> float:
+def _check_real(
+    name: str,
+    value: object,
+    allowed: str,
+    ok: Callable[[float], bool] = lambda _: True,
+    type_allowed: str | None = None,
+) -> float:
+    """``float(value)`` for a real number (not a bool) that is finite and passes ``ok``; else a
+    TypeError or ValueError naming ``allowed`` (``type_allowed`` for the TypeError, if given).
+    An int beyond float range counts as infinite (a ValueError, not Python's OverflowError)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be {type_allowed or allowed}, got {kind} {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and ok(number)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return number
+
+
+def _check_positive(name: str, value: object) -> float:
+    return _check_real(name, value, "a finite number > 0", lambda v: v > 0, "a float")
 
 
 def _check_finite(name: str, t: Tensor) -> None:
@@ -93,12 +111,9 @@ def _check_finite(name: str, t: Tensor) -> None:
 
 
 def _check_momentum(momentum: object) -> float:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-        kind = type(momentum).__name__
-        raise TypeError(f"momentum must be a float in [0, 1), got {kind} {momentum!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    return float(momentum)
+    return _check_real(
+        "momentum", momentum, "in [0, 1)", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"
+    )
 
 
 def _check_generator(generator: object) -> None:

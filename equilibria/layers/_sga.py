@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._decompositions import _check_finite
+from ._decompositions import _check_finite, _check_real
 
 __all__ = [
     "AttentionKind",
@@ -76,19 +76,12 @@ def _check_bool(name: str, value: object) -> None:
 def _check_scale(scale: object, allow_none: bool) -> None:
     if allow_none and scale is None:
         return
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        allowed = "None or a finite number > 0" if allow_none else "a finite number > 0"
-        raise TypeError(f"scale must be {allowed}, got {type(scale).__name__} {scale!r}")
-    if not math.isfinite(scale) or scale <= 0:
-        allowed = "None or a finite number > 0" if allow_none else "a finite number > 0"
-        raise ValueError(f"scale must be {allowed}, got {scale!r}")
+    allowed = "None or a finite number > 0" if allow_none else "a finite number > 0"
+    _check_real("scale", scale, allowed, lambda v: v > 0)
 
 
 def _check_eps(eps: object) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float >= 0, got {type(eps).__name__} {eps!r}")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _check_real("eps", eps, "a finite number >= 0", lambda v: v >= 0, "a float >= 0")
 
 
 def attention_map(
@@ -214,13 +207,7 @@ class StopGradientAttention(nn.Module):
             raise ValueError(f"attention must be one of {_ATTENTIONS}, got {attention!r}")
         _check_bool("column_norm", column_norm)
         _check_scale(scale, allow_none=True)
-        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
-            raise TypeError(
-                f"negative_slope must be a float, got {type(negative_slope).__name__} "
-                f"{negative_slope!r}"
-            )
-        if not math.isfinite(negative_slope):
-            raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
+        _check_real("negative_slope", negative_slope, "a finite number", type_allowed="a float")
         if norm not in _NORMS:
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
         self.channels, self.attention, self.column_norm = channels, attention, column_norm
