@@ -6,6 +6,13 @@ import torch
 from torch import Tensor
 
 
+def check_generator(generator: object) -> None:
+    """A torch.Generator or None; else a TypeError naming the argument."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        kind = type(generator).__name__
+        raise TypeError(f"generator must be a torch.Generator or None, got {kind} {generator!r}")
+
+
 def draw(
     shape: tuple[int, ...],
     *,
@@ -20,6 +27,7 @@ def draw(
     seed, or one on another GPU) draws where it lives and the result is moved, so one seeded CPU
     generator gives the same numbers on every device; torch itself would refuse the mix.
     """
+    check_generator(generator)
     sample = torch.randn if normal else torch.rand
     if generator is not None:
         # torch.empty(0).device: the default device, also before torch.get_default_device (2.3)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._random import draw
+from ._random import check_generator, draw
 from ._tree import StateSpec
 from ._validate import check_choice, check_int
 
@@ -57,6 +57,7 @@ def jacobian_penalty(
     """
     check_int("samples", samples, minimum=1)
     check_choice("reduction", reduction, ("mean", "none"))
+    check_generator(generator)
     spec = StateSpec.of(z, "z")
     zr = spec.flatten(z).detach().requires_grad_()
     with torch.enable_grad():
@@ -116,6 +117,7 @@ def spectral_radius(
         >>> rho = eq.spectral_radius(f, sol.value, iters=50)
     """
     check_int("iters", iters, minimum=1)
+    check_generator(generator)
     spec = StateSpec.of(z, "z")
     zr = spec.flatten(z).detach().requires_grad_()
     with torch.enable_grad():

@@ -462,6 +462,18 @@ BAD_INPUTS = [
         "gamma must be in (0.0, 1.0], got 1.5",
         id="gamma-big",
     ),
+    pytest.param(
+        lambda: eq.jacobian_penalty(f, Z, generator=0),
+        TypeError,
+        "generator must be a torch.Generator or None, got int 0",
+        id="penalty-generator",
+    ),
+    pytest.param(
+        lambda: eq.spectral_radius(f, Z, generator="seed"),
+        TypeError,
+        "generator must be a torch.Generator or None, got str 'seed'",
+        id="radius-generator",
+    ),
 ]
 
 

@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from .._random import draw
+from .._random import check_generator, draw
 
 __all__ = [
     "DECOMPOSITIONS",
@@ -116,12 +116,6 @@ def _check_momentum(momentum: object) -> float:
     )
 
 
-def _check_generator(generator: object) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        kind = type(generator).__name__
-        raise TypeError(f"generator must be a torch.Generator or None, got {kind} {generator!r}")
-
-
 def _check_grad(grad: object) -> None:
     if grad not in _GRAD_MODES:
         raise ValueError(f"grad must be one of {_GRAD_MODES}, got {grad!r}")
@@ -185,7 +179,7 @@ def _problem(
     _check_grad(grad)
     eps = _check_positive("eps", eps)
     inv_t = _check_positive("inv_t", inv_t)
-    _check_generator(generator)
+    check_generator(generator)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__} {rank!r}")
     batch, dim, n = x.shape
@@ -255,7 +249,7 @@ def random_bases(
     _check_int("dim", dim, 1)
     _check_int("rank", rank, 1)
     _check_float_dtype("dtype", dtype)
-    _check_generator(generator)
+    check_generator(generator)
     shape = (batch, dim, rank)
     d = draw(shape, normal=not nonnegative, generator=generator, device=device, dtype=dtype)
     return _normalize_columns(d)
