@@ -79,7 +79,12 @@ class Broyden(Solver):
             fx_new = fn(x_new)
             g_new = fx_new - x_new
             nfev = 1
-        n = state.count  # <= memory: a full ring restarts below
+        if state.count >= self.memory:
+            # The ring is full: restart from H = -I. (Dropping only the oldest pair is not sound:
+            # every later pair was computed relative to an H that contained it, and the iteration
+            # measurably diverges that way.)
+            return Step(x_new, fx_new, g_new, BroydenState(state.us, state.vs, 0, g_new), nfev)
+        n = state.count  # < memory
         us, vs = state.us[:, :n], state.vs[:, :n]  # (B, n, D)
         dx, dg = x_new - x, g_new - g
         h_g = _combine(us, _dots(vs, g_new)) - g_new if n else -g_new  # H g_new
@@ -91,11 +96,6 @@ class Broyden(Solver):
         )
         keep = denom.abs() > _SKIP * scale
         u = torch.where(keep, (dx - h_dg) / torch.where(keep, denom, 1.0), 0.0)
-        if state.count >= self.memory:
-            # The ring is full: restart from H = -I. (Dropping only the oldest pair is not sound:
-            # every later pair was computed relative to an H that contained it, and the iteration
-            # measurably diverges that way.)
-            return Step(x_new, fx_new, g_new, BroydenState(state.us, state.vs, 0, g_new), nfev)
         # next step p' = -H' g_new with H' = H + u v^T
         p_next = -torch.addcmul(h_g, u, torch.linalg.vecdot(v, g_new).unsqueeze(1))
         slot = state.count
