@@ -94,8 +94,8 @@ def _metrics_without_timing(run_dir: Path) -> list[dict[str, object]]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """An interruption (like KeyboardInterrupt, not an Exception: not recorded as a failure)."""
 
 
 def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path) -> None:
@@ -304,6 +304,34 @@ def test_a_failed_run_is_recorded_and_named_on_a_rerun(
     assert main(["train", "mosaic", *MOSAIC_TINY, "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"run folder {run} already holds a run that failed (FloatingPointError" in err
+
+
+def test_a_failed_digits_run_is_recorded_and_can_be_resumed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # digits writes its own run folder: a failure there is recorded like mosaic's, exit 1 with a
+    # clear error (it was a traceback, and a rerun only said the folder "holds a run")
+    from equilibria.zoo import digits
+
+    def nan_loss(*args, **kwargs):
+        loss, logits = batch_loss(*args, **kwargs)
+        return loss * math.nan, logits
+
+    run = tmp_path / "digits"
+    argv = ["train", "digits", *TINY_ARGS, "--epochs", "1", "--no-report", "--run-dir", str(run)]
+    monkeypatch.setattr(digits, "batch_loss", nan_loss)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("equilibria: error: training stopped: FloatingPointError: non-finite")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("FloatingPointError")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"run folder {run} already holds a run that failed (FloatingPointError" in err
+    assert "pass --resume to continue it" in err
+    monkeypatch.setattr(digits, "batch_loss", batch_loss)  # the cause fixed: resume
+    assert main([*argv, "--resume"]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1
 
 
 def test_mosaic_module_refuses_to_overwrite_results(

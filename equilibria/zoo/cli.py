@@ -152,17 +152,14 @@ def _train(recipe: Recipe, options: list[str]) -> int:
     if run_dir is None:
         summary = recipe.train_function()(config)
     else:
-        from .runs import RunFailedError, RunFolder, write_json
+        from .runs import RunFolder, write_json
 
         run = RunFolder(run_dir)
         run.start(recipe.name, to_dict(config), resumable=recipe.resumable)
         try:
             summary = recipe.train_function()(config)
         except Exception as e:  # recorded in the folder, so a rerun there says what happened
-            text = run.fail(e)
-            raise RunFailedError(
-                f"training stopped: {text}; the run folder {run_dir} records the failure"
-            ) from e
+            raise run.fail(e) from e
         write_json(run_dir / "summary.json", summary)
         print(f"run folder: {run_dir}")
     if _is_main():

@@ -47,12 +47,25 @@ from torch import Tensor, nn
 import equilibria as eq
 
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from .config import ConfigError, check_fields, check_range, differences, from_dict, option, to_dict
 from .distributed import DistInfo
 from .memory import PeakMemory
 from .registry import get_recipe
-from .runs import SUMMARY, RunFolder, default_run_dir, require_extras, write_json
+from .runs import (
+    SUMMARY,
+    MissingExtraError,
+    RunFolder,
+    default_run_dir,
+    require_extras,
+    write_json,
+)
 
 RECIPE = "digits"
 TEST_SIZE = 360
@@ -412,6 +425,9 @@ def train(
             folder is written).
         CheckpointError: ``resume`` with a truncated or corrupted checkpoint (the file is left
             as it is). A run killed before its first checkpoint resumes from the start.
+        RunFailedError: training stopped with another error (its cause) after the run folder
+            was set up; ``summary.json`` records it, and ``resume`` continues from the last
+            checkpoint. Interruptions (KeyboardInterrupt) pass through unrecorded.
     """
     if not isinstance(config, DigitsConfig):
         raise TypeError(f"config must be a DigitsConfig, got {type(config).__name__}")
@@ -461,7 +477,24 @@ def _train(
     elif info.is_main:
         run.start(RECIPE, saved_config)
     distributed.barrier(info)
+    try:
+        return _fit(config, saved_config, ckpt, run, info, on_epoch_end, wall_start)
+    except (ConfigError, MissingExtraError):
+        raise
+    except Exception as e:  # recorded in the folder (rank 0), so a rerun there says so
+        raise run.fail(e, record=info.is_main) from e
 
+
+def _fit(
+    config: DigitsConfig,
+    saved_config: dict[str, Any],
+    ckpt: Checkpoint | None,
+    run: RunFolder,
+    info: DistInfo,
+    on_epoch_end: Callable[[int], None] | None,
+    wall_start: float,
+) -> dict[str, Any]:
+    """Training and evaluation of :func:`_train` once the run folder is set up."""
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     random.seed(config.seed)
     np.random.seed(config.seed)  # noqa: NPY002 (seeds the global RNG that user code may use)

@@ -156,11 +156,15 @@ class RunFolder:
                 f"run folder {self.path} already holds {what}; {hint}choose another --run-dir"
             )
 
-    def fail(self, error: BaseException) -> str:
-        """Record in ``summary.json`` that the run stopped with ``error``; returns the text."""
+    def fail(self, error: BaseException, *, record: bool = True) -> RunFailedError:
+        """Record in ``summary.json`` that the run stopped with ``error`` (unless ``record`` is
+        false: a process other than rank 0) and return the error to raise from it."""
         text = f"{type(error).__name__}: {error}"
-        write_json(self.path / SUMMARY, {"status": "failed", "error": text})
-        return text
+        if record:
+            write_json(self.path / SUMMARY, {"status": "failed", "error": text})
+        return RunFailedError(
+            f"training stopped: {text}; the run folder {self.path} records the failure"
+        )
 
     def failure(self) -> str | None:
         """The error a failed run recorded with :meth:`fail`, else None."""
