@@ -203,3 +203,40 @@ def test_checkpoint_with_wrong_metadata_types_is_rejected(
         load_checkpoint(path)
     assert str(info.value).startswith(f"{path}: corrupted checkpoint: ")
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"optimizer": {}}, "its optimizer state is malformed (KeyError: 'scalars')"),
+        ({"optimizer": {"param_groups": [1], "scalars": {}}}, "optimizer state is malformed"),
+        ({"rng": {"numpy": "x", "python": 5}}, "its RNG states cannot be restored (ValueError"),
+        ({"rng": {"numpy": ["MT19937", 0, 0, 0.0], "python": 5}}, "RNG states cannot be restored"),
+        ({"epoch": -3}, "its metadata 'epoch' must be >= 0, got -3"),
+        ({"extra": [1]}, "its metadata 'extra' must be dict, got list [1]"),
+    ],
+)
+def test_checkpoint_with_malformed_metadata_contents_is_rejected(
+    tmp_path: Path, change: dict[str, object], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Metadata is not covered by the tensors' SHA-256: contents that pass the type checks but
+    cannot be restored give a CheckpointError at load time (they were a KeyError or ValueError
+    traceback in eval and resume), and the CLI reports it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from equilibria.zoo.cli import main
+
+    path = _save(tmp_path / "checkpoint.safetensors", *_trained_pair())
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["equilibria"])
+    meta.update(change)
+    save_file(load_file(str(path)), path, metadata={"equilibria": json.dumps(meta)})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: corrupted checkpoint: ")
+    assert fragment in str(info.value)
+    assert main(["eval", str(path)]) == 1
+    assert "corrupted checkpoint" in capsys.readouterr().err

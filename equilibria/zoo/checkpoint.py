@@ -235,7 +235,7 @@ def _read_header(data: bytes, path: Path) -> dict[str, Any]:
             f"{path}: corrupted checkpoint: its metadata lacks {', '.join(missing)} (a checkpoint "
             f"of format {FORMAT!r} has {', '.join(_REQUIRED)})"
         )
-    for key, kinds in _TYPES.items():
+    for key, kinds in {**_TYPES, **({"extra": (dict,)} if "extra" in meta else {})}.items():
         value = meta[key]
         if isinstance(value, bool) or not isinstance(value, kinds):
             allowed = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
@@ -243,7 +243,29 @@ def _read_header(data: bytes, path: Path) -> dict[str, Any]:
                 f"{path}: corrupted checkpoint: its metadata {key!r} must be {allowed}, got "
                 f"{type(value).__name__} {value!r}"[:300]
             )
+    for key in ("epoch", "step"):
+        if meta[key] < 0:
+            raise CheckpointError(
+                f"{path}: corrupted checkpoint: its metadata {key!r} must be >= 0, got {meta[key]}"
+            )
     return meta
+
+
+def _check_rng(rng: dict[str, Any], path: Path) -> None:
+    """Restore the saved RNG states into throwaway generators: a malformed state fails here,
+    with a CheckpointError, instead of in :func:`restore_rng` halfway through a resume."""
+    try:
+        torch.Generator().set_state(rng["torch"])
+        kind, pos, has_gauss, cached = rng["numpy_meta"]
+        keys = rng["numpy"].numpy().astype(np.uint32)
+        np.random.RandomState().set_state((kind, keys, pos, has_gauss, cached))
+        version, state, gauss = rng["python"]
+        random.Random().setstate((version, tuple(state), gauss))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path}: corrupted checkpoint: its RNG states cannot be restored "
+            f"({type(e).__name__}: {e})"[:300]
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, recipe: str | None = None) -> Checkpoint:
@@ -283,13 +305,20 @@ def load_checkpoint(path: str | os.PathLike[str], *, recipe: str | None = None) 
     optimizer = None
     if meta["optimizer"] is not None:
         optim = {k: v for k, v in tensors.items() if k.startswith("optim/")}
-        optimizer = _unflatten_optimizer(optim, meta["optimizer"])
+        try:
+            optimizer = _unflatten_optimizer(optim, meta["optimizer"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(
+                f"{path}: corrupted checkpoint: its optimizer state is malformed "
+                f"({type(e).__name__}: {e})"[:300]
+            ) from None
     rng: dict[str, Any] = {k[len("rng/") :]: v for k, v in tensors.items() if k.startswith("rng/")}
     lacking = [f"rng/{k}" for k in ("torch", "numpy") if k not in rng]
     if lacking:
         raise CheckpointError(f"{path}: corrupted checkpoint: it lacks the tensors {lacking}")
     rng["numpy_meta"] = meta["rng"]["numpy"]
     rng["python"] = meta["rng"]["python"]
+    _check_rng(rng, path)
     return Checkpoint(
         path=path,
         recipe=meta["recipe"],
