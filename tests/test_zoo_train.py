@@ -279,6 +279,8 @@ def test_mosaic_through_the_cli(
     assert "--resume" not in err  # mosaic has no --resume
     assert main(["train", "mosaic", "--run-dir="]) == 2
     assert "--run-dir needs a folder" in capsys.readouterr().err
+    assert main(["train", "mosaic", *MOSAIC_TINY, "--run-dir", "a", "--run-dir=b"]) == 2
+    assert "--run-dir given 2 times; give one folder" in capsys.readouterr().err
     # several torchrun processes: refused before anything is written
     monkeypatch.setenv("WORLD_SIZE", "2")
     other = tmp_path / "ddp"

@@ -168,7 +168,10 @@ def _train(recipe: Recipe, options: list[str]) -> int:
 
 
 def _pop_run_dir(options: list[str]) -> tuple[list[str], str | None]:
-    """Take ``--run-dir DIR`` or ``--run-dir=DIR`` out of ``options``."""
+    """Take ``--run-dir DIR`` or ``--run-dir=DIR`` out of ``options`` (given at most once)."""
+    count = sum(o == "--run-dir" or o.startswith("--run-dir=") for o in options)
+    if count > 1:
+        raise ConfigError(f"--run-dir given {count} times; give one folder")
     for i, o in enumerate(options):
         if o == "--run-dir":
             if i + 1 >= len(options) or options[i + 1].startswith("-"):
