@@ -750,6 +750,13 @@ BAD_CALLS = [
         "bases must be a torch.Tensor, got list [[1.0]]",
     ),
     (
+        lambda: moving_average_bases(
+            torch.rand(6, 2), torch.rand(2, 6, 2, device="meta"), momentum=0
+        ),
+        ValueError,
+        "bases must be on the buffer's device",
+    ),
+    (
         lambda: moving_average_bases(None, torch.rand(2, 6, 2), momentum=0.5),
         TypeError,
         "buffer must be a torch.Tensor, got NoneType None",

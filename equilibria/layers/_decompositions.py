@@ -280,6 +280,10 @@ def moving_average_bases(buffer: Tensor, bases: Tensor, *, momentum: float) -> T
             f"buffer must have shape (d, r) and bases (B, d, r) with the same (d, r), got "
             f"{tuple(buffer.shape)} and {tuple(bases.shape)}"
         )
+    if bases.device != buffer.device:
+        raise ValueError(
+            f"bases must be on the buffer's device {buffer.device}, got bases on {bases.device}"
+        )
     with torch.no_grad():
         mixed = torch.lerp(bases.mean(0).to(buffer.dtype), buffer, momentum)
         return _normalize_columns(mixed)
