@@ -215,6 +215,16 @@ BAD_CALLS = [
         "eps must be a float >= 0, got str '0'",
     ),
     (
+        lambda: attention_map(X, X.clone().fill_(float("nan")), scale=1.0),
+        ValueError,
+        "key must be finite (no NaN or Inf)",
+    ),
+    (
+        lambda: stop_gradient_attention(X, X, torch.full((2, 5, 3), float("inf"))),
+        ValueError,
+        "value must be finite (no NaN or Inf)",
+    ),
+    (
         lambda: StopGradientAttention(4)(X.clone().fill_(float("nan"))),
         ValueError,
         "x must be finite (no NaN or Inf)",

@@ -103,6 +103,8 @@ def attention_map(
     _check_scale(scale, allow_none=False)
     _check_bool("column_norm", column_norm)
     _check_eps(eps)
+    _check_finite("query", query)
+    _check_finite("key", key)
     a = torch.softmax(torch.bmm(query, key.mT) * scale, dim=-1)  # (B, N, M)
     if column_norm:
         a = a / (a.sum(dim=1, keepdim=True) + eps)
@@ -151,6 +153,8 @@ def stop_gradient_attention(
             f"{tuple(value.shape)}"
         )
     _check_like("value", value, x, "x", under_autocast=True)
+    for name, t in (("x", x), ("y", y), ("value", value)):
+        _check_finite(name, t)
     scale = 1.0 / math.sqrt(x.shape[-1]) if scale is None else scale
     with torch.no_grad():
         a = attention_map(x, y, scale=scale, column_norm=column_norm, eps=eps)
