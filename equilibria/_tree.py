@@ -14,8 +14,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 def _describe(z: Any) -> str:
     if isinstance(z, Tensor):
@@ -37,6 +35,8 @@ class StateSpec:
     sizes: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    # the tuple's own class for a NamedTuple state (rebuilt as one, so f sees its fields)
+    tuple_type: type | None = None
 
     @property
     def batch(self) -> int:
@@ -93,6 +93,7 @@ class StateSpec:
             sizes=tuple(leaf[0].numel() for leaf in leaves),
             dtype=first.dtype,
             device=first.device,
+            tuple_type=type(z) if kind == "tuple" and hasattr(z, "_fields") else None,
         )
 
     def leaves(self, z: Any) -> tuple[Tensor, ...]:
@@ -113,14 +114,24 @@ class StateSpec:
         b = flat.shape[0]
         if self.kind == "tensor":
             return flat.view((b, *self.shapes[0][1:]))
-        parts = torch.split(flat, self.sizes, dim=1)
-        leaves = [p.reshape((b, *s[1:])) for p, s in zip(parts, self.shapes)]
+        # one narrow per leaf, not torch.split: split's outputs are views of a multi-output op,
+        # which autograd forbids modifying in place (nn.ReLU(inplace=True), h += skip)
+        leaves, start = [], 0
+        for size, shape in zip(self.sizes, self.shapes):
+            leaves.append(flat.narrow(1, start, size).reshape((b, *shape[1:])))
+            start += size
+        return self._pack(leaves)
+
+    def _pack(self, leaves: list[Tensor]) -> Any:
+        """The state's structure around ``leaves`` (in the order of :attr:`keys`)."""
+        if self.kind == "tensor":
+            return leaves[0]
         if self.kind == "tuple":
-            return tuple(leaves)
+            return tuple(leaves) if self.tuple_type is None else self.tuple_type(*leaves)
         return dict(zip(self.keys, leaves))
 
     def check_output(self, out: Any, batch: int, name: str = "f") -> Any:
-        """Raise unless ``out`` has this structure; cast low-precision outputs under autocast."""
+        """Raise unless ``out`` has this structure; under autocast, cast to the state's dtype."""
         if self.kind == "tensor":
             if (
                 isinstance(out, Tensor)
@@ -140,11 +151,9 @@ class StateSpec:
                     f"{(batch, *shape[1:])}, got {tuple(leaf.shape)}"
                 )
             if leaf.dtype != self.dtype:
-                if (
-                    leaf.dtype in _LOW_PRECISION
-                    and torch.is_autocast_enabled(leaf.device.type)
-                    and leaf.is_floating_point()
-                ):
+                # autocast picks each op's dtype: a cell may end in bfloat16 (a matmul) over a
+                # float32 state, or in float32 (a norm, a pooling) over a bfloat16 state
+                if leaf.is_floating_point() and torch.is_autocast_enabled(leaf.device.type):
                     leaf = leaf.to(self.dtype)
                 else:
                     raise TypeError(
@@ -155,11 +164,7 @@ class StateSpec:
                     f"{where} must be on the device of the state, {self.device}, got {leaf.device}"
                 )
             fixed.append(leaf)
-        if self.kind == "tensor":
-            return fixed[0]
-        if self.kind == "tuple":
-            return tuple(fixed)
-        return dict(zip(self.keys, fixed))
+        return self._pack(fixed)
 
     def _match_structure(self, out: Any, name: str) -> tuple[Tensor, ...]:
         expected = {

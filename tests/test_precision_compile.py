@@ -447,3 +447,17 @@ def test_one_host_transfer_per_adjoint_iteration(host_syncs):
     torch.autograd.grad(loss(z), w)
     assert host_syncs["to_host"] == sol.backward.nstep > 5
     assert host_syncs["other"] <= 2
+
+
+def test_autocast_float32_cell_output_is_cast_to_a_low_precision_state():
+    """A bfloat16 state (z0 = zeros_like(x) of an autocast stem) with a cell whose last op
+    autocast keeps in float32 (norms, pooling; here explicit): the output is cast to the state's
+    dtype, as documented, instead of a TypeError."""
+    cell = LinearCell()
+    x = _x()
+    layer = eq.DEQ(lambda z, x: cell(z, x).float(), tol=1e-2)
+    with torch.autocast(DEVICE.type, dtype=BF16):
+        z = layer(x.to(BF16))
+    assert z.dtype == BF16 and layer.last_solution.all_converged
+    z.float().sum().backward()
+    assert bool(torch.isfinite(cell.lin.weight.grad).all())
