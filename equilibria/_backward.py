@@ -26,7 +26,9 @@ class Implicit(Backward):
     dL/dtheta = (df/dtheta)^T u with u = (I - J^T)^{-1} g, found as the fixed point of
     u -> J^T u + g with any solver, one vector-Jacobian product per iteration. Memory does not grow
     with the forward iterations. The adjoint solve's iterations and residual are reported in
-    ``Solution.backward``.
+    ``Solution.backward``. An upstream gradient holding inf or NaN (a mixed-precision overflow)
+    is passed on unsolved, so ``torch.amp.GradScaler`` finds it in the parameter gradients and
+    skips the step, as it does with any other layer.
 
     Args:
         solver: solver (name or object) for the adjoint fixed point.
@@ -125,6 +127,9 @@ class Unrolled(Backward):
     """Backpropagation through every iteration of the forward solver (BPTT).
 
     The reference the cheaper methods are compared with; memory grows with the number of iterations.
+    The returned state is the best iterate, so a sample whose best iterate is ``z0`` itself (a warm
+    start already within ``tol``) gets no gradient through it: ``z0`` does not depend on the
+    parameters. The other methods differentiate at z* instead.
     """
 
     name: ClassVar[str] = "unrolled"

@@ -329,10 +329,17 @@ class _Adjoint(torch.autograd.Function):
             )
         z_out, zr = ctx.saved_tensors
 
-        def vjp(u: Tensor) -> Tensor:  # J^T u
-            return torch.autograd.grad(z_out, zr, u, retain_graph=True)[0]
+        def vjp(u: Tensor) -> Tensor:  # J^T u; 0 when f(z) does not depend on z through autograd
+            out = torch.autograd.grad(z_out, zr, u, retain_graph=True, allow_unused=True)[0]
+            return torch.zeros_like(u) if out is None else out
 
         record.calls += 1
+        if not bool(torch.isfinite(grad).all()):
+            # an overflowing loss (mixed precision: GradScaler scales the loss up until it does)
+            # hands down inf or NaN, and the scaler relies on seeing them in the parameter
+            # gradients to skip the step: pass the gradient on instead of solving with it
+            record.solution = None
+            return grad, None, None, None, None
         if isinstance(method, Neumann):
             lam, w = method.damping, grad
             for _ in range(method.steps - 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -105,7 +106,9 @@ class BackwardInfo:
     Attributes:
         method: name of the backward method attached to the solve, or None without one.
         solution: for the implicit backward, the :class:`Solution` of the adjoint solve
-            ``u = J^T u + g``; None for the other methods.
+            ``u = J^T u + g``; None for the other methods, and when the upstream gradient ``g``
+            held inf or NaN (an overflow under mixed precision), which is passed on unsolved so
+            that ``torch.amp.GradScaler`` sees it and skips the step.
         calls: how many times backward ran through this solve (e.g. twice with ``retain_graph``);
             counted for the implicit and Neumann methods, whose backward is equilibria's own.
             Phantom, JFB and unrolled gradients are plain autograd and leave it at 0.
@@ -119,6 +122,17 @@ class BackwardInfo:
     pair: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
     # initial guess (B, D) for the adjoint solve (warm start); rows of NaN fall back to the gradient
     initial: Tensor | None = field(default=None, repr=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BackwardInfo:
+        # the recorded map call is part of an autograd graph, and torch refuses to deep-copy
+        # non-leaf tensors: a copy (of a DEQ's last_solution, with its model) keeps the
+        # statistics and drops the recording, as a solution computed without gradients has none
+        return BackwardInfo(
+            method=self.method,
+            solution=copy.deepcopy(self.solution, memo),
+            calls=self.calls,
+            initial=None if self.initial is None else self.initial.detach().clone(),
+        )
 
     @property
     def nstep(self) -> int | None:

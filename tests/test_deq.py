@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -401,3 +402,77 @@ def test_correction_loss_weights(gamma):
 def test_correction_loss_default_gamma_is_0_8():
     losses = [torch.tensor(1.0), torch.tensor(1.0)]
     assert float(eq.correction_loss(losses)) == pytest.approx(1.8)
+
+
+# --- review findings: deep copies, NamedTuple states, in-place edits of tree outputs -----------
+
+
+@pytest.mark.parametrize("backward", BACKWARD_NAMES)
+def test_deq_can_be_deep_copied_after_a_training_step(backward):
+    """Snapshots and EMA copies: the implicit/Neumann solution recorded a non-leaf map call on
+    the module, and torch refuses to deep-copy non-leaf tensors."""
+    layer = eq.DEQ(Cell(), init=_init, backward=backward, tol=1e-8, max_iter=100)
+    _loss(layer(_x())).backward()
+    copied = copy.deepcopy(layer)
+    info, original = copied.last_solution.backward, layer.last_solution.backward
+    assert info.method == original.method
+    if backward in ("implicit", "neumann"):  # statistics kept, the recorded graph dropped
+        assert info.calls == original.calls == 1 and info.nstep == original.nstep
+        with pytest.raises(ValueError, match="no recorded map evaluation"):
+            copied.last_solution.jacobian_penalty()
+    z0 = _init(_x())
+    torch.testing.assert_close(copied(_x(), z0), layer(_x(), z0))
+
+
+class HC(NamedTuple):
+    h: torch.Tensor
+    c: torch.Tensor
+
+
+def test_named_tuple_state_keeps_its_type():
+    """STYLE.md recommends NamedTuples for typed states: f must see the fields, and the result
+    must come back as the same class (it was rebuilt as a plain tuple)."""
+    cell = Cell()
+    x = _x()
+
+    def f(z):
+        out = cell(torch.cat([z.h, z.c], 1), x)
+        return HC(h=out[:, :3], c=out[:, 3:])
+
+    z0 = HC(torch.zeros(4, 3, dtype=F64), torch.zeros(4, 2, dtype=F64))
+    sol = eq.solve(f, z0, tol=1e-12, max_iter=300)
+    assert type(sol.value) is HC and sol.all_converged
+    z, _ = eq.fixed_point(f, z0, tol=1e-12, max_iter=300)
+    assert type(z) is HC
+    z_ref, g_ref = reference(cell, x, (4, 5))
+    torch.testing.assert_close(torch.cat(z, 1).detach(), z_ref, rtol=1e-10, atol=1e-10)
+    got = torch.autograd.grad(_loss(torch.cat(z, 1)), [*cell.parameters(), x])
+    for a, b in zip(got, g_ref):
+        assert rel_err(a, b) < 1e-6
+    layer = eq.DEQ(lambda z, x: f(z), init=lambda x: z0)
+    assert type(layer(x)) is HC
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict"])
+@pytest.mark.parametrize("backward", BACKWARD_NAMES)
+def test_tree_outputs_can_be_modified_in_place(kind, backward):
+    """nn.ReLU(inplace=True) or `h += skip` right after the layer: the leaves were views of one
+    torch.split, which autograd forbids editing in place."""
+    cell = Cell()
+    x = _x()
+
+    def f(z):
+        h, s = z if kind == "tuple" else (z["h"], z["s"])
+        out = cell(torch.cat([h, s], 1), x)
+        return (out[:, :3], out[:, 3:]) if kind == "tuple" else {"h": out[:, :3], "s": out[:, 3:]}
+
+    zeros = (torch.zeros(4, 3, dtype=F64), torch.zeros(4, 2, dtype=F64))
+    z0 = zeros if kind == "tuple" else dict(zip("hs", zeros))
+    grads = []
+    for in_place in (False, True):
+        z, _ = eq.fixed_point(f, z0, backward=backward, tol=1e-10, max_iter=200)
+        h = z[0] if kind == "tuple" else z["h"]
+        h = torch.relu_(h) if in_place else torch.relu(h)
+        grads.append(torch.autograd.grad(_loss(h), [*cell.parameters(), x]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

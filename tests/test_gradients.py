@@ -19,6 +19,7 @@ import pytest
 import torch
 from _problems import (
     BACKWARD_NAMES,
+    DEVICE,
     F64,
     SOLVER_NAMES,
     AffineParams,
@@ -30,6 +31,7 @@ from _problems import (
     rel_err,
     residual,
 )
+from torch import nn
 
 import equilibria as eq
 from equilibria._backward import BACKWARDS
@@ -513,3 +515,49 @@ def test_adjoint_is_attached_when_node_wrappers_are_short_lived(depth):
     zr, param = object(), object()
     assert _reaches_other_leaves(Output(param), zr)
     assert not _reaches_other_leaves(Output(zr), zr)
+
+
+# --- review findings: non-finite upstream gradients, maps that ignore the state ----------------
+
+
+def test_implicit_passes_a_non_finite_upstream_gradient_on():
+    """GradScaler's protocol: an overflowing loss sends inf/NaN down, and the scaler must find it
+    in the parameter gradients to skip the step; the adjoint solve used to raise instead."""
+    prob = Tanh.make(batch=3, d=4, norm=0.5)
+    w = prob.W.clone().requires_grad_()
+    z, sol = eq.fixed_point(lambda z: torch.tanh(z @ w.T + prob.x), prob.z0(), tol=1e-10)
+    upstream = torch.ones_like(z)
+    upstream[1, 2] = float("inf")
+    (grad,) = torch.autograd.grad(z, w, upstream)
+    assert not bool(torch.isfinite(grad).all())
+    assert sol.backward.solution is None and sol.backward.calls == 1
+
+
+def test_grad_scaler_skips_an_overflowing_step_with_the_implicit_backward():
+    torch.manual_seed(0)
+    cell, head = nn.Linear(16, 16), nn.Linear(16, 10)
+    with torch.no_grad():
+        cell.weight.mul_(0.3)
+    layer = eq.DEQ(lambda z, x: torch.tanh(cell(z) + x), backward="implicit", tol=1e-3)
+    opt = torch.optim.SGD([*cell.parameters(), *head.parameters()], lr=0.1)
+    scaler = torch.amp.GradScaler(DEVICE.type, init_scale=2.0**24)  # overflows in float16
+    x, y = torch.randn(8, 16), torch.randint(0, 10, (8,))
+    before = [p.detach().clone() for p in cell.parameters()]
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        objective = nn.functional.cross_entropy(head(layer(x)), y)
+    scaler.scale(objective).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**24  # the overflow was seen
+    assert all(torch.equal(a, b) for a, b in zip(before, cell.parameters()))  # step skipped
+
+
+@pytest.mark.parametrize("name", ["implicit", "jfb", "unrolled"])  # the exact ones when J = 0
+def test_map_that_ignores_the_state_gets_its_parameter_gradient(name):
+    """f(z) = 2 b (z enters only detached): J = 0, so dL/db = 2 g exactly; the implicit VJP
+    raised torch's 'appears to not have been used in the graph'."""
+    b = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    z, _ = eq.fixed_point(lambda z: 2.0 * b + 0.0 * z.detach(), torch.zeros(3, 4, dtype=F64),
+                          backward=name)  # fmt: skip
+    (grad,) = torch.autograd.grad(z.sum(), b)
+    torch.testing.assert_close(grad, torch.full_like(b, 2.0))
