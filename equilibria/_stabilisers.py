@@ -100,9 +100,12 @@ def spectral_radius(
     """Power-iteration estimate of the spectral radius of J = df/dz at ``z``, per sample.
 
     A radius near or above 1 explains slow or failing forward solves. The iteration runs on J^T
-    (same eigenvalues) with vector-Jacobian products through one recorded map evaluation. It
-    converges to the largest |eigenvalue| when that eigenvalue is separated from the rest; for
-    non-normal Jacobians it is an estimate.
+    (same eigenvalues) with vector-Jacobian products through one recorded map evaluation, and the
+    estimate is the geometric mean of the growth factors ||J^T v_k|| over the second half of the
+    iterations. When the largest |eigenvalue| is a single real one, separated from the rest, each
+    factor converges to it; when it is a complex pair (the usual case for a real non-symmetric
+    Jacobian) the factors oscillate around it forever, and only their mean converges (error of
+    order 1 / iters). For non-normal Jacobians it is an estimate.
 
     Args:
         f: the map.
@@ -126,11 +129,18 @@ def spectral_radius(
         return zr.new_zeros(zr.shape[0])
     v = draw(zr.shape, normal=True, generator=generator, dtype=zr.dtype, device=zr.device)
     v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    rho = torch.zeros(zr.shape[0], dtype=zr.dtype, device=zr.device)
-    for _ in range(iters):
+    tiny = torch.finfo(zr.dtype).tiny
+    log_sum = torch.zeros(zr.shape[0], dtype=zr.dtype, device=zr.device)
+    zero = torch.zeros(zr.shape[0], dtype=torch.bool, device=zr.device)
+    first = iters // 2  # the first half lets the start vector's other components die out
+    for k in range(iters):
         (w,) = torch.autograd.grad(fz, zr, v, retain_graph=True, allow_unused=True)
         if w is None:  # the map does not depend on z: J = 0
             return zr.new_zeros(zr.shape[0])
-        rho = torch.linalg.vector_norm(w, dim=1)
-        v = w / rho.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(1)
-    return rho.detach()
+        growth = torch.linalg.vector_norm(w, dim=1)
+        if k >= first:
+            log_sum += growth.clamp_min(tiny).log()
+            zero |= growth == 0  # v reached the null space: J^T is nilpotent on it, rho 0
+        v = w / growth.clamp_min(tiny).unsqueeze(1)
+    rho = torch.exp(log_sum / (iters - first))
+    return torch.where(zero, torch.zeros_like(rho), rho).detach()

@@ -300,6 +300,27 @@ def test_spectral_radius_of_a_tanh_map_matches_the_dense_jacobian():
     assert float(exact.max() / exact.min()) > 1.2  # the samples differ
 
 
+def test_spectral_radius_when_the_dominant_eigenvalues_are_a_complex_pair():
+    """Random real non-symmetric Jacobians: the largest |eigenvalue| is usually a complex pair,
+    where the last growth factor ||J^T v|| oscillates forever (it read 1.003 for a radius of
+    0.949 at any iteration count); their geometric mean converges."""
+    g = gen(5)
+    a = torch.randn(6, 24, 24, generator=g, dtype=F64) * (0.9 / 24**0.5)
+    exact = torch.linalg.eigvals(a).abs().amax(1)
+    top2 = torch.linalg.eigvals(a).abs().sort(dim=1, descending=True).values[:, :2]
+    assert int(((top2[:, 0] - top2[:, 1]).abs() < 1e-12).sum()) >= 3  # mostly complex pairs
+
+    def f(z):
+        return torch.einsum("bij,bj->bi", a, z)
+
+    z = torch.zeros(6, 24, dtype=F64)
+    rho = eq.spectral_radius(f, z, iters=400, generator=gen(0))
+    assert float(((rho - exact) / exact).abs().max()) < 0.01
+    nilpotent = torch.diag(torch.ones(23, dtype=F64), 1).expand(6, 24, 24)  # rho = 0 exactly
+    rho0 = eq.spectral_radius(lambda z: torch.einsum("bij,bj->bi", nilpotent, z), z, iters=40)
+    assert rho0.tolist() == [0.0] * 6
+
+
 def test_spectral_radius_on_a_tree_state():
     prob = TreeAffine.make("dict", batch=2, radius=0.9, seed=1)  # non-symmetric, real eigenvalues
     rho = eq.spectral_radius(prob.f, prob.z0(), iters=300, generator=gen(0))
