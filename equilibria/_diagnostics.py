@@ -108,6 +108,11 @@ def gradient_agreement(
         backward: the method to check, name or object.
         reference: the exact method; default ``eq.Implicit(tol=1e-8, max_iter=200)``.
 
+    Both losses start from the same state of torch's global random number generator (the CPU
+    one and those of the parameters' CUDA devices), so a model in training mode draws the same
+    dropout masks and random initial bases for both and the comparison measures the gradients
+    alone; explicit ``torch.Generator`` objects of your own are not reset.
+
     Returns:
         A :class:`GradientAgreement`.
 
@@ -122,7 +127,9 @@ def gradient_agreement(
         raise ValueError("parameters must contain at least one tensor")
     backward = resolve_backward(backward)
     reference = Implicit(tol=1e-8, max_iter=200) if reference is None else reference
-    approx = _grads(loss(backward), params)
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # the second loss starts from the same state
+        approx = _grads(loss(backward), params)
     exact = _grads(loss(reference), params)
     dot = sum(float((a * b).sum()) for a, b in zip(approx, exact))
     na = math.sqrt(sum(float(a.pow(2).sum()) for a in approx))

@@ -179,6 +179,30 @@ def test_gradient_agreement_implicit_against_implicit():
     assert got.norm_ratio == pytest.approx(1.0, abs=1e-6)
 
 
+def test_gradient_agreement_gives_both_losses_the_same_random_draws():
+    """A training-mode model with dropout: the two losses drew different masks, so a method
+    compared with itself read cosine 0.8; both now start from one RNG state, which then moves on
+    as after a single loss."""
+    torch.manual_seed(0)
+    lin, drop = nn.Linear(8, 8, dtype=F64), eq.VariationalDropout(0.2)
+    layer = eq.DEQ(lambda z, x: drop(0.5 * torch.tanh(lin(z))) + x, tol=1e-10, max_iter=200)
+    layer.train()
+    x = torch.randn(4, 8, dtype=F64)
+
+    def loss_of(backward):
+        with layer.using(backward):
+            return layer(x).pow(2).sum()
+
+    exact = eq.Implicit(tol=1e-11, max_iter=300)
+    state = torch.get_rng_state()
+    got = eq.gradient_agreement(loss_of, lin.parameters(), exact, reference=exact)
+    assert got.cosine == pytest.approx(1.0, abs=1e-12) and got.relative_error < 1e-12
+    after = torch.get_rng_state()
+    torch.set_rng_state(state)
+    loss_of(exact)
+    assert torch.equal(torch.get_rng_state(), after)
+
+
 def test_gradient_agreement_neumann_converges_to_the_exact_gradient():
     cell, _, loss_of = _setup()
     params = list(cell.parameters())
