@@ -45,9 +45,10 @@ class VariationalDropout(nn.Module):
     Drop each element (or each slice along the ``shared_dims``) with probability ``p`` and scale the
     rest by 1 / (1 - p), with the same mask at every iteration until :meth:`reset` (called by
     :class:`equilibria.DEQ` at each forward call in training mode). A no-op in eval mode. The mask
-    is drawn for the batch size of its first use after a reset; a call with another batch size
-    starts a new mask, except under per-sample compaction, where the DEQ passes the positions of the
-    remaining samples and their rows of the mask are used.
+    is drawn for the shape of its first use after a reset; a call with another batch size, or
+    another size along a dimension outside ``shared_dims``, starts a new mask, except under
+    per-sample compaction, where the DEQ passes the positions of the remaining samples and their
+    rows of the mask are used.
 
     Args:
         p: drop probability in [0, 1).
@@ -95,17 +96,25 @@ class VariationalDropout(nn.Module):
             or mask.dim() != x.dim()
             or (full_batch is not None and mask.shape[0] != full_batch)
             or mask.device != x.device
+            or not self._fits(mask, x)
         ):
             if index is not None:
                 raise RuntimeError(
-                    "VariationalDropout has no mask for the full batch; it must first be called "
-                    "on the whole batch (the DEQ module does this on its first iteration)"
+                    "VariationalDropout has no mask for the full batch of this shape; it must "
+                    "first be called on the whole batch (the DEQ module does this on its first "
+                    f"iteration), got an input of shape {tuple(x.shape)}"
                 )
             mask = self._draw(x)
             self.mask = mask
         if index is not None:
             mask = mask.index_select(0, index)
         return x * mask.to(x.dtype)
+
+    def _fits(self, mask: Tensor, x: Tensor) -> bool:
+        """Whether ``mask`` has ``x``'s size along every dimension but the batch and shared ones."""
+        return all(
+            mask.shape[d] == x.shape[d] for d in range(1, x.dim()) if d not in self.shared_dims
+        )
 
     def _draw(self, x: Tensor) -> Tensor:
         for d in self.shared_dims:

@@ -44,7 +44,9 @@ def apply_norm(
 
     Args:
         module: the module (e.g. a DEQ cell); changed in place and returned.
-        kind: ``"weight"`` (w = g v / ||v|| per output channel; Salimans & Kingma 2016) or
+        kind: ``"weight"`` (w = g v / ||v|| per output channel; Salimans & Kingma 2016; a
+            transposed convolution with ``groups > 1`` gets one g per output channel of a group,
+            shared by the groups, since its weight is laid out (in, out / groups, ...)) or
             ``"spectral"`` (w / sigma(w) with sigma from power iteration; Miyato et al. 2018).
         types: layer classes to reparametrise (default: linear and convolution layers).
         name: the parameter to reparametrise.
@@ -70,7 +72,10 @@ def apply_norm(
         if parametrize.is_parametrized(layer, name):
             continue
         if kind == "weight":
-            nn.utils.parametrizations.weight_norm(layer, name=name, dim=0)
+            # per output channel: dim 0 of a (out, in, ...) weight, dim 1 of a transposed
+            # convolution's (in, out / groups, ...) weight (torch's spectral norm does the same)
+            transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+            nn.utils.parametrizations.weight_norm(layer, name=name, dim=1 if transposed else 0)
         else:
             nn.utils.parametrizations.spectral_norm(
                 layer, name=name, n_power_iterations=n_power_iterations

@@ -225,6 +225,21 @@ def test_apply_norm_selects_layers_and_is_idempotent():
         pass
 
 
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 5, 2), nn.ConvTranspose2d(3, 5, 2),
+                                   nn.ConvTranspose1d(4, 6, 3, groups=2)])  # fmt: skip
+def test_weight_norm_is_per_output_channel_also_for_transposed_convolutions(layer):
+    """A transposed convolution's weight is (in, out / groups, ...): weight norm along dim 0 gave
+    one magnitude per input channel."""
+    weight = layer.weight.detach().clone()
+    eq.apply_norm(layer, "weight")
+    g = layer.parametrizations.weight.original0
+    out_dim = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+    assert g.numel() == weight.shape[out_dim]
+    others = [d for d in range(weight.dim()) if d != out_dim]
+    torch.testing.assert_close(g.flatten(), torch.linalg.vector_norm(weight, dim=others))
+    torch.testing.assert_close(layer.weight, weight)
+
+
 def _plain_function(z, x):
     return z
 
@@ -368,6 +383,20 @@ def test_dropout_module_outside_a_deq():
     assert drop.mask is None
     assert not torch.equal(drop(x), a)
     assert drop(torch.randn(6, 4)).shape == (6, 4) and drop.mask.shape == (6, 4)  # new batch size
+
+
+def test_dropout_draws_a_new_mask_when_a_non_batch_size_changes():
+    """One instance on sequences of different lengths: a (2, 1, 3) input came back (2, 4, 3)
+    through the old mask, and a (2, 5, 3) one failed to broadcast."""
+    drop = eq.VariationalDropout(0.5)
+    assert drop(torch.ones(2, 4, 3)).shape == (2, 4, 3)
+    for shape in [(2, 1, 3), (2, 5, 3), (2, 5, 7)]:
+        assert drop(torch.ones(shape)).shape == shape and drop.mask.shape == shape
+    shared = eq.VariationalDropout(0.5, shared_dims=(1,))
+    shared(torch.ones(2, 4, 3))
+    first = shared.mask
+    shared(torch.ones(2, 9, 3))  # another length along the shared dimension: the same mask
+    assert shared.mask is first
 
 
 @pytest.mark.parametrize(
