@@ -970,3 +970,21 @@ def test_a_generator_on_another_device_draws_there_and_moves():
     # ("meta" stands in for a GPU: CPU CI has none; tests/test_cuda.py compares the values)
     bases = random_bases(2, 6, 3, generator=torch.Generator().manual_seed(1), device="meta")
     assert bases.device.type == "meta" and bases.shape == (2, 6, 3)
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_torch_func_jacobian_matches_autograd(ham):
+    """torch.func.jacrev on the default one-step block: the fused autograd.Function cannot run
+    under functorch transforms (it raised); the block falls back to the unfused path, whose
+    Jacobian must equal the fused one that plain autograd computes."""
+    torch.manual_seed(0)
+    block = Hamburger(6, ham=ham, dim=6, rank=3, init="online", dtype=torch.float64).eval()
+    x = torch.rand(1, 6, 3, 3, dtype=torch.float64)
+    got = torch.func.jacrev(block)(x)
+    want = torch.autograd.functional.jacobian(block, x)
+    torch.testing.assert_close(got, want)
+    params = dict(block.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(block, p, (x,)).sum())(params)
+    block(x).sum().backward()
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)

@@ -119,6 +119,12 @@ def _fold_batch_norm(
     return (a * scale[:, None]).to(out_dtype), (bias - mean * scale).to(out_dtype)
 
 
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap, ...) is running."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
+
+
 class _BreadAndLastStep(torch.autograd.Function):
     """Lower bread, the no-grad decomposition and its last (linear) step, with a fused backward.
 
@@ -369,11 +375,15 @@ class _HamburgerBase(nn.Module):
         """Lower bread + decomposition of z ((B, C, n), or (B, n, C) tokens)."""
         # The fused backward assumes z, the weights and the saved tensors share one dtype, which
         # autocast breaks (bf16 features, fp32 weights): under autocast take the autograd path.
+        # torch.func transforms (jacrev, vmap, grad) cannot run the fused Function either (its
+        # forward saves tensors through ctx and its backward writes in place): the same one-step
+        # gradient then comes from autograd through the unfused path.
         fused = (
             self.lower_weight is not None
             and self.grad == "one_step"
             and self.ham != "vq"
             and not torch.is_autocast_enabled(z.device.type)
+            and not _functorch_active()
         )
         if fused:
             self._check_positions(z.mT if tokens else z)
