@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,6 +169,64 @@ def test_resume_refuses_other_options_and_missing_run(tmp_path: Path) -> None:
     # run-control options may change
     summary = train(dataclasses.replace(config, resume=True, quiet=False, report=True))
     assert summary["epochs"] == 1 and Path(summary["report"]).is_file()
+
+
+def _edit_checkpoint_meta(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Rewrite the checkpoint's JSON metadata (not covered by the tensors' SHA-256)."""
+    from safetensors.torch import load, save
+
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    meta = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["equilibria"])
+    edit(meta)
+    path.write_bytes(save(load(data), metadata={"equilibria": json.dumps(meta)}))
+
+
+def test_resume_refuses_an_unrestorable_optimizer_before_touching_the_folder(
+    tmp_path: Path,
+) -> None:
+    """The optimizer layout lives in the metadata; loading it failed inside training, which was
+    reported as a training failure written over the finished run's summary.json."""
+    config = DigitsConfig(**{**TINY, "epochs": 1}, run_dir=str(tmp_path / "run"))
+    train(config)
+    run = tmp_path / "run"
+
+    def drop_a_parameter(meta: dict[str, Any]) -> None:
+        meta["optimizer"]["param_groups"][0]["params"].pop()
+
+    _edit_checkpoint_meta(run / "checkpoint.safetensors", drop_a_parameter)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(CheckpointError, match="cannot be restored into the model and optimizer"):
+        train(dataclasses.replace(config, resume=True))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_refuses_another_thread_or_process_count(tmp_path: Path) -> None:
+    """Either changes the numbers (the README promises the uninterrupted run's bits)."""
+    config = DigitsConfig(**{**TINY, "epochs": 2, "threads": 1}, run_dir=str(tmp_path / "run"))
+
+    def stop(epoch: int) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        train(config, on_epoch_end=stop)
+    with pytest.raises(ConfigError, match=r"threads=1, this process has 2.*--threads 1"):
+        train(dataclasses.replace(config, resume=True, threads=2))
+
+    def two_processes(meta: dict[str, Any]) -> None:
+        meta["extra"]["metrics"]["world_size"] = 2
+
+    _edit_checkpoint_meta(tmp_path / "run" / "checkpoint.safetensors", two_processes)
+    with pytest.raises(ConfigError, match=r"world_size=2, this process has 1.*nproc-per-node 2"):
+        train(dataclasses.replace(config, resume=True))
+
+
+def test_resuming_a_finished_run_keeps_its_training_statistics(tmp_path: Path) -> None:
+    config = DigitsConfig(**{**TINY, "epochs": 1}, run_dir=str(tmp_path / "run"))
+    first = train(config)
+    again = train(dataclasses.replace(config, resume=True))
+    for key in ("fwd_iters_mean", "fwd_residual_max", "bwd_iters_mean", "test_acc", "epochs"):
+        assert again[key] == first[key] is not None, key
 
 
 @pytest.mark.parametrize("backward", ["implicit", "phantom", "neumann", "jfb", "unrolled"])
@@ -362,3 +422,22 @@ def test_default_recipe_reaches_98_percent(tmp_path: Path) -> None:
     summary = train(DigitsConfig(run_dir=str(tmp_path / "run"), quiet=True))
     assert summary["test_acc"] >= 0.98
     assert summary["eval_converged"] == 1.0
+
+
+def test_cli_errors_instead_of_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --run-dir that is a file, --device cuda without CUDA, eval without its extras: each was
+    a Python traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for recipe, extra in (("digits", TINY_ARGS), ("mosaic", ["--steps", "1"])):
+        assert main(["train", recipe, *extra, "--run-dir", str(afile)]) == 2
+        assert f"--run-dir {afile} is a file, not a folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        argv = ["train", "digits", *TINY_ARGS, "--device", "cuda", "--run-dir", str(tmp_path / "c")]
+        assert main(argv) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert main(["eval", str(tmp_path / "nothing")]) == 1
+    assert "missing optional dependency sklearn" in capsys.readouterr().err

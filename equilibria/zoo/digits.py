@@ -129,7 +129,8 @@ class DigitsConfig:
     threads: int = option(
         1,
         "torch CPU threads; 1 is fastest for this small model and robust when other processes "
-        "share the cores (0 = torch's default)",
+        "share the cores (0 = torch's default); a CPU run resumes only with the thread count it "
+        "was trained with, which changes the numbers",
         resumable=True,
     )
     run_dir: str = option("", "run folder (default: runs/digits/<timestamp>)", resumable=True)
@@ -474,6 +475,8 @@ def _train(
             diff = differences(ckpt.config, saved_config, DigitsConfig)
             if diff:
                 raise CheckpointError(f"{ckpt.path}: checkpoint of another configuration: {diff}")
+            _check_same_setting(ckpt, info)
+            _check_restorable(ckpt, config)
     elif info.is_main:
         run.start(RECIPE, saved_config)
     distributed.barrier(info)
@@ -483,6 +486,49 @@ def _train(
         raise
     except Exception as e:  # recorded in the folder (rank 0), so a rerun there says so
         raise run.fail(e, record=info.is_main) from e
+
+
+def _check_same_setting(ckpt: Checkpoint, info: DistInfo) -> None:
+    """Refuse a resume whose process count or CPU thread count differs from the saved run's:
+    either changes the numbers (another split of each batch, other reductions), so the result
+    would not be the uninterrupted run's. Checkpoints that predate the record pass."""
+    saved = ckpt.extra.get("metrics", {}) if isinstance(ckpt.extra, dict) else {}
+    now = {"world_size": info.world_size}
+    if info.device.type == "cpu":
+        now["threads"] = torch.get_num_threads()
+    hints = {
+        "world_size": "run it under torchrun with --nproc-per-node {saved}",
+        "threads": "pass --threads {saved}",
+    }
+    for key, value in now.items():
+        was = saved.get(key)
+        if isinstance(was, int) and was != value:
+            raise ConfigError(
+                f"--resume: the run in {ckpt.path.parent} was trained with {key}={was}, this "
+                f"process has {value}; that changes the numbers, so the resumed run would not "
+                f"match an uninterrupted one: {hints[key].format(saved=was)}"
+            )
+
+
+def _check_restorable(ckpt: Checkpoint, config: DigitsConfig) -> None:
+    """Load the checkpoint into a throwaway model and optimizer, before the folder is touched.
+
+    Its metadata (the optimizer's state layout) is not covered by the tensors' checksum, so a
+    damaged one is found here and reported as a checkpoint problem rather than as a training
+    failure recorded over the run's summary.
+    """
+    model = build_model(config)
+    optimizer = make_optimizer(model, config)
+    try:
+        model.load_state_dict(ckpt.model)
+        assert ckpt.optimizer is not None
+        optimizer.load_state_dict(ckpt.optimizer)
+    except (AssertionError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{ckpt.path}: its state cannot be restored into the model and optimizer of its "
+            f"configuration ({type(e).__name__}: {e}); resume from an intact checkpoint or "
+            "start a new run"
+        ) from e
 
 
 def _fit(
@@ -548,8 +594,10 @@ def _fit(
             distributed.barrier(info)
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
-    if not last:  # resumed a finished run: evaluate once more
-        last = {"epoch": epoch, "step": step, **evaluate_model(model, data[2], data[3])}
+    if not last:  # resumed a finished run: its last epoch's statistics, evaluated once more
+        rows = run.read_metrics() if info.is_main else []
+        last = {**(rows[-1] if rows else {}), "epoch": epoch, "step": step}
+        last.update(evaluate_model(model, data[2], data[3]))
     summary = _summary(run, config, info, model, last, time.perf_counter() - wall_start)
     if info.is_main:
         write_json(run.path / SUMMARY, summary)
@@ -641,6 +689,7 @@ def _train_epoch(
         "peak_mem_mb": None if peak is None else peak / 2**20,
         "mem_method": mem_method,
         "world_size": info.world_size,
+        "threads": torch.get_num_threads(),
     }
 
 
