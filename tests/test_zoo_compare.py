@@ -3,14 +3,24 @@ cosines, and a tiny end-to-end comparison."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from equilibria.zoo.compare import CompareConfig, compare_gradients, gradient, step_memory
-from equilibria.zoo.digits import DigitsConfig, build_model, load_data
+from equilibria.zoo.compare import (
+    CompareConfig,
+    _recipe_config,
+    compare_gradients,
+    gradient,
+    step_memory,
+)
+from equilibria.zoo.config import ConfigError
+from equilibria.zoo.digits import DigitsConfig, build_model, load_data, train
+from equilibria.zoo.runs import MissingExtraError
 
 
 @pytest.mark.parametrize("backward", ["implicit", "phantom", "neumann", "jfb", "unrolled"])
@@ -52,3 +62,45 @@ def test_tiny_comparison_writes_table(tmp_path: Path) -> None:
     assert by["unrolled"]["mem_ratio"] > 1.5 and by["phantom"]["mem_ratio"] <= 1.1
     assert by["implicit"]["cos_init_mean"] > 0.99
     assert set(saved["targets"]) >= {"phantom_speedup", "implicit_memory_ratio"}
+
+
+class _Stop(BaseException):
+    """An interruption (not an Exception: the run is not recorded as failed)."""
+
+
+def test_an_interrupted_comparison_resumes_in_its_folder(tmp_path: Path) -> None:
+    """A default comparison takes minutes: an interrupted one was stuck (a rerun was refused
+    with advice to pass --resume, which compare-gradients did not have)."""
+    tiny = {
+        "seeds": 1, "epochs": 2, "methods": ("phantom", "jfb"), "memory_iters": (2, 3),
+        "cosine_batch": 8, "timing_rounds": 1, "train_subset": 64, "quiet": True,
+    }  # fmt: skip
+    part = CompareConfig(**tiny, run_dir=str(tmp_path / "part"))
+    first = _recipe_config(part, "phantom", 0, tmp_path / "part" / "runs" / "phantom-seed0")
+
+    def stop(epoch: int) -> None:
+        raise _Stop
+
+    with pytest.raises(_Stop):  # killed after the first run's first epoch
+        train(first, on_epoch_end=stop)
+    with pytest.raises(ConfigError, match="pass --resume to continue it"):
+        compare_gradients(part)
+    resumed = compare_gradients(dataclasses.replace(part, resume=True))
+    full = compare_gradients(CompareConfig(**tiny, run_dir=str(tmp_path / "full")))
+    for a, b in zip(resumed["runs"], full["runs"]):  # the resumed run is bitwise the same
+        assert (a["method"], a["test_acc"], a["cos_trained"]) == (
+            b["method"], b["test_acc"], b["cos_trained"]
+        )  # fmt: skip
+    with pytest.raises(ConfigError, match="already holds a finished comparison"):
+        compare_gradients(dataclasses.replace(part, resume=True))
+    with pytest.raises(ConfigError, match="holds no comparison to continue"):
+        compare_gradients(CompareConfig(**tiny, run_dir=str(tmp_path / "new"), resume=True))
+
+
+def test_comparison_checks_its_extras_before_writing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with pytest.raises(MissingExtraError, match="missing optional dependency tqdm"):
+        compare_gradients(CompareConfig(seeds=1, epochs=1, run_dir=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists()

@@ -191,7 +191,9 @@ def _is_main() -> bool:
 
 def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
+    from .runs import require_extras
 
+    require_extras("safetensors", "sklearn")  # the checkpoint and the test images
     ckpt = load_checkpoint(args.checkpoint)
     recipe = get_recipe(ckpt.recipe)
     overrides = {

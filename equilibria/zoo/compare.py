@@ -32,7 +32,8 @@ from torch import Tensor
 from .config import ConfigError, check_fields, check_range, option, to_dict
 from .digits import DigitsConfig, DigitsDEQ, batch_loss, build_model, load_data, train
 from .memory import PeakMemory
-from .runs import default_run_dir, read_json, write_json
+from .registry import get_recipe
+from .runs import RunFolder, default_run_dir, read_json, require_extras, write_json
 
 Method = Literal["implicit", "phantom", "neumann", "jfb", "unrolled"]
 METHOD_LABELS = {
@@ -61,6 +62,11 @@ class CompareConfig:
     train_subset: int = option(0, "train on the first N training images only (0 = all; tests)")
     threads: int = option(1, "torch CPU threads (0 = torch's default)")
     run_dir: str = option("", "output folder (default: runs/compare-gradients/<timestamp>)")
+    resume: bool = option(
+        False,
+        "continue an interrupted comparison in --run-dir: finished training runs are reused, an "
+        "interrupted one resumes from its checkpoint, the measurements are taken again",
+    )
     quiet: bool = option(False, "no progress bar; print only the table")
 
     def __post_init__(self) -> None:
@@ -73,19 +79,24 @@ class CompareConfig:
             raise ConfigError("CompareConfig: methods must name at least one backward method")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"CompareConfig: methods must be distinct, got {self.methods}")
+        if self.resume and not self.run_dir:
+            raise ConfigError("CompareConfig: resume needs run_dir (the comparison to continue)")
         if not self.memory_iters or min(self.memory_iters) < 1:
             raise ConfigError(
                 f"CompareConfig: memory_iters must be ints >= 1, got {self.memory_iters}"
             )
 
 
-def _recipe_config(config: CompareConfig, method: str, seed: int, run_dir: Path) -> DigitsConfig:
+def _recipe_config(
+    config: CompareConfig, method: str, seed: int, run_dir: Path, *, resume: bool = False
+) -> DigitsConfig:
     return DigitsConfig(
         backward=method,  # type: ignore[arg-type]
         seed=seed,
         epochs=config.epochs,
         threads=config.threads,
         run_dir=str(run_dir),
+        resume=resume,
         quiet=True,
         measure_memory=False,
         report=False,
@@ -180,6 +191,7 @@ def compare_gradients(config: CompareConfig) -> dict[str, Any]:
     """
     if not isinstance(config, CompareConfig):
         raise TypeError(f"config must be a CompareConfig, got {type(config).__name__}")
+    require_extras(*get_recipe("digits").extras)  # before anything is written
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -194,8 +206,17 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     root = Path(config.run_dir) if config.run_dir else default_run_dir("compare-gradients")
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--run-dir {root} is a file, not a folder; choose a folder")
     if (root / "compare.json").exists():
-        raise ConfigError(f"{root} already holds a comparison; choose another --run-dir")
+        raise ConfigError(f"{root} already holds a finished comparison; choose another --run-dir")
+    if config.resume and not (root / "runs").is_dir():
+        raise ConfigError(f"--resume: {root} holds no comparison to continue (no runs/ folder)")
+    if not config.resume and root.is_dir() and any(root.iterdir()):
+        raise ConfigError(
+            f"{root} already holds (part of) a comparison; pass --resume to continue it or "
+            "choose another --run-dir"
+        )
     root.mkdir(parents=True, exist_ok=True)
     x_train, y_train, _, _ = load_data()
     cos_images, cos_labels = x_train[: config.cosine_batch], y_train[: config.cosine_batch]
@@ -211,7 +232,9 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
             states: dict[str, dict[str, Tensor]] = {}
             for method in config.methods:
                 bar.set_postfix(seed=seed, method=method)
-                cfg = _recipe_config(config, method, seed, root / "runs" / f"{method}-seed{seed}")
+                run_dir = root / "runs" / f"{method}-seed{seed}"
+                started = config.resume and RunFolder(run_dir).holds_run()
+                cfg = _recipe_config(config, method, seed, run_dir, resume=started)
                 configs[method] = cfg
                 init_state = build_model(cfg).state_dict()
                 summary = train(cfg)
@@ -275,8 +298,6 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    from .runs import RunFolder
-
     return RunFolder(run_dir).read_metrics()
 
 

@@ -147,7 +147,12 @@ class RunFolder:
             resumable: whether the recipe has ``--resume`` (suggested in the error if so).
             holds: whether it does, as decided elsewhere (e.g. by rank 0 for every process);
                 ``None``: look.
+
+        Raises:
+            ConfigError: also if the path exists and is not a folder.
         """
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--run-dir {self.path} is a file, not a folder; choose a folder")
         if self.holds_run() if holds is None else holds:
             hint = "pass --resume to continue it or " if resumable else ""
             failed = self.failure()
