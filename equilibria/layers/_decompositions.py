@@ -314,8 +314,9 @@ def _nmf_updates_(x: Tensor, d: Tensor, ct: Tensor, dtx: Tensor, steps: int, eps
     faster than XᵀD (a transposed-operand GEMM), and every update stays contiguous.
 
     Args:
-        x: (B, d, n), non-negative; may have a lower precision than d and ct, in which case the two
-            big products DᵀX and XC run in x.dtype and the updates in d.dtype.
+        x: (B, d, n), non-negative; may have a lower precision than d and ct, in which case the
+            matrix products with an n-sized dimension (DᵀX, XC, and the r×r-by-n products DᵀD·Cᵀ
+            and CᵀC) run in x.dtype and the elementwise updates in d.dtype.
         d: (B, d, r) bases, updated in place.
         ct: (B, r, n) transposed coefficients, updated in place.
         dtx: (B, r, n) in x.dtype, holding DᵀX for the current D; used as workspace.
@@ -323,16 +324,18 @@ def _nmf_updates_(x: Tensor, d: Tensor, ct: Tensor, dtx: Tensor, steps: int, eps
         eps: added to denominators.
     """
     low = x.dtype != d.dtype
-    den = torch.empty_like(ct)  # (B, r, n)
+    den = torch.empty_like(ct if not low else dtx)  # (B, r, n)
     for step in range(steps):
         if step:
             torch.bmm((d.to(x.dtype) if low else d).mT, x, out=dtx)
         # C ← C ⊙ XᵀD ⊘ (C DᵀD + ε), transposed: Cᵀ ← Cᵀ ⊙ DᵀX ⊘ (DᵀD Cᵀ + ε)
-        torch.bmm(torch.bmm(d.mT, d), ct, out=den)
+        dtd = torch.bmm(d.mT, d)
+        torch.bmm(dtd.to(x.dtype), ct.to(x.dtype), out=den) if low else torch.bmm(dtd, ct, out=den)
         ct.mul_(dtx).div_(den.add_(eps))
         # D ← D ⊙ XC ⊘ (D CᵀC + ε); the denominator is (B, d, r), cheap next to XC
-        den_d = torch.bmm(d, torch.bmm(ct, ct.mT)).add_(eps)
-        d.mul_(torch.bmm(x, (ct.to(x.dtype) if low else ct).mT)).div_(den_d)
+        cs = ct.to(x.dtype) if low else ct
+        den_d = torch.bmm(d, torch.bmm(cs, cs.mT).to(d.dtype)).add_(eps)
+        d.mul_(torch.bmm(x, cs.mT)).div_(den_d)
 
 
 def _nmf_coef_update(x: Tensor, d: Tensor, c: Tensor, eps: float) -> Tensor:
