@@ -56,6 +56,7 @@ bench-all: bench
 	$(PY) benchmarks/compaction.py
 	$(PY) benchmarks/stabilisers.py
 	$(PY) benchmarks/hamburger.py
+	$(PY) benchmarks/hamburger_profile.py
 	$(PY) benchmarks/anderson_cost.py
 
 clean:
