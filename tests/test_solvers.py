@@ -547,9 +547,31 @@ def test_broyden_memory_does_not_grow_with_max_iter():
     seen = _RecordingBroyden.seen
     assert len(seen) == sol.nstep - 1 > 4  # the ring buffer wrapped around
     assert {s[0] for s in seen} == {s[1] for s in seen} == {(3, 4, 20)}
-    # every one of the `memory` slots is used before the restart, and never more
+    # every one of the `memory` slots is used before the restart, and never more; the restart
+    # keeps the latest secant pair as the first update of H = -I
     counts = [s[2].count for s in seen]
-    assert max(counts) == 4 and counts[:6] == [1, 2, 3, 4, 0, 1]
+    assert max(counts) == 4 and counts[:7] == [1, 2, 3, 4, 1, 2, 3]
+
+
+def test_broyden_restart_satisfies_the_latest_secant_condition():
+    """After a restart H = -I + u v^T must map the last residual change onto the last step,
+    H dg = dx (a bare -I, the old restart, took a Picard step and lost 4 iterations on the conv
+    benchmark)."""
+    p = Affine.make(batch=3, d=12, radius=0.9, seed=3, symmetric=False)
+    solver = Broyden(memory=3)
+    x = p.z0()
+    fx = p.f(x)
+    g = fx - x
+    state = solver.init(x, fx, g)
+    for _ in range(4):  # the 4th step finds the ring full and restarts
+        x_old, g_old = x, g
+        x, fx, g, state, *_ = solver.step(p.f, x, fx, g, state)
+    assert state.count == 1
+    dx, dg = x - x_old, g - g_old
+    u, v = state.us[:, 0], state.vs[:, 0]
+    h_dg = -dg + u * torch.linalg.vecdot(v, dg).unsqueeze(1)
+    torch.testing.assert_close(h_dg, dx)
+    torch.testing.assert_close(state.p, g - u * torch.linalg.vecdot(v, g).unsqueeze(1))
 
 
 # --- per-sample compaction ------------------------------------------------------------------

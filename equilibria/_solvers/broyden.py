@@ -3,7 +3,8 @@
 Notation of ALGORITHMS.md §1: the inverse Jacobian of g is approximated by H = -I + sum_i u_i v_i^T
 with at most M pairs, so memory does not grow with the iteration budget (the original DEQ code and
 TorchDEQ allocate max_iter pairs and multiply by all of them every step); when the M slots are used
-up the approximation restarts from H = -I. Step
+up the approximation restarts from H = -I, updated at once with the latest secant pair (a bare -I
+would throw away all curvature and take a Picard step). Step
 p = -H g; after a step dz with residual change dg:  v = H^T dz,  u = (dz - H dg) / (v^T dg), skipped
 per sample when the denominator vanishes. With H = -I the step is exactly a Picard step.
 
@@ -31,7 +32,7 @@ _SKIP = 1e-10
 class BroydenState(NamedTuple):
     us: Tensor  # (B, M, D)  u_i
     vs: Tensor  # (B, M, D)  v_i
-    count: int  # pairs stored (at most M; the update after the M-th triggers a restart)
+    count: int  # pairs stored (at most M; the update after the M-th restarts with one pair)
     p: Tensor  # (B, D)  the next step, -H g
 
 
@@ -43,7 +44,8 @@ class Broyden(Solver):
     the root is isolated; the memory is ``memory`` pairs of (B, D) vectors whatever the budget.
 
     Args:
-        memory: number of rank-one updates kept before the approximation restarts from -I, >= 2.
+        memory: number of rank-one updates kept before the approximation restarts from -I
+            (with the latest update applied to it), >= 2.
         line_search: backtrack the step per sample (Armijo condition on ||g||) when it does not
             decrease the residual; costs extra map evaluations, reported in ``Solution.nfev``.
         max_backtracks: halvings of the step tried by the line search, >= 1.
@@ -80,15 +82,17 @@ class Broyden(Solver):
             g_new = fx_new - x_new
             nfev = 1
         if state.count >= self.memory:
-            # The ring is full: restart from H = -I. (Dropping only the oldest pair is not sound:
+            # The ring is full: restart from H = -I, for which -H g = g, and apply this step's
+            # secant pair to it as its first update. (Dropping only the oldest pair is not sound:
             # every later pair was computed relative to an H that contained it, and the iteration
             # measurably diverges that way.)
-            return Step(x_new, fx_new, g_new, BroydenState(state.us, state.vs, 0, g_new), nfev)
-        n = state.count  # < memory
+            n, minus_h_g = 0, g
+        else:
+            n, minus_h_g = state.count, p
         us, vs = state.us[:, :n], state.vs[:, :n]  # (B, n, D)
         dx, dg = x_new - x, g_new - g
         h_g = _combine(us, _dots(vs, g_new)) - g_new if n else -g_new  # H g_new
-        h_dg = h_g + p  # H dg, since H g = -p
+        h_dg = h_g + minus_h_g  # H dg = H g_new - H g
         v = _combine(vs, _dots(us, dx)) - dx if n else -dx  # H^T dx
         denom = torch.linalg.vecdot(v, dg).unsqueeze(1)  # (B, 1)
         scale = torch.linalg.vector_norm(v, dim=1, keepdim=True) * torch.linalg.vector_norm(
@@ -98,10 +102,7 @@ class Broyden(Solver):
         u = torch.where(keep, (dx - h_dg) / torch.where(keep, denom, 1.0), 0.0)
         # next step p' = -H' g_new with H' = H + u v^T
         p_next = -torch.addcmul(h_g, u, torch.linalg.vecdot(v, g_new).unsqueeze(1))
-        slot = state.count
-        state = BroydenState(
-            write_slot(state.us, slot, u), write_slot(state.vs, slot, v), state.count + 1, p_next
-        )
+        state = BroydenState(write_slot(state.us, n, u), write_slot(state.vs, n, v), n + 1, p_next)
         return Step(x_new, fx_new, g_new, state, nfev)
 
     def _search(self, fn: Map, x: Tensor, g: Tensor, p: Tensor) -> tuple[Tensor, ...]:
