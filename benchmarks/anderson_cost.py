@@ -15,6 +15,7 @@ Run: ``python benchmarks/anderson_cost.py``; writes ``benchmarks/results/anderso
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Any
@@ -105,7 +106,8 @@ def fused_update() -> dict[str, float]:
     return {"eager_us": eager, "inductor_us": fused, "compile_s": compile_s}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     tanh = per_iteration_tanh()
     print(
         f"tanh map: one call {tanh['map_us']:.0f} us; per iteration: Picard "

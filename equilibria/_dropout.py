@@ -30,7 +30,8 @@ def batch_index(index: Tensor | None) -> Iterator[None]:
 
     :class:`equilibria.DEQ` does this under compaction. With the functional
     ``fixed_point(f, z0, compact=True)`` and a cell containing :class:`VariationalDropout`, wrap the
-    cell call: ``def f(z, index): with eq.batch_index(index): return cell(z, x[index])``.
+    cell call (``index`` is None for the whole batch): ``def f(z, index): with
+    eq.batch_index(index): return cell(z, x if index is None else x[index])``.
     """
     token = _BATCH_INDEX.set(index)
     try:

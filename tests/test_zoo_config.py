@@ -138,6 +138,16 @@ def test_cli_help_lists_recipes_and_options(capsys: pytest.CaptureFixture[str]) 
     assert "--methods" in capsys.readouterr().out
     assert main(["recipes"]) == 0
     assert "digits" in capsys.readouterr().out
+    # without a recipe: the recipe list (argparse rejected --help there, exit 2)
+    for command in ("train", "compare-gradients"):
+        for flag in ("--help", "-h"):
+            assert main([command, flag]) == 0
+            out = capsys.readouterr().out
+            assert "digits" in out and "mosaic" in out and f"{command} RECIPE --help" in out
+    # an option whose help names its effective default gets no second, literal one
+    assert main(["train", "digits", "--help"]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "(default: runs/digits/<timestamp>)" in flat and "(default: '')" not in flat
 
 
 def test_every_option_has_help() -> None:

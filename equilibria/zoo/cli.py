@@ -225,6 +225,11 @@ def _compare(recipe: Recipe, options: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``equilibria`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 2 and argv[0] in ("train", "compare-gradients") and argv[1] in ("-h", "--help"):
+        print(f"usage: {PROG} {argv[0]} RECIPE [options]\n\nrecipes:")
+        print(_recipe_table())
+        print(f"\n`{PROG} {argv[0]} RECIPE --help` lists a recipe's options.")
+        return 0
     parser = _top_parser()
     args = parser.parse_args(argv)
     try:

@@ -226,7 +226,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             else:
                 kwargs["type"] = _converter(f.name, item)
                 kwargs["metavar"] = type_name(item).upper()
-            help_text += f" (default: {_show(f.default)})"
+            if "(default" not in help_text:  # unless the help names the effective default
+                help_text += f" (default: {_show(f.default)})"
         kwargs["help"] = help_text.replace("%", "%%")
         parser.add_argument(flag, **kwargs)
 
