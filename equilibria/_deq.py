@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._backward import Backward, Implicit, resolve_backward
-from ._dropout import batch_index, reset_dropout
+from ._dropout import batch_index, own_batch, reset_dropout
 from ._fixed_point import (
     StopNorm,
     _check_options,
@@ -198,7 +198,9 @@ class DEQ(nn.Module):
             with batch_index(index):
                 return self.cell(z, index_batch(x, index, batch))
 
-        with norm_cache(cell):
+        # this DEQ inside another DEQ's compacting cell: its cell sees this DEQ's own batch,
+        # not the outer batch index (its dropout would take its rows from the wrong mask)
+        with own_batch(), norm_cache(cell):
             if states is not None:
                 zs, sol = fixed_point_states(
                     f,
@@ -258,9 +260,9 @@ class DEQ(nn.Module):
         return spec.unflatten(flat)
 
     def _store(self, sol: Solution, keys: list[int]) -> None:
-        flat = StateSpec.of(sol.value, "value").flatten(sol.value).detach().clone()
+        flat = StateSpec.of(sol.value, "value").flatten(sol.value).detach()
         for key, row in zip(keys, flat.unbind(0)):
-            self._state_cache[key] = row
+            self._state_cache[key] = row.clone()  # its own storage: a view would keep the batch
         if isinstance(self.backward, Implicit) and self.training:
             initial = torch.full_like(flat, float("nan"))
             for row, key in enumerate(keys):
@@ -277,8 +279,8 @@ class DEQ(nn.Module):
         self._pending = None
         adjoint = sol.backward.solution
         if adjoint is not None:
-            for key, row in zip(keys, adjoint.value.detach().clone().unbind(0)):
-                self._adjoint_cache[key] = row
+            for key, row in zip(keys, adjoint.value.detach().unbind(0)):
+                self._adjoint_cache[key] = row.clone()
 
     def extra_repr(self) -> str:
         return (

@@ -110,8 +110,11 @@ def gradient_agreement(
 
     Both losses start from the same state of torch's global random number generator (the CPU
     one and those of the parameters' CUDA devices), so a model in training mode draws the same
-    dropout masks and random initial bases for both and the comparison measures the gradients
-    alone; explicit ``torch.Generator`` objects of your own are not reset.
+    dropout masks and random initial bases for both; explicit ``torch.Generator`` objects of your
+    own are not reset. Buffers that a training-mode forward updates (spectral norm's power
+    iteration vectors, batch-norm statistics) still advance between the two losses, so the second
+    gradient is taken at slightly different weights: for an exact comparison of such a model, call
+    it in eval mode.
 
     Returns:
         A :class:`GradientAgreement`.

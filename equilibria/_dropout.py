@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,12 @@ def batch_index(index: Tensor | None) -> Iterator[None]:
         yield
     finally:
         _BATCH_INDEX.reset(token)
+
+
+def own_batch() -> AbstractContextManager[None]:
+    """Clear an enclosing :func:`batch_index` (a DEQ running inside another DEQ's cell); a no-op
+    context, cheap under ``torch.compile``, when none is set."""
+    return batch_index(None) if _BATCH_INDEX.get() is not None else nullcontext()
 
 
 class VariationalDropout(nn.Module):
@@ -108,6 +114,13 @@ class VariationalDropout(nn.Module):
             mask = self._draw(x)
             self.mask = mask
         if index is not None:
+            if x.shape[0] != index.numel() or mask.shape[0] <= int(index.max()):
+                raise RuntimeError(
+                    "VariationalDropout under per-sample compaction needs one row per sample: "
+                    f"the DEQ passes {index.numel()} samples, but the input has shape "
+                    f"{tuple(x.shape)} (mask drawn for {mask.shape[0]} rows); apply it before "
+                    "folding other dimensions into the batch dimension, or use compact=False"
+                )
             mask = mask.index_select(0, index)
         return x * mask.to(x.dtype)
 

@@ -6,6 +6,7 @@ method (ALGORITHMS.md §2) so that gradients reach every parameter and tensor ``
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -35,6 +36,24 @@ def _check_options(tol: Any, max_iter: Any, stop: Any, warn_unconverged: Any) ->
 def _check_callable(f: Any) -> None:
     if not callable(f):
         raise TypeError(f"f must be callable (a map z -> f(z)), got {type(f).__name__}")
+
+
+# not traced: dynamo would guard on the signature of f, a new closure at every DEQ call, and
+# recompile the surrounding module at every call
+@torch.compiler.disable
+def _check_takes_index(f: Any, compact: bool) -> None:
+    """Under compaction ``f`` must accept ``f(z, index)``."""
+    if compact:
+        try:
+            inspect.signature(f).bind(None, None)
+        except TypeError:
+            raise TypeError(
+                "with compact=True, f is called as f(z, index) (index: the positions in the full "
+                "batch of the rows of z, None for the whole batch), but f takes no second "
+                "argument"
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): the call will tell
+            pass
 
 
 def _to_solution(
@@ -129,6 +148,7 @@ def solve(
     solver = resolve_solver(solver)
     _check_options(tol, max_iter, stop, warn_unconverged)
     check_bool("compact", compact)
+    _check_takes_index(f, compact)
     fn = spec.flat_map(f)
     with torch.no_grad():
         it = iterate(
@@ -191,6 +211,7 @@ def fixed_point(
     backward = resolve_backward(backward)
     _check_options(tol, max_iter, stop, warn_unconverged)
     check_compact(compact, backward)
+    _check_takes_index(f, compact)
     fn = spec.flat_map(f)
     x0 = spec.flatten(z0)
     if isinstance(backward, Unrolled) and torch.is_grad_enabled():
@@ -459,7 +480,12 @@ def correction_loss(losses: Sequence[Tensor], gamma: float = 0.8) -> Tensor:
         gamma: decay in (0, 1].
     """
     check_float("gamma", gamma, low=0.0, high=1.0)
-    if isinstance(losses, Tensor) or len(losses) == 0:
+    if not isinstance(losses, Sequence) or isinstance(losses, str):
+        raise TypeError(
+            "losses must be a list or tuple of scalar tensors, one per state, got "
+            f"{type(losses).__name__}"
+        )
+    if len(losses) == 0:
         raise ValueError("losses must be a non-empty sequence of scalar tensors, one per state")
     for i, loss in enumerate(losses):
         if not (isinstance(loss, Tensor) and loss.dim() == 0):

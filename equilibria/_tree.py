@@ -228,11 +228,13 @@ def index_batch(x: Any, index: Tensor, batch: int) -> Any:
 
     A tensor is batch-first when its first dimension has the full batch size ``batch``; other
     tensors (scalars, shared vectors) and non-tensor leaves are passed through unchanged.
+    NamedTuples keep their class; other mappings come back as plain dicts.
     """
     if isinstance(x, Tensor):
         return x.index_select(0, index) if x.dim() and x.shape[0] == batch else x
     if isinstance(x, tuple):
-        return tuple(index_batch(v, index, batch) for v in x)
+        rows = [index_batch(v, index, batch) for v in x]
+        return type(x)(*rows) if hasattr(x, "_fields") else tuple(rows)  # NamedTuples stay
     if isinstance(x, list):
         return [index_batch(v, index, batch) for v in x]
     if isinstance(x, Mapping):

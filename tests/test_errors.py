@@ -410,9 +410,27 @@ BAD_INPUTS = [
     ),
     pytest.param(
         lambda: eq.correction_loss(torch.ones(3)),
-        ValueError,
-        "losses must be a non-empty sequence",
+        TypeError,
+        "losses must be a list or tuple of scalar tensors, one per state, got Tensor",
         id="losses-tensor",
+    ),
+    pytest.param(
+        lambda: eq.correction_loss(torch.ones(()) for _ in range(2)),
+        TypeError,
+        "losses must be a list or tuple of scalar tensors, one per state, got generator",
+        id="losses-generator",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point(lambda z: 0.5 * z, Z, compact=True),
+        TypeError,
+        "with compact=True, f is called as f(z, index)",
+        id="compact-one-argument-f",
+    ),
+    pytest.param(
+        lambda: eq.solve(lambda z: 0.5 * z, Z, compact=True),
+        TypeError,
+        "but f takes no second argument",
+        id="compact-one-argument-f-solve",
     ),
     pytest.param(
         lambda: eq.fixed_point_states(f, Z, 3, backward="implicit"),

@@ -9,6 +9,7 @@ that every batch-first tensor of its input matches the state's batch.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -459,3 +460,90 @@ def test_compaction_leaves_non_batch_tensors_of_the_input_alone(shared):
     full = _layer(cell)((x, shared)).detach()
     z = _layer(cell, compact=True)((x, shared)).detach()
     torch.testing.assert_close(z, full, rtol=1e-9, atol=1e-9)
+
+
+# --- review findings: folded dropout rows, NamedTuple inputs, nested DEQs, cache memory ---------
+
+
+def test_dropout_on_rows_folded_into_the_batch_is_a_clear_error_under_compaction():
+    """A cell that applies dropout to (B*T, C) token rows: under compaction the mask rows were
+    picked by sample position (a silently different function with one hard sample left, a
+    broadcasting error with two)."""
+    torch.manual_seed(0)
+    lin, drop = nn.Linear(5, 5, dtype=F64), eq.VariationalDropout(0.5)
+
+    def cell(z, x):
+        b = z.shape[0]
+        return torch.tanh(0.5 * drop(lin(z).reshape(b * 3, 5)).reshape(b, 3, 5) + x)
+
+    x = torch.randn(4, 3, 5, dtype=F64)
+    x[:3] *= 1e4  # three samples converge at once, one stays
+    eq.DEQ(cell, tol=1e-12, max_iter=200)(x)  # without compaction: fine
+    with pytest.raises(RuntimeError, match=r"needs one row per sample.*shape \(3, 5\)"):
+        eq.DEQ(cell, compact=True, tol=1e-12, max_iter=200)(x)
+
+
+class _Inputs(NamedTuple):
+    feats: torch.Tensor
+    scale: torch.Tensor
+
+
+def test_compaction_keeps_named_tuple_inputs():
+    lin = nn.Linear(4, 4, dtype=F64)
+    g = gen(2)
+    scale = torch.ones(6, 1, dtype=F64)
+    scale[5] = 3.0  # one slow sample, so compaction drops the others
+    x = _Inputs(torch.randn(6, 4, generator=g, dtype=F64), scale)
+
+    def cell(z, x):
+        return torch.tanh(0.5 * lin(z) * x.scale + x.feats)  # attribute access: needs the class
+
+    outs = []
+    for compact in (False, True):
+        layer = eq.DEQ(cell, compact=compact, init=lambda x: torch.zeros_like(x.feats), **TIGHT)
+        outs.append(layer(x).detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-9)
+
+
+class _InnerCell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.drop = nn.Linear(4, 4, dtype=F64), eq.VariationalDropout(0.2)
+
+    def forward(self, h, u):
+        return torch.tanh(0.5 * self.drop(self.lin(h)) + u)
+
+
+class _OuterCell(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = eq.DEQ(_InnerCell(), tol=1e-10, max_iter=100)  # resets its dropout per call
+        self.lin = nn.Linear(4, 4, dtype=F64)
+
+    def forward(self, z, x):
+        return torch.tanh(0.5 * self.lin(self.inner(z + x)) + x)
+
+
+def test_a_deq_inside_a_compacting_deq_sees_its_own_whole_batch():
+    """The outer compaction index leaked into the inner DEQ's dropout (it raised 'no mask for
+    the full batch')."""
+    torch.manual_seed(0)
+    outer = eq.DEQ(_OuterCell(), compact=True, tol=1e-8, max_iter=60)
+    x = torch.randn(6, 4, dtype=F64)
+    x[:4] *= 50
+    z = outer(x)
+    z.sum().backward()
+    assert bool(torch.isfinite(outer.cell.inner.cell.lin.weight.grad).all())
+    assert int(outer.last_solution.converged.sum()) >= 4  # compaction dropped samples
+
+
+def test_warm_start_cache_holds_one_row_per_id():
+    """The cached rows were views of the whole batch, keeping B times the documented memory."""
+    lin = nn.Linear(16, 16)
+    layer = eq.DEQ(lambda z, x: torch.tanh(0.3 * lin(z) + x), tol=1e-3, max_iter=20)
+    frames = torch.randn(40, 16)
+    for t in range(0, 24, 4):
+        loss(layer(frames[t : t + 16], cache_key=list(range(t, t + 16)))).backward()
+    for cache in (layer._state_cache, layer._adjoint_cache):
+        assert cache
+        assert all(row.untyped_storage().nbytes() == 16 * 4 for row in cache.values())
