@@ -69,7 +69,9 @@ def _to_solution(
         residual=residual,
         converged=torch.from_numpy(it.residual < tol).to(value.device),
         trace=torch.tensor(it.trace, dtype=torch.float64, device="cpu"),
-        residuals=torch.from_numpy(np.stack(it.residuals)),
+        residuals=torch.from_numpy(
+            np.stack(it.residuals) if it.residuals else np.zeros((0, len(it.residual)))
+        ),
         evaluations=it.evaluations,
         stop=stop,
         tol=tol,
@@ -108,7 +110,8 @@ def solve(
     Args:
         f: the map; takes and returns a state with the structure of ``z0``.
         z0: initial state: a batch-first tensor, or a tuple or dict of them (same batch size,
-            dtype and device). Every sample is solved independently.
+            dtype and device). Every sample is solved independently. An empty batch (size 0)
+            returns at once: no map call, ``nstep`` 0, status converged.
         solver: a registered name (``"picard"``, ``"anderson"``, ``"broyden"``) or a solver object
             such as ``eq.Anderson(m=6)``.
         tol: a sample stops when its residual falls below ``tol``; ``0`` runs the whole budget
@@ -181,7 +184,8 @@ def fixed_point(
     Args:
         f: the map; takes and returns a state with the structure of ``z0``.
         z0: initial state (batch-first tensor, tuple or dict of tensors). No gradient flows to it
-            except with ``backward="unrolled"``.
+            except with ``backward="unrolled"``. An empty batch is passed through (one map call
+            on it under grad mode, so the output is part of the graph, as a layer's would be).
         solver: forward solver, name or object.
         backward: backward method, name (``"implicit"``, ``"phantom"``, ``"neumann"``, ``"jfb"``,
             ``"unrolled"``) or object such as ``eq.Phantom(steps=5, damping=0.5)``.
@@ -218,7 +222,7 @@ def fixed_point(
         it = iterate(fn, x0, solver, tol=tol, max_iter=max_iter, stop=stop)
         sol = _to_solution(it, spec, solver, stop, tol, it.value.detach())
         sol.backward.method = backward.name
-        z = it.value
+        z = it.value if len(it.residual) else fn(x0)  # an empty batch: still a graph, like a layer
     else:
         with torch.no_grad():
             it = iterate(
@@ -463,7 +467,7 @@ def fixed_point_states(
             keep_trajectory=True,
         )
     sol = _to_solution(it, spec, solver, stop, tol, it.value)
-    trajectory = it.trajectory or []
+    trajectory = it.trajectory or [it.value]  # an empty batch has no iterates
     picks = [trajectory[max(0, round((i + 1) * it.nstep / n) - 1)] for i in range(n - 1)]
     picks.append(it.value)
     if not torch.is_grad_enabled():  # copies: the picks can be sol.value, z0 or each other

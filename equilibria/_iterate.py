@@ -150,6 +150,9 @@ def iterate(
     Under ``torch.autocast`` the map runs with autocast on, while the solver's own arithmetic
     (mixing, Gram matrices, norms) runs with autocast off, in the state's dtype or better.
     """
+    if x0.shape[0] == 0:  # an empty batch (as torch layers accept): nothing to solve, no map call
+        return Iteration(x0.clone(), np.zeros(0), Status.CONVERGED, 0, 0, [], [],
+                         [] if keep_trajectory else None, 0)  # fmt: skip
     device_type = x0.device.type
     autocast_ctx = nullcontext()
     if torch.is_autocast_enabled(device_type):

@@ -93,7 +93,7 @@ class Solution:
     def __repr__(self) -> str:
         return (
             f"Solution(status={self.status.value}, nstep={self.nstep}, nfev={self.nfev}, "
-            f"max_residual={float(self.residual.max()):.3e}, "
+            f"max_residual={_largest(self.residual):.3e}, "
             f"converged={int(self.converged.sum())}/{self.converged.numel()}, stop={self.stop!r}, "
             f"tol={self.tol:g}, solver={self.solver!r}, backward={self.backward!r})"
         )
@@ -159,5 +159,10 @@ class BackwardInfo:
         s = self.solution
         return (
             f"BackwardInfo(method={self.method!r}, calls={self.calls}, nstep={s.nstep}, "
-            f"max_residual={float(s.residual.max()):.3e}, status={s.status.value})"
+            f"max_residual={_largest(s.residual):.3e}, status={s.status.value})"
         )
+
+
+def _largest(residual: Tensor) -> float:
+    """The largest residual, 0 for an empty batch."""
+    return float(residual.max()) if residual.numel() else 0.0

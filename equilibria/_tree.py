@@ -69,9 +69,9 @@ class StateSpec:
                 raise TypeError(f"{where} must be a tensor, got {type(leaf).__name__}")
             if not leaf.is_floating_point():
                 raise TypeError(f"{where} must have a floating dtype, got {leaf.dtype}")
-            if leaf.dim() < 1 or leaf.shape[0] < 1:
+            if leaf.dim() < 1:
                 raise ValueError(
-                    f"{where} must be batch-first with at least one sample, "
+                    f"{where} must be batch-first (at least one dimension, the batch), "
                     f"got shape {tuple(leaf.shape)}"
                 )
         first = leaves[0]
@@ -90,7 +90,7 @@ class StateSpec:
             kind=kind,
             keys=keys,
             shapes=tuple(leaf.shape for leaf in leaves),
-            sizes=tuple(leaf[0].numel() for leaf in leaves),
+            sizes=tuple(leaf.shape[1:].numel() for leaf in leaves),
             dtype=first.dtype,
             device=first.device,
             tuple_type=type(z) if kind == "tuple" and hasattr(z, "_fields") else None,
@@ -106,8 +106,9 @@ class StateSpec:
     def flatten(self, z: Any) -> Tensor:
         """(B, D) view (single tensor) or concatenation (several tensors) of ``z``."""
         if self.kind == "tensor":
-            return z.reshape(z.shape[0], -1)
-        return torch.cat([leaf.reshape(leaf.shape[0], -1) for leaf in self.leaves(z)], dim=1)
+            return z.reshape(z.shape[0], self.sizes[0])  # not -1: ambiguous for an empty batch
+        leaves = zip(self.leaves(z), self.sizes)
+        return torch.cat([leaf.reshape(leaf.shape[0], size) for leaf, size in leaves], dim=1)
 
     def unflatten(self, flat: Tensor) -> Any:
         """Inverse of :meth:`flatten`; the batch size is taken from ``flat``."""
@@ -198,7 +199,7 @@ class StateSpec:
         Extra positional arguments (the sample index under compaction) are passed through to ``f``.
         """
         if self.kind == "tensor":
-            tail = self.shapes[0][1:]
+            tail, size = self.shapes[0][1:], self.sizes[0]
             dtype, device = self.dtype, self.device
 
             def flat_tensor(x: Tensor, *extra: Any) -> Tensor:
@@ -212,7 +213,7 @@ class StateSpec:
                     and out.device == device
                 ):
                     out = self.check_output(out, b, name)
-                return out.reshape(b, -1)
+                return out.reshape(b, size)
 
             return flat_tensor
 

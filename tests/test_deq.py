@@ -476,3 +476,28 @@ def test_tree_outputs_can_be_modified_in_place(kind, backward):
         grads.append(torch.autograd.grad(_loss(h), [*cell.parameters(), x]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("backward", "compact"),
+    [(b, c) for b in BACKWARD_NAMES for c in (False, True) if not (c and b == "unrolled")],
+)
+def test_an_empty_batch_passes_through_like_a_torch_layer(backward, compact):
+    """ROI heads and masked batches produce zero-size batches at run time; torch layers pass
+    them through, and the DEQ refused them."""
+    cell = Cell()
+    x = _x(batch=0)
+    layer = eq.DEQ(cell, init=_init, backward=backward, compact=compact)
+    z = layer(x)
+    assert z.shape == (0, 5) and z.requires_grad
+    sol = layer.last_solution
+    assert sol.status is eq.Status.CONVERGED and sol.nstep == 0 and sol.all_converged
+    assert sol.residual.shape == sol.converged.shape == (0,) and sol.residuals.shape == (0, 0)
+    assert "converged=0/0" in repr(sol)
+    grads = torch.autograd.grad(z.sum(), [*cell.parameters(), x], allow_unused=True)
+    assert all(g is None or not bool(g.any()) for g in grads)
+    states = eq.DEQ(cell, init=_init, backward="phantom")(x, states=3)
+    assert [s.shape for s in states] == [(0, 5)] * 3
+    empty = (torch.zeros(0, 2, dtype=F64), torch.zeros(0, 3, 2, dtype=F64))
+    sol = eq.solve(lambda z: (0.5 * z[0], 0.5 * z[1]), empty)
+    assert [tuple(v.shape) for v in sol.value] == [(0, 2), (0, 3, 2)]
