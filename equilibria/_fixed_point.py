@@ -184,8 +184,9 @@ def fixed_point(
     Args:
         f: the map; takes and returns a state with the structure of ``z0``.
         z0: initial state (batch-first tensor, tuple or dict of tensors). No gradient flows to it
-            except with ``backward="unrolled"``. An empty batch is passed through (one map call
-            on it under grad mode, so the output is part of the graph, as a layer's would be).
+            except with ``backward="unrolled"``. An empty batch is passed through without a solve;
+            under grad mode the backward method's differentiable map calls still run on it, so
+            the output is part of the graph, as a layer's would be.
         solver: forward solver, name or object.
         backward: backward method, name (``"implicit"``, ``"phantom"``, ``"neumann"``, ``"jfb"``,
             ``"unrolled"``) or object such as ``eq.Phantom(steps=5, damping=0.5)``.
