@@ -144,6 +144,10 @@ def test_cli_help_lists_recipes_and_options(capsys: pytest.CaptureFixture[str]) 
             assert main([command, flag]) == 0
             out = capsys.readouterr().out
             assert "digits" in out and "mosaic" in out and f"{command} RECIPE --help" in out
+    assert main(["train"]) == 2  # no recipe: the same list, as an error
+    assert "recipes:" in capsys.readouterr().out
+    assert main(["train", "--help", "digits"]) == 0  # the recipe's options, not a training run
+    assert "--backward" in capsys.readouterr().out
     # an option whose help names its effective default gets no second, literal one
     assert main(["train", "digits", "--help"]) == 0
     flat = " ".join(capsys.readouterr().out.split())

@@ -45,6 +45,7 @@ def _top_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="train a recipe; writes a run folder", add_help=False)
+    train.add_argument("-h", "--help", action="store_true", help="list the recipes")
     train.add_argument("recipe", nargs="?", help=f"one of: {', '.join(RECIPES)}")
     train.add_argument("options", nargs=argparse.REMAINDER)
     ev = sub.add_parser("eval", help="evaluate a checkpoint (model rebuilt from its config)")
@@ -56,6 +57,7 @@ def _top_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser(
         "compare-gradients", help="train with every backward method; one table", add_help=False
     )
+    cmp.add_argument("-h", "--help", action="store_true", help="list the recipes")
     cmp.add_argument("recipe", nargs="?")
     cmp.add_argument("options", nargs=argparse.REMAINDER)
     demo = sub.add_parser("demo", help="train the digits DEQ with a phantom gradient (make demo)")
@@ -225,11 +227,6 @@ def _compare(recipe: Recipe, options: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``equilibria`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 2 and argv[0] in ("train", "compare-gradients") and argv[1] in ("-h", "--help"):
-        print(f"usage: {PROG} {argv[0]} RECIPE [options]\n\nrecipes:")
-        print(_recipe_table())
-        print(f"\n`{PROG} {argv[0]} RECIPE --help` lists a recipe's options.")
-        return 0
     parser = _top_parser()
     args = parser.parse_args(argv)
     try:
@@ -240,14 +237,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_recipe_table())
             return 0
         if args.command in ("train", "compare-gradients"):
-            if args.recipe in (None, "-h", "--help"):
+            if args.recipe is None:  # the recipe list: asked for (--help) or missing
                 print(f"usage: {PROG} {args.command} RECIPE [options]\n\nrecipes:")
                 print(_recipe_table())
-                return 0 if args.recipe else 2
+                print(f"\n`{PROG} {args.command} RECIPE --help` lists a recipe's options.")
+                return 0 if args.help else 2
             recipe = get_recipe(args.recipe)
+            options = ["--help"] if args.help else args.options  # `train --help digits` too
             if args.command == "train":
-                return _train(recipe, args.options)
-            return _compare(recipe, args.options)
+                return _train(recipe, options)
+            return _compare(recipe, options)
         if args.command == "eval":
             return _eval(args)
         if args.command == "demo":

@@ -521,9 +521,10 @@ def _check_restorable(ckpt: Checkpoint, config: DigitsConfig) -> None:
     optimizer = make_optimizer(model, config)
     try:
         model.load_state_dict(ckpt.model)
-        assert ckpt.optimizer is not None
+        if ckpt.optimizer is None:
+            raise ValueError("the checkpoint holds no optimizer state")
         optimizer.load_state_dict(ckpt.optimizer)
-    except (AssertionError, KeyError, RuntimeError, TypeError, ValueError) as e:
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"{ckpt.path}: its state cannot be restored into the model and optimizer of its "
             f"configuration ({type(e).__name__}: {e}); resume from an intact checkpoint or "
