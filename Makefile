@@ -58,6 +58,7 @@ bench-all: bench
 	$(PY) benchmarks/hamburger.py
 	$(PY) benchmarks/hamburger_profile.py
 	$(PY) benchmarks/anderson_cost.py
+	$(PY) benchmarks/broyden_scales.py
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build *.egg-info .pytest_cache .ruff_cache
