@@ -966,10 +966,22 @@ def test_reset_parameters_redraws_the_online_bases(ham):
     torch.testing.assert_close(block.running_var, torch.ones(8), rtol=0, atol=0)
 
 
-def test_a_generator_on_another_device_draws_there_and_moves():
-    # ("meta" stands in for a GPU: CPU CI has none; tests/test_cuda.py compares the values)
+def test_a_generator_on_another_device_draws_there_and_moves(monkeypatch):
+    # ("meta" stands in for a GPU: CPU CI has none; tests/test_cuda.py compares the values.)
+    # torch accepts a CPU generator for a meta draw, so the result's device alone cannot tell:
+    # record where the draw itself happened.
+    devices = []
+    for name in ("rand", "randn"):
+        real = getattr(torch, name)
+
+        def spy(*args, real=real, **kwargs):
+            devices.append(torch.device(kwargs.get("device") or "cpu").type)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
     bases = random_bases(2, 6, 3, generator=torch.Generator().manual_seed(1), device="meta")
     assert bases.device.type == "meta" and bases.shape == (2, 6, 3)
+    assert devices == ["cpu"]  # drawn where the generator lives, then moved
 
 
 @pytest.mark.parametrize("ham", HAMS)
