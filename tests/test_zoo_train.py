@@ -339,8 +339,10 @@ def test_mosaic_through_the_cli(
     assert "--resume" not in err  # mosaic has no --resume
     assert main(["train", "mosaic", "--run-dir="]) == 2
     assert "--run-dir needs a folder" in capsys.readouterr().err
-    assert main(["train", "mosaic", *MOSAIC_TINY, "--run-dir", "a", "--run-dir=b"]) == 2
-    assert "--run-dir given 2 times; give one folder" in capsys.readouterr().err
+    for recipe in ("mosaic", "digits"):  # digits kept the last one silently
+        assert main(["train", recipe, "--run-dir", "a", "--run-dir=b"]) == 2
+        assert "--run-dir given 2 times; give one folder" in capsys.readouterr().err
+    assert not (Path("a").exists() or Path("b").exists())
     # several torchrun processes: refused before anything is written
     monkeypatch.setenv("WORLD_SIZE", "2")
     other = tmp_path / "ddp"
@@ -441,3 +443,43 @@ def test_cli_errors_instead_of_tracebacks(
     monkeypatch.setitem(sys.modules, "sklearn", None)
     assert main(["eval", str(tmp_path / "nothing")]) == 1
     assert "missing optional dependency sklearn" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda m: m["rng"]["python"][1].__setitem__(0, 2**70), "RNG states cannot be restored"),
+        (lambda m: m["config"].__setitem__("width", 64), "do not fit the model of its saved"),
+        (lambda m: m["config"].__setitem__("width", "wide"), "its saved config is not valid"),
+    ],
+    ids=["rng-overflow", "config-vs-tensors", "config-type"],
+)
+def test_damaged_checkpoint_metadata_is_a_checkpoint_error_in_eval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], edit: Any, fragment: str
+) -> None:
+    """Metadata is outside the tensors' SHA-256: these were an OverflowError traceback, a
+    load_state_dict size-mismatch traceback, and a config error that did not name the file."""
+    train(DigitsConfig(**{**TINY, "epochs": 1}, run_dir=str(tmp_path / "run")))
+    path = tmp_path / "run" / "checkpoint.safetensors"
+    _edit_checkpoint_meta(path, edit)
+    assert main(["eval", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and fragment in err
+
+
+def test_a_failing_report_keeps_the_finished_runs_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing the report after training replaced summary.json with a 'failed' record."""
+    from equilibria.zoo import report
+    from equilibria.zoo.runs import ReportFailedError
+
+    def no_space(run_dir: Any) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", no_space)
+    config = DigitsConfig(**{**TINY, "epochs": 1, "report": True}, run_dir=str(tmp_path / "run"))
+    with pytest.raises(ReportFailedError, match="equilibria report"):
+        train(config)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "status" not in summary and summary["test_acc"] > 0

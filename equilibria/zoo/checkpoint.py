@@ -261,7 +261,7 @@ def _check_rng(rng: dict[str, Any], path: Path) -> None:
         np.random.RandomState().set_state((kind, keys, pos, has_gauss, cached))
         version, state, gauss = rng["python"]
         random.Random().setstate((version, tuple(state), gauss))
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # huge ints: Overflow
         raise CheckpointError(
             f"{path}: corrupted checkpoint: its RNG states cannot be restored "
             f"({type(e).__name__}: {e})"[:300]

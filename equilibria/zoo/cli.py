@@ -143,6 +143,9 @@ def _train(recipe: Recipe, options: list[str]) -> int:
             f"as a single process (recipes that train under torchrun: "
             f"{', '.join(supported) or 'none'})"
         )
+    given = sum(o == "--run-dir" or o.startswith("--run-dir=") for o in options)
+    if given > 1:  # argparse would silently keep the last one
+        raise ConfigError(f"--run-dir given {given} times; give one folder")
     run_dir = None
     if not recipe.run_folder:  # the recipe has no run folder of its own: config + summary here
         from .runs import default_run_dir
@@ -267,9 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:
         from .checkpoint import CheckpointError
-        from .runs import MissingExtraError, RunFailedError
+        from .runs import MissingExtraError, ReportFailedError, RunFailedError
 
-        if isinstance(e, (CheckpointError, MissingExtraError, RunFailedError)):
+        if isinstance(e, (CheckpointError, MissingExtraError, ReportFailedError, RunFailedError)):
             print(f"{PROG}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -61,6 +61,7 @@ from .registry import get_recipe
 from .runs import (
     SUMMARY,
     MissingExtraError,
+    ReportFailedError,
     RunFolder,
     default_run_dir,
     require_extras,
@@ -429,6 +430,8 @@ def train(
         RunFailedError: training stopped with another error (its cause) after the run folder
             was set up; ``summary.json`` records it, and ``resume`` continues from the last
             checkpoint. Interruptions (KeyboardInterrupt) pass through unrecorded.
+        ReportFailedError: training finished and ``summary.json`` holds its results, but writing
+            ``report.md`` failed (``equilibria report`` writes it again).
     """
     if not isinstance(config, DigitsConfig):
         raise TypeError(f"config must be a DigitsConfig, got {type(config).__name__}")
@@ -482,7 +485,7 @@ def _train(
     distributed.barrier(info)
     try:
         return _fit(config, saved_config, ckpt, run, info, on_epoch_end, wall_start)
-    except (ConfigError, MissingExtraError):
+    except (ConfigError, MissingExtraError, ReportFailedError):
         raise
     except Exception as e:  # recorded in the folder (rank 0), so a rerun there says so
         raise run.fail(e, record=info.is_main) from e
@@ -605,7 +608,14 @@ def _fit(
         if config.report:
             from .report import write_report
 
-            summary["report"] = str(write_report(run.path))
+            try:
+                summary["report"] = str(write_report(run.path))
+            except Exception as e:  # the run is done and summarised: do not record it as failed
+                raise ReportFailedError(
+                    f"training finished and {run.path / SUMMARY} holds its results, but writing "
+                    f"the report failed ({type(e).__name__}: {e}); rerun it with "
+                    f"`equilibria report {run.path}`"
+                ) from e
             write_json(run.path / SUMMARY, summary)
     return summary
 
@@ -759,10 +769,20 @@ def load_model(checkpoint: str | Path, **overrides: Any) -> tuple[DigitsDEQ, Dig
         overrides: config fields to change (e.g. ``eval_max_iter=100``, ``solver="broyden"``).
     """
     ckpt = load_checkpoint(checkpoint, recipe=RECIPE)
-    values = {**ckpt.config, **overrides, "resume": False}
-    config = from_dict(DigitsConfig, values)
+    # the saved config is metadata, outside the tensors' checksum: check it on its own first,
+    # so that a damaged one is a checkpoint error and a bad override a config error
+    try:
+        saved = from_dict(DigitsConfig, {**ckpt.config, "resume": False})
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.path}: its saved config is not valid ({e})") from None
+    config = from_dict(DigitsConfig, {**to_dict(saved), **overrides}) if overrides else saved
     model = build_model(config)
-    model.load_state_dict(ckpt.model)
+    try:
+        model.load_state_dict(ckpt.model)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{ckpt.path}: its tensors do not fit the model of its saved config ({e})"[:400]
+        ) from None
     return model, config
 
 

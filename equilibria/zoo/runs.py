@@ -96,6 +96,10 @@ class RunFailedError(RuntimeError):
     """Training stopped with an error after its run folder was written (recorded in it)."""
 
 
+class ReportFailedError(RuntimeError):
+    """Training finished and its summary is written, but writing its report failed."""
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file."""
     return json.loads(Path(path).read_text())
@@ -167,9 +171,8 @@ class RunFolder:
         text = f"{type(error).__name__}: {error}"
         if record:
             write_json(self.path / SUMMARY, {"status": "failed", "error": text})
-        return RunFailedError(
-            f"training stopped: {text}; the run folder {self.path} records the failure"
-        )
+        where = f"the run folder {self.path} records the failure" if record else "rank 0 records it"
+        return RunFailedError(f"training stopped: {text}; {where}")
 
     def failure(self) -> str | None:
         """The error a failed run recorded with :meth:`fail`, else None."""
