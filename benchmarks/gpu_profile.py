@@ -11,7 +11,8 @@ only at the ends of each timed stretch:
    most host time.
 
 Run: ``python benchmarks/gpu_profile.py [--device cuda] [--out DIR]``; writes
-``gpu_profile.json``. Also runs on the CPU (without the CUDA graph part), which is how it is tested.
+``gpu_profile.json``. Also runs on the CPU (without the CUDA graph part, about 10 s); no
+automated test runs it.
 """
 
 from __future__ import annotations
