@@ -60,5 +60,5 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
 def check_bool(name: str, value: Any) -> bool:
     """Return ``value`` if it is a bool."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._validate import check_bool
 from ._decompositions import (
     DECOMPOSITIONS,
     Decomposition,
@@ -232,8 +233,7 @@ class _HamburgerBase(nn.Module):
         _check_choice("init", init, _INITS)
         momentum = _check_momentum(momentum)
         _check_choice("norm", norm, _NORMS)
-        if not isinstance(lower_bread, bool):
-            raise TypeError(f"lower_bread must be a bool, got {type(lower_bread).__name__}")
+        check_bool("lower_bread", lower_bread)
         if not lower_bread and dim != channels:
             raise ValueError(
                 f"without the lower bread the ham works on the input, so dim must equal "

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._validate import check_bool
 from ._decompositions import _check_finite, _check_real
 
 __all__ = [
@@ -68,11 +69,6 @@ def _check_like(
         )
 
 
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-
-
 def _check_scale(scale: object, allow_none: bool) -> None:
     if allow_none and scale is None:
         return
@@ -101,7 +97,7 @@ def attention_map(
     """
     _check_pair(_check_tokens("query", query), _check_tokens("key", key))
     _check_scale(scale, allow_none=False)
-    _check_bool("column_norm", column_norm)
+    check_bool("column_norm", column_norm)
     _check_eps(eps)
     _check_finite("query", query)
     _check_finite("key", key)
@@ -146,7 +142,7 @@ def stop_gradient_attention(
     x, y, value = _check_tokens("x", x), _check_tokens("y", y), _check_tokens("value", value)
     _check_pair(x, y, ("x", "y"))
     _check_scale(scale, allow_none=True)
-    _check_bool("column_norm", column_norm)
+    check_bool("column_norm", column_norm)
     if value.shape[:2] != y.shape[:2]:
         raise ValueError(
             f"value must have shape (B, M, C_v) matching y {tuple(y.shape)}, got "
@@ -209,7 +205,7 @@ class StopGradientAttention(nn.Module):
             raise ValueError(f"channels must be >= 1, got {channels}")
         if attention not in _ATTENTIONS:
             raise ValueError(f"attention must be one of {_ATTENTIONS}, got {attention!r}")
-        _check_bool("column_norm", column_norm)
+        check_bool("column_norm", column_norm)
         _check_scale(scale, allow_none=True)
         _check_real("negative_slope", negative_slope, "a finite number", type_allowed="a float")
         if norm not in _NORMS:
