@@ -14,6 +14,13 @@ from equilibria.layers import StopGradientAttention, attention_map, stop_gradien
 F64 = torch.float64
 
 
+def _with_nan_value_weight(block: StopGradientAttention) -> StopGradientAttention:
+    """A block whose value projection has gone non-finite (as after a diverged step)."""
+    with torch.no_grad():
+        block.value.weight[0, 0] = float("nan")
+    return block
+
+
 def tokens(batch, n, channels, requires_grad=False):
     return torch.randn(batch, n, channels, dtype=F64, requires_grad=requires_grad)
 
@@ -234,6 +241,16 @@ BAD_CALLS = [
         ValueError,
         "y must be finite (no NaN or Inf)",
     ),
+    (
+        lambda: stop_gradient_attention(X, X, X, eps=-1.0),
+        ValueError,
+        "eps must be a finite number >= 0, got -1.0",
+    ),
+    (
+        lambda: _with_nan_value_weight(StopGradientAttention(4))(X),
+        ValueError,
+        "value must be finite (no NaN or Inf)",
+    ),
     (lambda: StopGradientAttention(4, norm="batch"), ValueError, "norm must be one of"),
     (
         lambda: StopGradientAttention(4)(torch.randn(2, 5)),
@@ -306,3 +323,18 @@ def test_block_under_autocast_follows_float32(attention, x_dtype):
     assert F.cosine_similarity(total, total_ref, dim=0) > 0.99
     for g, g_ref in zip(grads, grads_ref, strict=True):
         assert (g - g_ref).norm() <= 0.15 * total_ref.norm()
+
+
+def test_the_block_checks_each_input_once(monkeypatch):
+    """Each finiteness check is a device synchronisation; the block checked x up to four times
+    (itself, then through the functional and the map it calls)."""
+    import equilibria.layers._sga as sga
+
+    seen = []
+    real = sga._check_finite
+    monkeypatch.setattr(sga, "_check_finite", lambda name, t: (seen.append(name), real(name, t)))
+    StopGradientAttention(4)(X)
+    assert seen == ["x", "value"]
+    seen.clear()
+    StopGradientAttention(4, attention="standard")(X, X + 1)
+    assert seen == ["x", "y", "query", "key"]

@@ -101,6 +101,13 @@ def attention_map(
     _check_eps(eps)
     _check_finite("query", query)
     _check_finite("key", key)
+    return _attention_map(query, key, scale, column_norm, eps)
+
+
+def _attention_map(
+    query: Tensor, key: Tensor, scale: float, column_norm: bool, eps: float
+) -> Tensor:
+    """:func:`attention_map` without the input checks (its callers have made them)."""
     a = torch.softmax(torch.bmm(query, key.mT) * scale, dim=-1)  # (B, N, M)
     if column_norm:
         a = a / (a.sum(dim=1, keepdim=True) + eps)
@@ -149,11 +156,19 @@ def stop_gradient_attention(
             f"{tuple(value.shape)}"
         )
     _check_like("value", value, x, "x", under_autocast=True)
+    _check_eps(eps)
     for name, t in (("x", x), ("y", y), ("value", value)):
         _check_finite(name, t)
     scale = 1.0 / math.sqrt(x.shape[-1]) if scale is None else scale
+    return _stop_gradient_attention(x, y, value, scale, column_norm, eps)
+
+
+def _stop_gradient_attention(
+    x: Tensor, y: Tensor, value: Tensor, scale: float, column_norm: bool, eps: float
+) -> Tensor:
+    """:func:`stop_gradient_attention` without the input checks (its callers have made them)."""
     with torch.no_grad():
-        a = attention_map(x, y, scale=scale, column_norm=column_norm, eps=eps)
+        a = _attention_map(x, y, scale, column_norm, eps)
     return torch.bmm(a, value)
 
 
@@ -241,10 +256,9 @@ class StopGradientAttention(nn.Module):
         if y is not x:
             _check_finite("y", y)
         value = self.act(self.value(y))  # σ(W_v Y), (B, M, C)
-        if self.query is None:
-            attended = stop_gradient_attention(
-                x, y, value, scale=self.scale, column_norm=self.column_norm
-            )
+        if self.query is None:  # x and y are checked above; each input is checked once
+            _check_finite("value", value)
+            attended = _stop_gradient_attention(x, y, value, self.scale, self.column_norm, 1e-9)
         else:
             a = attention_map(
                 self.query(x), self.key(y), scale=self.scale, column_norm=self.column_norm
