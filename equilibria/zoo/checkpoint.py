@@ -89,14 +89,20 @@ def capture_rng() -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, values
 
 
-def restore_rng(rng: dict[str, Any]) -> None:
-    """Restore the RNG states saved by :func:`capture_rng` (as found in ``Checkpoint.rng``)."""
-    torch.set_rng_state(rng["torch"])
+def _rng_states(rng: dict[str, Any]) -> tuple[Tensor, tuple[Any, ...], tuple[Any, ...]]:
+    """The torch, NumPy and Python states of ``Checkpoint.rng`` in the forms their setters take."""
     kind, pos, has_gauss, cached = rng["numpy_meta"]
     keys = rng["numpy"].numpy().astype(np.uint32)
-    np.random.set_state((kind, keys, pos, has_gauss, cached))  # noqa: NPY002
     version, state, gauss = rng["python"]
-    random.setstate((version, tuple(state), gauss))
+    return rng["torch"], (kind, keys, pos, has_gauss, cached), (version, tuple(state), gauss)
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Restore the RNG states saved by :func:`capture_rng` (as found in ``Checkpoint.rng``)."""
+    torch_state, numpy_state, python_state = _rng_states(rng)
+    torch.set_rng_state(torch_state)
+    np.random.set_state(numpy_state)  # noqa: NPY002
+    random.setstate(python_state)
     cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
@@ -255,12 +261,10 @@ def _check_rng(rng: dict[str, Any], path: Path) -> None:
     """Restore the saved RNG states into throwaway generators: a malformed state fails here,
     with a CheckpointError, instead of in :func:`restore_rng` halfway through a resume."""
     try:
-        torch.Generator().set_state(rng["torch"])
-        kind, pos, has_gauss, cached = rng["numpy_meta"]
-        keys = rng["numpy"].numpy().astype(np.uint32)
-        np.random.RandomState().set_state((kind, keys, pos, has_gauss, cached))
-        version, state, gauss = rng["python"]
-        random.Random().setstate((version, tuple(state), gauss))
+        torch_state, numpy_state, python_state = _rng_states(rng)
+        torch.Generator().set_state(torch_state)
+        np.random.RandomState().set_state(numpy_state)
+        random.Random().setstate(python_state)
     except (TypeError, ValueError, RuntimeError, OverflowError) as e:  # huge ints: Overflow
         raise CheckpointError(
             f"{path}: corrupted checkpoint: its RNG states cannot be restored "
