@@ -1,10 +1,15 @@
 """The one driver loop shared by every solver.
 
 It owns what solvers should not repeat: the iteration budget, per-sample stopping in the abs or rel
-norm, the best iterate per sample, the residual traces, divergence and non-finite detection, and the
-final status. Each iteration moves the per-sample residual norms (B or 2B scalars) to the host: on
-a GPU that is the one synchronisation per iteration, and on a CPU it costs nothing. All bookkeeping
-on those scalars then runs in NumPy instead of as a string of tiny tensor operations.
+norm, the best iterate per sample, the residual traces, divergence and non-finite detection, the
+final status, and the range of the values a solver sees: a problem whose values lie far from 1
+(beyond 2^+-32 in float32, 2^+-256 in float64) is iterated in per-sample power-of-two units, so
+that no solver's products overflow or underflow and every solver is scale invariant over the
+dtype's whole range (``_units``).
+
+Each iteration moves the per-sample residual norms (B or 2B scalars) to the host: on a GPU that
+is the one synchronisation per iteration, and on a CPU it costs nothing. All bookkeeping on those
+scalars then runs in NumPy instead of as a string of tiny tensor operations.
 """
 
 from __future__ import annotations
@@ -51,23 +56,56 @@ def residual_norm(
     This is the one device-to-host transfer (on a GPU, the one synchronisation) per iteration.
     ``gsq``, the squared norms of ``g`` when the solver already has them, saves a pass over ``g``.
 
-    Edge cases are exact rather than fast: a norm that underflows to 0 or overflows in a low
-    precision is recomputed in float64; a zero residual is 0 whatever ||f(z)||; a non-zero residual
+    Edge cases are exact rather than fast: a norm that underflows to 0 or overflows is recomputed
+    exactly (see :func:`exact_norms`); a zero residual is 0 whatever ||f(z)||; a non-zero residual
     over ``f(z) = 0`` counts as the largest finite float (not converged, not an error). Raises
     nothing: non-finite values come back as NaN and are reported by the caller.
     """
+    norms, regular = _host_norms(g, fx, 1 if stop == "abs" else 2, gsq)
+    if stop == "abs":
+        return norms[0], norms[0]
+    return (norms[0] / norms[1] if regular else _rel_exact(*norms)), norms[0]
+
+
+def _host_norms(
+    g: Tensor, fx: Tensor, count: int, gsq: Tensor | None = None, in_units: bool = True
+) -> tuple[list[np.ndarray], bool]:
+    """[||g||] or [||g||, ||f(z)||] per sample on the host, fast, with the exact fallback; and
+    whether they are all positive and finite (no special case needed). ``in_units``: the values
+    are the solver's, in the units the driver chose (see ``_units``)."""
     tensors = [torch.linalg.vector_norm(g, dim=1) if gsq is None else gsq]
-    if stop == "rel":
+    if count == 2:
         tensors.append(torch.linalg.vector_norm(fx, dim=1))
     norms = to_host(tensors)
     if gsq is not None:
         # a squared norm near the bottom of its dtype's range has lost precision (or hit 0)
         if not bool(norms[0].min() > _SQUARE_FLOOR[gsq.dtype]):
-            return _residual_slow(g, fx, stop, [])
+            return to_host(exact_norms((g, fx)[:count])), False
         norms[0] = np.sqrt(norms[0])  # a new array: gsq may be a view of the solver's state
-    if not all(_regular(n) for n in norms):
-        return _residual_slow(g, fx, stop, norms)
-    return (norms[0] if stop == "abs" else norms[0] / norms[1]), norms[0]
+    if all(_regular(n) for n in norms):
+        return norms, True
+    # In float64 the driver keeps the solver's values within a band around 1 (_units) where a
+    # norm can neither overflow nor underflow: a zero or infinite norm is exact as it stands.
+    if in_units and g.dtype == torch.float64 and gsq is None:
+        return norms, False
+    return to_host(exact_norms((g, fx)[:count])), False
+
+
+def exact_norms(tensors: tuple[Tensor, ...]) -> list[Tensor]:
+    """Per-sample 2-norms (B,) that neither overflow nor underflow while the result is a normal
+    float64: in float64 for lower precisions, and for float64 tensors by dividing each row by its
+    largest magnitude first (``torch.linalg.vector_norm`` sums the plain squares, which overflow
+    from about 1e154 and underflow below about 1e-162). Non-finite rows give inf or NaN."""
+    norms = []
+    for t in tensors:
+        t = t.detach()
+        if t.dtype != torch.float64:
+            norms.append(torch.linalg.vector_norm(t, dim=1, dtype=torch.float64))
+            continue
+        top = t.abs().amax(dim=1, keepdim=True)  # (B, 1)
+        top = torch.where((top > 0) & torch.isfinite(top), top, 1.0)
+        norms.append(torch.linalg.vector_norm(t / top, dim=1) * top.squeeze(1))
+    return norms
 
 
 _SQUARE_FLOOR = {
@@ -81,24 +119,13 @@ def _regular(norms: np.ndarray) -> bool:
     return bool(norms.min() > 0.0) and bool(norms.max() < np.inf)
 
 
-def _residual_slow(
-    g: Tensor, fx: Tensor, stop: str, norms: list[np.ndarray]
-) -> tuple[np.ndarray, np.ndarray]:
-    """The exact treatment of zero, underflowing, overflowing and non-finite norms."""
-    count = 1 if stop == "abs" else 2
-    if g.dtype != torch.float64 or len(norms) != count:
-        dtype = torch.float64 if g.dtype != torch.float64 else None
-        tensors = [torch.linalg.vector_norm(t, dim=1, dtype=dtype) for t in (g, fx)[:count]]
-        norms = to_host(tensors)
-    num = norms[0]
-    if stop == "abs":
-        return num, num
-    den = norms[1]
+def _rel_exact(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """||g|| / ||f(z)|| with the exact treatment of zero and non-finite norms."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         r = num / den
     finite = np.isfinite(num) & np.isfinite(den)
     r = np.where(num == 0.0, 0.0, np.where(den == 0.0, _HUGE, r))
-    return np.where(finite, np.minimum(r, _HUGE), np.nan), num
+    return np.where(finite, np.minimum(r, _HUGE), np.nan)
 
 
 _HUGE = float(np.finfo(np.float64).max)
@@ -203,15 +230,69 @@ class _Divergence:
 
 def _first_iterate(
     x: Tensor, fx: Tensor, stop: Literal["abs", "rel"], what: str
-) -> tuple[Tensor, np.ndarray, float, _Divergence]:
-    """g, the stop-norm residuals, their maximum and the divergence test of the first iterate."""
+) -> tuple[Tensor, np.ndarray, float, _Divergence, _Units | None]:
+    """g, the stop-norm residuals, their maximum, the divergence test of the first iterate and
+    the per-sample units the solver iterates in (None: the values are fine as they are)."""
     g = fx - x
-    r, r_abs = residual_norm(g, fx, stop)
+    norms, _ = _host_norms(g, fx, 2, in_units=False)  # one transfer, ||f(z0)|| included
+    r = norms[0] if stop == "abs" else _rel_exact(*norms)
     rmax = float(r.max())
     if not math.isfinite(rmax):
         _raise_nonfinite(what, 1, x, fx, r)
-    scale = float(torch.linalg.vector_norm(fx.detach(), dim=1).max())  # once per solve
-    return g, r, rmax, _Divergence(r_abs, scale, x.dtype)
+    divergence = _Divergence(norms[0], float(norms[1].max()), x.dtype)
+    return g, r, rmax, divergence, _units(np.maximum(norms[0], norms[1]), x)
+
+
+class _Units:
+    """Per-sample powers of two that bring each sample's values near 1: the solver iterates on
+    the map ``z -> unit * f(z / unit)`` from ``unit * z0`` (all exact in floating point), so its
+    Gram matrices, dot products and squared norms neither overflow nor underflow however large or
+    small the problem's values are, and a problem rescaled by any factor is solved in the same
+    steps (by a power of two: bitwise the same). Abs residuals are divided back on the host."""
+
+    def __init__(self, unit: np.ndarray, like: Tensor) -> None:
+        self.inv_host = 1.0 / unit  # (B,) exact: powers of two
+        self.unit = torch.from_numpy(unit).to(like.device, like.dtype).unsqueeze(1)  # (B, 1)
+        self.inv = torch.from_numpy(self.inv_host).to(like.device, like.dtype).unsqueeze(1)
+
+    def map(self, fn: Map) -> Map:
+        def fn_units(z: Tensor) -> Tensor:
+            return fn(z * self.inv) * self.unit
+
+        return fn_units
+
+    def indexed_map(self, fn: IndexedMap) -> IndexedMap:
+        def fn_units(z: Tensor, index: Tensor | None) -> Tensor:
+            unit, inv = self.unit, self.inv
+            if index is not None:
+                unit, inv = unit.index_select(0, index), inv.index_select(0, index)
+            return fn(z * inv, index) * unit
+
+        return fn_units
+
+
+# the dtype's largest binary exponent plus one (NumPy's finfo.maxexp): float32 128, float64 1024
+_MAXEXP = {
+    dt: math.frexp(torch.finfo(dt).max)[1]
+    for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
+def _units(size: np.ndarray, x: Tensor) -> _Units | None:
+    """The units for samples of sizes ``size`` (B,) (max of ||f(z0) - z0|| and ||f(z0)||), or None
+    when every size lies within 2^(+-maxexp/4) of 1 in the dtype the solvers' products run in
+    (float32 for half states): the common case, in which nothing changes and nothing is added.
+
+    Inside that band the squares of residuals down to the dtype's round-off relative to the size
+    are normal numbers, and Gram entries and dot products stay far from overflow."""
+    band = _MAXEXP[x.dtype if x.dtype == torch.float64 else torch.float32] // 4  # 32 or 256
+    with np.errstate(divide="ignore"):
+        exponent = np.log2(size)
+    if bool((np.abs(exponent) <= band).all()):
+        return None
+    top = _MAXEXP[x.dtype] - 2  # 2^+-top is a normal number of the state's dtype
+    exponent = np.where(np.isfinite(exponent), -np.round(exponent), 0.0).clip(-top, top)
+    return _Units(np.exp2(exponent), x)
 
 
 def _loop(
@@ -227,18 +308,24 @@ def _loop(
     batch = x0.shape[0]
     x = x0
     fx = fn(x)
-    g, r, rmax, divergence = _first_iterate(x, fx, stop, what)
+    g, r, rmax, divergence, units = _first_iterate(x, fx, stop, what)
     best_x, best_r = x, r
     trace, residuals = [rmax], [r]
     trajectory = [x] if keep_trajectory else None
     nfev, nstep = 1, 1
     status = Status.CONVERGED if rmax < tol else Status.MAX_ITER
+    if units is not None and status is Status.MAX_ITER and max_iter > 1:
+        fn, x, fx, g = units.map(fn), x * units.unit, fx * units.unit, g * units.unit
+        best_x = x
     state = solver.init(x, fx, g) if status is Status.MAX_ITER and max_iter > 1 else None
     while status is Status.MAX_ITER and nstep < max_iter:
         x, fx, g, state, used, gsq = solver.step(fn, x, fx, g, state)
         nfev += used
         nstep += 1
         r, r_abs = residual_norm(g, fx, stop, gsq)  # the one device-to-host transfer per iteration
+        if units is not None:
+            r_abs = r_abs * units.inv_host
+            r = r_abs if stop == "abs" else r
         rmax = float(r.max())  # NaN propagates
         if not math.isfinite(rmax):
             _raise_nonfinite(what, nstep, x, fx, r)
@@ -252,13 +339,15 @@ def _loop(
         trace.append(rmax)
         residuals.append(r)
         if trajectory is not None:
-            trajectory.append(x)
+            trajectory.append(x if units is None else x * units.inv)
         if best_r.max() < tol:
             status = Status.CONVERGED
         elif divergence.blown(r_abs):
             status = Status.DIVERGED
     if best_x is x0:
         best_x = best_x.clone()
+    elif units is not None:
+        best_x = best_x * units.inv
     evaluations = batch * nfev
     return Iteration(best_x, best_r, status, nstep, nfev, trace, residuals, trajectory, evaluations)
 
@@ -275,13 +364,16 @@ def _loop_compact(
     batch = x0.shape[0]
     x = x0
     fx = fn(x, None)
-    g, r, rmax, divergence = _first_iterate(x, fx, stop, what)
+    g, r, rmax, divergence, units = _first_iterate(x, fx, stop, what)
     best_x, best_r = x0.clone(), r.copy()
     trace, residuals = [rmax], [r]
     nfev, nstep, evaluations = 1, 1, batch
     active = np.arange(batch)  # positions in the original batch of the rows being iterated
     index: Tensor | None = None
     status = Status.CONVERGED if rmax < tol else Status.MAX_ITER
+    if units is not None and status is Status.MAX_ITER and max_iter > 1:
+        fn, x, fx, g = units.indexed_map(fn), x * units.unit, fx * units.unit, g * units.unit
+        best_x = x.clone()
     state = solver.init(x, fx, g) if status is Status.MAX_ITER and max_iter > 1 else None
     done = r < tol
     while status is Status.MAX_ITER and nstep < max_iter:
@@ -300,6 +392,9 @@ def _loop_compact(
         nstep += 1
         evaluations += used * len(active)
         r_active, abs_active = residual_norm(g, fx, stop, gsq)
+        if units is not None:
+            abs_active = abs_active * units.inv_host[active]
+            r_active = abs_active if stop == "abs" else r_active
         rmax = float(r_active.max())
         if not math.isfinite(rmax):
             _raise_nonfinite(what, nstep, x, fx, r_active, active)
@@ -317,6 +412,8 @@ def _loop_compact(
             status = Status.CONVERGED
         elif divergence.blown(abs_active, active):
             status = Status.DIVERGED
+    if units is not None:
+        best_x = best_x * units.inv
     return Iteration(best_x, best_r, status, nstep, nfev, trace, residuals, None, evaluations)
 
 

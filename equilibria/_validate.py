@@ -10,12 +10,13 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def check_int(name: str, value: Any, *, minimum: int) -> int:
-    """Return ``value`` if it is an int (not a bool) that is at least ``minimum``."""
+def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an int (not a bool) in ``[minimum, maximum]``."""
+    allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+        raise TypeError(f"{name} must be an int {allowed}, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an int {allowed}, got {value}")
     return value
 
 

@@ -26,6 +26,10 @@ from torch import Tensor
 from .._validate import check_float, check_int
 from ._base import Map, Solver, Step, write_slot
 
+# The largest relative ridge accepted: far past the point where the ridge dominates the Gram block
+# (the step is then the plain average of the history), still far from float32's overflow.
+MAX_LAM = 1e6
+
 
 class AndersonState(NamedTuple):
     images: Tensor  # (B, m, D)  F_i, zero in unused slots
@@ -49,9 +53,11 @@ class Anderson(Solver):
 
     Args:
         m: history size (number of past iterates mixed), >= 1. ``m=1`` is Picard with damping beta.
-        lam: ridge >= 0 on the mixing coefficients, relative to the newest squared residual
-            norm. The default 1e-2 was chosen on the problems of ``benchmarks/solvers.py`` and the
-            test suite's affine and tanh maps (fewest iterations over all of them).
+        lam: ridge in [0, 1e6] on the mixing coefficients, relative to the newest squared
+            residual norm. The default 1e-2 was chosen on the problems of ``benchmarks/solvers.py``
+            and the test suite's affine and tanh maps (fewest iterations over all of them). From
+            about 1e2 on the ridge dominates and the step averages the history; the bound keeps
+            the ridge finite in float32 (above it the step was NaN).
         beta: mixing (damping) parameter in (0, 1]; 1 takes the extrapolated images.
 
     Example:
@@ -68,7 +74,7 @@ class Anderson(Solver):
 
     def __post_init__(self) -> None:
         check_int("Anderson m", self.m, minimum=1)
-        check_float("Anderson lam", self.lam, low=0.0, low_open=False)
+        check_float("Anderson lam", self.lam, low=0.0, high=MAX_LAM, low_open=False)
         check_float("Anderson beta", self.beta, low=0.0, high=1.0)
 
     def init(self, x: Tensor, fx: Tensor, g: Tensor) -> AndersonState:

@@ -48,7 +48,8 @@ class Broyden(Solver):
             (with the latest update applied to it), >= 2.
         line_search: backtrack the step per sample (Armijo condition on ||g||) when it does not
             decrease the residual; costs extra map evaluations, reported in ``Solution.nfev``.
-        max_backtracks: halvings of the step tried by the line search, >= 1.
+        max_backtracks: halvings of the step tried by the line search, in [1, 60] (a step
+            halved more often than a float64 mantissa has bits changes nothing).
 
     Example:
         >>> sol = eq.solve(f, z0, solver=eq.Broyden(memory=20, line_search=True))
@@ -65,7 +66,7 @@ class Broyden(Solver):
     def __post_init__(self) -> None:
         check_int("Broyden memory", self.memory, minimum=2)
         check_bool("Broyden line_search", self.line_search)
-        check_int("Broyden max_backtracks", self.max_backtracks, minimum=1)
+        check_int("Broyden max_backtracks", self.max_backtracks, minimum=1, maximum=60)
 
     def init(self, x: Tensor, fx: Tensor, g: Tensor) -> BroydenState:
         b, d = x.shape
