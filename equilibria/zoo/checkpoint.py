@@ -1,13 +1,12 @@
 """Checkpoints in safetensors: model, optimizer and RNG state, written atomically, checked on load.
 
-Layout of ``checkpoint.safetensors``:
-
-* tensors ``model/<name>`` (the model's ``state_dict``), ``optim/<param index>/<key>`` (the
-  optimizer's per-parameter state), ``rng/torch`` and ``rng/numpy``;
-* one metadata string ``equilibria`` holding JSON: format version, recipe, config, progress
-  (epoch, step), the optimizer's non-tensor state (param groups, scalars), the Python RNG state,
-  a SHA-256 digest of every tensor (so a flipped byte is detected, not only a truncated file) and
-  whatever the caller adds (``extra``).
+A checkpoint holds the tensors ``model/<name>`` (the model's ``state_dict``),
+``optim/<param index>/<key>`` (the optimizer's per-parameter state), ``rng/torch``, ``rng/numpy``
+(and ``rng/cuda<i>``), and one metadata string ``equilibria`` holding JSON: format version,
+recipe, config, progress (epoch, step), the optimizer's non-tensor state (param groups, scalars),
+the Python RNG state and whatever the caller adds (``extra``). The file is sealed by a SHA-256 of
+all its bytes, metadata included, and read with bounds and checks before any tensor is built (see
+:mod:`equilibria.zoo.checkpoint_file`).
 
 No pickle anywhere: loading never executes code from the file. Writing goes to a temporary file in
 the same folder, is flushed to disk, then renamed over the old checkpoint (``os.replace`` is atomic
@@ -16,11 +15,9 @@ on POSIX), so a crash or a full disk leaves the last good checkpoint in place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,18 +26,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-FORMAT = "equilibria.zoo.checkpoint/1"
-_META_KEY = "equilibria"
+from .checkpoint_file import FORMAT, CheckpointError, encode, json_problem, parse_json, read
+
+__all__ = [
+    "FORMAT", "Checkpoint", "CheckpointError", "capture_rng", "load_checkpoint", "restore_rng",
+    "save_checkpoint",
+]  # fmt: skip
+
 # the metadata entries and what each must hold (bool is not accepted as an int)
 _TYPES: dict[str, tuple[type, ...]] = {
     "recipe": (str,), "config": (dict,), "epoch": (int,), "step": (int,),
-    "optimizer": (dict, type(None)), "rng": (dict,), "sha256": (str,),
+    "optimizer": (dict, type(None)), "rng": (dict,), "extra": (dict,),
 }  # fmt: skip
 _REQUIRED = tuple(_TYPES)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupted, or does not match the run."""
 
 
 @dataclass
@@ -137,13 +135,11 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
     return {"state": state, "param_groups": groups}
 
 
-def _digest(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def _metadata_text(meta: dict[str, Any]) -> str:
+    problem = json_problem(meta)
+    if problem is not None:
+        raise ValueError(f"checkpoint metadata must be JSON that loads back: its {problem}")
+    return json.dumps(meta, allow_nan=False)
 
 
 def save_checkpoint(
@@ -171,9 +167,13 @@ def save_checkpoint(
 
     Returns:
         The path written.
-    """
-    from safetensors.torch import save
 
+    Raises:
+        ValueError: if the metadata (config, extra, the optimizer's settings) holds a NaN or an
+            infinity, nests more than :data:`MAX_DEPTH` levels, or makes a header over
+            :data:`MAX_HEADER_BYTES`, or a tensor has a dtype safetensors lacks: such a file
+            would not load back.
+    """
     path = Path(path)
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim_meta = None
@@ -190,10 +190,9 @@ def save_checkpoint(
         "step": step,
         "optimizer": optim_meta,
         "rng": rng_values,
-        "sha256": _digest(tensors),
         "extra": extra or {},
     }
-    data = save(tensors, metadata={_META_KEY: json.dumps(meta)})
+    data = encode(tensors, _metadata_text(meta))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
@@ -207,22 +206,8 @@ def save_checkpoint(
     return path
 
 
-def _read_header(data: bytes, path: Path) -> dict[str, Any]:
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: truncated checkpoint ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise CheckpointError(
-            f"{path}: truncated or corrupted checkpoint (header of {n} bytes, file has "
-            f"{len(data)} bytes)"
-        )
-    try:
-        header = json.loads(data[8 : 8 + n])
-        meta = json.loads(header["__metadata__"][_META_KEY])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{path}: corrupted checkpoint or not written by equilibria ({type(e).__name__}: {e})"
-        ) from None
+def _read_metadata(text: str, path: Path) -> dict[str, Any]:
+    meta = parse_json(text, path, "metadata")
     if not isinstance(meta, dict):
         raise CheckpointError(
             f"{path}: corrupted checkpoint or not written by equilibria (its metadata is a "
@@ -230,7 +215,8 @@ def _read_header(data: bytes, path: Path) -> dict[str, Any]:
         )
     if meta.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path}: unsupported checkpoint format {meta.get('format')!r}, expected {FORMAT!r}"
+            f"{path}: unsupported checkpoint format {str(meta.get('format'))[:100]!r}, expected "
+            f"{FORMAT!r}"
         )
     missing = [k for k in _REQUIRED if k not in meta]
     if "rng" in meta:
@@ -241,7 +227,7 @@ def _read_header(data: bytes, path: Path) -> dict[str, Any]:
             f"{path}: corrupted checkpoint: its metadata lacks {', '.join(missing)} (a checkpoint "
             f"of format {FORMAT!r} has {', '.join(_REQUIRED)})"
         )
-    for key, kinds in {**_TYPES, **({"extra": (dict,)} if "extra" in meta else {})}.items():
+    for key, kinds in _TYPES.items():
         value = meta[key]
         if isinstance(value, bool) or not isinstance(value, kinds):
             allowed = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
@@ -280,27 +266,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, recipe: str | None = None) 
         recipe: if given, the recipe the checkpoint must come from.
 
     Raises:
-        CheckpointError: if the file is missing, truncated, corrupted (digest mismatch), of another
-            format or of another recipe.
+        CheckpointError: if the file is missing, unreadable, truncated, corrupted (any changed
+            byte: the digest covers the whole file), malformed (see
+            :mod:`equilibria.zoo.checkpoint_file`), of another format or of another recipe. Its
+            message starts with the file's path.
     """
-    from safetensors.torch import load
-
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.safetensors"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    data = path.read_bytes()
-    meta = _read_header(data, path)
-    try:
-        tensors = load(data)
-    except Exception as e:  # safetensors raises its own error type for malformed files
-        raise CheckpointError(f"{path}: truncated or corrupted checkpoint ({e})") from None
-    if _digest(tensors) != meta.get("sha256"):
-        raise CheckpointError(
-            f"{path}: corrupted checkpoint (the tensors' SHA-256 does not match the one recorded "
-            "when it was written)"
-        )
+    tensors, metadata = read(path)
+    meta = _read_metadata(metadata, path)
     if recipe is not None and meta["recipe"] != recipe:
         raise CheckpointError(
             f"{path}: checkpoint of recipe {meta['recipe']!r}, expected {recipe!r}"
@@ -332,5 +309,5 @@ def load_checkpoint(path: str | os.PathLike[str], *, recipe: str | None = None) 
         model=model,
         optimizer=optimizer,
         rng=rng,
-        extra=meta.get("extra", {}),
+        extra=meta["extra"],
     )
