@@ -643,3 +643,63 @@ def test_a_large_damaged_file_is_hashed_in_chunks_before_any_tensor_is_built(
     )  # fmt: skip
     assert int(done.stdout) < 64 << 10  # KiB: the peak grew by under 64 MB
     assert "its SHA-256 does not match" in done.stderr
+
+
+# RNG states that a cast or an ordering would change silently
+
+
+def _cuda_states(n: int) -> dict[str, torch.Tensor]:
+    return {f"cuda{i}": torch.full((16,), i, dtype=torch.uint8) for i in range(n)}
+
+
+def test_cuda_rng_states_are_restored_in_device_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sorted as strings, cuda10 and cuda11 came before cuda2: on 12 GPUs the states went to
+    the wrong devices."""
+    rng = load_checkpoint(_tiny(tmp_path / "checkpoint.safetensors")).rng
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    restore_rng({**rng, **_cuda_states(12)})
+    assert [int(s[0]) for s in restored[0]] == list(range(12))
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (
+            {"rng/numpy": torch.full((624,), 2**32 + 5, dtype=torch.int64)},
+            "the NumPy RNG keys must be int64 in [0, 2**32), got torch.int64 from 4294967301",
+        ),
+        (
+            {"rng/numpy": torch.full((624,), 5.5, dtype=torch.float64)},
+            "the NumPy RNG keys must be int64 in [0, 2**32), got torch.float64",
+        ),
+        (
+            {f"rng/{k}": v for k, v in _cuda_states(3).items() if k != "cuda1"},
+            "the CUDA RNG states must be cuda0, cuda1, ... without gaps, got ['cuda0', 'cuda2']",
+        ),
+        (
+            {"rng/cuda0": torch.zeros(4, dtype=torch.float32)},
+            "a CUDA RNG state must be a 1-D uint8 tensor, got torch.float32",
+        ),
+    ],
+    ids=["numpy-key-over-uint32", "numpy-float-keys", "cuda-gap", "cuda-dtype"],
+)
+def test_rng_tensors_that_would_change_on_restore_are_rejected(
+    tmp_path: Path, change: dict[str, torch.Tensor], fragment: str
+) -> None:
+    """A crafted file (valid digest): format /1 cast the NumPy keys to uint32, wrapping
+    2**32 + 5 to 5 and truncating 5.5, and accepted any CUDA state names."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = _tiny(tmp_path / "checkpoint.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["equilibria"])
+    _write(path, {**load_file(str(path)), **change}, meta)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: corrupted checkpoint: its RNG states cannot be")
+    assert fragment in str(info.value)

@@ -87,21 +87,35 @@ def capture_rng() -> tuple[dict[str, Tensor], dict[str, Any]]:
     return tensors, values
 
 
-def _rng_states(rng: dict[str, Any]) -> tuple[Tensor, tuple[Any, ...], tuple[Any, ...]]:
-    """The torch, NumPy and Python states of ``Checkpoint.rng`` in the forms their setters take."""
+def _rng_states(
+    rng: dict[str, Any],
+) -> tuple[Tensor, tuple[Any, ...], tuple[Any, ...], list[Tensor]]:
+    """The torch, NumPy, Python and CUDA states of ``Checkpoint.rng`` in the forms their setters
+    take; a ValueError for keys a cast would change or CUDA states out of order."""
     kind, pos, has_gauss, cached = rng["numpy_meta"]
-    keys = rng["numpy"].numpy().astype(np.uint32)
+    keys = rng["numpy"]
+    lo, hi = (keys.min().item(), keys.max().item()) if keys.numel() else (0, 0)
+    if keys.dtype != torch.int64 or not 0 <= lo <= hi < 2**32:  # else the uint32 cast wraps
+        raise ValueError(
+            f"the NumPy RNG keys must be int64 in [0, 2**32), got {keys.dtype} from {lo} to {hi}"
+        )
     version, state, gauss = rng["python"]
-    return rng["torch"], (kind, keys, pos, has_gauss, cached), (version, tuple(state), gauss)
+    # numerically: "cuda10" sorts before "cuda2" as a string
+    names = sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))
+    if names != [f"cuda{i}" for i in range(len(names))]:
+        raise ValueError(f"the CUDA RNG states must be cuda0, cuda1, ... without gaps, got {names}")
+    return (
+        rng["torch"], (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached),
+        (version, tuple(state), gauss), [rng[k] for k in names],
+    )  # fmt: skip
 
 
 def restore_rng(rng: dict[str, Any]) -> None:
     """Restore the RNG states saved by :func:`capture_rng` (as found in ``Checkpoint.rng``)."""
-    torch_state, numpy_state, python_state = _rng_states(rng)
+    torch_state, numpy_state, python_state, cuda = _rng_states(rng)
     torch.set_rng_state(torch_state)
     np.random.set_state(numpy_state)  # noqa: NPY002
     random.setstate(python_state)
-    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 
@@ -247,7 +261,10 @@ def _check_rng(rng: dict[str, Any], path: Path) -> None:
     """Restore the saved RNG states into throwaway generators: a malformed state fails here,
     with a CheckpointError, instead of in :func:`restore_rng` halfway through a resume."""
     try:
-        torch_state, numpy_state, python_state = _rng_states(rng)
+        torch_state, numpy_state, python_state, cuda = _rng_states(rng)
+        for state in cuda:  # what torch.cuda.set_rng_state takes, checked without a GPU
+            if state.dtype != torch.uint8 or state.dim() != 1:
+                raise TypeError(f"a CUDA RNG state must be a 1-D uint8 tensor, got {state.dtype}")
         torch.Generator().set_state(torch_state)
         np.random.RandomState().set_state(numpy_state)
         random.Random().setstate(python_state)
