@@ -240,6 +240,143 @@ def test_weight_norm_is_per_output_channel_also_for_transposed_convolutions(laye
     torch.testing.assert_close(layer.weight, weight)
 
 
+# --- TorchDEQ's options: which layers, fixed target norm, clipping ------------------------------
+
+# (kind, options): the new parametrisations, run through the once-per-forward and gradient checks
+SCALED = [
+    ("weight", {"target_norm": 0.8}),
+    ("weight", {"clip": 0.9}),  # learned g, factor capped
+    ("weight", {"target_norm": 1.5, "clip": 1.0}),
+    ("spectral", {"target_norm": 0.6}),
+    ("spectral", {"target_norm": 0.9, "clip": 1.0}),
+]
+SCALED_IDS = [f"{k}-" + "-".join(f"{a}{v}" for a, v in o.items()) for k, o in SCALED]
+
+
+@pytest.mark.parametrize(("kind", "options"), SCALED, ids=SCALED_IDS)
+def test_scaled_norms_are_computed_once_per_forward_and_train(kind, options):
+    cell = eq.apply_norm(NormCell(), kind, **options)
+    counts = count_norm_calls(cell)
+    x = _x().requires_grad_()
+    layer = eq.DEQ(cell, init=_init, backward=eq.Implicit(tol=1e-12, max_iter=200), **TIGHT)
+    z = layer(x)
+    params = [*cell.parameters(), x]
+    got = torch.autograd.grad(loss(z), params)
+    assert counts == {"lin": 1, "inj": 1}
+    learned = kind == "weight" and "target_norm" not in options
+    originals = [n for n, _ in cell.named_parameters() if ".original" in n]
+    assert len(originals) == (4 if learned else 2)  # g and v, or the one raw weight
+    cell.eval()  # spectral: reuse the forward's power-iteration vectors
+    z_ref, want = dense_reference(cell, x, params)
+    torch.testing.assert_close(z.detach(), z_ref, rtol=1e-9, atol=1e-9)
+    for a, b in zip(got, want, strict=True):  # (a capped factor gives g no gradient: 0 = 0)
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def _rows(weight):
+    return torch.linalg.vector_norm(weight.flatten(1), dim=1)
+
+
+def test_weight_norm_with_a_fixed_target():
+    layer = nn.Linear(6, 4, dtype=F64)
+    with torch.no_grad():
+        layer.weight.mul_(torch.tensor([[0.1], [1.0], [3.0], [10.0]], dtype=F64))
+    raw = layer.weight.detach().clone()
+    eq.apply_norm(layer, "weight", target_norm=2.0)
+    torch.testing.assert_close(_rows(layer.weight), torch.full((4,), 2.0, dtype=F64))
+    torch.testing.assert_close(layer.weight, 2.0 * raw / _rows(raw).unsqueeze(1))
+    assert [n for n, _ in layer.named_parameters()] == [
+        "bias",
+        "parametrizations.weight.original",
+    ]  # no learned magnitude
+    # a gradient step changes the direction only: the norm stays fixed
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(torch.randn(3, 6, dtype=F64, generator=gen(0))).pow(2).sum().backward()
+    opt.step()
+    torch.testing.assert_close(_rows(layer.weight), torch.full((4,), 2.0, dtype=F64))
+
+
+def test_weight_norm_clip_scales_only_rows_above_the_target():
+    layer = nn.Linear(6, 4, dtype=F64)
+    with torch.no_grad():
+        layer.weight.mul_(2.0 / _rows(layer.weight).unsqueeze(1))  # every row of norm 2
+        layer.weight.mul_(torch.tensor([[0.1], [0.5], [1.5], [10.0]], dtype=F64))
+    raw = layer.weight.detach().clone()  # row norms 0.2, 1, 3, 20
+    eq.apply_norm(layer, "weight", target_norm=1.0, clip=1.0)
+    norms = _rows(layer.weight)
+    torch.testing.assert_close(norms, torch.tensor([0.2, 1.0, 1.0, 1.0], dtype=F64))
+    torch.testing.assert_close(layer.weight[:2], raw[:2])  # at most the target: unchanged
+
+
+def test_weight_norm_clip_caps_the_learned_factor():
+    # learned g: w = v * min(clip, g / ||v||); at creation g = ||v||, so clip < 1 scales every
+    # row by clip, and a g grown past clip * ||v|| stops acting
+    layer = nn.Conv2d(3, 5, 2, dtype=F64)
+    raw = layer.weight.detach().clone()
+    eq.apply_norm(layer, "weight", clip=0.5)
+    torch.testing.assert_close(layer.weight, 0.5 * raw)
+    g, v = layer.parametrizations.weight.original0, layer.parametrizations.weight.original1
+    assert g.shape == (5, 1, 1, 1)
+    with torch.no_grad():
+        g[0] *= 0.25  # factor 0.25 < clip: used as is
+        g[1] *= 4.0  # factor 4 > clip: capped
+    torch.testing.assert_close(layer.weight[0], 0.25 * v[0])
+    torch.testing.assert_close(layer.weight[1], 0.5 * v[1])
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_spectral_norm_target_and_clip(clip):
+    layer = nn.Linear(5, 5, dtype=F64)
+    small = nn.Linear(5, 5, dtype=F64)
+    with torch.no_grad():
+        layer.weight.mul_(3.0 / torch.linalg.matrix_norm(layer.weight, ord=2))  # sigma 3
+        small.weight.mul_(0.4 / torch.linalg.matrix_norm(small.weight, ord=2))  # sigma 0.4
+    raw_small = small.weight.detach().clone()
+    for lin in (layer, small):
+        eq.apply_norm(lin, "spectral", target_norm=0.8, clip=clip, n_power_iterations=30)
+        lin(torch.zeros(1, 5, dtype=F64))  # one training-mode forward: 30 more power steps
+    sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2)
+    torch.testing.assert_close(sigma, torch.tensor(0.8, dtype=F64), rtol=1e-6, atol=0)
+    sigma_small = torch.linalg.matrix_norm(small.weight.detach(), ord=2)
+    if clip is None:  # always scaled to the target
+        torch.testing.assert_close(sigma_small, torch.tensor(0.8, dtype=F64), rtol=1e-6, atol=0)
+    else:  # below the target: untouched
+        torch.testing.assert_close(small.weight, raw_small, rtol=1e-12, atol=0)
+
+
+def test_apply_norm_exclude_and_filter():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(2, 2, 1))
+            self.head = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3)))
+            self.header = nn.Linear(3, 3)
+
+    def normed(net):
+        return sorted(n for n, m in net.named_modules() if parametrize.is_parametrized(m))
+
+    net = eq.apply_norm(Net(), exclude=["head"])
+    assert normed(net) == ["body.0", "body.1", "header"]  # head and head.1.0 skipped
+    net = eq.apply_norm(Net(), exclude=("head.1", "body.0"))
+    assert normed(net) == ["body.1", "head.0", "header"]
+    seen = []
+
+    def only_linear_outside_body(name, layer):
+        seen.append(name)
+        return isinstance(layer, nn.Linear) and not name.startswith("body")
+
+    net = eq.apply_norm(Net(), filter=only_linear_outside_body, exclude=["header"])
+    assert normed(net) == ["head.0", "head.1.0"]
+    assert seen == ["body.0", "body.1", "head.0", "head.1.0"]  # candidates only, in order
+
+
+def test_apply_norm_filter_leaving_nothing_says_so():
+    with pytest.raises(ValueError, match="with a parameter 'weight' left by exclude/filter"):
+        eq.apply_norm(NormCell(), filter=lambda name, layer: False)
+    with pytest.raises(ValueError, match="left by exclude/filter"):
+        eq.apply_norm(NormCell(), exclude=["lin", "inj"])
+
+
 def _plain_function(z, x):
     return z
 
@@ -264,6 +401,46 @@ NORM_BAD = [
         "n_power_iterations must be an int >= 1",
     ),
     (lambda: eq.remove_norm("cell"), TypeError, "module must be an nn.Module, got str"),
+    (
+        lambda: eq.apply_norm(NormCell(), target_norm=0.0),
+        ValueError,
+        r"target_norm must be in \(0.0, inf\), got 0.0",
+    ),
+    (
+        lambda: eq.apply_norm(NormCell(), target_norm=float("nan")),
+        ValueError,
+        "target_norm must be in",
+    ),
+    (
+        lambda: eq.apply_norm(NormCell(), target_norm="1"),
+        TypeError,
+        "target_norm must be a real number, got '1'",
+    ),
+    (
+        lambda: eq.apply_norm(NormCell(), "spectral", clip=-1.0),
+        ValueError,
+        r"clip must be in \(0.0, inf\), got -1.0",
+    ),
+    (
+        lambda: eq.apply_norm(NormCell(), exclude="lin"),
+        TypeError,
+        "exclude must be a list of module names, got the string 'lin'",
+    ),
+    (
+        lambda: eq.apply_norm(NormCell(), exclude=[nn.Linear]),
+        TypeError,
+        "exclude must hold module names",
+    ),
+    (
+        lambda: eq.apply_norm(NormCell(), filter=nn.Linear(2, 2).weight),
+        TypeError,
+        r"filter must be a callable \(name, module\) -> bool",
+    ),
+    (
+        lambda: eq.apply_norm(NormCell(), filter=lambda name, layer: name),
+        TypeError,
+        "filter must return a bool, got 'lin' for 'lin'",
+    ),
 ]
 
 
