@@ -703,3 +703,42 @@ def test_rng_tensors_that_would_change_on_restore_are_rejected(
         load_checkpoint(path)
     assert str(info.value).startswith(f"{path}: corrupted checkpoint: its RNG states cannot be")
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"recipe": 1}, TypeError, "save_checkpoint: 'recipe' must be str, got int 1"),
+        ({"config": [1]}, TypeError, "save_checkpoint: 'config' must be dict, got list [1]"),
+        ({"epoch": True}, TypeError, "save_checkpoint: 'epoch' must be int, got bool True"),
+        ({"step": 1.5}, TypeError, "save_checkpoint: 'step' must be int, got float 1.5"),
+        ({"epoch": -1}, ValueError, "save_checkpoint: 'epoch' must be >= 0, got -1"),
+        ({"extra": [1]}, TypeError, "save_checkpoint: 'extra' must be dict, got list [1]"),
+        ({"extra": {1: "a"}}, ValueError, "its entry extra has the key 1, not a str"),
+        ({"config": {"lr": float("inf")}}, ValueError, "its entry config.lr is inf"),
+    ],
+)
+def test_save_refuses_arguments_that_load_would_refuse(
+    tmp_path: Path, arguments: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    """Format /1 wrote each of these, and load_checkpoint then refused the file (or, for an int
+    key, returned it as a string)."""
+    path = tmp_path / "checkpoint.safetensors"
+    valid: dict[str, Any] = {"recipe": "r", "config": {}, "epoch": 0, "step": 0}
+    with pytest.raises(error) as info:
+        save_checkpoint(path, **{**valid, **arguments}, model=torch.nn.Linear(2, 1))
+    assert message in str(info.value)
+    assert not path.exists()
+
+
+def test_an_empty_tensor_may_share_its_offset_with_the_next_one(tmp_path: Path) -> None:
+    """Offsets are checked in (begin, end) order, whatever the header's order: an empty tensor
+    listed after the one that starts where it lies is not an overlap (safetensors agrees)."""
+    from safetensors.torch import load_file
+
+    path = tmp_path / "checkpoint.safetensors"
+    later = _W.replace("model/w", "model/e").replace("[2]", "[0]").replace("0,8", "0,0")
+    path.write_bytes(_seal(_crafted(entries=f"{_W},{later}"), bytes(8)))
+    assert load_file(str(path))["model/e"].shape == (0,)
+    with pytest.raises(CheckpointError, match="lacks the tensors"):  # checked past the offsets
+        load_checkpoint(path)

@@ -188,6 +188,12 @@ def save_checkpoint(
             :data:`MAX_HEADER_BYTES`, or a tensor has a dtype safetensors lacks: such a file
             would not load back.
     """
+    extra = {} if extra is None else extra
+    problem = _entry_problem(
+        {"recipe": recipe, "config": config, "epoch": epoch, "step": step, "extra": extra}
+    )
+    if problem is not None:  # what load_checkpoint would refuse
+        raise problem[0](f"save_checkpoint: {problem[1]}")
     path = Path(path)
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim_meta = None
@@ -204,7 +210,7 @@ def save_checkpoint(
         "step": step,
         "optimizer": optim_meta,
         "rng": rng_values,
-        "extra": extra or {},
+        "extra": extra,
     }
     data = encode(tensors, _metadata_text(meta))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -218,6 +224,21 @@ def save_checkpoint(
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _entry_problem(meta: dict[str, Any]) -> tuple[type[Exception], str] | None:
+    """The first of ``meta``'s entries (those present) of a wrong type or value, as the error
+    type for an argument and the message; the same rules for writing and reading."""
+    for key, kinds in _TYPES.items():
+        value = meta.get(key)
+        if key in meta and (isinstance(value, bool) or not isinstance(value, kinds)):
+            allowed = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            got = f"{type(value).__name__} {value!r}"[:200]
+            return TypeError, f"{key!r} must be {allowed}, got {got}"
+    for key in ("epoch", "step"):
+        if key in meta and meta[key] < 0:
+            return ValueError, f"{key!r} must be >= 0, got {meta[key]}"
+    return None
 
 
 def _read_metadata(text: str, path: Path) -> dict[str, Any]:
@@ -241,19 +262,9 @@ def _read_metadata(text: str, path: Path) -> dict[str, Any]:
             f"{path}: corrupted checkpoint: its metadata lacks {', '.join(missing)} (a checkpoint "
             f"of format {FORMAT!r} has {', '.join(_REQUIRED)})"
         )
-    for key, kinds in _TYPES.items():
-        value = meta[key]
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            allowed = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-            raise CheckpointError(
-                f"{path}: corrupted checkpoint: its metadata {key!r} must be {allowed}, got "
-                f"{type(value).__name__} {value!r}"[:300]
-            )
-    for key in ("epoch", "step"):
-        if meta[key] < 0:
-            raise CheckpointError(
-                f"{path}: corrupted checkpoint: its metadata {key!r} must be >= 0, got {meta[key]}"
-            )
+    problem = _entry_problem(meta)
+    if problem is not None:
+        raise CheckpointError(f"{path}: corrupted checkpoint: its metadata {problem[1]}")
     return meta
 
 

@@ -64,9 +64,9 @@ class CheckpointError(RuntimeError):
 
 
 def json_problem(value: Any) -> str | None:
-    """Why ``value`` cannot be checkpoint metadata (nested over :data:`MAX_DEPTH` levels, or
-    holding a NaN or an infinity, with where), else None. Iterative: deep values cannot overflow
-    the stack."""
+    """Why ``value`` cannot be checkpoint metadata (nested over :data:`MAX_DEPTH` levels, holding
+    a NaN or an infinity, or a key JSON would turn into a string, with where), else None.
+    Iterative: deep values cannot overflow the stack."""
     stack: list[tuple[Any, int, str]] = [(value, 0, "")]
     while stack:
         v, depth, where = stack.pop()
@@ -77,6 +77,9 @@ def json_problem(value: Any) -> str | None:
         if isinstance(v, (dict, list, tuple)):
             if depth == MAX_DEPTH:
                 return f"nests lists and objects more than {MAX_DEPTH} levels deep"
+            if isinstance(v, dict) and not all(isinstance(k, str) for k in v):
+                key = next(k for k in v if not isinstance(k, str))
+                return f"entry {where[1:] or '(the whole value)'} has the key {key!r}, not a str"
             items = v.items() if isinstance(v, dict) else enumerate(v)
             stack.extend((c, depth + 1, f"{where}.{k}") for k, c in items)
     return None
@@ -286,7 +289,10 @@ def _read_layout(fh: IO[bytes], size: int, path: Path) -> _Layout:
             f"{_META_KEY!r}, got the keys {sorted(meta)}"[:300],
         )  # fmt: skip
     raw[at : at + 64] = _ZEROS
-    entries = sorted((_entry(k, v, path) for k, v in header.items()), key=lambda e: e.begin)
+    # by (begin, end): an empty tensor at the offset where the next one starts comes first
+    entries = sorted(
+        (_entry(k, v, path) for k, v in header.items()), key=lambda e: (e.begin, e.end)
+    )
     data_bytes, end = size - 8 - n, 0
     for e in entries:  # back to back from 0: no gap, no overlap, nothing past the file
         if e.begin != end:
