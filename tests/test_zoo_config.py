@@ -19,8 +19,8 @@ from equilibria.zoo.config import (
     parse_options,
     to_dict,
 )
-from equilibria.zoo.digits import DigitsConfig
-from equilibria.zoo.mosaic import MosaicConfig
+from equilibria.zoo.digits import DigitsConfig, DigitsTask
+from equilibria.zoo.mosaic import MosaicConfig, MosaicTask
 
 # (command-line options, message fragments)
 BAD_OPTIONS = [
@@ -111,7 +111,8 @@ def test_compare_config_errors() -> None:
 def test_registry() -> None:
     recipe = get_recipe("digits")
     assert recipe.config_class() is DigitsConfig
-    assert callable(recipe.train_function()) and callable(recipe.evaluate_function())
+    assert callable(recipe.train_function()) and recipe.task_class() is DigitsTask
+    assert get_recipe("mosaic").task_class() is MosaicTask
     with pytest.raises(RecipeError, match=r"unknown recipe 'cifar'.*digits"):
         get_recipe("cifar")
 

@@ -172,14 +172,14 @@ def test_resume_refuses_other_options_and_missing_run(tmp_path: Path) -> None:
 
 
 def _edit_checkpoint_meta(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
-    """Rewrite the checkpoint's JSON metadata (not covered by the tensors' SHA-256)."""
-    from safetensors.torch import load, save
+    """Rewrite the checkpoint's JSON metadata, re-sealed with a valid digest (a crafted file, as
+    an attacker or a buggy tool would write it)."""
+    from equilibria.zoo import checkpoint_file
 
-    data = path.read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    meta = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["equilibria"])
+    tensors, text = checkpoint_file.read(path)
+    meta = json.loads(text)
     edit(meta)
-    path.write_bytes(save(load(data), metadata={"equilibria": json.dumps(meta)}))
+    path.write_bytes(checkpoint_file.encode(tensors, json.dumps(meta)))
 
 
 def test_resume_refuses_an_unrestorable_optimizer_before_touching_the_folder(
@@ -322,7 +322,7 @@ def test_warmup_longer_than_training_is_refused_for_new_runs_only(
 
 MOSAIC_TINY = [
     "--grid", "2", "--channels", "8", "--rank", "2", "--steps", "2", "--batch-size", "4",
-    "--test-canvases", "4", "--threads", "1",
+    "--test-canvases", "4", "--threads", "1", "--quiet", "--no-report",
 ]  # fmt: skip
 
 
@@ -331,18 +331,32 @@ def test_mosaic_through_the_cli(
 ) -> None:
     run = tmp_path / "mosaic"
     assert main(["train", "mosaic", *MOSAIC_TINY, f"--run-dir={run}"]) == 0  # the `=` form
-    assert f"run folder: {run}" in capsys.readouterr().out
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "summary.json"]
+    out = capsys.readouterr().out
+    assert f"run folder: {run}" in out and "mosaic: mIoU" in out
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.safetensors", "config.json", "metrics.jsonl", "summary.json",
+    ]  # fmt: skip
     assert main(["train", "mosaic", *MOSAIC_TINY, "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
-    assert f"run folder {run} already holds a run; choose another --run-dir" in err
-    assert "--resume" not in err  # mosaic has no --resume
-    assert main(["train", "mosaic", "--run-dir="]) == 2
-    assert "--run-dir needs a folder" in capsys.readouterr().err
+    assert f"run folder {run} already holds a run; pass --resume to continue it" in err
+    for empty in (["--run-dir="], ["--run-dir", ""]):
+        assert main(["train", "mosaic", *empty]) == 2
+        assert "--run-dir needs a folder" in capsys.readouterr().err
     for recipe in ("mosaic", "digits"):  # digits kept the last one silently
         assert main(["train", recipe, "--run-dir", "a", "--run-dir=b"]) == 2
         assert "--run-dir given 2 times; give one folder" in capsys.readouterr().err
     assert not (Path("a").exists() or Path("b").exists())
+    # eval and report work on the mosaic run folder
+    assert main(["eval", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["miou"] == summary["miou"] and result["recipe"] == "mosaic"
+    assert main(["eval", str(run)]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    assert main(["eval", str(run), "--eval-max-iter", "3"]) == 2  # a digits option
+    assert "unknown option(s) ['--eval-max-iter', '3']" in capsys.readouterr().err
+    assert main(["report", str(run)]) == 0
+    assert "| mIoU |" in (run / "report.md").read_text() and (run / "miou.png").is_file()
     # several torchrun processes: refused before anything is written
     monkeypatch.setenv("WORLD_SIZE", "2")
     other = tmp_path / "ddp"
@@ -398,24 +412,27 @@ def test_a_failed_digits_run_is_recorded_and_can_be_resumed(
     assert json.loads((run / "summary.json").read_text())["epochs"] == 1
 
 
-def test_mosaic_module_refuses_to_overwrite_results(
+def test_mosaic_sweep_refuses_to_overwrite_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    assert mosaic.main(["train", *MOSAIC_TINY, "--log-every", "0", "--out", str(out)]) == 0
-    first = (out / "metrics.json").read_text()
-    assert json.loads(first)["config"]["grid"] == 2
-    assert [p.name for p in out.iterdir()] == ["metrics.json"]  # no temporary left
+    argv = ["sweep", "mosaic", "--seeds", "0", "--variants", "conv only", *MOSAIC_TINY]
+    assert main([*argv, "--run-dir", str(out)]) == 0
+    table = (out / "sweep.md").read_text()
+    assert table.count("| conv only |") == 1 and "| variant | mIoU | IoU match |" in table
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["runs"][0]["grid"] == 2 if "grid" in record["runs"][0] else True
+    assert (out / "runs" / "conv-only-seed0" / "checkpoint.safetensors").is_file()
     capsys.readouterr()
-    assert mosaic.main(["train", *MOSAIC_TINY, "--out", str(out)]) == 2
-    assert f"--out {out} is not empty" in capsys.readouterr().err
-    assert (out / "metrics.json").read_text() == first
-    assert mosaic.main(["compare", "--out", str(out), "--variants", "conv only"]) == 2
-    assert f"--out {out} is not empty" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=f"out {out} is not empty"):
+    before = (out / "sweep.json").read_text()
+    assert main([*argv, "--run-dir", str(out)]) == 2
+    assert f"{out} already holds a finished sweep" in capsys.readouterr().err
+    assert (out / "sweep.json").read_text() == before
+    with pytest.raises(ConfigError, match="already holds a finished sweep"):
         mosaic.compare(out, variants=["conv only"])
-    assert mosaic.main(["train", "--lr", "0"]) == 2
+    assert main(["sweep", "mosaic", "--lr", "0", "--run-dir", str(tmp_path / "x")]) == 2
     assert "MosaicConfig: lr must be in (0, inf), got 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow
@@ -440,8 +457,9 @@ def test_cli_errors_instead_of_tracebacks(
         argv = ["train", "digits", *TINY_ARGS, "--device", "cuda", "--run-dir", str(tmp_path / "c")]
         assert main(argv) == 2
         assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    train(DigitsConfig(**{**TINY, "epochs": 1}, run_dir=str(tmp_path / "run")))
     monkeypatch.setitem(sys.modules, "sklearn", None)
-    assert main(["eval", str(tmp_path / "nothing")]) == 1
+    assert main(["eval", str(tmp_path / "run")]) == 1
     assert "missing optional dependency sklearn" in capsys.readouterr().err
 
 

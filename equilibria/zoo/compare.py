@@ -13,7 +13,8 @@ the digits recipe (fewer epochs than the full recipe, to stay affordable on 2 co
 * cosine of each method's gradient (all parameters, one batch, float64) to the exact gradient
   (forward solve and implicit adjoint both to 1e-10), at initialisation and after training.
 
-Writes ``compare.md`` and ``compare.json`` (plus one run folder per training run) into its folder.
+The training runs are the cells of a sweep (:func:`equilibria.zoo.sweep.run_sweep`: one run
+folder per method and seed, resumable). Writes ``compare.md`` and ``compare.json`` into its folder.
 """
 
 from __future__ import annotations
@@ -30,10 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ConfigError, check_fields, check_range, option, to_dict
-from .digits import DigitsConfig, DigitsDEQ, batch_loss, build_model, load_data, train
+from .digits import DigitsConfig, DigitsDEQ, DigitsTask, batch_loss, build_model, load_data
 from .memory import PeakMemory
-from .registry import get_recipe
-from .runs import RunFolder, default_run_dir, read_json, require_extras, write_json
+from .runs import (
+    RunFolder,
+    default_run_dir,
+    num_threads,
+    read_json,
+    require_extras,
+    write_json,
+    write_text,
+)
+from .sweep import SweepConfig, cell_config, run_sweep
 
 Method = Literal["implicit", "phantom", "neumann", "jfb", "unrolled"]
 METHOD_LABELS = {
@@ -87,21 +96,20 @@ class CompareConfig:
             )
 
 
+def _overrides(config: CompareConfig) -> dict[str, Any]:
+    """Options of every training run of the comparison."""
+    return {"epochs": config.epochs, "threads": config.threads, "measure_memory": False,
+            "train_subset": config.train_subset}  # fmt: skip
+
+
 def _recipe_config(
     config: CompareConfig, method: str, seed: int, run_dir: Path, *, resume: bool = False
 ) -> DigitsConfig:
-    return DigitsConfig(
-        backward=method,  # type: ignore[arg-type]
-        seed=seed,
-        epochs=config.epochs,
-        threads=config.threads,
-        run_dir=str(run_dir),
-        resume=resume,
-        quiet=True,
-        measure_memory=False,
-        report=False,
-        train_subset=config.train_subset,
-    )
+    """The digits config of the run of ``method`` and ``seed`` in the comparison's folder
+    ``run_dir.parent.parent`` (the sweep's cell config)."""
+    root = run_dir.parent.parent
+    changes = {"backward": method}
+    return cell_config(DigitsTask, root, method, changes, seed, _overrides(config), resume=resume)
 
 
 def gradient(model_state: dict[str, Tensor], config: DigitsConfig, images: Tensor,
@@ -191,14 +199,9 @@ def compare_gradients(config: CompareConfig) -> dict[str, Any]:
     """
     if not isinstance(config, CompareConfig):
         raise TypeError(f"config must be a CompareConfig, got {type(config).__name__}")
-    require_extras(*get_recipe("digits").extras)  # before anything is written
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
+    require_extras(*DigitsTask.extras)  # before anything is written
+    with num_threads(config.threads):
         return _compare(config)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _compare(config: CompareConfig) -> dict[str, Any]:
@@ -206,81 +209,68 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     root = Path(config.run_dir) if config.run_dir else default_run_dir("compare-gradients")
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--run-dir {root} is a file, not a folder; choose a folder")
-    if (root / "compare.json").exists():
-        raise ConfigError(f"{root} already holds a finished comparison; choose another --run-dir")
-    if config.resume and not (root / "runs").is_dir():
-        raise ConfigError(f"--resume: {root} holds no comparison to continue (no runs/ folder)")
-    if not config.resume and root.is_dir() and any(root.iterdir()):
-        raise ConfigError(
-            f"{root} already holds (part of) a comparison; pass --resume to continue it or "
-            "choose another --run-dir"
-        )
-    root.mkdir(parents=True, exist_ok=True)
     x_train, y_train, _, _ = load_data()
     cos_images, cos_labels = x_train[: config.cosine_batch], y_train[: config.cosine_batch]
     timing_batches = [(x_train[i * 64 : (i + 1) * 64], y_train[i * 64 : (i + 1) * 64])
                       for i in range(4)]  # fmt: skip
-    runs: list[dict[str, Any]] = []
-    timing: dict[int, dict[str, float]] = {}
+    configs: dict[tuple[str, int], DigitsConfig] = {}
+    states: dict[tuple[str, int], dict[str, Tensor]] = {}
+
+    def measure(method: str, seed: int, cfg: DigitsConfig, summary: dict[str, Any]) -> dict:
+        """Gradient cosines at initialisation and after training, and the run's statistics."""
+        rows = RunFolder(summary["run_dir"]).read_metrics()
+        trained = DigitsDEQ(cfg)
+        trained.load_state_dict(_checkpoint_state(summary["checkpoint"]))
+        configs[method, seed], states[method, seed] = cfg, trained.state_dict()
+        cos = {}
+        for when, state in (
+            ("init", build_model(cfg).state_dict()),
+            ("trained", states[method, seed]),
+        ):
+            g = gradient(state, cfg, cos_images, cos_labels)
+            cos[when] = _cosine(g, gradient(state, cfg, cos_images, cos_labels, exact=True))
+        bar.update(1)
+        return {
+            "method": method,
+            "train_step_ms": statistics.median(
+                r["step_ms"] for r in rows if r.get("step_ms") is not None
+            ),
+            "fwd_iters_mean": statistics.fmean(r["fwd_iters_mean"] for r in rows),
+            "bwd_iters_mean": statistics.fmean(r["bwd_iters_mean"] for r in rows),
+            "cos_init": cos["init"],
+            "cos_trained": cos["trained"],
+        }
+
+    sweep = SweepConfig(seeds=tuple(range(config.seeds)), run_dir=str(root), resume=config.resume)
+    variants = {m: {"backward": m} for m in config.methods}
     bar = tqdm(total=config.seeds * len(config.methods), disable=config.quiet, desc="compare",
                unit="run", dynamic_ncols=True)  # fmt: skip
     with bar:
+        result = run_sweep(
+            DigitsTask, sweep, _overrides(config), variants=variants, after_run=measure,
+            files=("compare.md", "compare.json"), write=False,
+            progress=lambda method, seed: bar.set_postfix(seed=seed, method=method),
+        )  # fmt: skip
+        timing = {}
         for seed in range(config.seeds):
-            configs: dict[str, DigitsConfig] = {}
-            states: dict[str, dict[str, Tensor]] = {}
-            for method in config.methods:
-                bar.set_postfix(seed=seed, method=method)
-                run_dir = root / "runs" / f"{method}-seed{seed}"
-                started = config.resume and RunFolder(run_dir).holds_run()
-                cfg = _recipe_config(config, method, seed, run_dir, resume=started)
-                configs[method] = cfg
-                init_state = build_model(cfg).state_dict()
-                summary = train(cfg)
-                rows = [r for r in _metrics(Path(summary["run_dir"]))]
-                trained = DigitsDEQ(cfg)
-                trained.load_state_dict(_checkpoint_state(summary["checkpoint"]))
-                states[method] = trained.state_dict()
-                cos = {}
-                for when, state in (("init", init_state), ("trained", states[method])):
-                    g = gradient(state, cfg, cos_images, cos_labels)
-                    ref = gradient(state, cfg, cos_images, cos_labels, exact=True)
-                    cos[when] = _cosine(g, ref)
-                runs.append(
-                    {
-                        "method": method,
-                        "seed": seed,
-                        "test_acc": summary["test_acc"],
-                        "train_step_ms": statistics.median(
-                            r["step_ms"] for r in rows if r.get("step_ms") is not None
-                        ),
-                        "train_time_s": summary["train_time_s"],
-                        "fwd_iters_mean": statistics.fmean(r["fwd_iters_mean"] for r in rows),
-                        "bwd_iters_mean": statistics.fmean(r["bwd_iters_mean"] for r in rows),
-                        "eval_iters": summary["eval_iters"],
-                        "cos_init": cos["init"],
-                        "cos_trained": cos["trained"],
-                        "run_dir": summary["run_dir"],
-                    }
-                )
-                bar.update(1)
-            ref_state = states.get("implicit", next(iter(states.values())))
+            seed_configs = {m: configs[m, seed] for m in config.methods}
+            ref_state = states.get(("implicit", seed), states[config.methods[0], seed])
             timing[seed] = interleaved_step_ms(
-                configs, ref_state, timing_batches, config.timing_rounds
+                seed_configs, ref_state, timing_batches, config.timing_rounds
             )
         memory = {
             method: {
-                n: step_memory(_recipe_config(config, method, 0, root), n, cos_images, cos_labels)
+                n: step_memory(configs[method, 0], n, cos_images, cos_labels)
                 for n in config.memory_iters
             }
             for method in config.methods
         }
+    runs = result.runs
     rows = _aggregate(config, runs, timing, memory)
     targets = _targets(config, rows)
     elapsed = time.perf_counter() - start
     markdown = _markdown(config, rows, targets, elapsed)
-    result = {
+    record = {
         "config": to_dict(config),
         "rows": rows,
         "runs": runs,
@@ -290,15 +280,11 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
         "elapsed_s": elapsed,
         "threads": torch.get_num_threads(),
     }
-    write_json(root / "compare.json", result)
-    (root / "compare.md").write_text(markdown)
-    result.update(markdown=markdown, compare_md=str(root / "compare.md"),
+    write_json(root / "compare.json", record)
+    write_text(root / "compare.md", markdown)
+    record.update(markdown=markdown, compare_md=str(root / "compare.md"),
                   compare_json=str(root / "compare.json"))  # fmt: skip
-    return result
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return RunFolder(run_dir).read_metrics()
+    return record
 
 
 def _checkpoint_state(path: str) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 import math
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from equilibria._validate import check_float
@@ -198,17 +198,22 @@ def differences(
     return out
 
 
-class _Parser(argparse.ArgumentParser):
+class OptionParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors raise :class:`ConfigError` instead of exiting."""
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(message)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one ``--option`` per field of ``cls``; defaults are suppressed (only given ones set)."""
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, only: Collection[str] | None = None
+) -> None:
+    """Add one ``--option`` per field of ``cls`` (or of the fields named in ``only``); defaults
+    are suppressed (only given ones are set)."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
         hint = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
@@ -243,6 +248,26 @@ def _converter(name: str, item: Any) -> typing.Callable[[str], Any]:
     return convert
 
 
+def refuse_repeats(argv: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` if an option is given more than once (argparse would keep the
+    last silently); ``--flag`` and ``--no-flag`` count as the same option.
+
+    Raises:
+        ConfigError: naming the option and how often it was given.
+    """
+    seen: dict[str, int] = {}
+    for arg in argv:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        flag = arg.split("=", 1)[0]
+        flag = "--" + flag[5:] if flag.startswith("--no-") else flag
+        seen[flag] = seen.get(flag, 0) + 1
+    for flag, count in seen.items():
+        if count > 1:
+            hint = "give one folder" if flag == "--run-dir" else "give it once"
+            raise ConfigError(f"{flag} given {count} times; {hint}")
+
+
 def parse_options(cls: type[C], argv: Iterable[str], *, prog: str) -> C:
     """Parse ``--option value`` arguments into a config of type ``cls``.
 
@@ -250,9 +275,10 @@ def parse_options(cls: type[C], argv: Iterable[str], *, prog: str) -> C:
         ConfigError: for an unknown option (with the allowed ones and the closest match), a value
             of the wrong type, or a value that the config's ``__post_init__`` rejects.
     """
-    parser = _Parser(prog=prog, add_help=False, allow_abbrev=False)
-    add_arguments(parser, cls)
     argv = list(argv)
+    refuse_repeats(argv)
+    parser = OptionParser(prog=prog, add_help=False, allow_abbrev=False)
+    add_arguments(parser, cls)
     args, rest = parser.parse_known_args(argv)
     if rest:
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 import equilibria as eq
 
-from .cli import format_summary
-from .digits import DigitsConfig, DigitsDEQ, batch_loss, load_data, load_model, train
-from .runs import default_run_dir
+from .digits import DigitsConfig, DigitsDEQ, DigitsTask, batch_loss, load_data, load_model, train
+from .report import format_summary
+from .runs import default_run_dir, num_threads
 
 
 def _solver_table(model: DigitsDEQ, images: torch.Tensor, tol: float) -> list[dict[str, Any]]:
@@ -97,11 +97,9 @@ def run_demo(*, run_dir: str = "", quiet: bool = False, epochs: int | None = Non
         flush=True,
     )
     summary = train(config)
-    print(format_summary(summary), flush=True)
+    print(format_summary(DigitsTask, summary), flush=True)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads or threads)
-    try:
+    with num_threads(config.threads):
         model, _ = load_model(summary["checkpoint"])
         model.eval()
         x_train, y_train, x_test, _ = load_data()
@@ -114,8 +112,6 @@ def run_demo(*, run_dir: str = "", quiet: bool = False, epochs: int | None = Non
                 f"{row['ms']:.0f} ms"
             )
         check = _gradient_check(config, model.state_dict(), x_train[:64], y_train[:64])
-    finally:
-        torch.set_num_threads(threads)
     print(
         "\none batch of 64, gradient of the loss w.r.t. all parameters:\n"
         f"  implicit (exact, adjoint solve)  {check['implicit_ms']:.1f} ms\n"

@@ -28,12 +28,9 @@ Reference: Bai, Koltun & Kolter, "Multiscale Deep Equilibrium Models", NeurIPS 2
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import random
 import statistics
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,27 +43,10 @@ from torch import Tensor, nn
 
 import equilibria as eq
 
-from . import distributed
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
-from .config import ConfigError, check_fields, check_range, differences, from_dict, option, to_dict
+from . import distributed, evaluation, trainer
+from .config import ConfigError, check_fields, check_range, option
 from .distributed import DistInfo
-from .memory import PeakMemory
-from .registry import get_recipe
-from .runs import (
-    SUMMARY,
-    MissingExtraError,
-    ReportFailedError,
-    RunFolder,
-    default_run_dir,
-    require_extras,
-    write_json,
-)
+from .task import Metric, Plot, Schedule, StepOutput, Task
 
 RECIPE = "digits"
 TEST_SIZE = 360
@@ -392,373 +372,159 @@ def make_optimizer(model: nn.Module, config: DigitsConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to zero at ``total``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
 # ----------------------------------------------------------------------------------------------
-# Training
+# The recipe on the trainer
+
+
+class DigitsTask(Task):
+    """The digits recipe for :func:`equilibria.zoo.trainer.train`."""
+
+    name = RECIPE
+    config_class = DigitsConfig
+    headline = Metric("test_acc", "test accuracy", percent=True)
+    table_metrics = (
+        Metric("fwd_iters_mean", "fwd it.", higher_is_better=False, fmt=".1f"),
+        Metric("bwd_iters_mean", "bwd it.", higher_is_better=False, fmt=".1f"),
+        Metric("step_ms", "ms / step", higher_is_better=False, fmt=".1f"),
+    )
+    epoch_columns = (
+        Metric("train_loss", "loss", higher_is_better=False, fmt=".4f"),
+        Metric("train_acc", "train", percent=True),
+        Metric("test_acc", "test", percent=True),
+        Metric("fwd_iters_mean", "fwd it", higher_is_better=False, fmt=".1f"),
+        Metric("bwd_iters_mean", "bwd it", higher_is_better=False, fmt=".1f"),
+        Metric("eval_iters", "eval it", higher_is_better=False),
+        Metric("fwd_residual_max", "fwd res", higher_is_better=False, fmt=".1e"),
+        Metric("test_loss", "test loss", higher_is_better=False, fmt=".4f"),
+    )
+    plots = (
+        Plot("learning_curves", "loss", "cross-entropy",
+             (("train_loss", "train"), ("test_loss", "test")), log=True),
+        Plot("accuracy", "accuracy", "accuracy (fraction)",
+             (("train_acc", "train"), ("test_acc", "test"))),
+        Plot("residuals", "evaluation solve", "max relative residual",
+             (("eval_trace", "epoch"),), log=True, trace=True, hline="eval_tol"),
+        Plot("iterations", "solver iterations per epoch", "iterations",
+             (("fwd_iters_mean", "forward (train, mean)"), ("eval_iters", "forward (eval)"),
+              ("bwd_iters_mean", "backward (mean)"))),
+    )  # fmt: skip
+    eval_options = ("eval_max_iter", "eval_tol", "solver")
+    extras = ("sklearn", "safetensors", "tqdm")
+    distributed = True
+
+    def check(self, info: DistInfo) -> None:
+        config = self.config
+        # a rule for new runs only: a saved run that predates it must still load and resume
+        if not config.resume and config.warmup_epochs > config.epochs:
+            raise ConfigError(
+                f"DigitsConfig: warmup_epochs must be <= epochs={config.epochs} (else the "
+                f"learning rate never reaches its peak), got {config.warmup_epochs}"
+            )
+        if config.batch_size % info.world_size:
+            raise ConfigError(
+                f"batch_size={config.batch_size} must be divisible by the number of processes "
+                f"({info.world_size})"
+            )
+
+    def setup(self, device: torch.device) -> None:
+        dtype = torch.float64 if self.config.dtype == "float64" else torch.float32
+        self.data = load_data(device=device, dtype=dtype, subset=self.config.train_subset)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.config)
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return make_optimizer(model, self.config)
+
+    def schedule(self) -> Schedule:
+        steps = (self.config.train_subset or TRAIN_SIZE) // self.config.batch_size
+        return Schedule(self.config.epochs, steps, self.config.warmup_epochs * steps)
+
+    def batches(self, epoch: int, info: DistInfo) -> Iterator[tuple[Tensor, Tensor]]:
+        config, (x_train, y_train) = self.config, self.data[:2]
+        n, b = x_train.shape[0], config.batch_size
+        # same permutation and shifts on every process and for any number of processes
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=gen)
+        shifts = torch.randint(0, 3, (n, 2), generator=gen)
+        for k in range(n // b):
+            idx = distributed.local_slice(perm[k * b : (k + 1) * b], info)
+            images = x_train[idx.to(x_train.device)]
+            if config.augment:
+                images = shift_images(images, shifts[idx].to(images.device))
+            yield images, y_train[idx.to(y_train.device)]
+
+    def train_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:
+        loss, logits = batch_loss(net, *batch, self.config)
+        return StepOutput(loss, logits.detach())
+
+    def step_metrics(
+        self, model: nn.Module, batch: Any, out: StepOutput
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        labels, logits = batch[1], out.outputs
+        sol = model.deq.last_solution
+        assert sol is not None
+        sums = {
+            "loss_sum": float(F.cross_entropy(logits, labels)) * labels.numel(),
+            "correct": float((logits.argmax(1) == labels).sum()),
+            "count": labels.numel(),
+        }
+        bwd_res = sol.backward.residual
+        values = {
+            "fwd_iters": sol.nstep,
+            "fwd_res": float(sol.residual.max()),
+            "fwd_conv": float(sol.converged.double().mean()),
+            "bwd_iters": backward_iterations(sol, self.config),
+            "bwd_res": None if bwd_res is None else float(bwd_res.max()),
+        }
+        return sums, values
+
+    def epoch_metrics(self, sums: dict[str, float], values: dict[str, list[Any]]) -> dict:
+        bwd_res = [r for r in values["bwd_res"] if r is not None]
+        return {
+            "train_loss": sums["loss_sum"] / sums["count"],
+            "train_acc": sums["correct"] / sums["count"],
+            "fwd_iters_mean": statistics.fmean(values["fwd_iters"]),
+            "fwd_iters_max": max(values["fwd_iters"]),
+            "fwd_residual_max": max(values["fwd_res"]),
+            "fwd_residual_mean": statistics.fmean(values["fwd_res"]),
+            "fwd_converged": statistics.fmean(values["fwd_conv"]),
+            "bwd_iters_mean": statistics.fmean(values["bwd_iters"]),
+            "bwd_residual_max": max(bwd_res) if bwd_res else None,
+        }
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        return evaluate_model(model, self.data[2], self.data[3])
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        return {"solver": self.config.solver, "backward": self.config.backward}
+
+    def describe(self, s: dict[str, Any]) -> list[str]:
+        def fmt(key: str, spec: str) -> str:
+            return "–" if s.get(key) is None else format(s[key], spec)
+
+        return [
+            f"forward solver {s['solver']}: {fmt('fwd_iters_mean', '.1f')} iterations per "
+            f"training step (largest residual {fmt('fwd_residual_max', '.1e')}), "
+            f"{s['eval_iters']} on the test set (largest residual {s['eval_residual_max']:.1e}, "
+            f"{100 * s['eval_converged']:.0f}% of samples below tol {self.config.eval_tol})",
+            f"backward {s['backward']}: {fmt('bwd_iters_mean', '.1f')} iterations per step; "
+            f"{fmt('step_ms', '.1f')} ms per training step (median, last epoch)",
+        ]
+
+    def describe_eval(self, r: dict[str, Any]) -> list[str]:
+        return [
+            f"loss {r['test_loss']:.4f}; forward solver {r['solver']}: {r['eval_iters']} "
+            f"iterations (budget {r['eval_max_iter']}, tol {r['eval_tol']:g}), largest residual "
+            f"{r['eval_residual_max']:.2e}, {100 * r['eval_converged']:.0f}% of samples converged"
+        ]
 
 
 def train(
     config: DigitsConfig, *, on_epoch_end: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
-    """Train the digits DEQ; write the run folder (rank 0) and return the summary.
-
-    Under ``torchrun`` (``WORLD_SIZE > 1``) it trains with DistributedDataParallel on the same
-    global batches as a single process.
-
-    Args:
-        config: the options.
-        on_epoch_end: called with the epoch number after each epoch's checkpoint is written
-            (tests use it to interrupt a run).
-
-    Returns:
-        The summary also written to ``summary.json``: final test accuracy, solver statistics,
-        timings, peak memory and paths.
-
-    Raises:
-        ConfigError: invalid options, a run folder that already holds a run (without
-            ``resume``), or a resume whose options differ from the saved run.
-        MissingExtraError: an optional dependency is not installed (checked before the run
-            folder is written).
-        CheckpointError: ``resume`` with a truncated or corrupted checkpoint (the file is left
-            as it is). A run killed before its first checkpoint resumes from the start.
-        RunFailedError: training stopped with another error (its cause) after the run folder
-            was set up; ``summary.json`` records it, and ``resume`` continues from the last
-            checkpoint. Interruptions (KeyboardInterrupt) pass through unrecorded.
-        ReportFailedError: training finished and ``summary.json`` holds its results, but writing
-            ``report.md`` failed (``equilibria report`` writes it again).
-    """
-    if not isinstance(config, DigitsConfig):
-        raise TypeError(f"config must be a DigitsConfig, got {type(config).__name__}")
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    info = distributed.setup(config.device)
-    try:
-        return _train(config, info, on_epoch_end)
-    finally:
-        distributed.teardown(info)
-        torch.set_num_threads(threads)
-
-
-def _train(
-    config: DigitsConfig, info: DistInfo, on_epoch_end: Callable[[int], None] | None
-) -> dict[str, Any]:
-    wall_start = time.perf_counter()
-    # a rule for new runs only: a saved run that predates it must still load and resume
-    if not config.resume and config.warmup_epochs > config.epochs:
-        raise ConfigError(
-            f"DigitsConfig: warmup_epochs must be <= epochs={config.epochs} (else the learning "
-            f"rate never reaches its peak), got {config.warmup_epochs}"
-        )
-    if config.batch_size % info.world_size:
-        raise ConfigError(
-            f"batch_size={config.batch_size} must be divisible by the number of processes "
-            f"({info.world_size})"
-        )
-    # the recipe's extras (one list, in the registry), and matplotlib for the report
-    extras = get_recipe(RECIPE).extras
-    require_extras(*extras, *(("matplotlib",) if config.report else ()))
-    run = RunFolder(config.run_dir or (default_run_dir(RECIPE) if info.is_main else "."))
-    config = dataclasses.replace(config, run_dir=str(run.path))
-    saved_config = to_dict(config)
-    ckpt = None
-    # rank 0 decides whether the folder holds a run; every rank then fails with the same error
-    if not config.resume:
-        run.check_new(holds=distributed.broadcast_flag(info.is_main and run.holds_run(), info))
-    if config.resume:
-        run.check_resume(RECIPE, saved_config, DigitsConfig)
-        if run.checkpoint.exists():  # else: stopped before its first checkpoint, start over
-            ckpt = load_checkpoint(run.checkpoint, recipe=RECIPE)
-            diff = differences(ckpt.config, saved_config, DigitsConfig)
-            if diff:
-                raise CheckpointError(f"{ckpt.path}: checkpoint of another configuration: {diff}")
-            _check_same_setting(ckpt, info)
-            _check_restorable(ckpt, config)
-    elif info.is_main:
-        run.start(RECIPE, saved_config)
-    distributed.barrier(info)
-    try:
-        return _fit(config, saved_config, ckpt, run, info, on_epoch_end, wall_start)
-    except (ConfigError, MissingExtraError, ReportFailedError):
-        raise
-    except Exception as e:  # recorded in the folder (rank 0), so a rerun there says so
-        raise run.fail(e, record=info.is_main) from e
-
-
-def _check_same_setting(ckpt: Checkpoint, info: DistInfo) -> None:
-    """Refuse a resume whose process count or CPU thread count differs from the saved run's:
-    either changes the numbers (another split of each batch, other reductions), so the result
-    would not be the uninterrupted run's. Checkpoints that predate the record pass."""
-    saved = ckpt.extra.get("metrics", {}) if isinstance(ckpt.extra, dict) else {}
-    now = {"world_size": info.world_size}
-    if info.device.type == "cpu":
-        now["threads"] = torch.get_num_threads()
-    hints = {
-        "world_size": "run it under torchrun with --nproc-per-node {saved}",
-        "threads": "pass --threads {saved}",
-    }
-    for key, value in now.items():
-        was = saved.get(key)
-        if isinstance(was, int) and was != value:
-            raise ConfigError(
-                f"--resume: the run in {ckpt.path.parent} was trained with {key}={was}, this "
-                f"process has {value}; that changes the numbers, so the resumed run would not "
-                f"match an uninterrupted one: {hints[key].format(saved=was)}"
-            )
-
-
-def _check_restorable(ckpt: Checkpoint, config: DigitsConfig) -> None:
-    """Load the checkpoint into a throwaway model and optimizer, before the folder is touched.
-
-    Its metadata (the optimizer's state layout) is not covered by the tensors' checksum, so a
-    damaged one is found here and reported as a checkpoint problem rather than as a training
-    failure recorded over the run's summary.
-    """
-    model = build_model(config)
-    optimizer = make_optimizer(model, config)
-    try:
-        model.load_state_dict(ckpt.model)
-        if ckpt.optimizer is None:
-            raise ValueError("the checkpoint holds no optimizer state")
-        optimizer.load_state_dict(ckpt.optimizer)
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"{ckpt.path}: its state cannot be restored into the model and optimizer of its "
-            f"configuration ({type(e).__name__}: {e}); resume from an intact checkpoint or "
-            "start a new run"
-        ) from e
-
-
-def _fit(
-    config: DigitsConfig,
-    saved_config: dict[str, Any],
-    ckpt: Checkpoint | None,
-    run: RunFolder,
-    info: DistInfo,
-    on_epoch_end: Callable[[int], None] | None,
-    wall_start: float,
-) -> dict[str, Any]:
-    """Training and evaluation of :func:`_train` once the run folder is set up."""
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    random.seed(config.seed)
-    np.random.seed(config.seed)  # noqa: NPY002 (seeds the global RNG that user code may use)
-    model = build_model(config).to(info.device)
-    optimizer = make_optimizer(model, config)
-    epoch, step = 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt.model)
-        assert ckpt.optimizer is not None
-        optimizer.load_state_dict(ckpt.optimizer)
-        restore_rng(ckpt.rng)
-        epoch, step = ckpt.epoch, ckpt.step
-    if config.resume and info.is_main:
-        run.remove_temporaries()
-        run.truncate_metrics(epoch)
-    net: nn.Module = model
-    if info.distributed:
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
-        )
-    data = load_data(device=info.device, dtype=dtype, subset=config.train_subset)
-    n_train = data[0].shape[0]
-    steps_per_epoch = n_train // config.batch_size
-    total = config.epochs * steps_per_epoch
-    show = info.is_main and not config.quiet
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=total, initial=step, disable=not show, desc=f"{RECIPE} {config.backward}",
-        unit="step", dynamic_ncols=True, leave=False,
-    )  # fmt: skip
-    last: dict[str, Any] = {}
-    with bar:
-        while epoch < config.epochs:
-            epoch += 1
-            tic = time.perf_counter()
-            row = _train_epoch(net, model, optimizer, data, config, info, epoch, step, bar)
-            step += steps_per_epoch
-            row["epoch_time_s"] = time.perf_counter() - tic
-            row.update(evaluate_model(model, data[2], data[3]))
-            row["time_s"] = time.perf_counter() - tic
-            last = row
-            if info.is_main:
-                run.append_metrics(row)
-                save_checkpoint(
-                    run.checkpoint, recipe=RECIPE, config=saved_config, epoch=epoch, step=step,
-                    model=model, optimizer=optimizer, extra={"metrics": _scalars(row)},
-                )  # fmt: skip
-                if show:
-                    bar.write(_epoch_line(row, config.epochs))
-            distributed.barrier(info)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
-    if not last:  # resumed a finished run: its last epoch's statistics, evaluated once more
-        rows = run.read_metrics() if info.is_main else []
-        last = {**(rows[-1] if rows else {}), "epoch": epoch, "step": step}
-        last.update(evaluate_model(model, data[2], data[3]))
-    summary = _summary(run, config, info, model, last, time.perf_counter() - wall_start)
-    if info.is_main:
-        write_json(run.path / SUMMARY, summary)
-        if config.report:
-            from .report import write_report
-
-            try:
-                summary["report"] = str(write_report(run.path))
-            except Exception as e:  # the run is done and summarised: do not record it as failed
-                raise ReportFailedError(
-                    f"training finished and {run.path / SUMMARY} holds its results, but writing "
-                    f"the report failed ({type(e).__name__}: {e}); rerun it with "
-                    f"`equilibria report {run.path}`"
-                ) from e
-            write_json(run.path / SUMMARY, summary)
-    return summary
-
-
-def _train_epoch(
-    net: nn.Module,
-    model: DigitsDEQ,
-    optimizer: torch.optim.Optimizer,
-    data: tuple[Tensor, Tensor, Tensor, Tensor],
-    config: DigitsConfig,
-    info: DistInfo,
-    epoch: int,
-    step: int,
-    bar: Any,
-) -> dict[str, Any]:
-    x_train, y_train = data[0], data[1]
-    n = x_train.shape[0]
-    b = config.batch_size
-    steps = n // b
-    total = config.epochs * steps
-    # same permutation and shifts on every process and for any number of processes
-    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=gen)
-    shifts = torch.randint(0, 3, (n, 2), generator=gen)
-    net.train()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
-    fwd_iters, fwd_res, fwd_conv, bwd_iters, bwd_res, step_ms = [], [], [], [], [], []
-    peak, mem_method = None, None
-    for k in range(steps):
-        idx = distributed.local_slice(perm[k * b : (k + 1) * b], info)
-        images = x_train[idx.to(x_train.device)]
-        if config.augment:
-            images = shift_images(images, shifts[idx].to(images.device))
-        labels = y_train[idx.to(y_train.device)]
-        lr = lr_at(step + k, total, config.warmup_epochs * steps, config.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        measure = config.measure_memory and k == 0
-        optimizer.zero_grad(set_to_none=True)
-        tic = time.perf_counter()
-        with PeakMemory(info.device, enabled=measure) as mem:
-            loss, logits = batch_loss(net, images, labels, config)
-            loss.backward()
-        optimizer.step()
-        if info.device.type == "cuda":
-            torch.cuda.synchronize(info.device)
-        if measure:
-            peak, mem_method = mem.peak_bytes, mem.method
-        else:  # the memory tracker slows its step down: keep it out of the timings
-            step_ms.append(1e3 * (time.perf_counter() - tic))
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite training loss at epoch {epoch}, step {k}")
-        sol = model.deq.last_solution
-        assert sol is not None
-        loss_sum += float(F.cross_entropy(logits.detach(), labels)) * labels.numel()
-        correct += float((logits.detach().argmax(1) == labels).sum())
-        count += labels.numel()
-        fwd_iters.append(sol.nstep)
-        fwd_res.append(float(sol.residual.max()))
-        fwd_conv.append(float(sol.converged.double().mean()))
-        bwd_iters.append(backward_iterations(sol, config))
-        if sol.backward.residual is not None:
-            bwd_res.append(float(sol.backward.residual.max()))
-        bar.update(1)
-        bar.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", fwd=sol.nstep, refresh=False)
-    loss_sum, correct, count = distributed.all_sum([loss_sum, correct, count], info)
-    return {
-        "epoch": epoch,
-        "step": step + steps,
-        "lr": lr,
-        "train_loss": loss_sum / count,
-        "train_acc": correct / count,
-        "fwd_iters_mean": statistics.fmean(fwd_iters),
-        "fwd_iters_max": max(fwd_iters),
-        "fwd_residual_max": max(fwd_res),
-        "fwd_residual_mean": statistics.fmean(fwd_res),
-        "fwd_converged": statistics.fmean(fwd_conv),
-        "bwd_iters_mean": statistics.fmean(bwd_iters),
-        "bwd_residual_max": max(bwd_res) if bwd_res else None,
-        "step_ms": statistics.median(step_ms) if step_ms else None,
-        "peak_mem_mb": None if peak is None else peak / 2**20,
-        "mem_method": mem_method,
-        "world_size": info.world_size,
-        "threads": torch.get_num_threads(),
-    }
-
-
-def _scalars(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if not isinstance(v, list)}
-
-
-def _epoch_line(row: dict[str, Any], epochs: int) -> str:
-    mem = "" if row["peak_mem_mb"] is None else f" | mem {row['peak_mem_mb']:.1f} MB"
-    return (
-        f"epoch {row['epoch']:>3}/{epochs} | loss {row['train_loss']:.4f} | "
-        f"train {100 * row['train_acc']:.2f}% | test {100 * row['test_acc']:.2f}% | "
-        f"fwd it {row['fwd_iters_mean']:.1f} (res {row['fwd_residual_max']:.1e}) | "
-        f"bwd it {row['bwd_iters_mean']:.1f} | eval it {row['eval_iters']} | "
-        f"{row['epoch_time_s']:.1f}s{mem}"
-    )
-
-
-def _summary(
-    run: RunFolder,
-    config: DigitsConfig,
-    info: DistInfo,
-    model: DigitsDEQ,
-    last: dict[str, Any],
-    wall_s: float,
-) -> dict[str, Any]:
-    rows = run.read_metrics() if info.is_main else [last]
-    peaks = [r["peak_mem_mb"] for r in rows if r.get("peak_mem_mb") is not None]
-    return {
-        "recipe": RECIPE,
-        "run_dir": str(run.path),
-        "checkpoint": str(run.checkpoint),
-        "epochs": last.get("epoch"),
-        "test_acc": last["test_acc"],
-        "test_loss": last["test_loss"],
-        "eval_iters": last["eval_iters"],
-        "eval_residual_max": last["eval_residual_max"],
-        "eval_converged": last["eval_converged"],
-        "fwd_iters_mean": last.get("fwd_iters_mean"),
-        "fwd_residual_max": last.get("fwd_residual_max"),
-        "bwd_iters_mean": last.get("bwd_iters_mean"),
-        "step_ms": last.get("step_ms"),
-        "train_time_s": sum(r.get("epoch_time_s", 0.0) for r in rows),
-        "wall_time_s": wall_s,
-        "peak_mem_mb": max(peaks) if peaks else None,
-        "mem_method": last.get("mem_method"),
-        "params": sum(p.numel() for p in model.parameters()),
-        "world_size": info.world_size,
-        "device": str(info.device),
-        "threads": torch.get_num_threads(),
-        "solver": config.solver,
-        "backward": config.backward,
-        "config": to_dict(config),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation of a checkpoint
+    """Train the digits DEQ with :func:`equilibria.zoo.trainer.train` (see there)."""
+    return trainer.train(DigitsTask(config), on_epoch_end=on_epoch_end)
 
 
 def load_model(checkpoint: str | Path, **overrides: Any) -> tuple[DigitsDEQ, DigitsConfig]:
@@ -768,63 +534,5 @@ def load_model(checkpoint: str | Path, **overrides: Any) -> tuple[DigitsDEQ, Dig
         checkpoint: ``checkpoint.safetensors`` or its run folder.
         overrides: config fields to change (e.g. ``eval_max_iter=100``, ``solver="broyden"``).
     """
-    ckpt = load_checkpoint(checkpoint, recipe=RECIPE)
-    # the saved config is metadata, outside the tensors' checksum: check it on its own first,
-    # so that a damaged one is a checkpoint error and a bad override a config error
-    try:
-        saved = from_dict(DigitsConfig, {**ckpt.config, "resume": False})
-    except ConfigError as e:
-        raise CheckpointError(f"{ckpt.path}: its saved config is not valid ({e})") from None
-    config = from_dict(DigitsConfig, {**to_dict(saved), **overrides}) if overrides else saved
-    model = build_model(config)
-    try:
-        model.load_state_dict(ckpt.model)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"{ckpt.path}: its tensors do not fit the model of its saved config ({e})"[:400]
-        ) from None
-    return model, config
-
-
-def evaluate(
-    checkpoint: str | Path,
-    *,
-    eval_max_iter: int | None = None,
-    eval_tol: float | None = None,
-    solver: SolverName | None = None,
-) -> dict[str, Any]:
-    """Test accuracy and solver statistics of a saved model (``equilibria eval``).
-
-    Args:
-        checkpoint: ``checkpoint.safetensors`` or its run folder.
-        eval_max_iter: override the saved evaluation budget.
-        eval_tol: override the saved evaluation tolerance.
-        solver: override the saved forward solver.
-    """
-    overrides: dict[str, Any] = {}
-    if eval_max_iter is not None:
-        overrides["eval_max_iter"] = eval_max_iter
-    if eval_tol is not None:
-        overrides["eval_tol"] = eval_tol
-    if solver is not None:
-        overrides["solver"] = solver
-    model, config = load_model(checkpoint, **overrides)
-    dtype = torch.float64 if config.dtype == "float64" else torch.float32
-    _, _, x_test, y_test = load_data(dtype=dtype)
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        tic = time.perf_counter()
-        result = evaluate_model(model, x_test, y_test)
-        result["eval_time_s"] = time.perf_counter() - tic
-    finally:
-        torch.set_num_threads(threads)
-    result.update(
-        checkpoint=str(checkpoint),
-        solver=config.solver,
-        eval_tol=config.eval_tol,
-        eval_max_iter=config.eval_max_iter,
-        backward=config.backward,
-    )
-    return result
+    model, task = evaluation.load_model(DigitsTask, checkpoint, **overrides)
+    return model, task.config  # type: ignore[return-value]

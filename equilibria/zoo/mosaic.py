@@ -1,21 +1,18 @@
 """Mosaic segmentation: a recipe where every pixel's label depends on the whole canvas.
 
-A canvas is a grid of scikit-learn digits (8×8 each, embedded in scikit-learn, no download). One
-digit, the *key*, is marked in a second input channel. Each pixel is labelled
-
-* 0 — background,
-* 1 — stroke of a digit of the same class as the key (the key included),
-* 2 — stroke of a digit of another class.
-
-A convolutional network sees only a neighbourhood, so it cannot tell 1 from 2 when the key is far
-away; a global-context block (self-attention or a Hamburger) can. The recipe compares a conv-only
-network with the same network plus SDPA self-attention or a Hamburger (NMF with one-step gradient,
-NMF with BPTT, VQ, CD), over several seeds, and reports mIoU and training time per step.
+A canvas is a grid of scikit-learn digits (8×8 each, embedded in scikit-learn, no download; see
+:mod:`equilibria.zoo.mosaic_data`). One digit, the *key*, is marked in a second input channel.
+Each pixel is labelled 0 (background), 1 (stroke of a digit of the key's class) or 2 (stroke of a
+digit of another class). A convolutional network sees only a neighbourhood, so it cannot tell 1
+from 2 when the key is far away; a global-context block (self-attention or a Hamburger) can. The
+variants compare a conv-only network with the same network plus SDPA self-attention or a
+Hamburger (NMF with one-step gradient, NMF with BPTT, VQ, CD) by mIoU.
 
 Usage::
 
-    python -m equilibria.zoo.mosaic train --block ham --ham nmf --seed 0
-    python -m equilibria.zoo.mosaic compare --out runs/mosaic
+    equilibria train mosaic --block ham --ham nmf --seed 0       # a run folder, resumable
+    equilibria eval runs/mosaic/<run>
+    equilibria sweep mosaic --run-dir runs/mosaic-table            # every variant x 3 seeds
 
 Reference for the Hamburger: Geng et al., "Is Attention Better Than Matrix Decomposition?",
 ICLR 2021.
@@ -23,17 +20,10 @@ ICLR 2021.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import math
-import statistics
-import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,35 +32,28 @@ from torch import Tensor, nn
 
 from equilibria.layers import Hamburger
 
-from .config import (
-    ConfigError,
-    add_arguments,
-    check_fields,
-    check_range,
-    from_dict,
-    option,
-)
-from .runs import require_extras, require_new_folder, write_json, write_text
+from . import trainer
+from .config import ConfigError, check_fields, check_range, option
+from .distributed import DistInfo
+from .mosaic_data import _DIGIT, Canvases, _digit_pools, make_canvases
+from .sweep import SweepConfig, SweepResult, run_sweep
+from .task import Metric, Plot, Schedule, StepOutput, Task
 
 __all__ = [
     "VARIANTS",
+    "Canvases",
     "MosaicConfig",
     "MosaicNet",
+    "MosaicTask",
     "compare",
-    "evaluate",
-    "main",
     "make_canvases",
+    "segmentation_metrics",
     "train",
 ]
 
-Ham = Literal["nmf", "vq", "cd"]
-Task = Literal["key", "majority"]
 NUM_CLASSES = 3  # background, same class as the key, other class
 CLASS_NAMES = ("background", "match", "other")  # for "majority": majority, minority
-_DIGIT = 8  # side of a scikit-learn digit
-_STROKE = 0.25  # intensity above which a pixel is a stroke
 _TEST_SEED = 10_000  # the test canvases are the same for every run
-_SPLIT_SEED = 1234  # which digit images are used for training and which for testing
 
 
 @dataclass(frozen=True)
@@ -114,7 +97,26 @@ class MosaicConfig:
         "weight of an auxiliary loss (digit class of every stroke pixel, from a 1x1 head on the "
         "stem features; training only, every variant alike); 0 disables it",
     )
-    threads: int = option(2, "torch CPU threads")
+    eval_every: int = option(
+        250,
+        "optimisation steps per epoch: the test canvases are evaluated and a checkpoint "
+        "written after each",
+    )
+    # run control (may change on --resume)
+    threads: int = option(
+        2,
+        "torch CPU threads (a run resumes only with the thread count it was trained with)",
+        resumable=True,
+    )
+    run_dir: str = option("", "run folder (default: runs/mosaic/<timestamp>)", resumable=True)
+    resume: bool = option(
+        False, "continue the run in --run-dir from its checkpoint", resumable=True
+    )
+    quiet: bool = option(False, "no progress bar; print only the summary", resumable=True)
+    measure_memory: bool = option(
+        True, "measure peak memory on the first step of each epoch", resumable=True
+    )
+    report: bool = option(True, "write report.md with plots at the end", resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -127,6 +129,7 @@ class MosaicConfig:
             "steps": (1, 10**7),
             "batch_size": (2, 4096),
             "test_canvases": (1, 10**6),
+            "eval_every": (1, 10**7),
             "threads": (1, 256),
             "seed": (0, 2**32 - 1),  # numpy's seed range
         }
@@ -143,143 +146,10 @@ class MosaicConfig:
         check_range(self, "aux_weight", low=0)
         check_range(self, "occupancy", low=0, high=1, low_open=True)
         check_range(self, "match_prob", low=0, high=1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data.
-
-
-def _digit_pools() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn digits in [0, 1], split once into training and test images (2:1)."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    order = np.random.default_rng(_SPLIT_SEED).permutation(len(images))
-    cut = 2 * len(images) // 3
-    train, test = order[:cut], order[cut:]
-    return images[train], digits.target[train], images[test], digits.target[test]
-
-
-class Canvases(NamedTuple):
-    """A batch of canvases.
-
-    Attributes:
-        inputs: (count, 2, H, W) float32: the digits and the key mask.
-        targets: (count, H, W) int64 segmentation labels in {0, 1, 2}.
-        digits: (count, H, W) int64 digit class (0–9) of each stroke pixel, -1 elsewhere; the
-            target of the optional auxiliary head.
-    """
-
-    inputs: np.ndarray
-    targets: np.ndarray
-    digits: np.ndarray
-
-
-def make_canvases(
-    rng: np.random.Generator,
-    images: np.ndarray,
-    labels: np.ndarray,
-    count: int,
-    *,
-    grid: int,
-    occupancy: float,
-    match_prob: float,
-    task: Task = "key",
-) -> Canvases:
-    """Draws ``count`` canvases.
-
-    Args:
-        rng: numpy random generator.
-        images: digit images (N, 8, 8) in [0, 1].
-        labels: their classes (N,).
-        count: number of canvases.
-        grid: cells per side.
-        occupancy: probability that a cell holds a digit (the key's cell always does).
-        match_prob: probability that a non-key digit has the key's class.
-        task: ``"key"``, or ``"majority"``: two classes per canvas, ``round(occupancy · cells)``
-            digits split as unevenly as ⌊m/2⌋+1 or +2 vs the rest, the mask channel left empty,
-            labels 1 for the majority class and 2 for the minority.
-
-    Returns:
-        :class:`Canvases` of side 8·grid.
-    """
-    cells = grid * grid
-    if task == "majority":
-        return _majority_canvases(rng, images, labels, count, grid=grid, occupancy=occupancy)
-    key_class = rng.integers(0, 10, count)
-    other = (key_class[:, None] + rng.integers(1, 10, (count, cells))) % 10
-    classes = np.where(rng.random((count, cells)) < match_prob, key_class[:, None], other)
-    occupied = rng.random((count, cells)) < occupancy
-    key_cell = rng.integers(0, cells, count)
-    rows = np.arange(count)
-    occupied[rows, key_cell] = True
-    classes[rows, key_cell] = key_class
-    index = _sample_images(rng, labels, classes)
-    key_mask = np.zeros((count, cells), dtype=np.float32)
-    key_mask[rows, key_cell] = 1.0
-    cell_label = np.where(classes == key_class[:, None], 1, 2)  # (count, cells)
-    return _render(images[index] * occupied[..., None, None], key_mask, cell_label, classes, grid)
-
-
-def _sample_images(rng: np.random.Generator, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Index of a random image of each requested class, same shape as ``classes``."""
-    index = np.empty(classes.shape, dtype=np.int64)
-    for c in range(10):
-        where = classes == c
-        index[where] = rng.choice(np.flatnonzero(labels == c), int(where.sum()))
-    return index
-
-
-def _render(
-    cell_images: np.ndarray,
-    cell_mask: np.ndarray,
-    cell_label: np.ndarray,
-    cell_class: np.ndarray,
-    grid: int,
-) -> Canvases:
-    """Tiles (count, cells, 8, 8) digits into canvases; strokes get their cell's labels."""
-    count = cell_images.shape[0]
-    side = grid * _DIGIT
-
-    def tile(per_cell: np.ndarray) -> np.ndarray:  # (count, cells) → (count, H, W)
-        per_pixel = np.broadcast_to(per_cell[..., None, None], cell_images.shape)
-        blocks = per_pixel.reshape(count, grid, grid, _DIGIT, _DIGIT).transpose(0, 1, 3, 2, 4)
-        return blocks.reshape(count, side, side)
-
-    blocks = cell_images.reshape(count, grid, grid, _DIGIT, _DIGIT).transpose(0, 1, 3, 2, 4)
-    canvas = blocks.reshape(count, side, side)
-    stroke = canvas > _STROKE
-    return Canvases(
-        np.stack([canvas, tile(cell_mask)], axis=1).astype(np.float32),
-        np.where(stroke, tile(cell_label), 0).astype(np.int64),
-        np.where(stroke, tile(cell_class), -1).astype(np.int64),
-    )
-
-
-def _majority_canvases(
-    rng: np.random.Generator,
-    images: np.ndarray,
-    labels: np.ndarray,
-    count: int,
-    *,
-    grid: int,
-    occupancy: float,
-) -> Canvases:
-    """Two classes per canvas; label 1 for the digits of the more frequent class, 2 otherwise."""
-    cells = grid * grid
-    digits = max(3, round(occupancy * cells))
-    major = np.minimum(digits // 2 + 1 + rng.integers(0, 2, count), digits - 1)  # (count,)
-    first = rng.integers(0, 10, count)
-    second = (first + rng.integers(1, 10, count)) % 10
-    rank = rng.random((count, cells)).argsort(axis=1).argsort(axis=1)  # random order of cells
-    is_major = rank < major[:, None]
-    occupied = rank < digits
-    classes = np.where(is_major, first[:, None], second[:, None])
-    index = _sample_images(rng, labels, classes)
-    cell_label = np.where(is_major, 1, 2)
-    empty_mask = np.zeros((count, cells), dtype=np.float32)
-    return _render(images[index] * occupied[..., None, None], empty_mask, cell_label, classes, grid)
+        if self.resume and not self.run_dir:
+            raise ConfigError(
+                "MosaicConfig: resume needs run_dir (the folder of the run to continue)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,10 +245,12 @@ def block_macs(config: MosaicConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training and evaluation.
+# Evaluation.
 
 
-def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 250) -> dict:
+def segmentation_metrics(
+    model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int = 250
+) -> dict[str, Any]:
     """Per-class IoU, mIoU and pixel accuracy of ``model`` (in eval mode) on a fixed set."""
     model.eval()
     confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
@@ -394,98 +266,13 @@ def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor, batch_size: int 
     return {
         "miou": float(iou.mean()),
         "iou": {name: float(v) for name, v in zip(CLASS_NAMES, iou)},
+        **{f"iou_{name}": float(v) for name, v in zip(CLASS_NAMES, iou)},
         "pixel_acc": float(tp.sum() / confusion.sum()),
     }
 
 
-def train(config: MosaicConfig, *, log_every: int = 0) -> dict[str, Any]:
-    """Trains one model and returns its metrics on the fixed test canvases.
-
-    Args:
-        config: the run's configuration.
-        log_every: print the loss every this many steps (0: silent).
-
-    Returns:
-        A dict with ``miou``, per-class ``iou``, ``pixel_acc``, ``ms_per_step`` (median wall time
-        of a training step, data generation excluded), ``train_s``, ``params``, ``final_loss``
-        and the ``config``.
-    """
-    if not isinstance(config, MosaicConfig):
-        raise TypeError(f"config must be a MosaicConfig, got {type(config).__name__}")
-    require_extras("sklearn")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        return _train(config, log_every)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(config: MosaicConfig, log_every: int) -> dict[str, Any]:
-    torch.manual_seed(config.seed)
-    train_images, train_labels, test_images, test_labels = _digit_pools()
-    canvas_kwargs = {
-        "grid": config.grid,
-        "occupancy": config.occupancy,
-        "match_prob": config.match_prob,
-        "task": config.task,
-    }
-    test_x, test_y, _ = make_canvases(
-        np.random.default_rng(_TEST_SEED), test_images, test_labels, config.test_canvases,
-        **canvas_kwargs,
-    )  # fmt: skip
-    rng = np.random.default_rng(config.seed)
-    model = MosaicNet(config)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    warmup = max(1, config.steps // 20)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    step_times, loss_value = [], float("nan")
-    start = time.perf_counter()
-    model.train()
-    for step in range(config.steps):
-        batch = make_canvases(rng, train_images, train_labels, config.batch_size, **canvas_kwargs)
-        x_t, y_t = torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets)
-        tic = time.perf_counter()
-        if config.aux_weight:
-            logits, aux = model(x_t, aux=True)
-            loss = F.cross_entropy(logits, y_t) + config.aux_weight * F.cross_entropy(
-                aux, torch.from_numpy(batch.digits), ignore_index=-1
-            )
-        else:
-            loss = F.cross_entropy(model(x_t), y_t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        step_times.append(time.perf_counter() - tic)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite loss at step {step}: {loss_value}")
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  step {step + 1:5d}  loss {loss_value:.4f}", flush=True)
-    train_s = time.perf_counter() - start
-    metrics = evaluate(model, torch.from_numpy(test_x), torch.from_numpy(test_y))
-    return {
-        **metrics,
-        "ms_per_step": 1e3 * statistics.median(step_times[min(10, len(step_times) - 1) :]),
-        "train_s": train_s,
-        "params": sum(p.numel() for p in model.parameters()),
-        "block_mmacs": block_macs(config) / 1e6,
-        "final_loss": loss_value,
-        "config": dataclasses.asdict(config),
-    }
-
-
 # ---------------------------------------------------------------------------------------------
-# Comparison table.
+# The recipe on the trainer.
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "conv only": {"block": "conv"},
@@ -497,18 +284,100 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| variant | mIoU (%) | IoU match (%) | IoU other (%) | ms / step | block MMACs | params |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['variant']} | {row['miou_mean']:.1f} ± {row['miou_std']:.1f} "
-            f"| {row['iou_match']:.1f} | {row['iou_other']:.1f} | {row['ms_per_step']:.1f} "
-            f"| {row['block_mmacs']:.2f} | {row['params']:,} |"
-        )
-    return "\n".join(lines)
+class MosaicTask(Task):
+    """The mosaic recipe for :func:`equilibria.zoo.trainer.train`: an epoch is ``eval_every``
+    steps, each on a fresh batch drawn from one seeded stream (its state is checkpointed)."""
+
+    name = "mosaic"
+    config_class = MosaicConfig
+    headline = Metric("miou", "mIoU", percent=True)
+    table_metrics = (
+        Metric("iou_match", "IoU match", percent=True),
+        Metric("iou_other", "IoU other", percent=True),
+        Metric("step_ms", "ms / step", higher_is_better=False, fmt=".1f"),
+        Metric("block_mmacs", "block MMACs", higher_is_better=False, fmt=".2f"),
+        Metric("params", "params", higher_is_better=False, fmt=",.0f"),
+    )
+    epoch_columns = (
+        Metric("train_loss", "loss", higher_is_better=False, fmt=".4f"),
+        Metric("miou", "mIoU", percent=True),
+        Metric("iou_match", "IoU match", percent=True),
+        Metric("iou_other", "IoU other", percent=True),
+        Metric("pixel_acc", "pixel acc.", percent=True),
+        Metric("step_ms", "ms / step", higher_is_better=False, fmt=".1f"),
+    )
+    plots = (
+        Plot("loss", "training loss", "cross-entropy", (("train_loss", "train"),), log=True),
+        Plot("miou", "test IoU", "IoU (fraction)",
+             (("miou", "mIoU"), ("iou_match", "match"), ("iou_other", "other"))),
+    )  # fmt: skip
+    variants = VARIANTS
+    extras = ("sklearn", "safetensors")
+
+    def setup(self, device: torch.device) -> None:
+        c = self.config
+        train_images, train_labels, test_images, test_labels = _digit_pools()
+        self.pool = (train_images, train_labels)
+        self.canvas = {"grid": c.grid, "occupancy": c.occupancy, "match_prob": c.match_prob,
+                       "task": c.task}  # fmt: skip
+        test = make_canvases(np.random.default_rng(_TEST_SEED), test_images, test_labels,
+                             c.test_canvases, **self.canvas)  # fmt: skip
+        self.test = (torch.from_numpy(test.inputs), torch.from_numpy(test.targets))
+        self.rng = np.random.default_rng(c.seed)  # the training canvases, one stream
+
+    def build_model(self) -> nn.Module:
+        return MosaicNet(self.config)
+
+    def schedule(self) -> Schedule:
+        c = self.config
+        epochs = -(-c.steps // c.eval_every)
+        return Schedule(epochs, c.eval_every, max(1, c.steps // 20), total=c.steps)
+
+    def batches(self, epoch: int, info: DistInfo) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for _ in range(self.schedule().steps_in(epoch)):
+            b = make_canvases(self.rng, *self.pool, self.config.batch_size, **self.canvas)
+            yield (
+                torch.from_numpy(b.inputs),
+                torch.from_numpy(b.targets),
+                torch.from_numpy(b.digits),
+            )
+
+    def train_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:
+        x, y, digits = batch
+        if not self.config.aux_weight:
+            return StepOutput(F.cross_entropy(net(x), y))
+        logits, aux = net(x, aux=True)
+        aux_loss = F.cross_entropy(aux, digits, ignore_index=-1)
+        return StepOutput(F.cross_entropy(logits, y) + self.config.aux_weight * aux_loss)
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        return segmentation_metrics(model, *self.test)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        return {"block_mmacs": block_macs(self.config) / 1e6, "ms_per_step": last.get("step_ms")}
+
+    def describe(self, s: dict[str, Any]) -> list[str]:
+        iou = ", ".join(f"{n} {100 * s[f'iou_{n}']:.1f}%" for n in CLASS_NAMES)
+        ms = "–" if s.get("step_ms") is None else f"{s['step_ms']:.1f}"
+        text = f"IoU {iou}; pixel accuracy {100 * s['pixel_acc']:.2f}%; context block "
+        return [text + f"{s['block_mmacs']:.2f} MMACs per canvas; {ms} ms per step"]
+
+    def describe_eval(self, r: dict[str, Any]) -> list[str]:
+        return [", ".join(f"IoU {n} {100 * r[f'iou_{n}']:.1f}%" for n in CLASS_NAMES)]
+
+
+def train(
+    config: MosaicConfig, *, on_epoch_end: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Train one mosaic model with :func:`equilibria.zoo.trainer.train` (see there)."""
+    return trainer.train(MosaicTask(config), on_epoch_end=on_epoch_end)
 
 
 def compare(
@@ -517,175 +386,18 @@ def compare(
     seeds: Sequence[int] = (0, 1, 2),
     variants: Sequence[str] | None = None,
     overrides: dict[str, Any] | None = None,
-    log_every: int = 0,
-) -> list[dict[str, Any]]:
-    """Trains every variant for every seed; writes ``results.json`` and ``table.md`` in ``out``.
+    resume: bool = False,
+) -> SweepResult:
+    """Every variant for every seed on the sweep runner (``equilibria sweep mosaic``); writes
+    ``sweep.md`` and ``sweep.json`` in ``out``.
 
     Args:
-        out: run folder: created, or an existing empty folder (earlier results are never
-            overwritten).
+        out: the sweep's folder (new or empty, unless ``resume``).
         seeds: seeds of the runs.
         variants: names from :data:`VARIANTS` (default: all).
         overrides: config fields applied to every run (e.g. ``{"steps": 500}``).
-        log_every: print the loss every this many steps.
-
-    Returns:
-        One summary row per variant (mean ± std of mIoU over seeds, median ms per step).
+        resume: continue an interrupted comparison in ``out``.
     """
-    names = list(VARIANTS) if variants is None else list(variants)
-    unknown = [name for name in names if name not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; allowed: {list(VARIANTS)}")
-    seeds = list(seeds)
-    if not seeds:
-        raise ConfigError("seeds must name at least one seed, got none")
-    overrides = dict(overrides or {})
-    # options that the variants or the seed list set would be silently replaced: refuse them
-    fixed = sorted({"seed"}.union(*(VARIANTS[name] for name in names)) & set(overrides))
-    if fixed:
-        raise ConfigError(
-            f"overrides {fixed} are set by the compared variants or the seeds (choose them with "
-            f"variants= / --variants and seeds= / --seeds)"
-        )
-    # every run's config, validated before the folder exists and before the long loop
-    configs = {
-        (name, seed): from_dict(MosaicConfig, {**overrides, **VARIANTS[name], "seed": seed})
-        for name in names
-        for seed in seeds
-    }
-    out = require_new_folder(out, "out")
-    require_extras("sklearn")
-    out.mkdir(parents=True, exist_ok=True)
-    runs, rows = [], []
-    start = time.perf_counter()
-    for name in names:
-        results = []
-        for seed in seeds:
-            config = configs[name, seed]
-            print(f"[{name}] seed {seed}", flush=True)
-            result = train(config, log_every=log_every)
-            print(
-                f"[{name}] seed {seed}: mIoU {100 * result['miou']:.2f}  "
-                f"{result['ms_per_step']:.1f} ms/step  {result['train_s']:.0f} s",
-                flush=True,
-            )
-            results.append(result)
-            runs.append({"variant": name, "seed": seed, **result})
-        mious = [100 * r["miou"] for r in results]
-        rows.append(
-            {
-                "variant": name,
-                "miou_mean": statistics.mean(mious),
-                "miou_std": statistics.stdev(mious) if len(mious) > 1 else 0.0,
-                "iou_match": statistics.mean(100 * r["iou"]["match"] for r in results),
-                "iou_other": statistics.mean(100 * r["iou"]["other"] for r in results),
-                "ms_per_step": statistics.median(r["ms_per_step"] for r in results),
-                "block_mmacs": results[0]["block_mmacs"],
-                "params": results[0]["params"],
-            }
-        )
-        _write(out, runs, rows, seeds, overrides, time.perf_counter() - start)
-    return rows
-
-
-def _write(
-    out: Path,
-    runs: list[dict[str, Any]],
-    rows: list[dict[str, Any]],
-    seeds: Sequence[int],
-    overrides: dict[str, Any],
-    elapsed: float,
-) -> None:
-    summary = {
-        "seeds": list(seeds),
-        "overrides": overrides,
-        "elapsed_s": elapsed,
-        "torch": torch.__version__,
-        "rows": rows,
-        "runs": runs,
-    }
-    write_json(out / "results.json", summary)
-    config = from_dict(MosaicConfig, overrides)
-    header = (
-        f"Mosaic segmentation (task={config.task!r}, {config.grid}x{config.grid} cells, "
-        f"{config.steps} steps of {config.batch_size} canvases, {config.threads} threads), "
-        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mIoU over background / match / "
-        f"other on {config.test_canvases} fixed test canvases, mean ± std over seeds; ms / step "
-        f"is the median training step; block MMACs: forward of the context block per canvas "
-        f"(analytic). Total {elapsed / 60:.1f} min.\n\n"
-    )
-    write_text(out / "table.md", header + _table(rows) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; see ``python -m equilibria.zoo.mosaic --help``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m equilibria.zoo.mosaic",
-        description="Mosaic segmentation of scikit-learn digits: conv-only vs attention vs "
-        "Hamburger. Each pixel's label depends on a key digit anywhere on the canvas.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    one = sub.add_parser("train", help="train one configuration and print its metrics")
-    add_arguments(one, MosaicConfig)
-    one.add_argument("--out", type=Path, help="write metrics.json in this new (or empty) folder")
-    one.add_argument("--log-every", type=int, default=100)
-    table = sub.add_parser("compare", help="all variants x seeds; writes table.md, results.json")
-    table.add_argument("--out", type=Path, required=True, help="new (or empty) output folder")
-    table.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    table.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), metavar="NAME",
-        help=f"subset of {list(VARIANTS)}",
-    )  # fmt: skip
-    table.add_argument(
-        "--set", nargs="+", default=[], metavar="KEY=VALUE",
-        help="config overrides applied to every run, e.g. --set steps=500 threads=1",
-    )  # fmt: skip
-    table.add_argument("--log-every", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        return _run(parser, args)
-    except ConfigError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    if args.out is not None:  # named as the command line names it (compare checks again)
-        require_new_folder(args.out, "--out")
-    if args.command == "train":
-        options = {k: v for k, v in vars(args).items() if k not in ("command", "out", "log_every")}
-        result = train(from_dict(MosaicConfig, options), log_every=args.log_every)
-        print(json.dumps(result, indent=2))
-        if args.out is not None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            write_json(args.out / "metrics.json", result)
-        return 0
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.replace("-", "_")] = _parse_value(value)
-    rows = compare(
-        args.out, seeds=args.seeds, variants=args.variants, overrides=overrides,
-        log_every=args.log_every,
-    )  # fmt: skip
-    print(_table(rows))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sweep = SweepConfig(seeds=tuple(seeds), variants=tuple(variants or ()), run_dir=str(out),
+                        resume=resume)  # fmt: skip
+    return run_sweep(MosaicTask, sweep, overrides)

@@ -1,21 +1,16 @@
-"""The recipe registry: recipe name -> config dataclass + train function (+ optional eval/compare).
+"""The recipe registry: recipe name -> its :class:`~equilibria.zoo.task.Task` class.
 
-Entries name their module and attributes as strings and are imported only when used, so listing
-the recipes (``equilibria --help``) stays fast and one broken recipe does not break the others.
+Entries name their module and class as strings and are imported only when used, so listing the
+recipes (``equilibria --help``) stays fast and one broken recipe does not break the others.
 
-A recipe module provides:
-
-* a frozen config dataclass (validated in ``__post_init__``; its fields are the CLI options),
-* ``train(config) -> dict``: runs training and returns a JSON-ready summary,
-* optionally ``evaluate(checkpoint, ...) -> dict`` for ``equilibria eval`` and
-  ``compare_gradients(config) -> dict`` for ``equilibria compare-gradients``.
-
+A recipe module provides a :class:`~equilibria.zoo.task.Task` subclass (its config dataclass,
+data, model, loss and metrics); training, evaluation, reports and sweeps are the engine's
+(:mod:`equilibria.zoo.trainer`, :mod:`equilibria.zoo.evaluation`, :mod:`equilibria.zoo.sweep`).
 Register a new one with :func:`register`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,31 +25,16 @@ class Recipe:
         name: the name used on the command line (``equilibria train NAME``).
         summary: one line for the recipe table in ``--help``.
         module: import path of the module that implements it.
-        config: name of its config dataclass in ``module``.
-        train: name of its ``train(config) -> dict`` function.
-        evaluate: name of its ``evaluate(checkpoint, ...) -> dict`` function, if any.
+        task: name of its :class:`~equilibria.zoo.task.Task` subclass in ``module``.
         compare_gradients: where its gradient comparison lives, as
             ``"module:ConfigClass:function"``, if it has one.
-        run_folder: whether ``train`` writes its own run folder (its config then has ``run_dir``);
-            if not, the CLI writes ``config.json`` and ``summary.json`` into ``--run-dir``.
-        extras: optional modules (the ``zoo`` extra) a training run needs; the CLI imports them
-            before it writes anything, so a missing one fails early with a clear error.
-        distributed: whether ``train`` supports data-parallel training under ``torchrun``
-            (``WORLD_SIZE > 1``); if not, the CLI refuses to run on several processes.
-        resumable: whether the config has ``resume`` (a stopped run can be continued).
     """
 
     name: str
     summary: str
     module: str
-    config: str
-    train: str = "train"
-    evaluate: str | None = None
+    task: str
     compare_gradients: str | None = None
-    run_folder: bool = True
-    extras: tuple[str, ...] = ()
-    distributed: bool = False
-    resumable: bool = False
 
     def _attr(self, name: str, module_name: str | None = None) -> Any:
         module_name = self.module if module_name is None else module_name
@@ -66,22 +46,29 @@ class Recipe:
                 f"recipe {self.name!r}: module {module_name} has no attribute {name!r}"
             ) from None
 
+    def task_class(self) -> Any:
+        """The Task subclass (imports the recipe module)."""
+        from .task import Task
+
+        cls = self._attr(self.task)
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise RecipeError(f"recipe {self.name!r}: {self.module}.{self.task} is no Task")
+        return cls
+
     def config_class(self) -> type:
         """The config dataclass (imports the recipe module)."""
-        cls = self._attr(self.config)
-        if not dataclasses.is_dataclass(cls):
-            raise RecipeError(f"recipe {self.name!r}: {self.module}.{self.config} is no dataclass")
-        return cls  # type: ignore[return-value]
+        return self.task_class().config_class
 
-    def train_function(self) -> Callable[[Any], dict[str, Any]]:
-        """The ``train(config) -> dict`` function (imports the recipe module)."""
-        return self._attr(self.train)
+    def train_function(self) -> Callable[..., dict[str, Any]]:
+        """``train(config, on_epoch_end=None) -> summary`` on the one trainer."""
+        from .trainer import train
 
-    def evaluate_function(self) -> Callable[..., dict[str, Any]]:
-        """The ``evaluate(checkpoint, ...) -> dict`` function."""
-        if self.evaluate is None:
-            raise RecipeError(f"recipe {self.name!r} has no evaluation of checkpoints")
-        return self._attr(self.evaluate)
+        task_cls = self.task_class()
+
+        def run(config: Any, **kwargs: Any) -> dict[str, Any]:
+            return train(task_cls(config), **kwargs)
+
+        return run
 
     def compare_entry(self) -> tuple[type, Callable[[Any], dict[str, Any]]]:
         """The config dataclass and function of ``compare-gradients``."""
@@ -128,13 +115,8 @@ register(
         name="digits",
         summary="MDEQ-style convolutional DEQ classifier on scikit-learn's digits",
         module="equilibria.zoo.digits",
-        config="DigitsConfig",
-        train="train",
-        evaluate="evaluate",
+        task="DigitsTask",
         compare_gradients="equilibria.zoo.compare:CompareConfig:compare_gradients",
-        extras=("sklearn", "safetensors", "tqdm"),
-        distributed=True,
-        resumable=True,
     )
 )
 register(
@@ -142,9 +124,6 @@ register(
         name="mosaic",
         summary="segment digit mosaics: conv vs attention vs Hamburger (global context)",
         module="equilibria.zoo.mosaic",
-        config="MosaicConfig",
-        train="train",
-        run_folder=False,
-        extras=("sklearn",),
+        task="MosaicTask",
     )
 )

@@ -2,18 +2,27 @@
 
 A run folder belongs to one run. Starting a run in a folder that already holds one is an error
 (pass ``--resume`` to continue it, or pick another ``--run-dir``), so a finished run is never
-overwritten by accident. JSON files are written atomically (temporary file, then rename);
-``metrics.jsonl`` is appended one line per epoch and cut back to the checkpoint's epoch on resume.
+overwritten by accident. While a process trains in a folder it holds an exclusive lock on it
+(``flock`` on the folder itself), so two processes never write one run. Files are written
+atomically (:func:`write_bytes`: temporary file, then rename); ``metrics.jsonl`` is appended one
+line per epoch and cut back to the checkpoint's epoch on resume.
+
+This module also holds the package's one thread-count context (:func:`num_threads`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .config import ConfigError, differences
 
@@ -34,22 +43,47 @@ def default_run_dir(recipe: str, root: str | os.PathLike[str] = "runs") -> Path:
     return path
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` atomically (temporary file in the same folder, then rename)."""
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` atomically: a temporary file in the same folder, flushed to disk, renamed
+    over ``path`` (``os.replace`` is atomic on POSIX), so a crash leaves the old file or the new
+    one, never a mix. The package's one atomic write (checkpoints and JSON go through it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` atomically (see :func:`write_bytes`)."""
+    return write_bytes(path, text.encode())
+
+
+def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def num_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (0: leave torch's setting), then restore.
+
+    The one thread-count context of the package (trainer, evaluation, demo, benchmarks).
+    """
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def require_new_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
@@ -100,9 +134,26 @@ class ReportFailedError(RuntimeError):
     """Training finished and its summary is written, but writing its report failed."""
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    """Read a JSON file."""
-    return json.loads(Path(path).read_text())
+class RunFolderError(RuntimeError):
+    """A file of a run folder is damaged (not the JSON it should be) or cannot be read."""
+
+
+def read_json(path: str | os.PathLike[str], *, kind: type = dict) -> Any:
+    """Read a JSON file that must hold a ``kind`` (an object by default).
+
+    Raises:
+        RunFolderError: naming the file when it cannot be read or is not such JSON.
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunFolderError(f"{path} cannot be read as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(value, kind):
+        raise RunFolderError(
+            f"{path} is damaged: it holds a JSON {type(value).__name__}, expected {kind.__name__}"
+        )
+    return value
 
 
 class RunFolder:
@@ -114,6 +165,7 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self._lock: int | None = None
 
     @property
     def checkpoint(self) -> Path:
@@ -129,8 +181,34 @@ class RunFolder:
         """Whether the folder already holds (part of) a run."""
         return any((self.path / name).exists() for name in (CONFIG, METRICS, CHECKPOINT))
 
+    def lock(self) -> None:
+        """Take an exclusive, non-blocking lock on the folder (released by :meth:`unlock` or when
+        the process ends, also by SIGKILL).
+
+        Raises:
+            ConfigError: naming the folder when another process holds it.
+        """
+        if self._lock is not None:
+            return
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"run folder {self.path} is in use by another process (it holds the folder's "
+                "lock); wait for it to finish or choose another --run-dir"
+            ) from None
+        self._lock = fd
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (if any)."""
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the flock
+            self._lock = None
+
     def start(self, recipe: str, config: dict[str, Any], *, resumable: bool = True) -> None:
-        """Create the folder for a new run and write ``config.json``.
+        """Create and lock the folder for a new run and write ``config.json``.
 
         Args:
             recipe: the recipe's name.
@@ -138,11 +216,20 @@ class RunFolder:
             resumable: whether the recipe has ``--resume`` (suggested in the error if so).
 
         Raises:
-            ConfigError: if the folder already holds a run.
+            ConfigError: if the folder already holds a run, is locked, or cannot be written.
         """
         self.check_new(resumable=resumable)
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.path / CONFIG, {"recipe": recipe, "config": config})
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock()
+            self.check_new(resumable=resumable)  # under the lock: no other run started here
+            write_json(self.path / CONFIG, {"recipe": recipe, "config": config})
+        except OSError as e:
+            self.unlock()
+            raise ConfigError(
+                f"--run-dir {self.path} cannot be written ({e.strerror or e}); choose a folder "
+                "you can write to"
+            ) from None
 
     def check_new(self, *, resumable: bool = True, holds: bool | None = None) -> None:
         """Raise :class:`ConfigError` if the folder already holds a run.
@@ -184,12 +271,21 @@ class RunFolder:
             return str(summary.get("error"))
         return None
 
+    def finished(self) -> dict[str, Any] | None:
+        """The summary of a run that finished (``summary.json`` without a failure), else None."""
+        path = self.path / SUMMARY
+        if not path.is_file():
+            return None
+        summary = read_json(path)
+        return None if summary.get("status") == "failed" else summary
+
     def check_resume(self, recipe: str, config: dict[str, Any], config_cls: type) -> None:
         """Check that the folder holds a run of ``recipe`` with a compatible config.
 
         Raises:
             ConfigError: if there is nothing to resume, or if options other than the resumable
                 ones (run control such as ``quiet``) differ from the saved ``config.json``.
+            RunFolderError: if ``config.json`` is damaged.
         """
         if not (self.path / CONFIG).is_file():
             raise ConfigError(f"--resume: {self.path} holds no run (no {CONFIG})")
@@ -199,7 +295,9 @@ class RunFolder:
                 f"--resume: {self.path} holds a run of recipe {saved.get('recipe')!r}, not "
                 f"{recipe!r}"
             )
-        diff = differences(saved.get("config", {}), config, config_cls)
+        if not isinstance(saved.get("config"), dict):
+            raise RunFolderError(f"{self.path / CONFIG} is damaged: it has no 'config' object")
+        diff = differences(saved["config"], config, config_cls)
         if diff:
             lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, a, b in diff)
             raise ConfigError(
@@ -222,20 +320,33 @@ class RunFolder:
             os.fsync(fh.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The rows of ``metrics.jsonl`` (a partly written last line is skipped)."""
+        """The rows of ``metrics.jsonl`` (a partly written last line is skipped).
+
+        Raises:
+            RunFolderError: naming the file and line when another line is not a JSON object.
+        """
         if not self.metrics_path.is_file():
             return []
+        try:
+            lines = self.metrics_path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RunFolderError(f"{self.metrics_path} cannot be read ({e})") from None
         rows = []
-        for line in self.metrics_path.read_text().splitlines():
+        for number, line in enumerate(lines, 1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                break
+                if number == len(lines):  # a write cut short by a kill
+                    break
+                row = None
+            if not isinstance(row, dict):
+                raise RunFolderError(
+                    f"{self.metrics_path} is damaged: line {number} is not a JSON object"
+                )
+            rows.append(row)
         return rows
 
     def truncate_metrics(self, epoch: int) -> None:
         """Keep only the rows of epochs ``<= epoch`` (the ones the checkpoint includes)."""
         rows = [r for r in self.read_metrics() if r.get("epoch", 0) <= epoch]
-        tmp = self.metrics_path.with_name(f".{METRICS}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, self.metrics_path)
+        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
