@@ -9,8 +9,7 @@ Example:
 """
 
 from . import layers
-from ._backward import BACKWARDS as _backward_registry
-from ._backward import JFB, Backward, Implicit, Neumann, Phantom, Unrolled
+from ._backward import BACKWARDS, JFB, Backward, Implicit, Neumann, Phantom, Unrolled
 from ._deq import DEQ
 from ._diagnostics import GradientAgreement, gradient_agreement, plot_convergence
 from ._dropout import VariationalDropout, batch_index, reset_dropout
@@ -25,7 +24,8 @@ from ._stabilisers import jacobian_penalty, spectral_radius
 __version__ = "0.1.0"
 
 SOLVERS = tuple(_solver_registry)  # the registered names, in registration order
-BACKWARDS = tuple(_backward_registry)
+# the backward registry: iterating gives the names; register_backward(cls) adds a method
+register_backward = BACKWARDS.register
 
 __all__ = [
     "BACKWARDS",
@@ -58,6 +58,7 @@ __all__ = [
     "layers",
     "norm_cache",
     "plot_convergence",
+    "register_backward",
     "remove_norm",
     "reset_dropout",
     "solve",

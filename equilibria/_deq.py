@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -9,19 +10,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._backward import Backward, Implicit, resolve_backward
+from ._backward import Backward, resolve_backward
+from ._cache import SampleCache
 from ._dropout import batch_index, own_batch, reset_dropout
-from ._fixed_point import (
-    StopNorm,
-    _check_options,
-    _warn_if_unconverged,
-    check_compact,
-    fixed_point,
-    fixed_point_states,
-)
+from ._fixed_point import StopNorm, check_correction, refuse_transforms, solve_flat, states_flat
 from ._norms import norm_cache
+from ._options import Options
 from ._solution import Solution
-from ._solvers import Solver, resolve_solver
+from ._solvers import Solver
 from ._tree import StateSpec, index_batch
 from ._validate import check_float, check_int
 
@@ -31,14 +27,18 @@ Cell = Callable[[Any, Any], Any]
 class DEQ(nn.Module):
     """Deep equilibrium layer: returns z* with z* = cell(z*, x).
 
-    Holds the cell (whose parameters it registers) and the solver settings; the maths lives in
-    :func:`equilibria.fixed_point`. Training and evaluation have separate budgets, since evaluation
-    often affords more iterations.
+    Holds the cell (whose parameters it registers) and the solve's :class:`Options`; the maths lives
+    in :func:`equilibria.fixed_point`. Training and evaluation have separate budgets, since
+    evaluation often affords more iterations.
 
     Args:
-        cell: ``cell(z, x) -> z``, usually an ``nn.Module``. ``z`` may be a tensor, tuple or dict.
+        cell: ``cell(z, x) -> z``, usually an ``nn.Module``. ``z`` may be a tensor, or a tuple,
+            list or dict of tensors.
         solver: forward solver, name or object (``eq.Anderson(m=6)``).
-        backward: backward method, name or object (``eq.Phantom(steps=5, damping=0.5)``).
+        backward: backward method, name or object (``eq.Phantom(steps=5, damping=0.5)``). The
+            implicit method's tol, max_iter and stop, when not given, follow the forward solve
+            of the current mode (``eq.DEQ(cell, tol=1e-2, max_iter=25)`` solves its adjoint to
+            1e-2 within 25 iterations); see :class:`Implicit`.
         tol: forward tolerance in training.
         max_iter: forward budget in training.
         stop: stop norm, ``"rel"`` or ``"abs"``.
@@ -55,10 +55,19 @@ class DEQ(nn.Module):
             statistics, as in BatchNorm in training mode, would change with the batch), each
             compaction copies the solver's history, and very cheap cells gain less than they pay.
             Not with ``backward="unrolled"``.
+        correction: the phantom path of the states before the last in ``layer(x, states=n)``
+            when the backward method is implicit or Neumann (see
+            :func:`equilibria.fixed_point_states`); default ``eq.Phantom(steps=1, damping=1.0)``.
 
     Each forward call resets the cell's :class:`VariationalDropout` masks (in training mode) and
     computes its normalised weights (:func:`apply_norm`) once, reused by every solver iteration and
     by the backward pass.
+
+    Eval mode: the returned state is the solver's equilibrium z* for every backward method, with
+    or without grad mode, so outputs do not depend on ``torch.no_grad``. With grad mode on, each
+    method still gives its own gradient: the implicit and Neumann methods as in training; Phantom
+    and JFB run their differentiable steps for the gradient only (z* with the derivative of the
+    steps); Unrolled records the iterations. Under ``torch.no_grad`` nothing but the solve runs.
 
     Precision: the state is kept in the dtype of ``z0`` (``init(x)``). Under ``torch.autocast``
     the cell runs in the autocast dtype (e.g. bfloat16) and its output is cast back to the state's
@@ -66,13 +75,19 @@ class DEQ(nn.Module):
     off, in float32 or better.
 
     Attributes:
+        options: the training :class:`Options` (solver, backward, tol, max_iter, stop,
+            warn_unconverged, compact); ``solver``, ``backward``, ``tol``, ``max_iter``, ``stop``,
+            ``warn_unconverged`` and ``compact`` read them.
         last_solution: the :class:`Solution` of the latest forward call (its ``backward`` field is
-            filled in when gradients are computed).
+            filled in when gradients are computed). Not saved: ``torch.save(layer)`` and pickling
+            leave it (and the ``cache_key`` warm-start caches) out, so a checkpoint holds the
+            model only; ``copy.deepcopy`` keeps its statistics.
 
     Example:
         >>> cell = MyCell()  # cell(z, x) -> z
         >>> layer = eq.DEQ(cell, solver="anderson", backward=eq.Phantom(steps=5), max_iter=30)
         >>> z = layer(x)
+        >>> z = layer(x, max_iter=100, solver="broyden")  # one call with other settings
         >>> layer.last_solution.nstep
 
     Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
@@ -92,36 +107,52 @@ class DEQ(nn.Module):
         init: Callable[[Any], Any] | None = None,
         warn_unconverged: bool = False,
         compact: bool = False,
+        correction: str | Backward | None = None,
     ) -> None:
         super().__init__()
         if not callable(cell):
             raise TypeError(f"cell must be callable as cell(z, x), got {type(cell).__name__}")
         if init is not None and not callable(init):
             raise TypeError(f"init must be callable as init(x) -> z0, got {type(init).__name__}")
-        _check_options(tol, max_iter, stop, warn_unconverged)
+        self.options = Options(
+            solver=solver,
+            backward=backward,
+            tol=tol,
+            max_iter=max_iter,
+            stop=stop,
+            warn_unconverged=warn_unconverged,
+            compact=compact,
+        )
         if eval_tol is not None:
             check_float("eval_tol", eval_tol, low=0.0, low_open=False)
         if eval_max_iter is not None:
             check_int("eval_max_iter", eval_max_iter, minimum=1)
-        self.cell = cell
-        self.solver = resolve_solver(solver)
-        self.backward = resolve_backward(backward)
-        self.tol = tol
-        self.max_iter = max_iter
-        self.stop = stop
         self.eval_tol = tol if eval_tol is None else eval_tol
         self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
+        self.correction = (
+            None if correction is None else check_correction(self.options.backward, correction)
+        )
+        self.cell = cell
         self.init = init
-        self.warn_unconverged = warn_unconverged
-        check_compact(compact, self.backward)
-        self.compact = compact
         self.last_solution: Solution | None = None
-        self._state_cache: dict[int, torch.Tensor] = {}
-        self._adjoint_cache: dict[int, torch.Tensor] = {}
-        self._pending: tuple[list[int], Solution] | None = None
+        self._using: Backward | None = None
+        self._state_cache = SampleCache()
+        self._adjoint_cache = SampleCache()
 
-    def _budget(self) -> tuple[float, int]:
-        return (self.tol, self.max_iter) if self.training else (self.eval_tol, self.eval_max_iter)
+    # the options, read-only: change them per call (layer(x, max_iter=...)) or with using()
+    solver = property(lambda self: self.options.solver, doc="The forward solver.")
+    tol = property(lambda self: self.options.tol, doc="The training tolerance.")
+    max_iter = property(lambda self: self.options.max_iter, doc="The training budget.")
+    stop = property(lambda self: self.options.stop, doc="The stop norm.")
+    compact = property(lambda self: self.options.compact, doc="Per-sample compaction.")
+    warn_unconverged = property(
+        lambda self: self.options.warn_unconverged, doc="Whether unconverged solves warn."
+    )
+
+    @property
+    def backward(self) -> Backward:
+        """The backward method (the one set by :meth:`using` inside its block)."""
+        return self.options.backward if self._using is None else self._using
 
     def _z0(self, x: Any, z0: Any) -> Any:
         if z0 is not None:
@@ -134,6 +165,13 @@ class DEQ(nn.Module):
             "z0 is required when x is not a tensor: pass z0=... or give the DEQ an init(x) -> z0"
         )
 
+    def _call_options(self, **overrides: Any) -> Options:
+        """The options of this call: the mode's budget, :meth:`using`'s backward, the overrides."""
+        options = self.options
+        if not self.training:
+            options = options.replace(tol=self.eval_tol, max_iter=self.eval_max_iter)
+        return options.replace(backward=self._using).replace(**overrides)
+
     def forward(
         self,
         x: Any,
@@ -141,48 +179,62 @@ class DEQ(nn.Module):
         *,
         states: int | None = None,
         cache_key: Sequence[int] | torch.Tensor | None = None,
+        solver: str | Solver | None = None,
+        backward: str | Backward | None = None,
+        tol: float | None = None,
+        max_iter: int | None = None,
     ) -> Any:
         """Solve for the equilibrium of ``cell(., x)``.
 
         Args:
             x: the input injection, passed unchanged to the cell.
             z0: initial state (e.g. a previous equilibrium for a warm start); default ``init(x)``.
-            states: if given, return that many states along the trajectory, each with its own
-                phantom gradient path, for fixed-point correction (see
-                :func:`equilibria.fixed_point_states`); the backward method must then be
-                ``eq.Phantom`` or ``eq.JFB``.
+            states: if given, return that many states along the trajectory for fixed-point
+                correction (see :func:`equilibria.fixed_point_states`): the last with the
+                backward method's gradient (implicit, Neumann, Phantom or JFB), the earlier ones
+                with a phantom path (``correction``, or the phantom backward itself).
             cache_key: one integer id per sample (e.g. dataset indices). The equilibria of these
                 samples are cached and used as the starting point the next time the same ids
                 come (samples without a cached state start from ``init(x)``); with the implicit
-                backward, the adjoint solutions are cached too and warm-start the next adjoint
-                solve of the same ids. The cache lives on the module (``clear_cache()`` empties
-                it) and holds one detached state per id.
+                backward, the adjoint solutions are cached too (in training mode) and warm-start
+                the next adjoint solve of the same ids. The cache lives on the module
+                (``clear_cache()`` empties it) and holds one detached state per id.
+            solver: this call's solver instead of the module's (name or object).
+            backward: this call's backward method instead of the module's.
+            tol: this call's tolerance instead of the mode's (``tol`` or ``eval_tol``).
+            max_iter: this call's budget instead of the mode's.
+
+        The overrides are validated like the constructor's arguments and change nothing on the
+        module.
 
         Returns:
             The equilibrium state, or a list of ``states`` states (earliest first).
         """
-        tol, max_iter = self._budget()
+        options = self._call_options(solver=solver, backward=backward, tol=tol, max_iter=max_iter)
+        refuse_transforms()
+        correction = None
         if states is not None:
             check_int("states", states, minimum=1)
-            if self.compact:
+            if options.compact:
                 raise ValueError(
                     f"states={states} (fixed-point correction) cannot be combined with "
                     "compact=True: the trajectory it samples needs every sample at every "
                     "iteration; use a DEQ with compact=False"
                 )
+            correction = self.correction or options.backward.correction()
         keys = None if cache_key is None else _keys(cache_key)
-        if keys is not None:
-            self._harvest_adjoints()
-            if z0 is not None:
-                raise ValueError("pass either z0 or cache_key, not both")
+        if keys is not None and z0 is not None:
+            raise ValueError("pass either z0 or cache_key, not both")
         z0 = self._z0(x, z0)
+        spec = StateSpec.of(z0)
+        flat = spec.flatten(z0)
         if keys is not None:
-            batch = StateSpec.of(z0).batch
-            if len(keys) != batch:
+            if len(keys) != spec.batch:
                 raise ValueError(
-                    f"cache_key must have one id per sample ({batch}), got {len(keys)} ids"
+                    f"cache_key must have one id per sample ({spec.batch}), got {len(keys)} ids"
                 )
-            z0 = self._cached_start(z0, keys)
+            flat = flat.detach().clone()
+            self._state_cache.fill(keys, flat)
         cell = self.cell if isinstance(self.cell, nn.Module) else None
         if self.training and cell is not None:
             reset_dropout(cell)
@@ -190,97 +242,65 @@ class DEQ(nn.Module):
         def f(z: Any) -> Any:
             return self.cell(z, x)
 
-        batch = StateSpec.of(z0).batch
-
         def f_indexed(z: Any, index: torch.Tensor | None) -> Any:
             if index is None:
                 return self.cell(z, x)
             with batch_index(index):
-                return self.cell(z, index_batch(x, index, batch))
+                return self.cell(z, index_batch(x, index, spec.batch))
 
+        fn = spec.flat_map(f_indexed if options.compact else f)
+        adjoint = self._adjoint_cache if keys is not None and self.training else None
+        where = dict(keep_value=not self.training, cache=adjoint, keys=keys)
         # this DEQ inside another DEQ's compacting cell: its cell sees this DEQ's own batch,
         # not the outer batch index (its dropout would take its rows from the wrong mask)
         with own_batch(), norm_cache(cell):
             if states is not None:
-                zs, sol = fixed_point_states(
-                    f,
-                    z0,
-                    states,
-                    solver=self.solver,
-                    backward=self.backward,  # type: ignore[arg-type]
-                    tol=tol,
-                    max_iter=max_iter,
-                    stop=self.stop,
-                )
-                if self.warn_unconverged:
-                    _warn_if_unconverged(sol, "the forward solve")
-                out = zs
+                assert correction is not None
+                zs, sol = states_flat(fn, spec, flat, states, options, correction, **where)
+                if options.warn_unconverged:
+                    sol.warn_if_unconverged("the forward solve")
+                out: Any = [spec.unflatten(z) for z in zs]
             else:
-                out, sol = fixed_point(
-                    f_indexed if self.compact else f,
-                    z0,
-                    solver=self.solver,
-                    backward=self.backward,
-                    tol=tol,
-                    max_iter=max_iter,
-                    stop=self.stop,
-                    warn_unconverged=self.warn_unconverged,
-                    compact=self.compact,
-                )
+                z, sol = solve_flat(fn, spec, flat, options, **where)
+                out = spec.unflatten(z)
         self.last_solution = sol
         if keys is not None:
-            self._store(sol, keys)
+            self._state_cache.store(keys, spec.flatten(sol.value))
         return out
 
     @contextmanager
     def using(self, backward: str | Backward) -> Iterator[DEQ]:
         """Temporarily use another backward method (e.g. for :func:`gradient_agreement`)."""
-        saved = self.backward
-        self.backward = resolve_backward(backward)
+        saved = self._using
+        self._using = resolve_backward(backward)
         try:
             yield self
         finally:
-            self.backward = saved
+            self._using = saved
 
     def clear_cache(self) -> None:
         """Forget the cached equilibria and adjoints of ``cache_key``."""
         self._state_cache.clear()
         self._adjoint_cache.clear()
-        self._pending = None
 
-    # -- warm-start cache --------------------------------------------------------------------
+    # -- pickling: the model, not the last call ----------------------------------------------
 
-    def _cached_start(self, z0: Any, keys: list[int]) -> Any:
-        spec = StateSpec.of(z0)
-        flat = spec.flatten(z0).detach().clone()
-        for row, key in enumerate(keys):
-            cached = self._state_cache.get(key)
-            if cached is not None and cached.shape == flat.shape[1:]:
-                flat[row] = cached.to(flat.device, flat.dtype)
-        return spec.unflatten(flat)
+    def __getstate__(self) -> dict[str, Any]:
+        """``torch.save`` / pickle: leave out the last solve (its value, residuals and recorded
+        map call) and the warm-start caches, which are per-call data, not the model."""
+        state = self.__dict__.copy()
+        state["last_solution"] = None
+        state["_state_cache"] = SampleCache()
+        state["_adjoint_cache"] = SampleCache()
+        return state
 
-    def _store(self, sol: Solution, keys: list[int]) -> None:
-        flat = StateSpec.of(sol.value, "value").flatten(sol.value).detach()
-        for key, row in zip(keys, flat.unbind(0)):
-            self._state_cache[key] = row.clone()  # its own storage: a view would keep the batch
-        if isinstance(self.backward, Implicit) and self.training:
-            initial = torch.full_like(flat, float("nan"))
-            for row, key in enumerate(keys):
-                cached = self._adjoint_cache.get(key)
-                if cached is not None and cached.shape == flat.shape[1:]:
-                    initial[row] = cached
-            sol.backward.initial = initial
-            self._pending = (keys, sol)
-
-    def _harvest_adjoints(self) -> None:
-        if self._pending is None:
-            return
-        keys, sol = self._pending
-        self._pending = None
-        adjoint = sol.backward.solution
-        if adjoint is not None:
-            for key, row in zip(keys, adjoint.value.detach().unbind(0)):
-                self._adjoint_cache[key] = row.clone()
+    def __deepcopy__(self, memo: dict[int, Any]) -> DEQ:
+        # a deep copy (snapshots, EMA models) keeps everything, last_solution's statistics
+        # included (BackwardInfo drops its recorded graph, which torch cannot deep-copy)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def extra_repr(self) -> str:
         return (

@@ -1,36 +1,35 @@
 """The functional core: solve a fixed point, and make it differentiable.
 
-``solve`` finds z* = f(z*) without autograd. ``fixed_point`` does the same and attaches a backward
-method (ALGORITHMS.md §2) so that gradients reach every parameter and tensor ``f`` closes over.
+``solve`` finds z* = f(z*) without autograd. ``fixed_point`` does the same and lets its backward
+method (:mod:`equilibria._backward`) attach the gradient, so that gradients reach every parameter
+and tensor ``f`` closes over. ``fixed_point_states`` hands out states along the trajectory for
+fixed-point correction. Each builds the state's :class:`StateSpec` and an :class:`Options` once;
+:func:`solve_flat` and :func:`states_flat` then work on the flat (B, D) state, and
+:class:`equilibria.DEQ` calls them directly.
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ._backward import JFB, Backward, Implicit, Neumann, Phantom, Unrolled, resolve_backward
-from ._iterate import Iteration, iterate
-from ._solution import BackwardInfo, Solution, Status
-from ._solvers import Solver, resolve_solver
+from ._backward import JFB, Attachment, Backward, Phantom, resolve_backward
+from ._cache import SampleCache
+from ._iterate import IndexedMap, iterate
+from ._norms import norm_cache
+from ._options import Options, StopNorm
+from ._solution import BackwardInfo, Solution
+from ._solvers import Solver
 from ._solvers._base import Map
 from ._tree import StateSpec
-from ._validate import check_bool, check_choice, check_float, check_int
+from ._validate import check_float, check_int
 
-StopNorm = Literal["abs", "rel"]
-
-
-def _check_options(tol: Any, max_iter: Any, stop: Any, warn_unconverged: Any) -> None:
-    check_float("tol", tol, low=0.0, low_open=False)
-    check_int("max_iter", max_iter, minimum=1)
-    check_choice("stop", stop, ("abs", "rel"))
-    check_bool("warn_unconverged", warn_unconverged)
+__all__ = ["StopNorm", "correction_loss", "fixed_point", "fixed_point_states", "solve"]
 
 
 def _check_callable(f: Any) -> None:
@@ -39,10 +38,11 @@ def _check_callable(f: Any) -> None:
 
 
 # not traced: dynamo would guard on the signature of f, a new closure at every DEQ call, and
-# recompile the surrounding module at every call
+# recompile the surrounding module at every call; and the transform check reads torch internals
 @torch.compiler.disable
-def _check_takes_index(f: Any, compact: bool) -> None:
-    """Under compaction ``f`` must accept ``f(z, index)``."""
+def check_entry(f: Any, compact: bool) -> None:
+    """Refuse torch.func transforms; under compaction ``f`` must accept ``f(z, index)``."""
+    refuse_transforms()
     if compact:
         try:
             inspect.signature(f).bind(None, None)
@@ -56,39 +56,113 @@ def _check_takes_index(f: Any, compact: bool) -> None:
             pass
 
 
-def _to_solution(
-    it: Iteration, spec: StateSpec, solver: Solver, stop: str, tol: float, value: Tensor
-) -> Solution:
-    dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
-    residual = torch.from_numpy(it.residual).to(device=value.device, dtype=dtype)
-    return Solution(
-        value=spec.unflatten(value),
-        status=it.status,
-        nstep=it.nstep,
-        nfev=it.nfev,
-        residual=residual,
-        converged=torch.from_numpy(it.residual < tol).to(value.device),
-        trace=torch.tensor(it.trace, dtype=torch.float64, device="cpu"),
-        residuals=torch.from_numpy(
-            np.stack(it.residuals) if it.residuals else np.zeros((0, len(it.residual)))
-        ),
-        evaluations=it.evaluations,
-        stop=stop,
-        tol=tol,
-        solver=solver.name,
-    )
+def refuse_transforms() -> None:
+    """Raise a clear error inside ``torch.func`` transforms (vmap, grad, jacrev, jvp, ...).
 
-
-def _warn_if_unconverged(sol: Solution, what: str) -> None:
-    if sol.status is not Status.CONVERGED:
-        n_bad = int((~sol.converged).sum())
-        warnings.warn(
-            f"{what} ended with status {sol.status.value!r} after {sol.nstep} iterations: "
-            f"{n_bad} of {sol.converged.numel()} samples above tol={sol.tol:g} "
-            f"(largest residual {float(sol.residual.max()):.3e})",
-            RuntimeWarning,
-            stacklevel=3,
+    The solver loop stops on residuals read back to the host (data-dependent control flow) and
+    keeps Python-side state, which functorch's wrapped tensors cannot provide: torch would fail
+    deep inside with "Cannot access data pointer of Tensor".
+    """
+    peek = getattr(torch._C._functorch, "peek_interpreter_stack", None)
+    if peek is not None and peek() is not None:
+        raise RuntimeError(
+            "equilibria's solves cannot run inside torch.func transforms (vmap, grad, jacrev, "
+            "jvp, functional_call under them): the solver stops on residuals read back to the "
+            "host. Use torch.autograd instead: fixed_point / DEQ with backward='implicit' (the "
+            "default) gives exact gradients through loss.backward() or torch.autograd.grad, "
+            "torch.autograd.functional.jacobian gives Jacobians, and the solve is already "
+            "batched (each row of z0 is an independent problem), so vmap over samples is not "
+            "needed"
         )
+
+
+def _module_cache(f: Any) -> AbstractContextManager[None]:
+    """:func:`norm_cache` of ``f`` when it is a module (its normalised weights computed once per
+    solve); a closure's modules are not visible: wrap the call in ``eq.norm_cache(cell)``."""
+    return norm_cache(f) if isinstance(f, nn.Module) else nullcontext()
+
+
+def solve_flat(
+    fn: Map | IndexedMap,
+    spec: StateSpec,
+    x0: Tensor,
+    options: Options,
+    *,
+    keep_value: bool = False,
+    cache: SampleCache | None = None,
+    keys: Sequence[int] | None = None,
+) -> tuple[Tensor, Solution]:
+    """The differentiable flat (B, D) equilibrium of the flat map ``fn`` and its Solution.
+
+    ``keep_value``, ``cache`` and ``keys`` go to the backward method (see :class:`Attachment`).
+    """
+    record = BackwardInfo()
+    at = Attachment(record, options.tol, options.max_iter, options.stop, keep_value, cache, keys)
+    it, z = options.backward.solve(fn, x0, options, at)
+    value = it.value.detach()
+    sol = Solution.of(
+        it, spec.unflatten(value), options.solver.name, options.stop, options.tol, record
+    )
+    if z is it.value:  # never hand out the storage of sol.value (an in-place edit would change it)
+        z = z.clone()
+    if options.warn_unconverged:
+        sol.warn_if_unconverged("the forward solve")
+    return z, sol
+
+
+def states_flat(
+    fn: Map,
+    spec: StateSpec,
+    x0: Tensor,
+    n: int,
+    options: Options,
+    correction: Backward,
+    *,
+    keep_value: bool = False,
+    cache: SampleCache | None = None,
+    keys: Sequence[int] | None = None,
+) -> tuple[list[Tensor], Solution]:
+    """``n`` flat states along the trajectory of ``fn`` from ``x0``, earliest first: the last at
+    the best iterate with ``options.backward``'s gradient, the others with ``correction``'s."""
+    with torch.no_grad():
+        it = iterate(
+            fn,
+            x0.detach(),
+            options.solver,
+            tol=options.tol,
+            max_iter=options.max_iter,
+            stop=options.stop,
+            keep_trajectory=True,
+        )
+    record = BackwardInfo()
+    sol = Solution.of(
+        it, spec.unflatten(it.value), options.solver.name, options.stop, options.tol, record
+    )
+    trajectory = it.trajectory or [it.value]  # an empty batch has no iterates
+    picks = [trajectory[max(0, round((i + 1) * it.nstep / n) - 1)] for i in range(n - 1)]
+    if not torch.is_grad_enabled():  # copies: the picks can be sol.value, z0 or each other
+        return [p.clone() for p in [*picks, it.value]], sol
+    at = Attachment(record, options.tol, options.max_iter, options.stop, keep_value, cache, keys)
+    record.method = options.backward.name
+    states = [correction.attach(fn, p, at) for p in picks]
+    last = options.backward.attach(fn, it.value, at)
+    states.append(last.clone() if last is it.value else last)
+    return states, sol
+
+
+def check_correction(backward: Backward, correction: str | Backward | None) -> Backward:
+    """The phantom path of the states before the last (``correction``, or the backward method's
+    default), checked to differentiate at states that are not equilibria."""
+    if correction is None:
+        return backward.correction()
+    path = resolve_backward(correction, "correction")
+    if not path.at_any_state:
+        raise TypeError(
+            "correction (the gradient path of the states before the last) must be "
+            "eq.Phantom(...) or eq.JFB(): those states are not equilibria, so implicit "
+            f"gradients do not apply to them, got {path!r}"
+        )
+    return path
 
 
 def solve(
@@ -109,9 +183,10 @@ def solve(
 
     Args:
         f: the map; takes and returns a state with the structure of ``z0``.
-        z0: initial state: a batch-first tensor, or a tuple or dict of them (same batch size,
-            dtype and device). Every sample is solved independently. An empty batch (size 0)
-            returns at once: no map call, ``nstep`` 0, status converged.
+        z0: initial state: a batch-first tensor, or a tuple, list or dict of them (same batch
+            size, dtype and device); ``f`` may return a list for a tuple state and vice versa.
+            Every sample is solved independently. An empty batch (size 0) returns at once: no
+            map call, ``nstep`` 0, status converged.
         solver: a registered name (``"picard"``, ``"anderson"``, ``"broyden"``) or a solver object
             such as ``eq.Anderson(m=6)``.
         tol: a sample stops when its residual falls below ``tol``; ``0`` runs the whole budget
@@ -138,8 +213,15 @@ def solve(
     (norms, Anderson's small least-squares systems) runs with autocast off, in float32 or better
     (float64 for float64 states).
 
+    ``f`` may edit its input in place: it then gets a copy of each iterate, and ``z0`` is never
+    changed. When ``f`` is an ``nn.Module`` its normalised weights (:func:`apply_norm`) are
+    computed once per solve; for a closure over such a module, wrap the call in
+    ``with eq.norm_cache(cell):``.
+
     Raises:
         NonFiniteError: NaN or inf in ``z0`` or appearing during the solve.
+        RuntimeError: inside a ``torch.func`` transform (vmap, grad, jacrev), which the solver
+            loop cannot run under; use ``torch.autograd`` with :func:`fixed_point` instead.
 
     Example:
         >>> A = 0.5 * torch.eye(3)
@@ -148,18 +230,29 @@ def solve(
     """
     _check_callable(f)
     spec = StateSpec.of(z0)
-    solver = resolve_solver(solver)
-    _check_options(tol, max_iter, stop, warn_unconverged)
-    check_bool("compact", compact)
-    _check_takes_index(f, compact)
+    options = Options(
+        solver=solver,
+        tol=tol,
+        max_iter=max_iter,
+        stop=stop,
+        warn_unconverged=warn_unconverged,
+        compact=compact,
+    )
+    check_entry(f, compact)
     fn = spec.flat_map(f)
-    with torch.no_grad():
+    with torch.no_grad(), _module_cache(f):
         it = iterate(
-            fn, spec.flatten(z0), solver, tol=tol, max_iter=max_iter, stop=stop, compact=compact
+            fn,
+            spec.flatten(z0),
+            options.solver,
+            tol=tol,
+            max_iter=max_iter,
+            stop=stop,
+            compact=compact,
         )
-    sol = _to_solution(it, spec, solver, stop, tol, it.value)
+    sol = Solution.of(it, spec.unflatten(it.value), options.solver.name, stop, tol)
     if warn_unconverged:
-        _warn_if_unconverged(sol, "the solve")
+        sol.warn_if_unconverged("the solve")
     return sol
 
 
@@ -183,13 +276,14 @@ def fixed_point(
 
     Args:
         f: the map; takes and returns a state with the structure of ``z0``.
-        z0: initial state (batch-first tensor, tuple or dict of tensors). No gradient flows to it
-            except with ``backward="unrolled"``. An empty batch is passed through without a solve;
-            under grad mode the backward method's differentiable map calls still run on it, so
-            the output is part of the graph, as a layer's would be.
+        z0: initial state (batch-first tensor, tuple, list or dict of tensors). No gradient flows
+            to it except with ``backward="unrolled"``. An empty batch is passed through without a
+            solve; under grad mode the backward method's differentiable map calls still run on
+            it, so the output is part of the graph, as a layer's would be.
         solver: forward solver, name or object.
         backward: backward method, name (``"implicit"``, ``"phantom"``, ``"neumann"``, ``"jfb"``,
-            ``"unrolled"``) or object such as ``eq.Phantom(steps=5, damping=0.5)``.
+            ``"unrolled"``) or object such as ``eq.Phantom(steps=5, damping=0.5)``. The
+            implicit method's tol, max_iter and stop, when not given, are this solve's.
         tol: forward tolerance.
         max_iter: forward iteration budget.
         stop: stop norm, ``"rel"`` or ``"abs"``.
@@ -204,6 +298,9 @@ def fixed_point(
         output of their extra differentiable steps from ``sol.value``. ``sol.backward`` is filled in
         when backward runs (adjoint iterations and residual for the implicit method).
 
+    As in :func:`solve`, ``f`` may edit its input in place, an ``nn.Module`` ``f`` has its
+    normalised weights cached for the solve, and ``torch.func`` transforms are refused.
+
     Example:
         >>> lin = torch.nn.Linear(8, 8)
         >>> x = torch.randn(4, 8)
@@ -212,198 +309,19 @@ def fixed_point(
     """
     _check_callable(f)
     spec = StateSpec.of(z0)
-    solver = resolve_solver(solver)
-    backward = resolve_backward(backward)
-    _check_options(tol, max_iter, stop, warn_unconverged)
-    check_compact(compact, backward)
-    _check_takes_index(f, compact)
-    fn = spec.flat_map(f)
-    x0 = spec.flatten(z0)
-    if isinstance(backward, Unrolled) and torch.is_grad_enabled():
-        it = iterate(fn, x0, solver, tol=tol, max_iter=max_iter, stop=stop)
-        sol = _to_solution(it, spec, solver, stop, tol, it.value.detach())
-        sol.backward.method = backward.name
-        z = it.value if len(it.residual) else fn(x0)  # an empty batch: still a graph, like a layer
-    else:
-        with torch.no_grad():
-            it = iterate(
-                fn, x0.detach(), solver, tol=tol, max_iter=max_iter, stop=stop, compact=compact
-            )
-        sol = _to_solution(it, spec, solver, stop, tol, it.value)
-        z = it.value
-        if torch.is_grad_enabled():
-            full = (lambda x: fn(x, None)) if compact else fn
-            z = attach_backward(full, z, backward, sol.backward)
-    if z is it.value:  # never hand out the storage of sol.value (an in-place edit would change it)
-        z = z.clone()
-    if warn_unconverged:
-        _warn_if_unconverged(sol, "the forward solve")
-    return spec.unflatten(z), sol
-
-
-def check_compact(compact: bool, backward: Backward) -> None:
-    check_bool("compact", compact)
-    if compact and isinstance(backward, Unrolled):
-        raise ValueError(
-            "compact=True cannot be combined with backward='unrolled' (backpropagating through a "
-            "batch that shrinks); use another backward method or compact=False"
-        )
-
-
-# Not traced under torch.compile: the adjoint Function carries Python objects (the method, the
-# mutable record) and the leaf check walks the autograd graph, neither of which dynamo can trace.
-@torch.compiler.disable
-def _attach_adjoint(
-    fn: Map, z_star: Tensor, backward: Implicit | Neumann, record: BackwardInfo
-) -> Tensor:
-    zr = z_star.detach().requires_grad_()
-    with torch.enable_grad():
-        z_out = fn(zr)
-    if not _reaches_other_leaves(z_out, zr):  # f closes over nothing that needs a gradient
-        return z_star
-    record.pair = (z_out, zr)
-    return _Adjoint.apply(z_out, zr, z_star, backward, record)
-
-
-def attach_backward(fn: Map, z_star: Tensor, backward: Backward, record: BackwardInfo) -> Tensor:
-    """Return a differentiable (B, D) state at the detached solution ``z_star`` of ``fn``."""
-    record.method = backward.name
-    if isinstance(backward, JFB):
-        return fn(z_star)
-    if isinstance(backward, Phantom):
-        h, lam = z_star, backward.damping
-        for _ in range(backward.steps):
-            h = fn(h) if lam == 1.0 else h + lam * (fn(h) - h)
-        return h
-    if isinstance(backward, (Implicit, Neumann)):
-        return _attach_adjoint(fn, z_star, backward, record)
-    if isinstance(backward, Unrolled):
-        raise ValueError(
-            "backward='unrolled' needs the forward iterations recorded; it is only available "
-            "through fixed_point and DEQ, not at a given state"
-        )
-    raise TypeError(f"unsupported backward method {type(backward).__name__}")
-
-
-def _reaches_other_leaves(z_out: Tensor, zr: Tensor) -> bool:
-    """Whether the graph of ``z_out`` reaches anything needing a gradient besides ``zr``.
-
-    A depth-first walk that stops at the first such node; in the common case (the map uses a
-    parameter) it ends after a handful of nodes.
-    """
-    if z_out.grad_fn is None:
-        return False
-    # the visited nodes are kept alive: an autograd node's Python wrapper can be freed and its id
-    # reused by another node's wrapper (torch 2.11 does this), which would skip unvisited nodes
-    seen: dict[int, Any] = {}
-    stack = [z_out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node
-        variable = getattr(node, "variable", None)
-        if variable is not None:  # an AccumulateGrad node: a leaf that requires grad
-            if variable is not zr:
-                return True
-            continue
-        if not node.next_functions:  # a graph input with no further history
-            return True
-        stack.extend(fn for fn, _ in node.next_functions)
-    return False
-
-
-class _Adjoint(torch.autograd.Function):
-    """Identity on z* in the forward pass; in the backward pass replaces the upstream gradient g by
-    the adjoint u of the implicit (or Neumann) method and hands it to the recorded call f(z*), so
-    autograd applies (df/dtheta)^T u and (df/dx)^T u.
-
-    The vector-Jacobian products reuse the graph of that one call (``retain_graph``), so each
-    layer call owns its own graph: calling the layer twice before backward, in eval mode, or with
-    DistributedDataParallel needs no hooks.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        z_out: Tensor,
-        zr: Tensor,
-        z_star: Tensor,
-        method: Implicit | Neumann,
-        record: BackwardInfo,
-    ) -> Tensor:
-        ctx.save_for_backward(z_out, zr)
-        ctx.method = method
-        ctx.record = record
-        return z_star.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        method, record = ctx.method, ctx.record
-        if torch.is_grad_enabled():  # create_graph=True: a second derivative is being recorded
-            why = (
-                "its adjoint is a truncated series applied to the recorded map call at a detached "
-                "z*, whose dependence on the parameters it does not carry"
-                if isinstance(method, Neumann)
-                else "its adjoint is a solved fixed point, not a differentiable expression"
-            )
-            raise NotImplementedError(
-                f"backward={method.name!r} gives first derivatives only: {why}, so backward with "
-                "create_graph=True (double backward, gradient penalties through the equilibrium) "
-                "would be silently wrong; use backward='unrolled' or eq.Phantom(...) for higher "
-                "derivatives"
-            )
-        z_out, zr = ctx.saved_tensors
-
-        def vjp(u: Tensor) -> Tensor:  # J^T u; 0 when f(z) does not depend on z through autograd
-            out = torch.autograd.grad(z_out, zr, u, retain_graph=True, allow_unused=True)[0]
-            return torch.zeros_like(u) if out is None else out
-
-        record.calls += 1
-        if not bool(torch.isfinite(grad).all()):
-            # an overflowing loss (mixed precision: GradScaler scales the loss up until it does)
-            # hands down inf or NaN, and the scaler relies on seeing them in the parameter
-            # gradients to skip the step: pass the gradient on instead of solving with it
-            record.solution = None
-            return grad, None, None, None, None
-        if isinstance(method, Neumann):
-            lam, w = method.damping, grad
-            for _ in range(method.steps - 1):
-                w = grad + (1.0 - lam) * w + lam * vjp(w)
-            return lam * w, None, None, None, None
-        adjoint = _solve_adjoint(vjp, grad, method, record.initial)
-        record.solution = adjoint
-        if method.warn_unconverged:
-            _warn_if_unconverged(adjoint, "the implicit backward solve")
-        return adjoint.value, None, None, None, None
-
-
-def _solve_adjoint(vjp: Map, grad: Tensor, method: Implicit, initial: Tensor | None) -> Solution:
-    """Solve u = J^T u + g, from ``initial`` (a warm start; rows of NaN, or None: from u0 = g)."""
-    solver = resolve_solver(method.solver)
-    spec = StateSpec.of(grad, "grad")
-    u0 = grad
-    if initial is not None:
-        if initial.shape != grad.shape:
-            raise ValueError(
-                f"the adjoint warm start has shape {tuple(initial.shape)}, expected "
-                f"{tuple(grad.shape)} (one row per sample of the flattened state)"
-            )
-        initial = initial.to(grad.device, grad.dtype)
-        # a sample with no upstream gradient has the adjoint 0 exactly: start it there, not at a
-        # warm start it would only approach geometrically (its rel residual would not fall)
-        cold = torch.isnan(initial) | (grad == 0).all(1, keepdim=True)
-        u0 = torch.where(cold, grad, initial)
-    it = iterate(
-        lambda u: vjp(u) + grad,
-        u0,
-        solver,
-        tol=method.tol,
-        max_iter=method.max_iter,
-        stop=method.stop,
-        what="the implicit backward solve",
+    options = Options(
+        solver=solver,
+        backward=backward,
+        tol=tol,
+        max_iter=max_iter,
+        stop=stop,
+        warn_unconverged=warn_unconverged,
+        compact=compact,
     )
-    return _to_solution(it, spec, solver, method.stop, method.tol, it.value)
+    check_entry(f, compact)
+    with _module_cache(f):
+        z, sol = solve_flat(spec.flat_map(f), spec, spec.flatten(z0), options)
+    return spec.unflatten(z), sol
 
 
 def fixed_point_states(
@@ -412,7 +330,8 @@ def fixed_point_states(
     n: int,
     *,
     solver: str | Solver = "anderson",
-    backward: str | Phantom | JFB | None = None,
+    backward: str | Backward | None = None,
+    correction: str | Phantom | JFB | None = None,
     tol: float = 1e-4,
     max_iter: int = 50,
     stop: StopNorm = "rel",
@@ -422,18 +341,26 @@ def fixed_point_states(
     This is fixed-point correction (DEQ-Flow).
 
     The forward solve records its iterates; ``n`` of them, evenly spaced along the trajectory and
-    ending with the best iterate, each receive a short phantom gradient path. Supervise all of them
-    and combine the losses with :func:`correction_loss`. The extra memory is the detached trajectory
-    ((B, D) per iteration) plus the ``n`` phantom paths.
+    ending with the best iterate, each receive a gradient path. With a phantom ``backward``
+    (Phantom, JFB) every state gets it; with ``backward="implicit"`` (or Neumann) the last state,
+    the equilibrium, gets that method's gradient (the exact implicit gradient, as
+    ``fixed_point`` gives it) and the earlier ones the ``correction`` path (TorchDEQ's
+    ``n_states`` with ``ift=True``). Supervise all of them and combine the losses with
+    :func:`correction_loss`. The extra memory is the detached trajectory ((B, D) per iteration)
+    plus the phantom paths.
 
     Args:
         f: the map.
         z0: initial state.
         n: number of states >= 1; the last one is at the equilibrium.
         solver: forward solver, name or object.
-        backward: the phantom path given to each state, ``eq.Phantom(...)`` or ``eq.JFB()``
-            (or their names ``"phantom"``, ``"jfb"``); default ``eq.Phantom(steps=1,
-            damping=1.0)`` (one differentiable step, as in DEQ-Flow).
+        backward: the gradient of the last state, name or object: ``eq.Phantom(...)`` or
+            ``eq.JFB()`` (then also of the earlier states, unless ``correction`` is given),
+            ``eq.Implicit(...)`` or ``eq.Neumann(...)``; default ``eq.Phantom(steps=1,
+            damping=1.0)`` (one differentiable step, as in DEQ-Flow). Not ``"unrolled"``.
+        correction: the phantom path of the states before the last, ``eq.Phantom(...)`` or
+            ``eq.JFB()`` (or their names); default: ``backward`` itself when it is a phantom
+            method, else ``eq.Phantom(steps=1, damping=1.0)``.
         tol: forward tolerance.
         max_iter: forward budget.
         stop: stop norm.
@@ -442,38 +369,23 @@ def fixed_point_states(
         ``(states, sol)``: a list of ``n`` differentiable states (structure of ``z0``), earliest
         first.
 
+    Example:
+        >>> states, sol = eq.fixed_point_states(f, z0, 3, backward="implicit")
+        >>> loss = eq.correction_loss([criterion(z, y) for z in states])
+
     Reference: Bai, Geng, Mangalam, Bansal, Feng & Kolter, "Deep Equilibrium Optical Flow
     Estimation", CVPR 2022.
     """
     _check_callable(f)
     check_int("n", n, minimum=1)
-    backward = Phantom(steps=1, damping=1.0) if backward is None else resolve_backward(backward)
-    if not isinstance(backward, (Phantom, JFB)):
-        raise TypeError(
-            "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB() (the states "
-            f"are not equilibria, so implicit gradients do not apply), got {backward!r}"
-        )
+    method = Phantom(steps=1, damping=1.0) if backward is None else resolve_backward(backward)
+    path = check_correction(method, correction)
     spec = StateSpec.of(z0)
-    solver = resolve_solver(solver)
-    _check_options(tol, max_iter, stop, False)
-    fn = spec.flat_map(f)
-    with torch.no_grad():
-        it = iterate(
-            fn,
-            spec.flatten(z0).detach(),
-            solver,
-            tol=tol,
-            max_iter=max_iter,
-            stop=stop,
-            keep_trajectory=True,
-        )
-    sol = _to_solution(it, spec, solver, stop, tol, it.value)
-    trajectory = it.trajectory or [it.value]  # an empty batch has no iterates
-    picks = [trajectory[max(0, round((i + 1) * it.nstep / n) - 1)] for i in range(n - 1)]
-    picks.append(it.value)
-    if not torch.is_grad_enabled():  # copies: the picks can be sol.value, z0 or each other
-        return [spec.unflatten(p.clone()) for p in picks], sol
-    return [spec.unflatten(attach_backward(fn, p, backward, sol.backward)) for p in picks], sol
+    options = Options(solver=solver, backward=method, tol=tol, max_iter=max_iter, stop=stop)
+    check_entry(f, False)
+    with _module_cache(f):
+        states, sol = states_flat(spec.flat_map(f), spec, spec.flatten(z0), n, options, path)
+    return [spec.unflatten(z) for z in states], sol
 
 
 def correction_loss(losses: Sequence[Tensor], gamma: float = 0.8) -> Tensor:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import copy
 import enum
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ._iterate import Iteration
 
 
 class Status(enum.Enum):
@@ -34,8 +39,9 @@ class Solution:
         status: how the solve ended, see :class:`Status`.
         nstep: iterations taken: iterates whose residual was evaluated, ``z0`` included.
         nfev: calls of the map (more than ``nstep`` only with a line search).
-        residual: (B,) residual of ``value`` per sample, in the stop norm.
-        converged: (B,) bool, whether each sample reached ``tol``.
+        residual: (B,) float64 on the CPU, the residual of ``value`` per sample in the stop norm
+            (the solver loop computes it on the host, where it stays).
+        converged: (B,) bool on the CPU, whether each sample reached ``tol``.
         trace: (nstep,) float64 on the CPU, the largest residual over the batch at each iteration.
         residuals: (nstep, B) float64 on the CPU, the residual of every sample at every iteration
             (NaN for samples no longer iterated because per-sample compaction dropped them).
@@ -85,6 +91,49 @@ class Solution:
 
         return penalty_at(*self.backward.pair, samples, reduction, generator)
 
+    @staticmethod
+    def of(
+        it: Iteration,
+        value: Any,
+        solver: str,
+        stop: str,
+        tol: float,
+        backward: BackwardInfo | None = None,
+    ) -> Solution:
+        """The solution of the solver loop's result ``it``, with ``value`` (``it.value`` in the
+        state's structure) and the record its backward method fills in. The per-sample statistics
+        stay on the host, where the loop made them."""
+        batch = len(it.residual)
+        return Solution(
+            value=value,
+            status=it.status,
+            nstep=it.nstep,
+            nfev=it.nfev,
+            residual=torch.from_numpy(it.residual),
+            converged=torch.from_numpy(it.residual < tol),
+            trace=torch.tensor(it.trace, dtype=torch.float64, device="cpu"),
+            residuals=torch.from_numpy(
+                np.stack(it.residuals) if it.residuals else np.zeros((0, batch))
+            ),
+            evaluations=it.evaluations,
+            stop=stop,
+            tol=tol,
+            solver=solver,
+            backward=BackwardInfo() if backward is None else backward,
+        )
+
+    def warn_if_unconverged(self, what: str) -> None:
+        """Emit a ``RuntimeWarning`` naming ``what`` unless every sample converged."""
+        if self.status is not Status.CONVERGED:
+            n_bad = int((~self.converged).sum())
+            warnings.warn(
+                f"{what} ended with status {self.status.value!r} after {self.nstep} iterations: "
+                f"{n_bad} of {self.converged.numel()} samples above tol={self.tol:g} "
+                f"(largest residual {_largest(self.residual):.3e})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
     @property
     def all_converged(self) -> bool:
         """Whether every sample converged (same as ``status is Status.CONVERGED``)."""
@@ -120,8 +169,6 @@ class BackwardInfo:
     # the recorded map evaluation (f(z*), z*) of the implicit and Neumann methods, flat (B, D),
     # reused by Solution.jacobian_penalty
     pair: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
-    # initial guess (B, D) for the adjoint solve (warm start); rows of NaN fall back to the gradient
-    initial: Tensor | None = field(default=None, repr=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BackwardInfo:
         # the recorded map call is part of an autograd graph, and torch refuses to deep-copy
@@ -131,7 +178,6 @@ class BackwardInfo:
             method=self.method,
             solution=copy.deepcopy(self.solution, memo),
             calls=self.calls,
-            initial=None if self.initial is None else self.initial.detach().clone(),
         )
 
     @property

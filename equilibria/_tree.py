@@ -1,8 +1,10 @@
-"""States as batch-first tensors, tuples or dicts, viewed as one (B, D) matrix.
+"""States as batch-first tensors, tuples, lists or dicts, viewed as one (B, D) matrix.
 
 Solvers work on a flat (B, D) tensor: every sample is an independent problem of size D. A state made
 of several tensors is concatenated along the feature axis; a single tensor is only reshaped (a view,
-no copy).
+no copy). An entry point builds the :class:`StateSpec` of its state once, flattens the state once on
+the way in and unflattens the result once on the way out; the solver and the backward methods see
+only (B, D) tensors and the flat map of :meth:`StateSpec.flat_map`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from torch import Tensor
 def _describe(z: Any) -> str:
     if isinstance(z, Tensor):
         return f"a tensor of shape {tuple(z.shape)}"
-    if isinstance(z, tuple):
-        return f"a tuple of {len(z)} items"
+    if isinstance(z, (tuple, list)):
+        return f"a {type(z).__name__} of {len(z)} items"
     if isinstance(z, Mapping):
         return f"a dict with keys {sorted(map(str, z.keys()))}"
     return f"an object of type {type(z).__name__}"
@@ -29,7 +31,7 @@ def _describe(z: Any) -> str:
 class StateSpec:
     """The structure, shapes, dtype and device of a state, and the maps to and from (B, D)."""
 
-    kind: Literal["tensor", "tuple", "dict"]
+    kind: Literal["tensor", "tuple", "list", "dict"]
     keys: tuple[Any, ...]
     shapes: tuple[torch.Size, ...]
     sizes: tuple[int, ...]
@@ -51,15 +53,15 @@ class StateSpec:
         """Build the spec of ``z`` and validate it (batch-first floating tensors, one dtype)."""
         if isinstance(z, Tensor):
             kind, keys, leaves = "tensor", (), (z,)
-        elif isinstance(z, tuple):
-            kind, keys, leaves = "tuple", tuple(range(len(z))), tuple(z)
+        elif isinstance(z, (tuple, list)):  # MDEQ-style code passes lists of resolutions
+            kind = "tuple" if isinstance(z, tuple) else "list"
+            keys, leaves = tuple(range(len(z))), tuple(z)
         elif isinstance(z, Mapping):
             kind, keys = "dict", tuple(z.keys())
             leaves = tuple(z[k] for k in keys)
         else:
             raise TypeError(
-                f"{name} must be a tensor, a tuple of tensors or a dict of tensors, "
-                f"got {_describe(z)}"
+                f"{name} must be a tensor, a tuple, list or dict of tensors, got {_describe(z)}"
             )
         if not leaves:
             raise ValueError(f"{name} must contain at least one tensor, got {_describe(z)}")
@@ -99,7 +101,7 @@ class StateSpec:
     def leaves(self, z: Any) -> tuple[Tensor, ...]:
         if self.kind == "tensor":
             return (z,)
-        if self.kind == "tuple":
+        if self.kind in ("tuple", "list"):
             return tuple(z)
         return tuple(z[k] for k in self.keys)
 
@@ -129,6 +131,8 @@ class StateSpec:
             return leaves[0]
         if self.kind == "tuple":
             return tuple(leaves) if self.tuple_type is None else self.tuple_type(*leaves)
+        if self.kind == "list":
+            return list(leaves)
         return dict(zip(self.keys, leaves))
 
     def check_output(self, out: Any, batch: int, name: str = "f") -> Any:
@@ -137,7 +141,7 @@ class StateSpec:
             if (
                 isinstance(out, Tensor)
                 and out.shape[1:] == self.shapes[0][1:]
-                and out.shape[0] == batch
+                and out.shape[:1] == (batch,)
                 and out.dtype == self.dtype
                 and out.device == self.device
             ):
@@ -146,6 +150,11 @@ class StateSpec:
         fixed = []
         for key, leaf, shape in zip(self.keys or (None,), leaves, self.shapes):
             where = f"{name}(z)" if key is None else f"{name}(z)[{key!r}]"
+            if leaf.dim() == 0:  # batch-first: a scalar has no batch dimension to match
+                raise ValueError(
+                    f"{where} must have the shape of the state, {(batch, *shape[1:])} "
+                    "(batch-first), got a 0-d tensor (shape ()); return one value per sample"
+                )
             if leaf.shape[0] != batch or leaf.shape[1:] != shape[1:]:
                 raise ValueError(
                     f"{where} must have the shape of the state, "
@@ -171,11 +180,16 @@ class StateSpec:
         expected = {
             "tensor": "a tensor",
             "tuple": f"a tuple of {len(self.shapes)} tensors",
+            "list": f"a list of {len(self.shapes)} tensors",
             "dict": f"a dict with keys {sorted(map(str, self.keys))}",
         }[self.kind]
         ok = (
             (self.kind == "tensor" and isinstance(out, Tensor))
-            or (self.kind == "tuple" and isinstance(out, tuple) and len(out) == len(self.shapes))
+            or (
+                self.kind in ("tuple", "list")  # either sequence: the output is flattened anyway
+                and isinstance(out, (tuple, list))
+                and len(out) == len(self.shapes)
+            )
             or (
                 self.kind == "dict"
                 and isinstance(out, Mapping)
@@ -197,7 +211,35 @@ class StateSpec:
         """Wrap ``f`` (structured state -> structured state) as a map (B, D) -> (B, D).
 
         Extra positional arguments (the sample index under compaction) are passed through to ``f``.
+
+        A map that edits its input in place (``z.mul_(0.5)``) would overwrite the caller's ``z0``
+        and the iterates the solver keeps (Anderson's history), and the solve would report
+        convergence at a wrong point. The first call therefore gets a copy, and if that copy's
+        version counter moved, every later call gets a copy too; a pure map costs one copy.
         """
+        inner = self._flat_map(f, name)
+        copies: list[bool | None] = [None]  # None: not probed yet
+
+        # not traced: a one-off check, and inference tensors have no version counter to read
+        @torch.compiler.disable
+        def probe(x: Tensor, *extra: Any) -> Tensor:
+            mine = x.clone()
+            version = None if mine.is_inference() else mine._version
+            out = inner(mine, *extra)
+            if version is None:
+                copies[0] = not torch.equal(mine, x)
+            else:
+                copies[0] = mine._version != version
+            return out
+
+        def guarded(x: Tensor, *extra: Any) -> Tensor:
+            if copies[0] is None:
+                return probe(x, *extra)
+            return inner(x.clone() if copies[0] else x, *extra)
+
+        return guarded
+
+    def _flat_map(self, f: Callable[..., Any], name: str) -> Callable[..., Tensor]:
         if self.kind == "tensor":
             tail, size = self.shapes[0][1:], self.sizes[0]
             dtype, device = self.dtype, self.device
@@ -207,7 +249,7 @@ class StateSpec:
                 out = f(x.view((b, *tail)), *extra)
                 if not (
                     isinstance(out, Tensor)
-                    and out.shape[0] == b
+                    and out.shape[:1] == (b,)
                     and out.shape[1:] == tail
                     and out.dtype == dtype
                     and out.device == device

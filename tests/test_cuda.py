@@ -58,8 +58,9 @@ def test_every_solver_agrees_across_devices(solver, stop):
     cpu, gpu = sols["cpu"], sols["cuda"]
     assert cpu.status is gpu.status is eq.Status.CONVERGED
     assert abs(cpu.nstep - gpu.nstep) <= 1
-    assert gpu.value.device.type == "cuda" and gpu.residual.device.type == "cuda"
-    assert gpu.trace.device.type == "cpu"
+    assert gpu.value.device.type == "cuda"
+    # the per-sample statistics stay on the host, where the solver loop computes them
+    assert gpu.residual.device.type == gpu.converged.device.type == gpu.trace.device.type == "cpu"
     exact = torch.linalg.solve(torch.eye(12, dtype=F64) - p.A.cpu(), p.b.cpu().T).T
     torch.testing.assert_close(gpu.value.cpu(), exact, rtol=0, atol=1e-8)
     torch.testing.assert_close(gpu.value.cpu(), cpu.value, rtol=0, atol=1e-8)

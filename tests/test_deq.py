@@ -18,7 +18,7 @@ from _problems import BACKWARD_NAMES, F64, SOLVER_NAMES, gen, has_node, rel_err
 from torch import nn
 
 import equilibria as eq
-from equilibria._fixed_point import _Adjoint
+from equilibria._backward import _Adjoint
 
 TIGHT = {"tol": 1e-12, "max_iter": 300}
 

@@ -236,7 +236,10 @@ BAD_INPUTS = [
         id="f-dict-keys",
     ),
     pytest.param(
-        lambda: eq.solve(lambda z: [z], Z), TypeError, "got an object of type list", id="f-list"
+        lambda: eq.solve(lambda z: [z], Z),
+        TypeError,
+        "(a tensor), got a list of 1 items",
+        id="f-list",
     ),
     pytest.param(
         lambda: eq.solve(lambda z: (z[0], 1.0), PAIR),
@@ -294,10 +297,10 @@ BAD_INPUTS = [
     ),
     # --- the initial state --------------------------------------------------------------------
     pytest.param(
-        lambda: eq.solve(f, [Z]),
+        lambda: eq.solve(f, {Z}),
         TypeError,
-        "z0 must be a tensor, a tuple of tensors or a dict of tensors, got an object of type list",
-        id="z0-list",
+        "z0 must be a tensor, a tuple, list or dict of tensors, got an object of type set",
+        id="z0-set",
     ),
     pytest.param(
         lambda: eq.solve(f, torch.zeros(2, 3, dtype=torch.int64)),
@@ -376,23 +379,53 @@ BAD_INPUTS = [
         id="deq-states-compact",
     ),
     pytest.param(
-        lambda: eq.DEQ(cell)(Z, states=2),
+        lambda: eq.DEQ(cell, backward="unrolled")(Z, states=2),
         TypeError,
-        "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB()",
-        id="deq-states-implicit",
+        "backward for fixed-point correction must be eq.Implicit(), eq.Neumann(), "
+        "eq.Phantom(...) or eq.JFB(), got eq.Unrolled()",
+        id="deq-states-unrolled",
     ),
+    pytest.param(
+        lambda: eq.DEQ(cell, correction=eq.Implicit()),
+        TypeError,
+        "correction (the gradient path of the states before the last) must be eq.Phantom(...) "
+        "or eq.JFB()",
+        id="deq-correction-implicit",
+    ),
+    # --- per-call overrides: validated like the constructor's arguments -----------------------
+    pytest.param(
+        lambda: eq.DEQ(cell)(Z, max_iter=0), ValueError, "max_iter must be an int >= 1, got 0"
+    ),
+    pytest.param(lambda: eq.DEQ(cell)(Z, tol=-1.0), ValueError, "tol must be in [0.0, inf)"),
+    pytest.param(lambda: eq.DEQ(cell)(Z, max_iter=2.5), TypeError, "max_iter must be an int"),
+    pytest.param(lambda: eq.DEQ(cell)(Z, solver="newton"), ValueError, "unknown solver 'newton'"),
+    pytest.param(lambda: eq.DEQ(cell)(Z, backward="ift"), ValueError, "unknown backward 'ift'"),
+    pytest.param(
+        lambda: eq.DEQ(cell, compact=True)(Z, backward="unrolled"),
+        ValueError,
+        "compact=True cannot be combined with backward='unrolled'",
+        id="deq-override-unrolled-compact",
+    ),
+    pytest.param(lambda: eq.DEQ(cell)(Z, maxiter=3), TypeError, "unexpected keyword"),
     # --- fixed-point correction ---------------------------------------------------------------
     pytest.param(
-        lambda: eq.fixed_point_states(f, Z, 3, backward=eq.Implicit()),
+        lambda: eq.fixed_point_states(f, Z, 3, backward="implicit", correction=eq.Implicit()),
         TypeError,
-        "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB()",
-        id="states-implicit",
+        "correction (the gradient path of the states before the last) must be eq.Phantom(...) "
+        "or eq.JFB(): those states are not equilibria",
+        id="states-correction-implicit",
     ),
     pytest.param(
-        lambda: eq.fixed_point_states(f, Z, 3, backward=eq.Neumann()),
+        lambda: eq.fixed_point_states(f, Z, 3, correction="neumann"),
         TypeError,
-        "backward for fixed-point correction must be",
-        id="states-neumann",
+        "correction (the gradient path of the states before the last) must be",
+        id="states-correction-neumann",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point_states(f, Z, 3, correction="phantm"),
+        ValueError,
+        "unknown correction 'phantm': " + VALID_BACKWARDS,
+        id="states-correction-unknown",
     ),
     pytest.param(
         lambda: eq.fixed_point_states(f, Z, 0), ValueError, "n must be an int >= 1", id="n-0"
@@ -429,10 +462,11 @@ BAD_INPUTS = [
         id="compact-one-argument-f-solve",
     ),
     pytest.param(
-        lambda: eq.fixed_point_states(f, Z, 3, backward="implicit"),
+        lambda: eq.fixed_point_states(f, Z, 3, backward="unrolled"),
         TypeError,
-        "backward for fixed-point correction must be eq.Phantom(...) or eq.JFB()",
-        id="states-implicit-name",
+        "backward for fixed-point correction must be eq.Implicit(), eq.Neumann(), "
+        "eq.Phantom(...) or eq.JFB(), got eq.Unrolled()",
+        id="states-unrolled-name",
     ),
     pytest.param(
         lambda: eq.fixed_point_states(f, Z, 3, backward="phantm"),

@@ -34,8 +34,7 @@ from _problems import (
 from torch import nn
 
 import equilibria as eq
-from equilibria._backward import BACKWARDS
-from equilibria._fixed_point import _Adjoint
+from equilibria._backward import BACKWARDS, _Adjoint
 
 TIGHT = {"tol": 1e-12, "max_iter": 500}
 
@@ -502,7 +501,7 @@ def test_adjoint_is_attached_when_node_wrappers_are_short_lived(depth):
     # the walk that decides whether f closes over anything needing a gradient once keyed visited
     # nodes by id alone and, on torch 2.11, skipped the parameters: implicit/Neumann gradients
     # silently vanished
-    from equilibria._fixed_point import _reaches_other_leaves
+    from equilibria._backward import _reaches_other_leaves
 
     class Output:  # a new root wrapper on every access too
         def __init__(self, leaf):

@@ -359,7 +359,7 @@ BAD = [
     (lambda: eq.jacobian_penalty(F, Z, samples=0), ValueError, "samples must be an int >= 1"),
     (lambda: eq.jacobian_penalty(F, Z, samples=1.5), TypeError, "samples must be an int"),
     (lambda: eq.jacobian_penalty(F, Z, reduction="sum"), ValueError, "reduction must be one of"),
-    (lambda: eq.jacobian_penalty(F, [Z]), TypeError, "z must be a tensor, a tuple"),
+    (lambda: eq.jacobian_penalty(F, {Z}), TypeError, "z must be a tensor, a tuple"),
     (lambda: eq.spectral_radius(F, Z, iters=0), ValueError, "iters must be an int >= 1"),
     (lambda: eq.spectral_radius(F, Z, iters=True), TypeError, "iters must be an int"),
     (lambda: eq.spectral_radius(F, Z.long()), TypeError, "must have a floating dtype"),

@@ -213,34 +213,44 @@ def test_implicit_backward_is_warm_started_by_the_cache():
     assert warm.nstep <= cold.nstep
 
 
-def _functional(cell, x):
-    return eq.fixed_point(lambda z: cell(z, x), _init(x), backward=ADJ, **TIGHT)
-
-
-def test_adjoint_warm_start_in_the_functional_api():
+def test_adjoint_cache_rows_without_an_entry_start_cold():
+    """Ids without a cached adjoint start from the upstream gradient (the NaN rows of the warm
+    start), the others from their cached adjoint; both give the cold gradients."""
     cell = Cell()
     x = _x()
     params = list(cell.parameters())
-    z, sol = _functional(cell, x)
-    cold_grads = torch.autograd.grad(loss(z), params)
-    u = sol.backward.solution.value
-    assert sol.backward.nstep > 5
-    z, sol = _functional(cell, x)
-    sol.backward.initial = u.clone()
-    grads = torch.autograd.grad(loss(z), params)
-    assert sol.backward.nstep <= 2
-    for a, b in zip(grads, cold_grads):
-        assert rel_err(a, b) < 1e-8
-    # rows of NaN start from the upstream gradient
-    z, sol = _functional(cell, x)
-    initial = u.clone()
-    initial[0] = float("nan")
-    sol.backward.initial = initial
-    grads = torch.autograd.grad(loss(z), params)
-    residual_0 = sol.backward.solution.residuals[0]
+    layer = _layer(cell)
+    cold_grads = torch.autograd.grad(loss(layer(x, cache_key=[0, 1, 2, 3])), params)
+    assert layer.last_solution.backward.nstep > 5
+    grads = torch.autograd.grad(loss(layer(x, cache_key=[9, 1, 2, 3])), params)  # id 9 is new
+    residual_0 = layer.last_solution.backward.solution.residuals[0]
     assert float(residual_0[0]) > 1e-3 and bool((residual_0[1:] < ADJ.tol).all())
     for a, b in zip(grads, cold_grads):
         assert rel_err(a, b) < 1e-8
+
+
+def test_adjoint_cache_under_a_permuted_batch_maps_rows_by_id():
+    """The cache must map each cached adjoint to the row of its id, not to its old position:
+    the same samples in another order start at their own adjoints (a wrong row mapping would
+    start them elsewhere, with large first residuals)."""
+    cell = Cell()
+    x = _x(batch=5, seed=3)
+    params = list(cell.parameters())
+    layer = _layer(cell)
+    ids = [10, 11, 12, 13, 14]
+    torch.autograd.grad(loss(layer(x, cache_key=ids)), params)
+    perm = [3, 0, 4, 1, 2]
+    back = torch.tensor(perm).argsort()  # each sample's loss term (and so its g) is unchanged
+    xp = x[perm]
+    zp = layer(xp, cache_key=[ids[i] for i in perm])
+    grads = torch.autograd.grad(loss(zp[back]), params)
+    info = layer.last_solution.backward
+    assert bool((info.solution.residuals[0] < ADJ.tol).all()) and info.nstep <= 2
+    want = torch.autograd.grad(loss(_layer(cell)(xp)[back]), params)
+    for a, b in zip(grads, want):
+        assert rel_err(a, b) < 1e-8
+    # and the forward cache too: every permuted sample starts at its own equilibrium
+    assert bool((layer.last_solution.residuals[0] < TIGHT["tol"]).all())
 
 
 def test_adjoint_warm_start_of_a_sample_without_upstream_gradient():
@@ -249,31 +259,41 @@ def test_adjoint_warm_start_of_a_sample_without_upstream_gradient():
     cell = Cell()
     x = _x()
     params = list(cell.parameters())
-    z, sol = _functional(cell, x)
-    torch.autograd.grad(loss(z), params)
-    u = sol.backward.solution.value
-    z, sol = _functional(cell, x)
-    sol.backward.initial = u.clone()
+    layer = _layer(cell)
+    torch.autograd.grad(loss(layer(x, cache_key=[0, 1, 2, 3])), params)
+    u = layer.last_solution.backward.solution.value
+    z = layer(x, cache_key=[0, 1, 2, 3])
     mask = torch.ones_like(z)
     mask[0] = 0.0
     grads = torch.autograd.grad((loss(z * mask)), params)
-    assert sol.backward.solution.status is eq.Status.CONVERGED and sol.backward.nstep <= 3
-    assert torch.equal(sol.backward.solution.value[0], torch.zeros_like(u[0]))
+    adjoint = layer.last_solution.backward.solution
+    assert adjoint.status is eq.Status.CONVERGED and adjoint.nstep <= 3
+    assert torch.equal(adjoint.value[0], torch.zeros_like(u[0]))
     z, _ = eq.fixed_point(lambda z: cell(z, x), _init(x), backward=ADJ, **TIGHT)
     want = torch.autograd.grad(loss(z * mask), params)
     for a, b in zip(grads, want):
         assert rel_err(a, b) < 1e-8
 
 
-def test_adjoint_warm_start_of_the_wrong_shape_raises():
+def test_adjoint_cache_rows_of_another_shape_are_not_used():
+    """A state of another size under the same ids (the cached rows no longer fit) starts cold,
+    forward and adjoint, and still gives the exact gradients."""
     cell = Cell()
     x = _x()
-    z, sol = _functional(cell, x)
-    sol.backward.initial = torch.zeros(3, 6, dtype=F64)
-    with pytest.raises(
-        ValueError, match=r"adjoint warm start has shape \(3, 6\), expected \(4, 6\)"
-    ):
-        loss(z).backward()
+    layer = _layer(cell)
+    loss(layer(x, cache_key=[0, 1, 2, 3])).backward()
+    wide = nn.Linear(8, 8).double()
+
+    def cell8(z, x):
+        return torch.tanh(0.5 * wide(z) + x.sum(1, keepdim=True))
+
+    other = _layer(cell8, init=lambda x: x.new_zeros(x.shape[0], 8))
+    other._state_cache, other._adjoint_cache = layer._state_cache, layer._adjoint_cache
+    grads = torch.autograd.grad(loss(other(x, cache_key=[0, 1, 2, 3])), list(wide.parameters()))
+    assert other.last_solution.nstep > 5
+    want = torch.autograd.grad(loss(_layer(cell8, init=other.init)(x)), list(wide.parameters()))
+    for a, b in zip(grads, want):
+        assert rel_err(a, b) < 1e-8
 
 
 X4 = torch.zeros(4, 3, dtype=F64)
@@ -545,5 +565,5 @@ def test_warm_start_cache_holds_one_row_per_id():
     for t in range(0, 24, 4):
         loss(layer(frames[t : t + 16], cache_key=list(range(t, t + 16)))).backward()
     for cache in (layer._state_cache, layer._adjoint_cache):
-        assert cache
-        assert all(row.untyped_storage().nbytes() == 16 * 4 for row in cache.values())
+        assert len(cache)
+        assert all(row.untyped_storage().nbytes() == 16 * 4 for row in cache.rows.values())
