@@ -716,6 +716,7 @@ def test_rng_tensors_that_would_change_on_restore_are_rejected(
         ({"extra": [1]}, TypeError, "save_checkpoint: 'extra' must be dict, got list [1]"),
         ({"extra": {1: "a"}}, ValueError, "its entry extra has the key 1, not a str"),
         ({"config": {"lr": float("inf")}}, ValueError, "its entry config.lr is inf"),
+        ({"config": {"p": Path("x")}}, TypeError, "must be JSON values (config, extra): Object"),
     ],
 )
 def test_save_refuses_arguments_that_load_would_refuse(

@@ -153,7 +153,10 @@ def _metadata_text(meta: dict[str, Any]) -> str:
     problem = json_problem(meta)
     if problem is not None:
         raise ValueError(f"checkpoint metadata must be JSON that loads back: its {problem}")
-    return json.dumps(meta, allow_nan=False)
+    try:
+        return json.dumps(meta, allow_nan=False)
+    except TypeError as e:  # e.g. a Path in the config
+        raise TypeError(f"checkpoint metadata must be JSON values (config, extra): {e}") from None
 
 
 def save_checkpoint(
@@ -183,10 +186,13 @@ def save_checkpoint(
         The path written.
 
     Raises:
-        ValueError: if the metadata (config, extra, the optimizer's settings) holds a NaN or an
-            infinity, nests more than :data:`MAX_DEPTH` levels, or makes a header over
-            :data:`MAX_HEADER_BYTES`, or a tensor has a dtype safetensors lacks: such a file
-            would not load back.
+        TypeError: if ``recipe``, ``config``, ``epoch``, ``step`` or ``extra`` has a type
+            :func:`load_checkpoint` refuses, or the metadata holds a value that is not JSON.
+        ValueError: if ``epoch`` or ``step`` is negative, or the metadata (config, extra, the
+            optimizer's settings) holds a NaN, an infinity or a key that is not a str, nests
+            more than :data:`~equilibria.zoo.checkpoint_file.MAX_DEPTH` levels or makes a header
+            over :data:`~equilibria.zoo.checkpoint_file.MAX_HEADER_BYTES`, or a tensor has a
+            dtype safetensors lacks. Nothing is written then: such a file would not load back.
     """
     extra = {} if extra is None else extra
     problem = _entry_problem(
