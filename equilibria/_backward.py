@@ -85,15 +85,7 @@ class Backward:
         without autograd and attaches at the best iterate when grad mode is on.
         """
         with torch.no_grad():
-            it = iterate(
-                fn,
-                x0.detach(),
-                options.solver,
-                tol=options.tol,
-                max_iter=options.max_iter,
-                stop=options.stop,
-                compact=options.compact,
-            )
+            it = options.iterate(fn, x0.detach())
         if not torch.is_grad_enabled():
             return it, it.value
         at.record.method = self.name
@@ -308,9 +300,7 @@ class Unrolled(Backward):
         if not torch.is_grad_enabled():
             return super().solve(fn, x0, options, at)
         at.record.method = self.name
-        it = iterate(
-            fn, x0, options.solver, tol=options.tol, max_iter=options.max_iter, stop=options.stop
-        )
+        it = options.iterate(fn, x0, compact=False)
         # an empty batch: still a graph, like a layer
         return it, it.value if len(it.residual) else fn(x0)
 

@@ -114,15 +114,7 @@ class DEQ(nn.Module):
             raise TypeError(f"cell must be callable as cell(z, x), got {type(cell).__name__}")
         if init is not None and not callable(init):
             raise TypeError(f"init must be callable as init(x) -> z0, got {type(init).__name__}")
-        self.options = Options(
-            solver=solver,
-            backward=backward,
-            tol=tol,
-            max_iter=max_iter,
-            stop=stop,
-            warn_unconverged=warn_unconverged,
-            compact=compact,
-        )
+        self.options = Options(solver, backward, tol, max_iter, stop, warn_unconverged, compact)
         if eval_tol is not None:
             check_float("eval_tol", eval_tol, low=0.0, low_open=False)
         if eval_max_iter is not None:
@@ -212,16 +204,16 @@ class DEQ(nn.Module):
         """
         options = self._call_options(solver=solver, backward=backward, tol=tol, max_iter=max_iter)
         refuse_transforms()
-        correction = None
+        path = None  # the phantom path of the earlier states, with states=
         if states is not None:
             check_int("states", states, minimum=1)
+            path = self.correction or options.backward.correction()
             if options.compact:
                 raise ValueError(
                     f"states={states} (fixed-point correction) cannot be combined with "
                     "compact=True: the trajectory it samples needs every sample at every "
                     "iteration; use a DEQ with compact=False"
                 )
-            correction = self.correction or options.backward.correction()
         keys = None if cache_key is None else _keys(cache_key)
         if keys is not None and z0 is not None:
             raise ValueError("pass either z0 or cache_key, not both")
@@ -250,18 +242,17 @@ class DEQ(nn.Module):
 
         fn = spec.flat_map(f_indexed if options.compact else f)
         adjoint = self._adjoint_cache if keys is not None and self.training else None
-        where = dict(keep_value=not self.training, cache=adjoint, keys=keys)
+        at = options.attachment(keep_value=not self.training, cache=adjoint, keys=keys)
         # this DEQ inside another DEQ's compacting cell: its cell sees this DEQ's own batch,
         # not the outer batch index (its dropout would take its rows from the wrong mask)
         with own_batch(), norm_cache(cell):
             if states is not None:
-                assert correction is not None
-                zs, sol = states_flat(fn, spec, flat, states, options, correction, **where)
+                zs, sol = states_flat(fn, spec, flat, states, options, path, at)
                 if options.warn_unconverged:
                     sol.warn_if_unconverged("the forward solve")
                 out: Any = [spec.unflatten(z) for z in zs]
             else:
-                z, sol = solve_flat(fn, spec, flat, options, **where)
+                z, sol = solve_flat(fn, spec, flat, options, at)
                 out = spec.unflatten(z)
         self.last_solution = sol
         if keys is not None:

@@ -19,11 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from ._backward import JFB, Attachment, Backward, Phantom, resolve_backward
-from ._cache import SampleCache
-from ._iterate import IndexedMap, iterate
+from ._iterate import IndexedMap
 from ._norms import norm_cache
 from ._options import Options, StopNorm
-from ._solution import BackwardInfo, Solution
+from ._solution import Solution
 from ._solvers import Solver
 from ._solvers._base import Map
 from ._tree import StateSpec
@@ -87,22 +86,15 @@ def solve_flat(
     spec: StateSpec,
     x0: Tensor,
     options: Options,
-    *,
-    keep_value: bool = False,
-    cache: SampleCache | None = None,
-    keys: Sequence[int] | None = None,
+    at: Attachment | None = None,
 ) -> tuple[Tensor, Solution]:
     """The differentiable flat (B, D) equilibrium of the flat map ``fn`` and its Solution.
 
-    ``keep_value``, ``cache`` and ``keys`` go to the backward method (see :class:`Attachment`).
+    ``at``: what the backward method gets (default: ``options.attachment()``).
     """
-    record = BackwardInfo()
-    at = Attachment(record, options.tol, options.max_iter, options.stop, keep_value, cache, keys)
+    at = options.attachment() if at is None else at
     it, z = options.backward.solve(fn, x0, options, at)
-    value = it.value.detach()
-    sol = Solution.of(
-        it, spec.unflatten(value), options.solver.name, options.stop, options.tol, record
-    )
+    sol = options.solution(it, spec.unflatten(it.value.detach()), at.record)
     if z is it.value:  # never hand out the storage of sol.value (an in-place edit would change it)
         z = z.clone()
     if options.warn_unconverged:
@@ -117,33 +109,19 @@ def states_flat(
     n: int,
     options: Options,
     correction: Backward,
-    *,
-    keep_value: bool = False,
-    cache: SampleCache | None = None,
-    keys: Sequence[int] | None = None,
+    at: Attachment | None = None,
 ) -> tuple[list[Tensor], Solution]:
     """``n`` flat states along the trajectory of ``fn`` from ``x0``, earliest first: the last at
     the best iterate with ``options.backward``'s gradient, the others with ``correction``'s."""
+    at = options.attachment() if at is None else at
     with torch.no_grad():
-        it = iterate(
-            fn,
-            x0.detach(),
-            options.solver,
-            tol=options.tol,
-            max_iter=options.max_iter,
-            stop=options.stop,
-            keep_trajectory=True,
-        )
-    record = BackwardInfo()
-    sol = Solution.of(
-        it, spec.unflatten(it.value), options.solver.name, options.stop, options.tol, record
-    )
+        it = options.iterate(fn, x0.detach(), keep_trajectory=True)
+    sol = options.solution(it, spec.unflatten(it.value), at.record)
     trajectory = it.trajectory or [it.value]  # an empty batch has no iterates
     picks = [trajectory[max(0, round((i + 1) * it.nstep / n) - 1)] for i in range(n - 1)]
     if not torch.is_grad_enabled():  # copies: the picks can be sol.value, z0 or each other
         return [p.clone() for p in [*picks, it.value]], sol
-    at = Attachment(record, options.tol, options.max_iter, options.stop, keep_value, cache, keys)
-    record.method = options.backward.name
+    at.record.method = options.backward.name
     states = [correction.attach(fn, p, at) for p in picks]
     last = options.backward.attach(fn, it.value, at)
     states.append(last.clone() if last is it.value else last)
@@ -230,27 +208,11 @@ def solve(
     """
     _check_callable(f)
     spec = StateSpec.of(z0)
-    options = Options(
-        solver=solver,
-        tol=tol,
-        max_iter=max_iter,
-        stop=stop,
-        warn_unconverged=warn_unconverged,
-        compact=compact,
-    )
+    options = Options(solver, "implicit", tol, max_iter, stop, warn_unconverged, compact)
     check_entry(f, compact)
-    fn = spec.flat_map(f)
     with torch.no_grad(), _module_cache(f):
-        it = iterate(
-            fn,
-            spec.flatten(z0),
-            options.solver,
-            tol=tol,
-            max_iter=max_iter,
-            stop=stop,
-            compact=compact,
-        )
-    sol = Solution.of(it, spec.unflatten(it.value), options.solver.name, stop, tol)
+        it = options.iterate(spec.flat_map(f), spec.flatten(z0))
+    sol = options.solution(it, spec.unflatten(it.value))
     if warn_unconverged:
         sol.warn_if_unconverged("the solve")
     return sol
@@ -309,15 +271,7 @@ def fixed_point(
     """
     _check_callable(f)
     spec = StateSpec.of(z0)
-    options = Options(
-        solver=solver,
-        backward=backward,
-        tol=tol,
-        max_iter=max_iter,
-        stop=stop,
-        warn_unconverged=warn_unconverged,
-        compact=compact,
-    )
+    options = Options(solver, backward, tol, max_iter, stop, warn_unconverged, compact)
     check_entry(f, compact)
     with _module_cache(f):
         z, sol = solve_flat(spec.flat_map(f), spec, spec.flatten(z0), options)
@@ -381,7 +335,7 @@ def fixed_point_states(
     method = Phantom(steps=1, damping=1.0) if backward is None else resolve_backward(backward)
     path = check_correction(method, correction)
     spec = StateSpec.of(z0)
-    options = Options(solver=solver, backward=method, tol=tol, max_iter=max_iter, stop=stop)
+    options = Options(solver, method, tol, max_iter, stop)
     check_entry(f, False)
     with _module_cache(f):
         states, sol = states_flat(spec.flat_map(f), spec, spec.flatten(z0), n, options, path)

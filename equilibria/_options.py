@@ -11,7 +11,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._backward import Backward, resolve_backward
+from torch import Tensor
+
+from ._backward import Attachment, Backward, resolve_backward
+from ._iterate import Iteration, iterate
+from ._solution import BackwardInfo, Solution
 from ._solvers import Solver, resolve_solver
 from ._validate import check_bool, check_choice, check_float, check_int
 
@@ -47,6 +51,31 @@ class Options:
         check_bool("compact", self.compact)
         if self.compact:
             self.backward.check_compact()
+
+    def iterate(
+        self, fn: Any, x0: Tensor, *, compact: bool | None = None, keep_trajectory: bool = False
+    ) -> Iteration:
+        """Run the solver loop on the flat map ``fn`` from ``x0`` with these settings
+        (``compact`` overrides this object's)."""
+        return iterate(
+            fn,
+            x0,
+            self.solver,  # type: ignore[arg-type]
+            tol=self.tol,
+            max_iter=self.max_iter,
+            stop=self.stop,
+            keep_trajectory=keep_trajectory,
+            compact=self.compact if compact is None else compact,
+        )
+
+    def solution(self, it: Iteration, value: Any, record: BackwardInfo | None = None) -> Solution:
+        """The :class:`Solution` of the loop's result ``it`` with ``value`` (state structure)."""
+        return Solution.of(it, value, self.solver.name, self.stop, self.tol, record)  # type: ignore[union-attr]
+
+    def attachment(self, **extra: Any) -> Attachment:
+        """What the backward method gets with a fresh record: these forward settings and
+        ``extra`` (``keep_value``, ``cache``, ``keys``; see :class:`Attachment`)."""
+        return Attachment(BackwardInfo(), self.tol, self.max_iter, self.stop, **extra)
 
     def replace(self, **changes: Any) -> Options:
         """A validated copy with ``changes`` applied (fields given as None are left as they are)."""
