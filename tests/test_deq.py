@@ -430,7 +430,7 @@ class HC(NamedTuple):
 
 
 def test_named_tuple_state_keeps_its_type():
-    """STYLE.md recommends NamedTuples for typed states: f must see the fields, and the result
+    """NamedTuples are the natural typed states: f must see the fields, and the result
     must come back as the same class (it was rebuilt as a plain tuple)."""
     cell = Cell()
     x = _x()

@@ -122,6 +122,19 @@ def test_states_correction_path_is_configurable():
         assert rel_err(u, v) < 1e-12
 
 
+def test_deq_correction_path_is_configurable():
+    cell, x = _cell(), _x()
+    params = list(cell.parameters())
+    path = eq.Phantom(steps=3, damping=0.5)
+    states = eq.DEQ(cell, init=_init, correction=path)(x, states=2)
+    ref = eq.DEQ(cell, init=_init, backward=path)(x, states=2)
+    torch.testing.assert_close(states[0], ref[0], rtol=0, atol=0)
+    a = torch.autograd.grad(loss(states[0]), params)
+    b = torch.autograd.grad(loss(ref[0]), params)
+    for u, v in zip(a, b):
+        assert rel_err(u, v) < 1e-12
+
+
 # --- list states -------------------------------------------------------------------------------
 
 
@@ -311,6 +324,15 @@ def test_a_map_editing_its_input_in_place_gets_the_true_fixed_point(solver):
     torch.testing.assert_close(z.detach(), torch.full((4, 3), 2.0, dtype=F64))
     # z* = 1 / (1 - a): dz*/da = 1 / (1 - a)^2 = 4 per entry
     torch.testing.assert_close(g, torch.tensor(48.0, dtype=F64))
+    assert bool((z0 == 0).all())
+
+
+def test_a_map_editing_its_input_in_place_under_inference_mode():
+    # inference tensors have no version counter: the first call's copy is compared instead
+    z0 = torch.zeros(4, 3)
+    with torch.inference_mode():
+        sol = eq.solve(lambda z: z.mul_(0.5).add_(1.0), z0, tol=1e-6)
+    torch.testing.assert_close(sol.value, torch.full((4, 3), 2.0))
     assert bool((z0 == 0).all())
 
 
