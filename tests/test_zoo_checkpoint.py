@@ -324,7 +324,7 @@ def test_the_file_is_a_safetensors_file(tmp_path: Path) -> None:
     path = _tiny(tmp_path / "checkpoint.safetensors")
     ckpt = load_checkpoint(path)
     tensors = load_file(str(path))
-    ours = {**{f"model/{k}": v for k, v in ckpt.model.items()}}
+    ours = {f"model/{k}": v for k, v in ckpt.model.items()}
     ours.update({f"rng/{k}": v for k, v in ckpt.rng.items() if isinstance(v, torch.Tensor)})
     assert ckpt.optimizer is not None
     for index, state in ckpt.optimizer["state"].items():
