@@ -1,4 +1,4 @@
-"""Jacobian regularisation and spectral radius (ALGORITHMS.md §3)."""
+"""Jacobian regularisation (Bai, Koltun & Kolter, ICML 2021) and the spectral radius."""
 
 from __future__ import annotations
 

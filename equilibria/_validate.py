@@ -14,7 +14,7 @@ def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None
     """Return ``value`` if it is an int (not a bool) in ``[minimum, maximum]``."""
     allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int {allowed}, got {value!r}")
+        raise TypeError(f"{name} must be an int {allowed}, got {type(value).__name__} {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be an int {allowed}, got {value}")
     return value
@@ -30,11 +30,12 @@ def check_float(
     high_open: bool = False,
 ) -> float:
     """Return ``float(value)`` if it is a finite real number inside the given interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
     left = "(" if low_open or low is None else "["
     right = ")" if high_open or high is None else "]"
     interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be a real number in {interval}, got {kind} {value!r}")
     try:
         value = float(value)
     except OverflowError:  # an int beyond float range

@@ -192,7 +192,7 @@ BAD_HYPERPARAMETERS = [
     pytest.param(
         lambda: eq.Broyden(max_backtracks=2.0),
         TypeError,
-        "Broyden max_backtracks must be an int in [1, 60], got 2.0",
+        "Broyden max_backtracks must be an int in [1, 60], got float 2.0",
         id="broyden-backtracks-float",
     ),
     pytest.param(
@@ -204,7 +204,7 @@ BAD_HYPERPARAMETERS = [
     pytest.param(
         lambda: eq.Picard(damping=True),
         TypeError,
-        "Picard damping must be a real number, got True",
+        "Picard damping must be a real number in (0.0, 1.0], got bool True",
         id="picard-damping-bool",
     ),
 ]

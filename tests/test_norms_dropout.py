@@ -414,7 +414,7 @@ NORM_BAD = [
     (
         lambda: eq.apply_norm(NormCell(), target_norm="1"),
         TypeError,
-        "target_norm must be a real number, got '1'",
+        "target_norm must be a real number in \\(0.0, inf\\), got str '1'",
     ),
     (
         lambda: eq.apply_norm(NormCell(), "spectral", clip=-1.0),

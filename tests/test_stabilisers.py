@@ -1,4 +1,4 @@
-"""Jacobian regularisation and the spectral radius (ALGORITHMS.md §3).
+"""Jacobian regularisation (Bai, Koltun & Kolter, ICML 2021) and the spectral radius.
 
 The references are closed forms, independent of the library: for f(z) = z A^T + b the Jacobian is
 A, so E||eps^T J||^2 / D = ||A||_F^2 / D and the spectral radius is max |eig(A)|; for
@@ -372,6 +372,32 @@ BAD = [
         lambda: _solution("implicit").jacobian_penalty(reduction="sum"),
         ValueError,
         "reduction must be one of",
+    ),
+    # a map returning a 0-d tensor (a loss, not a state) was an IndexError from the flattening
+    (
+        lambda: eq.jacobian_penalty(lambda z: z.sum(), Z),
+        ValueError,
+        r"f\(z\) must have the shape of the state, \(2, 3\) \(batch-first\), got a 0-d tensor",
+    ),
+    (
+        lambda: eq.jacobian_penalty(lambda z: {"a": z["a"].sum()}, {"a": Z}),
+        ValueError,
+        r"f\(z\)\['a'\] must have the shape of the state, \(2, 3\) .*got a 0-d tensor",
+    ),
+    (
+        lambda: eq.jacobian_penalty(lambda z: (z[0], z[1].sum()), (Z, Z[:, :2])),
+        ValueError,
+        r"f\(z\)\[1\] must have the shape of the state, \(2, 2\) .*got a 0-d tensor",
+    ),
+    (
+        lambda: eq.spectral_radius(lambda z: z.mean(), Z),
+        ValueError,
+        r"f\(z\) must have the shape of the state.*got a 0-d tensor",
+    ),
+    (
+        lambda: eq.spectral_radius(lambda z: {"a": z["a"].mean()}, {"a": Z}),
+        ValueError,
+        r"f\(z\)\['a'\] must have the shape of the state.*got a 0-d tensor",
     ),
 ]
 

@@ -1,7 +1,8 @@
 """Anderson acceleration (type II) with a scale-invariant ridge.
 
-Notation of ALGORITHMS.md §1: the last n <= m images F_i = f(X_i) and residuals G_i = F_i - X_i;
-per sample solve  min_a ||sum_i a_i G_i||^2 + lam' ||a||^2  s.t.  sum_i a_i = 1,  then
+Notation of Walker & Ni (SIAM J. Numer. Anal. 2011): the last n <= m images F_i = f(X_i) and
+residuals G_i = F_i - X_i; per sample solve
+min_a ||sum_i a_i G_i||^2 + lam' ||a||^2  s.t.  sum_i a_i = 1,  then
 z <- beta * sum_i a_i F_i + (1 - beta) * sum_i a_i X_i.
 
 Two choices make it fast and robust:
@@ -165,13 +166,14 @@ def _push(state: AndersonState, fx: Tensor, g: Tensor) -> AndersonState:
 def _mixing(state: AndersonState) -> Tensor:
     """Coefficients (B, 1, m) minimising ||a G||^2 + lam' ||a||^2 subject to sum(a) = 1.
 
-    Solves the bordered system [[0, 1^T], [1, G G^T + lam' I]] [nu; a] = [1; 0] of ALGORITHMS.md §1
-    with lam' = lam * ||G_newest||^2: relative to the newest residual, which keeps the ridge
-    scale-free without letting the old, large residuals of a fast-converging iteration dominate it
-    (as a ridge relative to trace(G G^T) does). A floor relative to the trace keeps the system away
-    from round-off singularity and the tiny absolute term keeps an all-zero Gram (a sample already
-    exactly at its fixed point) solvable. Both relative terms are one product of the system's
-    diagonal with the precomputed weights of the newest slot.
+    Solves the bordered system [[0, 1^T], [1, G G^T + lam' I]] [nu; a] = [1; 0] (the optimality
+    conditions of the constrained least squares in the module docstring) with lam' = lam *
+    ||G_newest||^2: relative to the newest residual, which keeps the ridge scale-free without
+    letting the old, large residuals of a fast-converging iteration dominate it (as a ridge relative
+    to trace(G G^T) does). A floor relative to the trace keeps the system away from round-off
+    singularity and the tiny absolute term keeps an all-zero Gram (a sample already exactly at its
+    fixed point) solvable. Both relative terms are one product of the system's diagonal with the
+    precomputed weights of the newest slot.
 
     The Gram block is divided by its trace before the solve. That leaves ``a`` unchanged (only the
     multiplier nu scales), puts every entry of the system in [-1, 1] next to the border of ones,

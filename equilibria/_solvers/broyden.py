@@ -1,6 +1,7 @@
 """Limited-memory ("good") Broyden root finding on g(z) = f(z) - z.
 
-Notation of ALGORITHMS.md §1: the inverse Jacobian of g is approximated by H = -I + sum_i u_i v_i^T
+Broyden (Math. Comp. 1965), limited memory as in Bai, Kolter & Koltun, "Deep Equilibrium Models"
+(NeurIPS 2019): the inverse Jacobian of g is approximated by H = -I + sum_i u_i v_i^T
 with at most M pairs, so memory does not grow with the iteration budget (the original DEQ code and
 TorchDEQ allocate max_iter pairs and multiply by all of them every step); when the M slots are used
 up the approximation restarts from H = -I, updated at once with the latest secant pair (a bare -I

@@ -12,7 +12,6 @@ Decomposition?", ICLR 2021, §2.2 (NMF, VQ, CD) and §2.3 (one-step gradient).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._random import check_generator, draw
+from .._validate import check_choice, check_float, check_int
 
 __all__ = [
     "DECOMPOSITIONS",
@@ -56,41 +56,6 @@ class Decomposition(NamedTuple):
 # Validation and initialisation helpers.
 
 
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return value
-
-
-def _check_real(
-    name: str,
-    value: object,
-    allowed: str,
-    ok: Callable[[float], bool] = lambda _: True,
-    type_allowed: str | None = None,
-) -> float:
-    """``float(value)`` for a real number (not a bool) that is finite and passes ``ok``; else a
-    TypeError or ValueError naming ``allowed`` (``type_allowed`` for the TypeError, if given).
-    An int beyond float range counts as infinite (a ValueError, not Python's OverflowError)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = type(value).__name__
-        raise TypeError(f"{name} must be {type_allowed or allowed}, got {kind} {value!r}")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not (math.isfinite(number) and ok(number)):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return number
-
-
-def _check_positive(name: str, value: object) -> float:
-    return _check_real(name, value, "a finite number > 0", lambda v: v > 0, "a float")
-
-
 def _check_finite(name: str, t: Tensor) -> None:
     """Raises ValueError when t holds NaN or ±Inf (one host sync; details only on failure).
 
@@ -110,15 +75,9 @@ def _check_finite(name: str, t: Tensor) -> None:
         )
 
 
-def _check_momentum(momentum: object) -> float:
-    return _check_real(
-        "momentum", momentum, "in [0, 1)", lambda v: 0.0 <= v < 1.0, "a float in [0, 1)"
-    )
-
-
-def _check_grad(grad: object) -> None:
-    if grad not in _GRAD_MODES:
-        raise ValueError(f"grad must be one of {_GRAD_MODES}, got {grad!r}")
+def check_momentum(momentum: object) -> float:
+    """The moving-average momentum of online bases, in [0, 1)."""
+    return check_float("momentum", momentum, low=0.0, high=1.0, low_open=False, high_open=True)
 
 
 def _check_float_dtype(name: str, dtype: object) -> None:
@@ -175,14 +134,14 @@ def _problem(
             f"{fn}: x must have shape (B, d, n) with no empty dimension, got {tuple(x.shape)}"
         )
     _check_finite(f"{fn}: x", x)
-    _check_int("steps", steps, 0)
-    _check_grad(grad)
-    eps = _check_positive("eps", eps)
-    inv_t = _check_positive("inv_t", inv_t)
+    check_int("steps", steps, minimum=0)
+    check_choice("grad", grad, _GRAD_MODES)
+    eps = check_float("eps", eps, low=0.0)
+    inv_t = check_float("inv_t", inv_t, low=0.0)
     check_generator(generator)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
-        raise TypeError(f"{fn}: rank must be an int, got {type(rank).__name__} {rank!r}")
     batch, dim, n = x.shape
+    if rank is not None:  # 1 <= r <= min(d, n)
+        check_int(f"{fn}: rank", rank, minimum=1, maximum=min(dim, n))
     if bases is not None:
         if not isinstance(bases, Tensor):
             raise TypeError(f"{fn}: bases must be a torch.Tensor or None, got {type(bases)}")
@@ -245,9 +204,9 @@ def random_bases(
     Returns:
         Bases of shape (B, d, r) whose columns have unit L2 norm.
     """
-    _check_int("batch", batch, 1)
-    _check_int("dim", dim, 1)
-    _check_int("rank", rank, 1)
+    check_int("batch", batch, minimum=1)
+    check_int("dim", dim, minimum=1)
+    check_int("rank", rank, minimum=1)
     _check_float_dtype("dtype", dtype)
     check_generator(generator)
     shape = (batch, dim, rank)
@@ -271,7 +230,7 @@ def moving_average_bases(buffer: Tensor, bases: Tensor, *, momentum: float) -> T
     Returns:
         The updated bases, shape (d, r), unit-norm columns, no gradient.
     """
-    momentum = _check_momentum(momentum)
+    momentum = check_momentum(momentum)
     for name, t in (("buffer", buffer), ("bases", bases)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__} {t!r}")
@@ -610,7 +569,7 @@ def cd(
     Dhillon & Modha, "Concept decompositions for large sparse text data", 2001.
     """
     p = _problem("cd", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
-    return _cd(p, _check_positive("beta", beta))
+    return _cd(p, check_float("beta", beta, low=0.0))
 
 
 def _cd(p: _Problem, beta: float) -> Decomposition:

@@ -24,8 +24,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_bool
+from .._validate import check_bool, check_choice, check_float, check_int
 from ._decompositions import (
+    _GRAD_MODES,
     DECOMPOSITIONS,
     Decomposition,
     GradMode,
@@ -33,15 +34,12 @@ from ._decompositions import (
     _cd_solve,
     _check_finite,
     _check_float_dtype,
-    _check_grad,
-    _check_int,
-    _check_momentum,
-    _check_positive,
     _nmf,
     _nmf_solve,
     _Problem,
     _vq,
     _x_transpose_times,
+    check_momentum,
     moving_average_bases,
     random_bases,
 )
@@ -57,11 +55,6 @@ _INITS = ("random", "online")
 _DEFAULT_INV_T = {"nmf": 1.0, "vq": 100.0, "cd": 100.0}
 _BN_MOMENTUM = 0.1  # torch.nn.BatchNorm defaults
 _BN_EPS = 1e-5
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _fold_batch_norm(
@@ -219,27 +212,27 @@ class _HamburgerBase(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_int("channels", channels, 1)
-        _check_choice("ham", ham, _HAMS)
-        _check_int("dim", dim, 1)
-        _check_int("rank", rank, 1)
+        check_int("channels", channels, minimum=1)
+        check_choice("ham", ham, _HAMS)
+        check_int("dim", dim, minimum=1)
+        check_int("rank", rank, minimum=1)
         if rank > dim:
             raise ValueError(f"rank must be in [1, dim] = [1, {dim}], got {rank}")
-        _check_int("train_steps", train_steps, 0)
-        _check_int("eval_steps", eval_steps, 0)
-        inv_t = _DEFAULT_INV_T[ham] if inv_t is None else _check_positive("inv_t", inv_t)
-        beta = _check_positive("beta", beta)
-        _check_grad(grad)
-        _check_choice("init", init, _INITS)
-        momentum = _check_momentum(momentum)
-        _check_choice("norm", norm, _NORMS)
+        check_int("train_steps", train_steps, minimum=0)
+        check_int("eval_steps", eval_steps, minimum=0)
+        inv_t = _DEFAULT_INV_T[ham] if inv_t is None else check_float("inv_t", inv_t, low=0.0)
+        beta = check_float("beta", beta, low=0.0)
+        check_choice("grad", grad, _GRAD_MODES)
+        check_choice("init", init, _INITS)
+        momentum = check_momentum(momentum)
+        check_choice("norm", norm, _NORMS)
         check_bool("lower_bread", lower_bread)
         if not lower_bread and dim != channels:
             raise ValueError(
                 f"without the lower bread the ham works on the input, so dim must equal "
                 f"channels={channels}, got dim={dim}"
             )
-        eps = _check_positive("eps", eps)
+        eps = check_float("eps", eps, low=0.0)
         _check_float_dtype("iter_dtype", iter_dtype)
         _check_float_dtype("dtype", dtype)
         param_dtype = torch.get_default_dtype() if dtype is None else dtype

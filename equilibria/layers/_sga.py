@@ -20,8 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_bool
-from ._decompositions import _check_finite, _check_real
+from .._validate import check_bool, check_choice, check_float, check_int
+from ._decompositions import _check_finite
 
 __all__ = [
     "AttentionKind",
@@ -70,14 +70,8 @@ def _check_like(
 
 
 def _check_scale(scale: object, allow_none: bool) -> None:
-    if allow_none and scale is None:
-        return
-    allowed = "None or a finite number > 0" if allow_none else "a finite number > 0"
-    _check_real("scale", scale, allowed, lambda v: v > 0)
-
-
-def _check_eps(eps: object) -> None:
-    _check_real("eps", eps, "a finite number >= 0", lambda v: v >= 0, "a float >= 0")
+    if not (allow_none and scale is None):
+        check_float("scale", scale, low=0.0)
 
 
 def attention_map(
@@ -98,7 +92,7 @@ def attention_map(
     _check_pair(_check_tokens("query", query), _check_tokens("key", key))
     _check_scale(scale, allow_none=False)
     check_bool("column_norm", column_norm)
-    _check_eps(eps)
+    check_float("eps", eps, low=0.0, low_open=False)
     _check_finite("query", query)
     _check_finite("key", key)
     return _attention_map(query, key, scale, column_norm, eps)
@@ -156,7 +150,7 @@ def stop_gradient_attention(
             f"{tuple(value.shape)}"
         )
     _check_like("value", value, x, "x", under_autocast=True)
-    _check_eps(eps)
+    check_float("eps", eps, low=0.0, low_open=False)
     for name, t in (("x", x), ("y", y), ("value", value)):
         _check_finite(name, t)
     scale = 1.0 / math.sqrt(x.shape[-1]) if scale is None else scale
@@ -214,17 +208,12 @@ class StopGradientAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int):
-            raise TypeError(f"channels must be an int, got {type(channels).__name__}")
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
-        if attention not in _ATTENTIONS:
-            raise ValueError(f"attention must be one of {_ATTENTIONS}, got {attention!r}")
+        check_int("channels", channels, minimum=1)
+        check_choice("attention", attention, _ATTENTIONS)
         check_bool("column_norm", column_norm)
         _check_scale(scale, allow_none=True)
-        _check_real("negative_slope", negative_slope, "a finite number", type_allowed="a float")
-        if norm not in _NORMS:
-            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        check_float("negative_slope", negative_slope)
+        check_choice("norm", norm, _NORMS)
         self.channels, self.attention, self.column_norm = channels, attention, column_norm
         self.scale = 1.0 / math.sqrt(channels) if scale is None else float(scale)
         factory = {"device": device, "dtype": dtype}
