@@ -114,12 +114,15 @@ BAD_INPUTS = [
     ),
     pytest.param(lambda: eq.DEQ(cell, backward="x"), ValueError, VALID_BACKWARDS, id="deq-bwd"),
     pytest.param(
-        lambda: eq.solve(f, Z, solver=3), TypeError, "solver must be a solver name", id="solver-int"
+        lambda: eq.solve(f, Z, solver=3),
+        TypeError,
+        "solver must be a name ('picard', 'anderson', 'broyden')",
+        id="solver-int",
     ),
     pytest.param(
         lambda: eq.solve(f, Z, solver=eq.Anderson),
         TypeError,
-        "solver must be a solver name",
+        "solver must be a name ('picard', 'anderson', 'broyden')",
         id="solver-class",
     ),
     pytest.param(

@@ -19,9 +19,18 @@ Map = Callable[[Tensor], Tensor]
 
 
 class Step(NamedTuple):
-    """A new iterate ``x``, its image ``fx = f(x)``, the residual ``g = fx - x``, the solver state
-    and the number of map evaluations the step used; ``gsq``, when the solver computed it anyway,
-    is ``||g||^2`` per sample (B,), which spares the driver a pass over ``g``."""
+    """What :meth:`Solver.step` returns: one iteration's result.
+
+    Attributes:
+        x: (B, D) the new iterate.
+        fx: (B, D) its image ``f(x)``.
+        g: (B, D) the residual ``fx - x``.
+        state: the solver's state after the step (anything; see :meth:`Solver.select`).
+        nfev: the number of map evaluations the step used (a line search may use several).
+        gsq: optional (B,) ``||g||^2`` per sample, when the solver computed it anyway (Anderson
+            has it on its Gram diagonal): it spares the driver a pass over ``g``. The driver
+            recomputes the norm where a squared norm is too small to be precise.
+    """
 
     x: Tensor
     fx: Tensor
@@ -32,7 +41,54 @@ class Step(NamedTuple):
 
 
 class Solver(abc.ABC):
-    """Base class of the fixed-point solvers (Picard, Anderson, Broyden)."""
+    """Base class of the fixed-point solvers (Picard, Anderson, Broyden, and yours).
+
+    Write a solver to try an iteration the library does not have; the driver loop supplies
+    everything around it: budgets, per-sample stopping in the abs or rel norm, the best iterate
+    per sample, traces, divergence and non-finite checks, compaction, autocast, and the backward
+    methods (the adjoint solve of ``eq.Implicit(solver=...)`` runs the same interface on the
+    transposed linear map).
+
+    The interface:
+
+    * a frozen dataclass of hyper-parameters, checked in ``__post_init__`` (with
+      ``equilibria._validate``), and a class attribute ``name``;
+    * :meth:`init` ``(x, fx, g) -> state``: the state after the first iterate;
+    * :meth:`step` ``(fn, x, fx, g, state) -> Step``: propose the next iterate, evaluate
+      ``fn`` there (once or more) and return it with the new state;
+    * optionally :meth:`select` ``(state, index) -> state``: keep only some samples of the state
+      (per-sample compaction); the default handles states made of batched tensors, NamedTuples
+      of them and Python scalars.
+
+    All tensors are flat, (B, D): one independent problem per row, so every reduction is per
+    row. The driver hands the solver values near 1 (a problem whose values lie far from 1 is
+    iterated in per-sample power-of-two units), so a solver's products need no guard against
+    overflow; ``step`` is only called while some sample has not converged, and the driver keeps
+    the best iterate, so a solver returns its latest one. Register the class with
+    :func:`equilibria.register_solver` to use it by name.
+
+    Example:
+        A Picard iteration whose per-sample damping halves whenever a step increases that
+        sample's residual::
+
+            @eq.register_solver
+            @dataclass(frozen=True)
+            class Halving(eq.Solver):
+                damping: float = 1.0
+                name: ClassVar[str] = "halving"
+
+                def init(self, x, fx, g):
+                    return torch.full((x.shape[0], 1), self.damping, dtype=x.dtype)  # (B, 1)
+
+                def step(self, fn, x, fx, g, tau):
+                    x_new = x + tau * g
+                    fx_new = fn(x_new)
+                    g_new = fx_new - x_new
+                    worse = g_new.norm(dim=1, keepdim=True) > g.norm(dim=1, keepdim=True)
+                    return eq.Step(x_new, fx_new, g_new, torch.where(worse, tau / 2, tau), 1)
+
+            sol = eq.solve(f, z0, solver="halving")
+    """
 
     name: ClassVar[str]
 
@@ -42,7 +98,15 @@ class Solver(abc.ABC):
 
     @abc.abstractmethod
     def step(self, fn: Map, x: Tensor, fx: Tensor, g: Tensor, state: Any) -> Step:
-        """Propose the next iterate from the current one and the state, and evaluate ``fn``."""
+        """Propose the next iterate from the current one and the state, and evaluate ``fn``.
+
+        Args:
+            fn: the flat map (B, D) -> (B, D); each call counts as one evaluation (``nfev``).
+            x: (B, D) the current iterate (the one the last step returned).
+            fx: (B, D) its image.
+            g: (B, D) its residual ``fx - x``.
+            state: what :meth:`init` or the last step returned.
+        """
 
     def select(self, state: Any, index: Tensor) -> Any:
         """Keep only the samples ``index`` (1-D long tensor) of every batched tensor in ``state``.
