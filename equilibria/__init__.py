@@ -9,7 +9,16 @@ Example:
 """
 
 from . import layers
-from ._backward import BACKWARDS, JFB, Backward, Implicit, Neumann, Phantom, Unrolled
+from ._backward import (
+    BACKWARDS,
+    JFB,
+    Backward,
+    Implicit,
+    Neumann,
+    Phantom,
+    Unrolled,
+    register_backward,
+)
 from ._deq import DEQ
 from ._diagnostics import GradientAgreement, gradient_agreement, plot_convergence
 from ._dropout import VariationalDropout, batch_index, reset_dropout
@@ -24,8 +33,7 @@ from ._stabilisers import jacobian_penalty, spectral_radius
 __version__ = "0.1.0"
 
 SOLVERS = tuple(_solver_registry)  # the registered names, in registration order
-# the backward registry: iterating gives the names; register_backward(cls) adds a method
-register_backward = BACKWARDS.register
+# BACKWARDS is the backward registry (iterating gives the names); register_backward adds one
 
 __all__ = [
     "BACKWARDS",

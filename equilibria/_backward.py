@@ -63,8 +63,21 @@ class Attachment:
 class Backward:
     """Base class of the backward methods.
 
-    A subclass is a frozen dataclass of options with a class attribute ``name`` and implements
-    :meth:`attach`; register it with ``eq.BACKWARDS.register(cls)`` to make its name resolvable.
+    A new method is one class: a frozen dataclass of options with a class attribute ``name``
+    that implements :meth:`attach` (and, to differentiate through the forward iterations
+    themselves, :meth:`solve`); ``eq.register_backward(cls)`` makes its name resolvable. Its
+    ``attach`` should return ``z_star``'s value when ``at.keep_value`` is set (a DEQ in eval mode).
+
+    Example:
+        >>> @eq.register_backward
+        ... @dataclass(frozen=True)
+        ... class HalfJFB(eq.Backward):
+        ...     name: ClassVar[str] = "half-jfb"
+        ...
+        ...     def attach(self, fn, z_star, at):
+        ...         h = fn(z_star)  # one differentiable map call, half its gradient
+        ...         return z_star + 0.5 * (h - h.detach())
+        >>> z, sol = eq.fixed_point(f, z0, backward="half-jfb")
     """
 
     name: ClassVar[str]
@@ -327,6 +340,33 @@ class Unrolled(Backward):
 BACKWARDS: Registry[Backward] = Registry("backward", Backward, "eq.Phantom(steps=5, damping=0.5)")
 for _cls in (Implicit, Phantom, Neumann, JFB, Unrolled):
     BACKWARDS.register(_cls)
+
+
+def register_backward(cls: type[Backward], *, replace: bool = False) -> type[Backward]:
+    """Make a backward method resolvable by its ``name``: ``backward="myname"`` means ``cls()``.
+
+    Usable as a class decorator; the name then works in ``fixed_point``, ``fixed_point_states``,
+    ``DEQ`` (and its per-call override) and ``DEQ.using``.
+
+    Args:
+        cls: a subclass of :class:`Backward` with a non-empty string class attribute ``name``,
+            implementing ``attach``, constructible without arguments.
+        replace: allow taking a name another class has (by default a ValueError naming both).
+
+    Returns:
+        ``cls`` itself.
+    """
+    if isinstance(cls, type) and issubclass(cls, Backward):
+        if cls.attach is Backward.attach and cls.solve is Backward.solve:
+            raise TypeError(f"backward class {cls.__name__} does not implement attach")
+        try:  # a name stands for the class's defaults: check now that it has some
+            cls()
+        except TypeError as err:
+            raise TypeError(
+                f"backward class {cls.__name__} must be constructible without arguments to be "
+                f"used by name: {cls.__name__}() raised {err}"
+            ) from None
+    return BACKWARDS.register(cls, replace=replace)
 
 
 def resolve_backward(backward: str | Backward, argument: str = "backward") -> Backward:

@@ -9,6 +9,8 @@ edit their input in place, 0-d map outputs and ``torch.func`` transforms.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -434,9 +436,6 @@ def test_a_deq_call_builds_its_spec_once(monkeypatch):
 
 
 def test_a_new_backward_method_is_one_registered_class():
-    from dataclasses import dataclass
-    from typing import ClassVar
-
     @dataclass(frozen=True)
     class Halved(eq.Backward):
         """Half the JFB gradient (a toy method for the test)."""
@@ -466,5 +465,13 @@ def test_a_new_backward_method_is_one_registered_class():
             eq.register_backward(type("Other", (Halved,), {}))
         with pytest.raises(TypeError, match="must be a subclass of Backward"):
             eq.register_backward(int)
+        with pytest.raises(TypeError, match="Lazy does not implement attach"):
+            eq.register_backward(type("Lazy", (eq.Backward,), {"name": "lazy"}))
+        needy = dataclass(frozen=True)(
+            type("Needy", (Halved,), {"__annotations__": {"k": int}, "name": "needy"})
+        )
+        with pytest.raises(TypeError, match=r"Needy must be constructible without arguments"):
+            eq.register_backward(needy)
+        assert "lazy" not in eq.BACKWARDS and "needy" not in eq.BACKWARDS
     finally:
         eq.BACKWARDS._classes.pop("halved-jfb-test", None)
