@@ -26,14 +26,13 @@ from ._errors import NonFiniteError
 from ._fixed_point import correction_loss, fixed_point, fixed_point_states, solve
 from ._norms import apply_norm, norm_cache, remove_norm
 from ._solution import BackwardInfo, Solution, Status
-from ._solvers import SOLVERS as _solver_registry
-from ._solvers import Anderson, Broyden, Picard, Solver
+from ._solvers import SOLVERS, Anderson, Broyden, Picard, Solver, Step, register_solver
 from ._stabilisers import jacobian_penalty, spectral_radius
 
 __version__ = "0.1.0"
 
-SOLVERS = tuple(_solver_registry)  # the registered names, in registration order
-# BACKWARDS is the backward registry (iterating gives the names); register_backward adds one
+# SOLVERS and BACKWARDS are the registries (iterating gives the names, in registration order);
+# register_solver and register_backward add a class to them
 
 __all__ = [
     "BACKWARDS",
@@ -53,6 +52,7 @@ __all__ = [
     "Solution",
     "Solver",
     "Status",
+    "Step",
     "Unrolled",
     "VariationalDropout",
     "__version__",
@@ -67,6 +67,7 @@ __all__ = [
     "norm_cache",
     "plot_convergence",
     "register_backward",
+    "register_solver",
     "remove_norm",
     "reset_dropout",
     "solve",

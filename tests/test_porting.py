@@ -475,3 +475,18 @@ def test_a_new_backward_method_is_one_registered_class():
         assert "lazy" not in eq.BACKWARDS and "needy" not in eq.BACKWARDS
     finally:
         eq.BACKWARDS._classes.pop("halved-jfb-test", None)
+
+
+def test_solver_registration_is_public_and_eq_solvers_follows_it():
+    """eq.SOLVERS was a tuple of the names at import: a registered solver was missing from it."""
+    relaxed = type("RelaxedPicard", (eq.Picard,), {"name": "relaxed-picard-test"})
+    assert eq.register_solver(relaxed) is relaxed
+    try:
+        assert "relaxed-picard-test" in eq.SOLVERS and isinstance(eq.Step, type)
+        sol = eq.solve(lambda z: 0.5 * z + 1.0, torch.zeros(2, 3), solver="relaxed-picard-test")
+        assert sol.solver == "relaxed-picard-test" and sol.all_converged
+        layer = eq.DEQ(lambda z, x: 0.5 * z + x, solver="relaxed-picard-test")
+        layer(torch.ones(2, 3))
+        assert layer.last_solution.solver == "relaxed-picard-test"
+    finally:
+        eq.SOLVERS._classes.pop("relaxed-picard-test", None)
