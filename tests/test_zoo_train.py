@@ -182,19 +182,25 @@ def _edit_checkpoint_meta(path: Path, edit: Callable[[dict[str, Any]], None]) ->
     path.write_bytes(checkpoint_file.encode(tensors, json.dumps(meta)))
 
 
+def _drop_a_parameter(meta: dict[str, Any]) -> None:
+    meta["optimizer"]["param_groups"][0]["params"].pop()
+
+
+def _weight_decay_as_text(meta: dict[str, Any]) -> None:  # loads, fails at the first step
+    meta["optimizer"]["param_groups"][0]["weight_decay"] = "0.01"
+
+
+@pytest.mark.parametrize("edit", [_drop_a_parameter, _weight_decay_as_text])
 def test_resume_refuses_an_unrestorable_optimizer_before_touching_the_folder(
-    tmp_path: Path,
+    tmp_path: Path, edit: Callable[[dict[str, Any]], None]
 ) -> None:
     """The optimizer layout lives in the metadata; loading it failed inside training, which was
-    reported as a training failure written over the finished run's summary.json."""
+    reported as a training failure written over the finished run's summary.json (a layout that
+    loads but fails at its first step still was: the resume now takes a dry step on a copy)."""
     config = DigitsConfig(**{**TINY, "epochs": 1}, run_dir=str(tmp_path / "run"))
     train(config)
     run = tmp_path / "run"
-
-    def drop_a_parameter(meta: dict[str, Any]) -> None:
-        meta["optimizer"]["param_groups"][0]["params"].pop()
-
-    _edit_checkpoint_meta(run / "checkpoint.safetensors", drop_a_parameter)
+    _edit_checkpoint_meta(run / "checkpoint.safetensors", edit)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     with pytest.raises(CheckpointError, match="cannot be restored into the model and optimizer"):
         train(dataclasses.replace(config, resume=True))
@@ -365,6 +371,47 @@ def test_mosaic_through_the_cli(
     assert "recipe 'mosaic' has no distributed training, got WORLD_SIZE=2" in err
     assert "recipes that train under torchrun: digits" in err
     assert not other.exists()
+
+
+def _kill_after_first_checkpoint(argv: list[str], run: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "equilibria", *argv, "--run-dir", str(run)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoint.safetensors").exists():  # appears by an atomic rename
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_mosaic_resumes_bitwise_after_sigkill(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Mosaic had no checkpoints: a killed run started over. Its Hamburger draws random bases
+    from torch's RNG and its canvases come from a NumPy stream; both are restored."""
+    tiny = [a if a != "2" or MOSAIC_TINY[i - 1] != "--steps" else "16"
+            for i, a in enumerate(MOSAIC_TINY)]  # fmt: skip
+    argv = ["train", "mosaic", *tiny, "--eval-every", "2", "--block", "ham", "--ham-init", "random"]
+    killed = tmp_path / "killed"
+    _kill_after_first_checkpoint(argv, killed)
+    assert load_checkpoint(killed).epoch < 8  # really interrupted mid-run
+    subprocess.run([sys.executable, "-m", "equilibria", *argv, "--run-dir", str(killed),
+                    "--resume"], cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    full = tmp_path / "full"
+    assert main([*argv, "--run-dir", str(full)]) == 0
+    _assert_bitwise_equal(_final_state(full), _final_state(killed))
+    assert _metrics_without_timing(full) == _metrics_without_timing(killed)
+    assert len(_metrics_without_timing(full)) == 8
+    capsys.readouterr()
+    assert main(["eval", str(killed), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == _metrics_without_timing(full)[-1]["miou"]
+    assert main(["report", str(killed)]) == 0 and (killed / "report.md").is_file()
 
 
 def test_a_failed_run_is_recorded_and_named_on_a_rerun(

@@ -357,8 +357,9 @@ class MosaicTask(Task):
         return {"rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "rng" in state:
-            self.rng.bit_generator.state = state["rng"]
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]  # a malformed state raises here
+        self.rng = rng
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
         return {"block_mmacs": block_macs(self.config) / 1e6, "ms_per_step": last.get("step_ms")}
