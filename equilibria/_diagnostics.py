@@ -97,7 +97,7 @@ def gradient_agreement(
     parameters: Iterable[Tensor],
     backward: str | Backward,
     *,
-    reference: Backward | None = None,
+    reference: str | Backward | None = None,
 ) -> GradientAgreement:
     """Compare the gradient of a backward method with the exact implicit gradient on one batch.
 
@@ -106,7 +106,8 @@ def gradient_agreement(
             :class:`equilibria.DEQ`, use ``with layer.using(backward): ...`` inside).
         parameters: the tensors to differentiate (e.g. ``model.parameters()``).
         backward: the method to check, name or object.
-        reference: the exact method; default ``eq.Implicit(tol=1e-8, max_iter=200)``.
+        reference: the exact method, name or object; default
+            ``eq.Implicit(tol=1e-8, max_iter=200)``.
 
     Both losses start from the same state of torch's global random number generator (the CPU
     one and those of the parameters' CUDA devices), so a model in training mode draws the same
@@ -129,7 +130,9 @@ def gradient_agreement(
     if not params:
         raise ValueError("parameters must contain at least one tensor")
     backward = resolve_backward(backward)
-    reference = Implicit(tol=1e-8, max_iter=200) if reference is None else reference
+    if reference is None:
+        reference = Implicit(tol=1e-8, max_iter=200)
+    reference = resolve_backward(reference, "reference")
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):  # the second loss starts from the same state
         approx = _grads(loss(backward), params)

@@ -264,6 +264,16 @@ AGREEMENT_BAD = [
         ValueError,
         "must return a scalar tensor",
     ),
+    (  # the reference was used unchecked: a bad one failed inside the user's loss
+        lambda: eq.gradient_agreement(_scalar, [torch.ones(1)], "jfb", reference="exact"),
+        ValueError,
+        "unknown reference 'exact'",
+    ),
+    (
+        lambda: eq.gradient_agreement(_scalar, [torch.ones(1)], "jfb", reference=1e-8),
+        TypeError,
+        "reference must be a name",
+    ),
 ]
 
 
