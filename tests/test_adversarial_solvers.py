@@ -282,3 +282,24 @@ def test_driver_stops_on_the_best_residual_per_sample():
     assert float(sol.residual[1]) == pytest.approx(1e-7, rel=1e-6)
     # the current residuals at the last iteration were not all below tol
     assert float(sol.residuals[-1].max()) > tol
+
+
+@pytest.mark.parametrize("name", ["picard", "anderson", "broyden"])
+def test_the_adjoint_solve_is_scale_invariant_over_the_range(name):
+    # the implicit backward's adjoint solve runs on the upstream gradient: a loss scaled by 1e-30
+    # (float32) must give gradients scaled by exactly that, in the same adjoint steps (before,
+    # Anderson's Gram matrix of such vectors underflowed and its adjoint solve crawled)
+    p = Tanh.make(batch=3, d=6, norm=0.9, seed=3, dtype=F32)
+    w = p.W.clone().requires_grad_()
+    target = torch.linspace(-1, 1, 18, dtype=F32).view(3, 6)
+    grads, steps = {}, {}
+    for c in (1.0, 1e-30, 1e30):
+        backward = eq.Implicit(solver=name, tol=1e-5, max_iter=200)
+        z, sol = eq.fixed_point(lambda z, w=w: torch.tanh(z @ w.T + p.x), p.z0(),
+                                solver=name, backward=backward, tol=1e-5, max_iter=200)  # fmt: skip
+        (grad,) = torch.autograd.grad(c * ((z - target) ** 2).sum(), w)
+        assert bool(sol.backward.converged.all()), (c, sol.backward)
+        grads[c], steps[c] = grad / c, sol.backward.nstep
+    assert steps[1e-30] == steps[1.0] == steps[1e30], steps
+    torch.testing.assert_close(grads[1e-30], grads[1.0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[1e30], grads[1.0], rtol=1e-4, atol=1e-7)
