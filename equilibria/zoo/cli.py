@@ -81,7 +81,7 @@ def _recipe_help(recipe: Recipe, command: str, cls: type) -> str:
         add_help=False,
     )
     add_arguments(parser, cls)
-    return parser.format_help()
+    return parser.format_help().replace("runs/RECIPE/", f"runs/{recipe.name}/")
 
 
 def _train(recipe: Recipe, options: list[str]) -> int:
@@ -170,7 +170,11 @@ def _sweep(recipe: Recipe, options: list[str]) -> int:
         print(f"variants of {recipe.name}: {', '.join(task_cls.variants) or 'none'}")
         return 0
     sweep, base = SweepConfig.parse(task_cls, options, prog=f"{PROG} sweep {recipe.name}")
-    result = run_sweep(task_cls, sweep, base)
+
+    def progress(variant: str, seed: int) -> None:
+        print(f"[{variant}] seed {seed}", flush=True)
+
+    result = run_sweep(task_cls, sweep, base, progress=progress)
     print(result.markdown)
     print(f"\nwritten: {result.root / 'sweep.md'} and {result.root / 'sweep.json'}")
     return 0

@@ -37,7 +37,7 @@ from .config import ConfigError, check_fields, check_range, option
 from .distributed import DistInfo
 from .mosaic_data import _DIGIT, Canvases, _digit_pools, make_canvases
 from .sweep import SweepConfig, SweepResult, run_sweep
-from .task import Metric, Plot, Schedule, StepOutput, Task
+from .task import Metric, Plot, RunOptions, Schedule, StepOutput, Task
 
 __all__ = [
     "VARIANTS",
@@ -57,7 +57,7 @@ _TEST_SEED = 10_000  # the test canvases are the same for every run
 
 
 @dataclass(frozen=True)
-class MosaicConfig:
+class MosaicConfig(RunOptions):
     """Options of one mosaic-segmentation run (each is an option ``--name-with-dashes``).
 
     Validated on construction with the shared checks of :mod:`equilibria.zoo.config`: a wrong type
@@ -102,21 +102,7 @@ class MosaicConfig:
         "optimisation steps per epoch: the test canvases are evaluated and a checkpoint "
         "written after each",
     )
-    # run control (may change on --resume)
-    threads: int = option(
-        2,
-        "torch CPU threads (a run resumes only with the thread count it was trained with)",
-        resumable=True,
-    )
-    run_dir: str = option("", "run folder (default: runs/mosaic/<timestamp>)", resumable=True)
-    resume: bool = option(
-        False, "continue the run in --run-dir from its checkpoint", resumable=True
-    )
-    quiet: bool = option(False, "no progress bar; print only the summary", resumable=True)
-    measure_memory: bool = option(
-        True, "measure peak memory on the first step of each epoch", resumable=True
-    )
-    report: bool = option(True, "write report.md with plots at the end", resumable=True)
+    threads: int = option(2, "torch CPU threads (see RunOptions)", resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)

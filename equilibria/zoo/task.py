@@ -9,7 +9,7 @@ Example (a sketch; see ``digits.py`` and ``mosaic.py`` for complete recipes)::
 
     class MyTask(Task):
         name = "mine"
-        config_class = MyConfig          # frozen dataclass with seed, epochs, lr, threads, ...
+        config_class = MyConfig          # frozen dataclass(RunOptions) with seed, lr, ...
         headline = Metric("test_acc", "test accuracy", percent=True)
 
         def setup(self, device): self.data = load(device)
@@ -30,7 +30,31 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .config import option
 from .distributed import DistInfo
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The trainer's options, inherited by every recipe's config dataclass. They are run control:
+    a ``--resume`` may change them (the thread count only where the numbers do not depend on
+    it; the trainer refuses another count on the CPU)."""
+
+    threads: int = option(
+        1,
+        "torch CPU threads (0 = torch's default); a CPU run resumes only with the thread count "
+        "it was trained with, which changes the numbers",
+        resumable=True,
+    )
+    run_dir: str = option("", "run folder (default: runs/RECIPE/<timestamp>)", resumable=True)
+    resume: bool = option(
+        False, "continue the run in --run-dir from its checkpoint", resumable=True
+    )
+    quiet: bool = option(False, "no progress bar; print only the summary", resumable=True)
+    measure_memory: bool = option(
+        True, "measure peak memory on the first step of each epoch", resumable=True
+    )
+    report: bool = option(True, "write report.md with plots at the end", resumable=True)
 
 
 @dataclass(frozen=True)
@@ -126,8 +150,8 @@ class StepOutput:
 class Task:
     """Base class of a recipe; one instance per run, built from its validated config.
 
-    The config dataclass must have the fields ``seed``, ``lr``, ``threads``, ``run_dir``,
-    ``resume``, ``quiet``, ``measure_memory`` and ``report`` (the trainer's), besides its own.
+    The config dataclass derives from :class:`RunOptions` (the trainer's options) and has
+    ``seed`` and ``lr`` (and ``weight_decay`` for the default optimizer) besides its own.
 
     Class attributes:
         name: registry name.
