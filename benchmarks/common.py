@@ -6,7 +6,6 @@ here is imported by the library.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -34,11 +33,11 @@ def machine() -> dict[str, Any]:
 
 
 def write_result(name: str, payload: dict[str, Any], out: Path = RESULTS) -> Path:
+    """Write ``<out>/<name>.json`` atomically (the package's one atomic write)."""
+    from equilibria.zoo.runs import write_json
+
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    payload = {"machine": machine(), **payload}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
+    return write_json(out / f"{name}.json", {"machine": machine(), **payload})
 
 
 class Counted:
