@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint_file import FORMAT, CheckpointError, encode, json_problem, parse_json, read
+from .runs import write_bytes
 
 __all__ = [
     "FORMAT", "Checkpoint", "CheckpointError", "capture_rng", "load_checkpoint", "restore_rng",
@@ -170,7 +171,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (temporary file in the same folder, then rename).
+    """Write a checkpoint atomically (:func:`equilibria.zoo.runs.write_bytes`).
 
     Args:
         path: target file, usually ``<run folder>/checkpoint.safetensors``.
@@ -200,7 +201,6 @@ def save_checkpoint(
     )
     if problem is not None:  # what load_checkpoint would refuse
         raise problem[0](f"save_checkpoint: {problem[1]}")
-    path = Path(path)
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     optim_meta = None
     if optimizer is not None:
@@ -218,18 +218,7 @@ def save_checkpoint(
         "rng": rng_values,
         "extra": extra,
     }
-    data = encode(tensors, _metadata_text(meta))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return write_bytes(path, encode(tensors, _metadata_text(meta)))
 
 
 def _entry_problem(meta: dict[str, Any]) -> tuple[type[Exception], str] | None:
