@@ -13,6 +13,7 @@ gradient g = dL/dz*, adjoint u = (I - J^T)^{-1} g.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -60,7 +61,7 @@ class Attachment:
     keys: Sequence[int] | None = None
 
 
-class Backward:
+class Backward(abc.ABC):
     """Base class of the backward methods.
 
     A new method is one class: a frozen dataclass of options with a class attribute ``name``
@@ -85,9 +86,9 @@ class Backward:
     # paths of fixed-point correction (:func:`equilibria.fixed_point_states`) must be
     at_any_state: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def attach(self, fn: Map, z_star: Tensor, at: Attachment) -> Tensor:
         """A differentiable (B, D) state at the detached solution ``z_star`` of the flat ``fn``."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement attach")
 
     def solve(
         self, fn: Callable, x0: Tensor, options: Options, at: Attachment
@@ -105,7 +106,7 @@ class Backward:
         full = (lambda x: fn(x, None)) if options.compact else fn
         return it, self.attach(full, it.value, at)
 
-    def check_compact(self) -> None:
+    def check_compact(self) -> None:  # noqa: B027 (a hook: most methods accept compaction)
         """Raise if the method cannot follow a compacted forward solve (``compact=True``)."""
 
     def correction(self) -> Backward:
@@ -350,22 +351,13 @@ def register_backward(cls: type[Backward], *, replace: bool = False) -> type[Bac
 
     Args:
         cls: a subclass of :class:`Backward` with a non-empty string class attribute ``name``,
-            implementing ``attach``, constructible without arguments.
+            implementing ``attach``, constructible without arguments (see
+            :meth:`Registry.register`).
         replace: allow taking a name another class has (by default a ValueError naming both).
 
     Returns:
         ``cls`` itself.
     """
-    if isinstance(cls, type) and issubclass(cls, Backward):
-        if cls.attach is Backward.attach and cls.solve is Backward.solve:
-            raise TypeError(f"backward class {cls.__name__} does not implement attach")
-        try:  # a name stands for the class's defaults: check now that it has some
-            cls()
-        except TypeError as err:
-            raise TypeError(
-                f"backward class {cls.__name__} must be constructible without arguments to be "
-                f"used by name: {cls.__name__}() raised {err}"
-            ) from None
     return BACKWARDS.register(cls, replace=replace)
 
 

@@ -7,6 +7,7 @@ words the "valid names are ..." error once for all of them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -36,7 +37,9 @@ class Registry(Mapping[str, type[T]], Generic[T]):
     def register(self, cls: type[T], *, replace: bool = False) -> type[T]:
         """Add ``cls`` under ``cls.name`` (usable as a class decorator); returns ``cls``.
 
-        A name already taken by another class is refused unless ``replace=True``.
+        The class must derive from the base, have a non-empty string ``name``, implement every
+        abstract method and be constructible without arguments (a name stands for the class's
+        defaults). A name already taken by another class is refused unless ``replace=True``.
         """
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
             raise TypeError(
@@ -48,6 +51,16 @@ class Registry(Mapping[str, type[T]], Generic[T]):
                 f"a {self.kind} class needs a non-empty string class attribute 'name', "
                 f"{cls.__name__} has {name!r}"
             )
+        if inspect.isabstract(cls):
+            missing = ", ".join(sorted(cls.__abstractmethods__))  # type: ignore[attr-defined]
+            raise TypeError(f"{self.kind} class {cls.__name__} does not implement {missing}")
+        try:
+            cls()
+        except TypeError as err:
+            raise TypeError(
+                f"{self.kind} class {cls.__name__} must be constructible without arguments to "
+                f"be used by name: {cls.__name__}() raised {err}"
+            ) from None
         taken = self._classes.get(name)
         if taken is not None and taken is not cls and not replace:
             raise ValueError(

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
@@ -51,6 +52,10 @@ def test_registry_resolves_names_and_passes_objects_through():
     assert repr(shapes) == "Registry('shape': 'square', 'circle')"
 
 
+def _needs_k(self, k):
+    self.k = k
+
+
 REGISTRY_BAD = [
     (
         lambda s: s.resolve("triangle"),
@@ -72,6 +77,12 @@ REGISTRY_BAD = [
     (lambda s: s.register(int), TypeError, "a shape must be a subclass of Shape, got"),
     (lambda s: s.register(Shape), TypeError, "needs a non-empty string class attribute 'name'"),
     (
+        lambda s: s.register(type("Needs", (Shape,), {"name": "needs", "__init__": _needs_k})),
+        TypeError,
+        "shape class Needs must be constructible without arguments to be used by name: "
+        "Needs() raised",
+    ),
+    (
         lambda s: s.register(type("Other", (Shape,), {"name": "square"})),
         ValueError,
         "the shape name 'square' is taken by Square; pick another name or pass replace=True",
@@ -86,6 +97,22 @@ def test_registry_bad_input(call, exc, fragment):
         call(shapes)
     assert fragment in str(info.value)
     assert shapes.names() == ("square", "circle")  # nothing registered on failure
+
+
+def test_registry_refuses_a_class_with_abstract_methods():
+    class Tool(abc.ABC):
+        name: ClassVar[str] = ""
+
+        @abc.abstractmethod
+        def use(self): ...
+
+        @abc.abstractmethod
+        def clean(self): ...
+
+    tools = Registry("tool", Tool, "Hammer()")
+    with pytest.raises(TypeError, match="tool class Half does not implement clean, use"):
+        tools.register(type("Half", (Tool,), {"name": "half"}))
+    assert tools.names() == ()
 
 
 def test_registry_replace_and_reregistering_the_same_class():
