@@ -69,3 +69,23 @@ def test_readme_example_runs(index, capsys):
         check(ns)
     if "print(layer.last_solution)" in code:  # what the example prints
         assert "status=converged" in capsys.readouterr().out
+
+
+def test_the_engine_sketch_names_the_real_interface():
+    """The "adding a recipe" sketch uses the Task interface as it is: its base classes, helpers
+    and methods exist, and every method it defines is one the trainer calls."""
+    from equilibria.zoo import registry, task
+
+    text = README.read_text()
+    assert "### The recipe engine: adding a recipe" in text
+    sketch = text.split("### The recipe engine: adding a recipe", 1)[1].split("```text\n", 1)[1]
+    sketch = sketch.split("```", 1)[0]
+    for name in ("RunOptions", "Task", "Metric", "Schedule", "StepOutput"):
+        assert re.search(rf"\b{name}\b", sketch) and hasattr(task, name), name
+    assert "register(Recipe(" in sketch and hasattr(registry, "register")
+    methods = re.findall(r"def (\w+)\(", sketch)
+    assert len(methods) >= 6
+    for name in methods:
+        assert callable(getattr(task.Task, name, None)), name
+    for attr in re.findall(r"^    (\w+)(?:, \w+)* = ", sketch, flags=re.M):
+        assert attr in task.Task.__annotations__, attr  # a declared class attribute
