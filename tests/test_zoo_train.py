@@ -118,16 +118,13 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path) -> None:
     assert _metrics_without_timing(tmp_path / "full") == _metrics_without_timing(tmp_path / "part")
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path: Path) -> None:
-    epochs = 6
-    args = [*TINY_ARGS, "--epochs", str(epochs), "--no-report", "--no-measure-memory"]
-    killed = tmp_path / "killed"
+def _kill_after_first_checkpoint(argv: list[str], run: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "equilibria", "train", "digits", *args, "--run-dir", str(killed)],
+        [sys.executable, "-m", "equilibria", *argv, "--run-dir", str(run)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     deadline = time.monotonic() + 120
-    while not (killed / "checkpoint.safetensors").exists():  # appears by an atomic rename
+    while not (run / "checkpoint.safetensors").exists():  # appears by an atomic rename
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline, "the run made no progress"
         time.sleep(0.02)
@@ -136,11 +133,17 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path: Path) -> None:
     if proc.stderr:
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path: Path) -> None:
+    epochs = 6
+    argv = ["train", "digits", *TINY_ARGS, "--epochs", str(epochs), "--no-report",
+            "--no-measure-memory"]  # fmt: skip
+    killed = tmp_path / "killed"
+    _kill_after_first_checkpoint(argv, killed)
     assert load_checkpoint(killed).epoch < epochs  # really interrupted mid-run
-    subprocess.run(
-        [sys.executable, "-m", "equilibria", "train", "digits", *args, "--run-dir", str(killed),
-         "--resume"], cwd=REPO, check=True, capture_output=True,
-    )  # fmt: skip
+    subprocess.run([sys.executable, "-m", "equilibria", *argv, "--run-dir", str(killed),
+                    "--resume"], cwd=REPO, check=True, capture_output=True)  # fmt: skip
     config = DigitsConfig(**{**TINY, "epochs": epochs}, run_dir=str(tmp_path / "full"))
     train(config)
     _assert_bitwise_equal(_final_state(tmp_path / "full"), _final_state(killed))
@@ -371,23 +374,6 @@ def test_mosaic_through_the_cli(
     assert "recipe 'mosaic' has no distributed training, got WORLD_SIZE=2" in err
     assert "recipes that train under torchrun: digits" in err
     assert not other.exists()
-
-
-def _kill_after_first_checkpoint(argv: list[str], run: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "equilibria", *argv, "--run-dir", str(run)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (run / "checkpoint.safetensors").exists():  # appears by an atomic rename
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, "the run made no progress"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
 
 
 def test_mosaic_resumes_bitwise_after_sigkill(

@@ -46,7 +46,7 @@ from .digits_model import (
     shift_images,
 )
 from .distributed import DistInfo
-from .task import Metric, Plot, RunOptions, Schedule, StepOutput, Task
+from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
 
 __all__ = [
     "TEST_SIZE", "TRAIN_SIZE", "DigitsCell", "DigitsConfig", "DigitsDEQ", "DigitsTask",
@@ -165,10 +165,10 @@ class DigitsTask(Task):
     table_metrics = (
         Metric("fwd_iters_mean", "fwd it.", higher_is_better=False, fmt=".1f"),
         Metric("bwd_iters_mean", "bwd it.", higher_is_better=False, fmt=".1f"),
-        Metric("step_ms", "ms / step", higher_is_better=False, fmt=".1f"),
+        STEP_MS,
     )
     epoch_columns = (
-        Metric("train_loss", "loss", higher_is_better=False, fmt=".4f"),
+        TRAIN_LOSS,
         Metric("train_acc", "train", percent=True),
         Metric("test_acc", "test", percent=True),
         Metric("fwd_iters_mean", "fwd it", higher_is_better=False, fmt=".1f"),

@@ -37,7 +37,7 @@ from .config import ConfigError, check_fields, check_range, option
 from .distributed import DistInfo
 from .mosaic_data import _DIGIT, Canvases, _digit_pools, make_canvases
 from .sweep import SweepConfig, SweepResult, run_sweep
-from .task import Metric, Plot, RunOptions, Schedule, StepOutput, Task
+from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
 
 __all__ = [
     "VARIANTS",
@@ -280,17 +280,17 @@ class MosaicTask(Task):
     table_metrics = (
         Metric("iou_match", "IoU match", percent=True),
         Metric("iou_other", "IoU other", percent=True),
-        Metric("step_ms", "ms / step", higher_is_better=False, fmt=".1f"),
+        STEP_MS,
         Metric("block_mmacs", "block MMACs", higher_is_better=False, fmt=".2f"),
         Metric("params", "params", higher_is_better=False, fmt=",.0f"),
     )
     epoch_columns = (
-        Metric("train_loss", "loss", higher_is_better=False, fmt=".4f"),
+        TRAIN_LOSS,
         Metric("miou", "mIoU", percent=True),
         Metric("iou_match", "IoU match", percent=True),
         Metric("iou_other", "IoU other", percent=True),
         Metric("pixel_acc", "pixel acc.", percent=True),
-        Metric("step_ms", "ms / step", higher_is_better=False, fmt=".1f"),
+        STEP_MS,
     )
     plots = (
         Plot("loss", "training loss", "cross-entropy", (("train_loss", "train"),), log=True),

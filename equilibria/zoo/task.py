@@ -84,6 +84,11 @@ class Metric:
         return f"{100 * value:.2f}%" if self.percent else format(value, self.fmt)
 
 
+# metrics every run has: the trainer's median step time and the default training loss
+STEP_MS = Metric("step_ms", "ms / step", higher_is_better=False, fmt=".1f")
+TRAIN_LOSS = Metric("train_loss", "loss", higher_is_better=False, fmt=".4f")
+
+
 @dataclass(frozen=True)
 class Plot:
     """One figure of ``report.md``: per-epoch series, or (``trace``) a per-iteration list saved
