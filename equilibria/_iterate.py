@@ -287,8 +287,8 @@ def _units(size: np.ndarray, x: Tensor) -> _Units | None:
     are normal numbers, and Gram entries and dot products stay far from overflow."""
     band = _MAXEXP[x.dtype if x.dtype == torch.float64 else torch.float32] // 4  # 32 or 256
     with np.errstate(divide="ignore"):
-        exponent = np.log2(size)
-    if bool((np.abs(exponent) <= band).all()):
+        exponent = np.log2(size)  # -inf for a sample at its fixed point 0: any unit serves it
+    if bool((np.abs(exponent) <= band).all()) or bool((np.abs(exponent[size > 0]) <= band).all()):
         return None
     top = _MAXEXP[x.dtype] - 2  # 2^+-top is a normal number of the state's dtype
     exponent = np.where(np.isfinite(exponent), -np.round(exponent), 0.0).clip(-top, top)

@@ -13,6 +13,9 @@ before its fix.
 
 from __future__ import annotations
 
+import math
+from typing import ClassVar
+
 import pytest
 import torch
 from _problems import F64, SOLVER_CONFIGS, Tanh
@@ -303,3 +306,32 @@ def test_the_adjoint_solve_is_scale_invariant_over_the_range(name):
     assert steps[1e-30] == steps[1.0] == steps[1e30], steps
     torch.testing.assert_close(grads[1e-30], grads[1.0], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grads[1e30], grads[1.0], rtol=1e-4, atol=1e-7)
+
+
+class _Recording(eq.Picard):
+    """Picard that records the images f(x) the driver hands it."""
+
+    seen: ClassVar[list] = []
+
+    def step(self, fn, x, fx, g, state):
+        type(self).seen.append(fx.clone())
+        return super().step(fn, x, fx, g, state)
+
+
+@pytest.mark.parametrize(
+    ("shift", "rescaled"), [(3.0, False), (1e-30, True), (1e30, True)], ids=["1", "tiny", "huge"]
+)
+def test_values_are_rescaled_only_outside_the_band(shift, rescaled):
+    # the common case changes nothing: the solver sees the problem's own values; a sample exactly
+    # at its fixed point 0 (f(0) = 0: size 0) does not count as out of the band
+    _Recording.seen = []
+    b = torch.tensor([[0.0], [shift]], dtype=F32).expand(2, 4)
+    sol = eq.solve(lambda z: 0.5 * z + b, torch.zeros(2, 4, dtype=F32), solver=_Recording(),
+                   tol=1e-6, max_iter=100)  # fmt: skip
+    x = _Recording.seen[0]  # f(z0) = b, in the units the solver works in
+    assert torch.equal(x[0], torch.zeros(4))
+    assert torch.equal(x[1] == b[1], torch.full((4,), not rescaled))
+    if rescaled:  # in units where the sample's size is near 1 (a power of two away from b)
+        size = float(x[1].norm())
+        assert 0.5 <= size <= 2.0 and math.log2(float(b[1, 0]) / float(x[1, 0])).is_integer()
+    torch.testing.assert_close(sol.value[1], 2 * b[1], rtol=1e-4, atol=0.0)
