@@ -30,19 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import runs as run_io
+from .checkpoint import load_checkpoint
 from .config import ConfigError, check_fields, check_range, option, to_dict
 from .digits import DigitsConfig, DigitsDEQ, DigitsTask, batch_loss, build_model, load_data
 from .memory import PeakMemory
-from .runs import (
-    RunFolder,
-    default_run_dir,
-    num_threads,
-    read_json,
-    require_extras,
-    write_json,
-    write_text,
-)
 from .sweep import SweepConfig, cell_config, run_sweep
+from .task import Metric
 
 Method = Literal["implicit", "phantom", "neumann", "jfb", "unrolled"]
 METHOD_LABELS = {
@@ -186,10 +180,6 @@ def interleaved_step_ms(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def compare_gradients(config: CompareConfig) -> dict[str, Any]:
     """Run the comparison; write ``compare.md`` and ``compare.json``.
 
@@ -199,8 +189,8 @@ def compare_gradients(config: CompareConfig) -> dict[str, Any]:
     """
     if not isinstance(config, CompareConfig):
         raise TypeError(f"config must be a CompareConfig, got {type(config).__name__}")
-    require_extras(*DigitsTask.extras)  # before anything is written
-    with num_threads(config.threads):
+    run_io.require_extras(*DigitsTask.extras)  # before anything is written
+    with run_io.num_threads(config.threads):
         return _compare(config)
 
 
@@ -208,7 +198,7 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    root = Path(config.run_dir) if config.run_dir else default_run_dir("compare-gradients")
+    root = Path(config.run_dir) if config.run_dir else run_io.default_run_dir("compare-gradients")
     x_train, y_train, _, _ = load_data()
     cos_images, cos_labels = x_train[: config.cosine_batch], y_train[: config.cosine_batch]
     timing_batches = [(x_train[i * 64 : (i + 1) * 64], y_train[i * 64 : (i + 1) * 64])
@@ -218,9 +208,9 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
 
     def measure(method: str, seed: int, cfg: DigitsConfig, summary: dict[str, Any]) -> dict:
         """Gradient cosines at initialisation and after training, and the run's statistics."""
-        rows = RunFolder(summary["run_dir"]).read_metrics()
+        rows = run_io.RunFolder(summary["run_dir"]).read_metrics()
         trained = DigitsDEQ(cfg)
-        trained.load_state_dict(_checkpoint_state(summary["checkpoint"]))
+        trained.load_state_dict(load_checkpoint(summary["checkpoint"]).model)
         configs[method, seed], states[method, seed] = cfg, trained.state_dict()
         cos = {}
         for when, state in (
@@ -248,7 +238,7 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
     with bar:
         result = run_sweep(
             DigitsTask, sweep, _overrides(config), variants=variants, after_run=measure,
-            files=("compare.md", "compare.json"), write=False,
+            files=("compare.md", "compare.json"), write=False, extra_metrics=_MEASURED,
             progress=lambda method, seed: bar.set_postfix(seed=seed, method=method),
         )  # fmt: skip
         timing = {}
@@ -266,7 +256,7 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
             for method in config.methods
         }
     runs = result.runs
-    rows = _aggregate(config, runs, timing, memory)
+    rows = _aggregate(config, result.rows, timing, memory)
     targets = _targets(config, rows)
     elapsed = time.perf_counter() - start
     markdown = _markdown(config, rows, targets, elapsed)
@@ -280,25 +270,28 @@ def _compare(config: CompareConfig) -> dict[str, Any]:
         "elapsed_s": elapsed,
         "threads": torch.get_num_threads(),
     }
-    write_json(root / "compare.json", record)
-    write_text(root / "compare.md", markdown)
+    run_io.write_json(root / "compare.json", record)
+    run_io.write_text(root / "compare.md", markdown)
     record.update(markdown=markdown, compare_md=str(root / "compare.md"),
                   compare_json=str(root / "compare.json"))  # fmt: skip
     return record
 
 
-def _checkpoint_state(path: str) -> dict[str, Tensor]:
-    from .checkpoint import load_checkpoint
-
-    return load_checkpoint(path).model
+# per-run numbers that the sweep aggregates besides the recipe's headline and table metrics
+_MEASURED = (
+    Metric("cos_init", "cos to exact (init)"),
+    Metric("cos_trained", "cos to exact (trained)"),
+    Metric("train_step_ms", "ms / step in training", higher_is_better=False),
+)
 
 
 def _aggregate(
     config: CompareConfig,
-    runs: list[dict[str, Any]],
+    sweep_rows: list[dict[str, Any]],
     timing: dict[int, dict[str, float]],
     memory: dict[str, dict[int, int]],
 ) -> list[dict[str, Any]]:
+    """The sweep's mean ± std per method, with the interleaved timing and the memory."""
     lo, hi = min(config.memory_iters), max(config.memory_iters)
     implicit_ms = (
         statistics.fmean(t["implicit"] for t in timing.values())
@@ -306,32 +299,27 @@ def _aggregate(
         else None
     )
     rows = []
-    for method in config.methods:
-        mine = [r for r in runs if r["method"] == method]
-        acc, acc_std = _mean_std([100 * r["test_acc"] for r in mine])
-        cos_i, cos_i_std = _mean_std([r["cos_init"] for r in mine])
-        cos_t, cos_t_std = _mean_std([r["cos_trained"] for r in mine])
+    for row in sweep_rows:
+        method = row["variant"]
         ms = statistics.fmean(t[method] for t in timing.values())
         rows.append(
             {
                 "method": method,
                 "label": METHOD_LABELS[method],
-                "test_acc_mean": acc,
-                "test_acc_std": acc_std,
-                "train_step_ms": statistics.fmean(r["train_step_ms"] for r in mine),
+                "test_acc_mean": 100 * row["test_acc_mean"],
+                "test_acc_std": 100 * row["test_acc_std"],
+                "train_step_ms": row["train_step_ms_mean"],
                 "step_ms": ms,
                 "speedup_vs_implicit": None if implicit_ms is None else implicit_ms / ms,
-                "fwd_iters": statistics.fmean(r["fwd_iters_mean"] for r in mine),
-                "bwd_iters": statistics.fmean(r["bwd_iters_mean"] for r in mine),
+                "fwd_iters": row["fwd_iters_mean_mean"],
+                "bwd_iters": row["bwd_iters_mean_mean"],
                 "mem_lo_mb": memory[method][lo] / 2**20,
                 "mem_hi_mb": memory[method][hi] / 2**20,
                 "mem_ratio": memory[method][hi] / memory[method][lo],
-                "cos_init_mean": cos_i,
-                "cos_init_std": cos_i_std,
-                "cos_trained_mean": cos_t,
-                "cos_trained_std": cos_t_std,
+                **{k: row[k] for k in ("cos_init_mean", "cos_init_std", "cos_trained_mean",
+                                       "cos_trained_std")},
             }
-        )
+        )  # fmt: skip
     return rows
 
 
@@ -401,9 +389,3 @@ def _markdown(
             f"- {name}: {t['value']:.3g} (target {t['target']}): {'met' if t['met'] else 'NOT met'}"
         )
     return "\n".join(lines) + "\n"
-
-
-def load_comparison(path: str | Path) -> dict[str, Any]:
-    """Read a ``compare.json`` (or the folder holding it)."""
-    path = Path(path)
-    return read_json(path / "compare.json" if path.is_dir() else path)

@@ -169,12 +169,12 @@ class DigitsTask(Task):
     )
     epoch_columns = (
         TRAIN_LOSS,
-        Metric("train_acc", "train", percent=True),
-        Metric("test_acc", "test", percent=True),
-        Metric("fwd_iters_mean", "fwd it", higher_is_better=False, fmt=".1f"),
-        Metric("bwd_iters_mean", "bwd it", higher_is_better=False, fmt=".1f"),
-        Metric("eval_iters", "eval it", higher_is_better=False),
-        Metric("fwd_residual_max", "fwd res", higher_is_better=False, fmt=".1e"),
+        Metric("train_acc", "train acc.", percent=True),
+        Metric("test_acc", "test acc.", percent=True),
+        Metric("fwd_iters_mean", "fwd it.", higher_is_better=False, fmt=".1f"),
+        Metric("bwd_iters_mean", "bwd it.", higher_is_better=False, fmt=".1f"),
+        Metric("eval_iters", "eval it.", higher_is_better=False),
+        Metric("fwd_residual_max", "fwd res.", higher_is_better=False, fmt=".1e"),
         Metric("test_loss", "test loss", higher_is_better=False, fmt=".4f"),
     )
     plots = (

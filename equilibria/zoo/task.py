@@ -86,7 +86,7 @@ class Metric:
 
 # metrics every run has: the trainer's median step time and the default training loss
 STEP_MS = Metric("step_ms", "ms / step", higher_is_better=False, fmt=".1f")
-TRAIN_LOSS = Metric("train_loss", "loss", higher_is_better=False, fmt=".4f")
+TRAIN_LOSS = Metric("train_loss", "train loss", higher_is_better=False, fmt=".4f")
 
 
 @dataclass(frozen=True)
