@@ -35,6 +35,7 @@ def _files(run: Path) -> dict[str, bytes]:
         (["train", "mosaic", "--steps", "2", "--steps", "3"], "--steps given 2 times"),
         (["compare-gradients", "digits", "--seeds", "1", "--seeds", "2"], "--seeds given 2 times"),
         (["sweep", "mosaic", "--lr", "0.1", "--lr", "0.2"], "--lr given 2 times"),
+        (["demo", "--epochs", "1", "--epochs", "2"], "--epochs given 2 times"),
     ],
 )
 def test_repeated_options_are_refused(

@@ -127,7 +127,6 @@ def _eval(args: argparse.Namespace) -> int:
     if args.checkpoint is None or args.help:
         print(f"usage: {PROG} eval CHECKPOINT [--json] [options the recipe allows to override]")
         return 0 if args.help else 2
-    refuse_repeats(args.options)
     require_extras("safetensors")
     recipe = get_recipe(load_checkpoint(args.checkpoint).recipe)
     task_cls = recipe.task_class()
@@ -186,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _top_parser()
     args = parser.parse_args(argv)
     try:
+        refuse_repeats(argv)  # every command: argparse would keep the last one silently
         if args.command is None:
             parser.print_help()
             return 0
