@@ -24,6 +24,20 @@ from ._validate import check_float, check_int
 Cell = Callable[[Any, Any], Any]
 
 
+def _option(name: str, doc: str) -> property:
+    """A DEQ attribute backed by its :class:`Options`; assigning it validates the new value."""
+
+    def get(self: DEQ) -> Any:
+        return getattr(self.options, name)
+
+    def set_(self: DEQ, value: Any) -> None:
+        if value is None:
+            raise TypeError(f"{name} cannot be set to None")
+        self.options = self.options.replace(**{name: value})
+
+    return property(get, set_, doc=doc)
+
+
 class DEQ(nn.Module):
     """Deep equilibrium layer: returns z* with z* = cell(z*, x).
 
@@ -131,20 +145,23 @@ class DEQ(nn.Module):
         self._state_cache = SampleCache()
         self._adjoint_cache = SampleCache()
 
-    # the options, read-only: change them per call (layer(x, max_iter=...)) or with using()
-    solver = property(lambda self: self.options.solver, doc="The forward solver.")
-    tol = property(lambda self: self.options.tol, doc="The training tolerance.")
-    max_iter = property(lambda self: self.options.max_iter, doc="The training budget.")
-    stop = property(lambda self: self.options.stop, doc="The stop norm.")
-    compact = property(lambda self: self.options.compact, doc="Per-sample compaction.")
-    warn_unconverged = property(
-        lambda self: self.options.warn_unconverged, doc="Whether unconverged solves warn."
-    )
+    # the options: assigning one (``layer.max_iter = 30``, as training schedules do) validates it
+    # and replaces the options object; per call, use layer(x, max_iter=...) or using()
+    solver = _option("solver", "The forward solver (assign a name or a solver object).")
+    tol = _option("tol", "The training tolerance.")
+    max_iter = _option("max_iter", "The training budget.")
+    stop = _option("stop", "The stop norm.")
+    compact = _option("compact", "Per-sample compaction.")
+    warn_unconverged = _option("warn_unconverged", "Whether unconverged solves warn.")
 
     @property
     def backward(self) -> Backward:
         """The backward method (the one set by :meth:`using` inside its block)."""
         return self.options.backward if self._using is None else self._using
+
+    @backward.setter
+    def backward(self, value: str | Backward) -> None:
+        self.options = self.options.replace(backward=value)
 
     def _z0(self, x: Any, z0: Any) -> Any:
         if z0 is not None:

@@ -490,3 +490,25 @@ def test_solver_registration_is_public_and_eq_solvers_follows_it():
         assert layer.last_solution.solver == "relaxed-picard-test"
     finally:
         eq.SOLVERS._classes.pop("relaxed-picard-test", None)
+
+
+def test_assigning_a_deq_option_validates_it_and_takes_effect():
+    # training schedules assign budgets between epochs (layer.max_iter = 30), as TorchDEQ users do
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4)
+    layer = eq.DEQ(lambda z, x: torch.tanh(0.5 * lin(z) + x), solver="picard", tol=0.0)
+    x = torch.randn(3, 4)
+    layer.max_iter = 7
+    layer.solver = "anderson"
+    layer.backward = eq.Phantom(steps=2)
+    assert layer.max_iter == 7 and layer.solver.name == "anderson"
+    assert isinstance(layer.backward, eq.Phantom) and layer.backward.steps == 2
+    layer(x)
+    assert layer.last_solution.nstep == 7 and layer.last_solution.solver == "anderson"
+    with pytest.raises(ValueError, match="max_iter must be"):
+        layer.max_iter = 0
+    with pytest.raises(ValueError, match="unknown solver 'newton'"):
+        layer.solver = "newton"
+    with pytest.raises(TypeError, match="tol cannot be set to None"):
+        layer.tol = None
+    assert layer.max_iter == 7  # a refused value leaves the option as it was
