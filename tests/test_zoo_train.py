@@ -360,6 +360,7 @@ def test_mosaic_through_the_cli(
     result = json.loads(capsys.readouterr().out)
     summary = json.loads((run / "summary.json").read_text())
     assert result["miou"] == summary["miou"] and result["recipe"] == "mosaic"
+    assert set(summary["iou"]) == {"background", "match", "other"}
     assert main(["eval", str(run)]) == 0
     assert "mIoU" in capsys.readouterr().out
     assert main(["eval", str(run), "--eval-max-iter", "3"]) == 2  # a digits option

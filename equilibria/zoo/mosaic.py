@@ -348,7 +348,11 @@ class MosaicTask(Task):
         self.rng = rng
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
-        return {"block_mmacs": block_macs(self.config) / 1e6, "ms_per_step": last.get("step_ms")}
+        return {
+            "iou": last.get("iou"),
+            "block_mmacs": block_macs(self.config) / 1e6,
+            "ms_per_step": last.get("step_ms"),
+        }
 
     def describe(self, s: dict[str, Any]) -> list[str]:
         iou = ", ".join(f"{n} {100 * s[f'iou_{n}']:.1f}%" for n in CLASS_NAMES)

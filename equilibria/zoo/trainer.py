@@ -82,6 +82,11 @@ def train(task: Task, *, on_epoch_end: Callable[[int], None] | None = None) -> d
 def _train(task: Task, info: DistInfo, on_epoch_end: Callable[[int], None] | None) -> dict:
     wall_start = time.perf_counter()
     config = task.config
+    if info.distributed and not task.distributed:
+        raise ConfigError(
+            f"recipe {task.name!r} has no distributed training, got WORLD_SIZE="
+            f"{info.world_size}; run it as a single process"
+        )
     task.check(info)
     require_extras(*task.extras, *(("matplotlib",) if config.report else ()))
     run = RunFolder(config.run_dir or (default_run_dir(task.name) if info.is_main else "."))
