@@ -137,6 +137,10 @@ def test_cli_help_lists_recipes_and_options(capsys: pytest.CaptureFixture[str]) 
         assert fragment in out
     assert main(["compare-gradients", "digits", "--help"]) == 0
     assert "--methods" in capsys.readouterr().out
+    assert main(["sweep", "mosaic", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--seeds" in out and "options of every mosaic run" in out and "--block" in out
+    assert "variants of mosaic: conv only," in out and "runs/sweep-mosaic/<timestamp>" in out
     assert main(["recipes"]) == 0
     assert "digits" in capsys.readouterr().out
     # without a recipe: the recipe list (argparse rejected --help there, exit 2)

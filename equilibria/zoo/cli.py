@@ -165,7 +165,9 @@ def _sweep(recipe: Recipe, options: list[str]) -> int:
 
     task_cls = recipe.task_class()
     if any(o in ("-h", "--help") for o in options):
-        print(_recipe_help(recipe, "sweep", SweepConfig))
+        prog = f"{PROG} sweep {recipe.name}"
+        text = SweepConfig.parser(task_cls, prog=prog).format_help()
+        print(text.replace("RECIPE", recipe.name))
         print(f"variants of {recipe.name}: {', '.join(task_cls.variants) or 'none'}")
         return 0
     sweep, base = SweepConfig.parse(task_cls, options, prog=f"{PROG} sweep {recipe.name}")

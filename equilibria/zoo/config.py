@@ -206,7 +206,10 @@ class OptionParser(argparse.ArgumentParser):
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser, cls: type, *, only: Collection[str] | None = None
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    only: Collection[str] | None = None,
 ) -> None:
     """Add one ``--option`` per field of ``cls`` (or of the fields named in ``only``); defaults
     are suppressed (only given ones are set)."""

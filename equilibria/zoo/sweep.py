@@ -55,6 +55,20 @@ class SweepConfig:
             raise ConfigError("SweepConfig: resume needs run_dir (the sweep to continue)")
 
     @classmethod
+    def parser(cls, task_cls: type[Task], *, prog: str) -> OptionParser:
+        """The sweep's options, then the recipe's options for every run (all but the seed, the
+        run folder and resume, which the sweep sets per cell)."""
+        parser = OptionParser(prog=prog, add_help=False, allow_abbrev=False,
+                              description=cls.__doc__)  # fmt: skip
+        add_arguments(parser, cls)
+        own = {f.name for f in dataclasses.fields(cls)}
+        recipe = [f.name for f in dataclasses.fields(task_cls.config_class)
+                  if f.name not in own and f.name not in RESERVED]  # fmt: skip
+        group = parser.add_argument_group(f"options of every {task_cls.name} run")
+        add_arguments(group, task_cls.config_class, only=recipe)
+        return parser
+
+    @classmethod
     def parse(
         cls, task_cls: type[Task], argv: Sequence[str], *, prog: str
     ) -> tuple[SweepConfig, dict[str, Any]]:
@@ -64,19 +78,11 @@ class SweepConfig:
             ConfigError: for unknown or repeated options, naming the allowed ones.
         """
         refuse_repeats(argv)
-        parser = OptionParser(prog=prog, add_help=False, allow_abbrev=False)
-        add_arguments(parser, cls)
-        own = {f.name for f in dataclasses.fields(cls)}
-        recipe = [
-            f.name
-            for f in dataclasses.fields(task_cls.config_class)
-            if f.name not in own and f.name not in RESERVED
-        ]
-        add_arguments(parser, task_cls.config_class, only=recipe)
-        namespace, rest = parser.parse_known_args(list(argv))
+        namespace, rest = cls.parser(task_cls, prog=prog).parse_known_args(list(argv))
         if rest:
             raise ConfigError(f"unknown option(s) {rest}; see `{prog} --help`")
         values = vars(namespace)
+        own = {f.name for f in dataclasses.fields(cls)}
         sweep = cls(**{k: v for k, v in values.items() if k in own})
         return sweep, {k: v for k, v in values.items() if k not in own}
 
