@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_zoo_train import _final_state  # the checkpoint's model and optimizer tensors
 from torch import Tensor, nn
 
 from equilibria.zoo import trainer
@@ -91,15 +92,6 @@ def _stop_at(epoch: int) -> Any:
     return stop
 
 
-def _state(run_dir: Path) -> dict[str, Tensor]:
-    ckpt = load_checkpoint(run_dir)
-    assert ckpt.optimizer is not None
-    out = {f"model/{k}": v for k, v in ckpt.model.items()}
-    for i, entry in ckpt.optimizer["state"].items():
-        out.update({f"optim/{i}/{k}": v for k, v in entry.items()})
-    return out
-
-
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
     timing = {"epoch_time_s", "time_s", "step_ms"}
     rows = RunFolder(run_dir).read_metrics()
@@ -122,7 +114,7 @@ def _straight_and_resumed(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_resume_of_a_step_that_draws_from_the_global_rng_is_bitwise(tmp_path: Path) -> None:
     full, part = _straight_and_resumed(tmp_path)
-    a, b = _state(full), _state(part)
+    a, b = _final_state(full), _final_state(part)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -135,7 +127,7 @@ def test_the_resume_test_fails_without_the_rng_restore(
     """The check above is sensitive: a trainer that does not restore the RNG state diverges."""
     monkeypatch.setattr(trainer, "restore_rng", lambda rng: None)
     full, part = _straight_and_resumed(tmp_path)
-    a, b = _state(full), _state(part)
+    a, b = _final_state(full), _final_state(part)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -151,7 +143,9 @@ def test_evaluation_does_not_change_the_training_stream(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     trainer.train(NoisyTask(NoisyConfig(run_dir=str(a))))
     trainer.train(DrawingEval(NoisyConfig(run_dir=str(b))))
-    assert all(torch.equal(x, y) for x, y in zip(_state(a).values(), _state(b).values()))
+    assert all(
+        torch.equal(x, y) for x, y in zip(_final_state(a).values(), _final_state(b).values())
+    )
 
 
 def _edit_meta(path: Path, edit: Any) -> None:
