@@ -290,6 +290,11 @@ def test_sweep_reuses_finished_cells_and_tabulates_mean_and_std(
     assert row["variant"] == "narrow" and row["test_loss_mean"] == pytest.approx(np.mean(narrow))
     assert row["test_loss_std"] == pytest.approx(np.std(narrow, ddof=1))
     assert "| narrow |" in (tmp_path / "s" / "sweep.md").read_text()
+    # resuming with other options: the finished cells are not taken for the new ones
+    (tmp_path / "s" / "sweep.json").unlink()
+    with pytest.raises(ConfigError, match=r"lr: saved 0\.05, now 0\.1"):
+        run_sweep(NoisyTask, dataclasses.replace(sweep, resume=True), {**overrides, "lr": 0.1},
+                  variants=variants)  # fmt: skip
     with pytest.raises(ConfigError, match=r"overrides \['width'\] are set by the compared"):
         run_sweep(NoisyTask, SweepConfig(run_dir=str(tmp_path / "t")), {"width": 3},
                   variants=variants)  # fmt: skip

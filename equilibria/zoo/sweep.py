@@ -194,7 +194,10 @@ def run_sweep(
             if progress is not None:
                 progress(name, seed)
             run = RunFolder(config.run_dir)
-            summary = run.finished() if sweep.resume else None
+            summary = None
+            if sweep.resume and run.holds_run():  # a finished cell only with the same options
+                run.check_resume(task_cls.name, to_dict(config), type(config))
+                summary = run.finished()
             if summary is None:
                 resume = sweep.resume and run.holds_run()
                 summary = train(task_cls(dataclasses.replace(config, resume=resume)))
