@@ -14,7 +14,7 @@ Example (a sketch; see ``digits.py`` and ``mosaic.py`` for complete recipes)::
 
         def setup(self, device): self.data = load(device)
         def build_model(self): return MyNet(self.config)
-        def schedule(self): return Schedule(epochs=self.config.epochs, steps_per_epoch=10)
+        def schedule(self): return Schedule(self.config.epochs, steps_per_epoch=10, warmup=10)
         def batches(self, epoch, info): yield from ...
         def train_step(self, net, model, batch): return StepOutput(loss_of(net, batch))
         def evaluate(self, model): return {"test_acc": ...}
@@ -166,8 +166,11 @@ class Task:
         epoch_columns: columns of the per-epoch table of ``report.md``.
         plots: figures of ``report.md``.
         eval_options: config fields ``equilibria eval`` may override.
+        variants: named config changes that ``equilibria sweep`` compares.
         max_params: the most parameters a saved config may ask for (checked on the meta device
             before a model is built for ``eval`` or ``--resume``).
+        extras: optional modules a run needs (imported before anything is written).
+        distributed: whether the task trains under ``torchrun`` with several processes.
     """
 
     name: ClassVar[str]
