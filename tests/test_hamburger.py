@@ -968,8 +968,9 @@ def test_mosaic_canvases(task):
 
 @pytest.mark.no_device_mode  # the recipe builds its data and model on the CPU
 def test_mosaic_config_validation_and_tiny_run(tmp_path):
+    # the recipe on the shared engine (its CLI: tests/test_zoo_train.py)
     pytest.importorskip("sklearn")
-    from equilibria.zoo.mosaic import MosaicConfig, compare, main, train
+    from equilibria.zoo.mosaic import MosaicConfig, compare, train
 
     with pytest.raises(ValueError, match=r"block must be one of \('conv', 'attention', 'ham'\)"):
         MosaicConfig(block="mlp")
@@ -990,13 +991,11 @@ def test_mosaic_config_validation_and_tiny_run(tmp_path):
         compare(out, seeds=[0, -1], variants=["conv only"])
     assert not out.exists()
     tiny = {"grid": 2, "channels": 8, "rank": 2, "steps": 2, "batch_size": 4, "test_canvases": 4}
-    metrics = train(MosaicConfig(**tiny, aux_weight=0.4))
-    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["ms_per_step"] > 0
-    assert set(metrics["iou"]) == {"background", "match", "other"}
-    overrides = [f"{k}={v}" for k, v in tiny.items()]
-    assert main(["compare", "--out", str(tmp_path), "--seeds", "0", "--variants", "conv only",
-                 "--set", *overrides]) == 0  # fmt: skip
-    assert (tmp_path / "table.md").read_text().count("| conv only |") == 1
+    metrics = train(MosaicConfig(**tiny, aux_weight=0.4, run_dir=str(tmp_path / "run")))
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["step_ms"] > 0
+    assert {"iou_background", "iou_match", "iou_other"} <= set(metrics)
+    compare(tmp_path / "sweep", seeds=[0], variants=["conv only"], overrides=tiny)
+    assert (tmp_path / "sweep" / "sweep.md").read_text().count("| conv only |") == 1
 
 
 @pytest.mark.parametrize("ham", HAMS)
