@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from _problems import F64, SOLVER_CONFIGS, Tanh
+from _problems import BACKWARD_NAMES, F64, SOLVER_CONFIGS, Tanh
 
 import equilibria as eq
 
@@ -335,3 +335,24 @@ def test_values_are_rescaled_only_outside_the_band(shift, rescaled):
         size = float(x[1].norm())
         assert 0.5 <= size <= 2.0 and math.log2(float(b[1, 0]) / float(x[1, 0])).is_integer()
     torch.testing.assert_close(sol.value[1], 2 * b[1], rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.parametrize("backward", BACKWARD_NAMES)
+def test_gradients_of_every_backward_method_at_the_edge_of_float64(backward):
+    # a problem at 1e200 (squared norms overflow float64) gives, for every backward method (the
+    # unrolled one differentiates through the rescaled iteration itself), the gradient of the
+    # unit-scale problem, in the same forward steps
+    p = Tanh.make(batch=3, d=6, norm=0.7, seed=5)
+    grads, steps = {}, {}
+    for s in (1.0, 1e200):
+        w = p.W.clone().requires_grad_()
+
+        def f(z, w=w, s=s):
+            return s * torch.tanh((z / s) @ w.T + p.x)
+
+        kwargs = {"solver": "anderson", "backward": backward, "tol": 1e-10, "max_iter": 100}
+        z, sol = eq.fixed_point(f, p.z0(), **kwargs)
+        (grads[s],) = torch.autograd.grad((z / s).sum(), w)
+        steps[s] = sol.nstep
+    assert steps[1e200] == steps[1.0]
+    torch.testing.assert_close(grads[1e200], grads[1.0], rtol=1e-8, atol=1e-12)
