@@ -51,8 +51,9 @@ class Solver(abc.ABC):
 
     The interface:
 
-    * a frozen dataclass of hyper-parameters, checked in ``__post_init__`` (with
-      ``equilibria._validate``), and a class attribute ``name``;
+    * a frozen dataclass of hyper-parameters, checked in ``__post_init__`` (a ValueError or
+      TypeError naming the argument, the value and what is allowed), and a class attribute
+      ``name``;
     * :meth:`init` ``(x, fx, g) -> state``: the state after the first iterate;
     * :meth:`step` ``(fn, x, fx, g, state) -> Step``: propose the next iterate, evaluate
       ``fn`` there (once or more) and return it with the new state;
