@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 from .._registry import Registry
 from ._base import Map, Solver, Step
 from .anderson import Anderson
@@ -42,17 +40,6 @@ def register_solver(cls: type[Solver], *, replace: bool = False) -> type[Solver]
         ...     ...
         >>> sol = eq.solve(f, z0, solver="relaxed")
     """
-    if isinstance(cls, type) and issubclass(cls, Solver):
-        if inspect.isabstract(cls):
-            missing = ", ".join(sorted(cls.__abstractmethods__))
-            raise TypeError(f"solver class {cls.__name__} does not implement {missing}")
-        try:  # a name stands for the class's defaults: check now that it has some
-            cls()
-        except TypeError as err:
-            raise TypeError(
-                f"solver class {cls.__name__} must be constructible without arguments to be "
-                f"used by name: {cls.__name__}() raised {err}"
-            ) from None
     return SOLVERS.register(cls, replace=replace)
 
 
