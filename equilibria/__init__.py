@@ -24,7 +24,13 @@ from ._diagnostics import GradientAgreement, gradient_agreement, plot_convergenc
 from ._dropout import VariationalDropout, batch_index, reset_dropout
 from ._errors import NonFiniteError
 from ._fixed_point import correction_loss, fixed_point, fixed_point_states, solve
-from ._norms import apply_norm, norm_cache, remove_norm
+from ._norms import (
+    apply_norm,
+    from_torchdeq_state_dict,
+    norm_cache,
+    remove_norm,
+    torchdeq_state_dict,
+)
 from ._solution import BackwardInfo, Solution, Status
 from ._solvers import SOLVERS, Anderson, Broyden, Picard, Solver, Step, register_solver
 from ._stabilisers import jacobian_penalty, spectral_radius
@@ -61,6 +67,7 @@ __all__ = [
     "correction_loss",
     "fixed_point",
     "fixed_point_states",
+    "from_torchdeq_state_dict",
     "gradient_agreement",
     "jacobian_penalty",
     "layers",
@@ -72,4 +79,5 @@ __all__ = [
     "reset_dropout",
     "solve",
     "spectral_radius",
+    "torchdeq_state_dict",
 ]
