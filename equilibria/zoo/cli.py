@@ -128,7 +128,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"usage: {PROG} eval CHECKPOINT [--json] [options the recipe allows to override]")
         return 0 if args.help else 2
     require_extras("safetensors")
-    recipe = get_recipe(load_checkpoint(args.checkpoint).recipe)
+    ckpt = load_checkpoint(args.checkpoint)  # read and verified once
+    recipe = get_recipe(ckpt.recipe)
     task_cls = recipe.task_class()
     require_extras(*task_cls.extras)
     parser = OptionParser(prog=f"{PROG} eval CHECKPOINT", add_help=False, allow_abbrev=False)
@@ -143,7 +144,7 @@ def _eval(args: argparse.Namespace) -> int:
         )
     opts = vars(namespace)
     as_json = opts.pop("json")
-    result = evaluate_checkpoint(task_cls, args.checkpoint, **opts)
+    result = evaluate_checkpoint(task_cls, ckpt, **opts)
     print(json.dumps(result, indent=2) if as_json else format_eval(task_cls, result))
     return 0
 

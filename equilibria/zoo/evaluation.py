@@ -109,13 +109,13 @@ def load_model(
 
 
 def evaluate_checkpoint(
-    task_cls: type[Task], checkpoint: str | Path, **overrides: Any
+    task_cls: type[Task], checkpoint: str | Path | Checkpoint, **overrides: Any
 ) -> dict[str, Any]:
     """The task's held-out metrics of a saved model (``equilibria eval``).
 
     Args:
         task_cls: the recipe's task class.
-        checkpoint: ``checkpoint.safetensors`` or its run folder.
+        checkpoint: ``checkpoint.safetensors``, its run folder, or a loaded checkpoint.
         overrides: fields of ``task_cls.eval_options`` to change.
     """
     bad = sorted(set(overrides) - set(task_cls.eval_options))
@@ -124,13 +124,15 @@ def evaluate_checkpoint(
             f"eval of recipe {task_cls.name!r} cannot override {bad}; allowed: "
             f"{list(task_cls.eval_options)}"
         )
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint, recipe=task_cls.name)
     model, task = load_model(task_cls, checkpoint, **overrides)
     with num_threads(task.config.threads):
         task.setup(torch.device("cpu"))
         tic = time.perf_counter()
         result = evaluate_model(task, model)
         result["eval_time_s"] = time.perf_counter() - tic
-    result.update(checkpoint=str(checkpoint), recipe=task.name)
+    result.update(checkpoint=str(checkpoint.path), recipe=task.name)
     result.update({k: getattr(task.config, k) for k in task.eval_options})
     result.update(task.summary(result))
     return result
