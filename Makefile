@@ -59,6 +59,7 @@ bench-all: bench
 	$(PY) benchmarks/hamburger_profile.py
 	$(PY) benchmarks/anderson_cost.py
 	$(PY) benchmarks/broyden_scales.py
+	$(PY) benchmarks/scales.py
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build *.egg-info .pytest_cache .ruff_cache
