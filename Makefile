@@ -60,6 +60,7 @@ bench-all: bench
 	$(PY) benchmarks/anderson_cost.py
 	$(PY) benchmarks/broyden_scales.py
 	$(PY) benchmarks/scales.py
+	$(PY) benchmarks/porting.py
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build *.egg-info .pytest_cache .ruff_cache
