@@ -371,7 +371,9 @@ def _loop_compact(
     active = np.arange(batch)  # positions in the original batch of the rows being iterated
     index: Tensor | None = None
     status = Status.CONVERGED if rmax < tol else Status.MAX_ITER
-    if units is not None and status is Status.MAX_ITER and max_iter > 1:
+    if status is not Status.MAX_ITER or max_iter == 1:
+        units = None  # no step to take: best_x stays z0 in the problem's own units
+    if units is not None:
         fn, x, fx, g = units.indexed_map(fn), x * units.unit, fx * units.unit, g * units.unit
         best_x = x.clone()
     state = solver.init(x, fx, g) if status is Status.MAX_ITER and max_iter > 1 else None

@@ -356,3 +356,16 @@ def test_gradients_of_every_backward_method_at_the_edge_of_float64(backward):
         steps[s] = sol.nstep
     assert steps[1e200] == steps[1.0]
     torch.testing.assert_close(grads[1e200], grads[1.0], rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
+@pytest.mark.parametrize("max_iter", [1, 50])
+def test_a_solve_that_takes_no_step_returns_z0_outside_the_band(max_iter, compact):
+    # z0 is the answer when the first iterate already meets tol or the budget is one map call:
+    # it must come back in the problem's own units, not divided by the unit it was never
+    # multiplied by (compaction returned inf here: 1e19 * 2^65 overflows float32)
+    z0 = torch.full((2, 3), 2e19 if max_iter > 1 else 1e18, dtype=F32)
+    sol = eq.solve(lambda z, index=None: 0.5 * z + 1e19, z0, max_iter=max_iter, compact=compact)
+    assert sol.nstep == 1
+    assert sol.status is (eq.Status.CONVERGED if max_iter > 1 else eq.Status.MAX_ITER)
+    assert torch.equal(sol.value, z0)
