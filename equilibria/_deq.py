@@ -13,7 +13,7 @@ from torch import nn
 from ._backward import Backward, resolve_backward
 from ._cache import SampleCache
 from ._dropout import batch_index, own_batch, reset_dropout
-from ._fixed_point import StopNorm, check_correction, refuse_transforms, solve_flat, states_flat
+from ._fixed_point import StopNorm, check_path, refuse_transforms, solve_flat, states_flat
 from ._norms import norm_cache
 from ._options import Options
 from ._solution import Solution
@@ -135,9 +135,7 @@ class DEQ(nn.Module):
             check_int("eval_max_iter", eval_max_iter, minimum=1)
         self.eval_tol = tol if eval_tol is None else eval_tol
         self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
-        self.correction = (
-            None if correction is None else check_correction(self.options.backward, correction)
-        )
+        self.correction = None if correction is None else check_path(correction)
         self.cell = cell
         self.init = init
         self.last_solution: Solution | None = None
@@ -224,7 +222,8 @@ class DEQ(nn.Module):
         path = None  # the phantom path of the earlier states, with states=
         if states is not None:
             check_int("states", states, minimum=1)
-            path = self.correction or options.backward.correction()
+            path = options.backward.correction()  # raises for backward="unrolled"
+            path = self.correction or path
             if options.compact:
                 raise ValueError(
                     f"states={states} (fixed-point correction) cannot be combined with "

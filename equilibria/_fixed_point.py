@@ -130,9 +130,14 @@ def states_flat(
 
 def check_correction(backward: Backward, correction: str | Backward | None) -> Backward:
     """The phantom path of the states before the last (``correction``, or the backward method's
-    default), checked to differentiate at states that are not equilibria."""
-    if correction is None:
-        return backward.correction()
+    default), checked to differentiate at states that are not equilibria; raises for a
+    ``backward`` that gives no gradient per state (unrolled), also when ``correction`` is given."""
+    default = backward.correction()
+    return default if correction is None else check_path(correction)
+
+
+def check_path(correction: str | Backward) -> Backward:
+    """``correction`` resolved and checked to differentiate at states that are not equilibria."""
     path = resolve_backward(correction, "correction")
     if not path.at_any_state:
         raise TypeError(

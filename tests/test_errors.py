@@ -388,6 +388,20 @@ BAD_INPUTS = [
         "eq.Phantom(...) or eq.JFB(), got eq.Unrolled()",
         id="deq-states-unrolled",
     ),
+    pytest.param(  # a correction path given does not hide it (was: 'only through ... DEQ')
+        lambda: eq.DEQ(cell, correction="jfb")(Z, states=2, backward="unrolled"),
+        TypeError,
+        "backward for fixed-point correction must be eq.Implicit(), eq.Neumann(), "
+        "eq.Phantom(...) or eq.JFB(), got eq.Unrolled()",
+        id="deq-states-override-unrolled-with-correction",
+    ),
+    pytest.param(
+        lambda: eq.fixed_point_states(f, Z, 2, backward="unrolled", correction="jfb"),
+        TypeError,
+        "backward for fixed-point correction must be eq.Implicit(), eq.Neumann(), "
+        "eq.Phantom(...) or eq.JFB(), got eq.Unrolled()",
+        id="states-unrolled-with-correction",
+    ),
     pytest.param(
         lambda: eq.DEQ(cell, correction=eq.Implicit()),
         TypeError,
