@@ -79,7 +79,8 @@ class Solver(abc.ABC):
                 name: ClassVar[str] = "halving"
 
                 def init(self, x, fx, g):
-                    return torch.full((x.shape[0], 1), self.damping, dtype=x.dtype)  # (B, 1)
+                    # (B, 1), on the state's device
+                    return x.new_full((x.shape[0], 1), self.damping)
 
                 def step(self, fn, x, fx, g, tau):
                     x_new = x + tau * g
