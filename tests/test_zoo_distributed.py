@@ -9,6 +9,7 @@ iterations: every sample's computation is then independent of how the batch is s
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from equilibria.zoo.checkpoint import load_checkpoint
+from equilibria.zoo.config import to_dict
 from equilibria.zoo.digits import DigitsConfig, build_model, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,3 +85,40 @@ def test_two_processes_give_the_single_process_gradient(tmp_path: Path) -> None:
     assert again.stderr.count(message) == 2, again.stderr[-3000:]
     assert "gloo" not in again.stderr.lower() and "Connection closed" not in again.stderr
     assert (ddp_dir / "checkpoint.safetensors").read_bytes() == before  # untouched
+
+
+def test_a_folder_error_of_rank_0_is_every_rank_s_error_line(tmp_path: Path) -> None:
+    """Creating, locking and reading the run folder is rank 0's work: when it fails, the other
+    process prints the same error line too (it waited in its next collective call before and died
+    with gloo's "Connection closed by peer" traceback once rank 0 exited)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*options: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+            "-m", "equilibria", "train", "digits", *_argv(OPTIONS), *options,
+        ]  # fmt: skip
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    (tmp_path / "a-file").write_text("")
+    unwritable = tmp_path / "a-file" / "run"
+    done = torchrun("--run-dir", str(unwritable))
+    assert done.returncode != 0
+    message = f"equilibria: error: --run-dir {unwritable} cannot be written"
+    assert done.stderr.count(message) == 2, done.stderr[-3000:]
+    assert "gloo" not in done.stderr.lower() and "Connection closed" not in done.stderr
+
+    # a resume whose metrics.jsonl is damaged (config.json intact, no checkpoint yet)
+    run_dir = tmp_path / "damaged"
+    run_dir.mkdir()
+    config = DigitsConfig(**OPTIONS, run_dir=str(run_dir))  # type: ignore[arg-type]
+    saved = {"recipe": "digits", "config": to_dict(config)}
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    (run_dir / "metrics.jsonl").write_text('not json\n{"epoch": 1}\n')
+    done = torchrun("--run-dir", str(run_dir), "--resume")
+    assert done.returncode != 0
+    message = f"equilibria: error: {run_dir / 'metrics.jsonl'} is damaged: line 1"
+    assert done.stderr.count(message) == 2, done.stderr[-3000:]
+    assert "gloo" not in done.stderr.lower() and "Connection closed" not in done.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == 'not json\n{"epoch": 1}\n'

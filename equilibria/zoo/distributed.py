@@ -111,10 +111,20 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """Rank 0's value of ``flag`` on every process."""
-    if not info.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=info.device)
-    dist.broadcast(t, 0)
-    return bool(t.item())
+def raise_from_main(error: Exception | None, info: DistInfo) -> None:
+    """Raise rank 0's ``error`` on every process (rank 0 passes what its own step raised, the
+    others ``None``; nothing happens when it is ``None`` everywhere).
+
+    For the steps only rank 0 takes (creating, locking and reading the run folder): without it
+    the other processes would wait in their next collective call until rank 0's exit cut the
+    connection, and print gloo's "Connection closed by peer" traceback instead of the error.
+    The error's class must be constructible from its message (ConfigError, RunFolderError).
+    """
+    if info.distributed:
+        box = [(type(error), str(error)) if info.is_main and error is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and not info.is_main:
+            cls, message = box[0]
+            raise cls(message)
+    if error is not None:
+        raise error

@@ -94,14 +94,18 @@ def _train(task: Task, info: DistInfo, on_epoch_end: Callable[[int], None] | Non
     saved_config = to_dict(config)
     ckpt = None
     try:
-        if not config.resume:
-            # rank 0 decides whether the folder holds a run; every rank fails with that error
-            run.check_new(holds=distributed.broadcast_flag(info.is_main and run.holds_run(), info))
-            if info.is_main:
-                run.start(task.name, saved_config)
-        else:
-            if info.is_main and run.path.is_dir():
-                run.lock()  # before anything is read: a second --resume fails here
+        error = None
+        if info.is_main:  # only rank 0 writes the folder; every rank fails with its error
+            try:
+                if not config.resume:
+                    run.start(task.name, saved_config)
+                elif run.path.is_dir():
+                    run.lock()  # before anything is read: a second --resume fails here
+                    run.read_metrics()  # damaged: an error here, not after the others went on
+            except (ConfigError, RunFolderError) as e:
+                error = e
+        distributed.raise_from_main(error, info)
+        if config.resume:
             run.check_resume(task.name, saved_config, type(config))
             if run.checkpoint.exists():  # else: stopped before its first checkpoint, start over
                 ckpt = load_checkpoint(run.checkpoint, recipe=task.name)
