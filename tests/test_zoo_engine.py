@@ -302,3 +302,13 @@ def test_sweep_reuses_finished_cells_and_tabulates_mean_and_std(
         run_sweep(NoisyTask, SweepConfig(variants=("huge",), run_dir=str(tmp_path / "t")),
                   variants=variants)  # fmt: skip
     assert not (tmp_path / "t").exists()
+
+
+def test_sweep_refuses_repeated_seeds_and_variants() -> None:
+    """``--seeds 0 0`` ran one cell and tabulated it as the mean ± std (0) of two seeds."""
+    with pytest.raises(ConfigError, match="seeds must be distinct, got 0 1 0"):
+        SweepConfig(seeds=(0, 1, 0))
+    with pytest.raises(ConfigError, match="variants must be distinct, got a b a"):
+        SweepConfig(variants=("a", "b", "a"))
+    with pytest.raises(ConfigError, match="seeds must be distinct, got 3 3"):
+        SweepConfig.parse(NoisyTask, ["--seeds", "3", "3"], prog="equilibria sweep noisy")

@@ -51,6 +51,10 @@ class SweepConfig:
         check_fields(self)
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed, got none")
+        for name in ("seeds", "variants"):  # a repeat is one cell, tabulated as if two
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{name} must be distinct, got {' '.join(map(str, values))}")
         if self.resume and not self.run_dir:
             raise ConfigError("SweepConfig: resume needs run_dir (the sweep to continue)")
 
