@@ -132,12 +132,15 @@ def test_the_resume_test_fails_without_the_rng_restore(
 
 
 def test_evaluation_does_not_change_the_training_stream(tmp_path: Path) -> None:
-    """An evaluation that draws random numbers (here: dropout left on) runs on a fork of the
-    RNG, so how often a run evaluates never changes its training."""
+    """An evaluation that draws random numbers (here: dropout left on, and torch's, NumPy's and
+    Python's global RNGs, which the training step draws from too) runs on a fork of the RNGs, so
+    how often a run evaluates never changes its training."""
 
     class DrawingEval(NoisyTask):
         def evaluate(self, model: nn.Module) -> dict[str, Any]:
             torch.randn(100)
+            np.random.rand(3)  # noqa: NPY002
+            random.random()
             return super().evaluate(model)
 
     a, b = tmp_path / "a", tmp_path / "b"

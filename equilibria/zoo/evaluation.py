@@ -55,15 +55,19 @@ def check_fits(task: Task, state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def evaluate_model(task: Task, model: nn.Module, info: DistInfo | None = None) -> dict[str, Any]:
-    """``task.evaluate`` in eval mode, without gradients, on a fork of the RNG: evaluating never
-    changes the training stream, so how often a run evaluates does not change its numbers."""
+    """``task.evaluate`` in eval mode, without gradients, on a fork of the torch, NumPy and
+    Python global RNGs: evaluating never changes the training stream, so how often a run
+    evaluates does not change its numbers."""
     devices = [info.device] if info is not None and info.device.type == "cuda" else []
     was_training = model.training
     model.eval()
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             return task.evaluate(model)
     finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
         model.train(was_training)
 
 
