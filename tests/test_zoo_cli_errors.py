@@ -120,6 +120,15 @@ def test_damaged_run_folder_files_are_error_lines(
     assert f"equilibria: error: {run / 'summary.json'} cannot be read as JSON" in (
         capsys.readouterr().err
     )
+    (run / "summary.json").write_bytes(good["summary.json"])
+
+    # config.json whose 'config' is not an object: report names it (was an AttributeError)
+    (run / "config.json").write_text('{"recipe": "digits", "config": [1, 2]}')
+    before = _files(run)
+    assert main(["report", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"equilibria: error: {run / 'config.json'} is damaged: it has no")
+    assert _files(run) == before
 
 
 def test_two_resumes_of_one_folder_do_not_both_run(

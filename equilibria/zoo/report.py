@@ -17,6 +17,7 @@ from .runs import (
     REPORT,
     SUMMARY,
     RunFolder,
+    RunFolderError,
     read_json,
     require_extras,
     write_bytes,
@@ -98,7 +99,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     task = _task_class(run)
     require_extras("matplotlib")
     summary = read_json(run.path / SUMMARY) if (run.path / SUMMARY).is_file() else {}
-    config = read_json(run.path / CONFIG).get("config") or {}
+    config = read_json(run.path / CONFIG).get("config", {})
+    if not isinstance(config, dict):
+        raise RunFolderError(f"{run.path / CONFIG} is damaged: it has no 'config' object")
     figures = [(p.name.replace("_", " "), plot(p, rows, run.path / f"{p.name}.png", config))
                for p in task.plots]  # fmt: skip
     last = rows[-1]
