@@ -315,3 +315,11 @@ def test_sweep_refuses_repeated_seeds_and_variants() -> None:
         SweepConfig(variants=("a", "b", "a"))
     with pytest.raises(ConfigError, match="seeds must be distinct, got 3 3"):
         SweepConfig.parse(NoisyTask, ["--seeds", "3", "3"], prog="equilibria sweep noisy")
+
+
+def test_sweep_names_the_closest_option_of_a_misspelt_one() -> None:
+    """Like ``train``: the sweep's own and the recipe's options are suggested."""
+    with pytest.raises(ConfigError, match=r"'--widht' \(did you mean '--width'\?\)"):
+        SweepConfig.parse(NoisyTask, ["--widht", "3"], prog="equilibria sweep noisy")
+    with pytest.raises(ConfigError, match=r"'--sedes' \(did you mean '--seeds'\?\)"):
+        SweepConfig.parse(NoisyTask, ["--sedes", "3"], prog="equilibria sweep noisy")

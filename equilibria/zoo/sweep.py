@@ -11,6 +11,7 @@ Writes ``sweep.md`` and ``sweep.json`` (names chosen by the caller) when every c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import statistics
 import time
@@ -82,9 +83,15 @@ class SweepConfig:
             ConfigError: for unknown or repeated options, naming the allowed ones.
         """
         refuse_repeats(argv)
-        namespace, rest = cls.parser(task_cls, prog=prog).parse_known_args(list(argv))
+        parser = cls.parser(task_cls, prog=prog)
+        namespace, rest = parser.parse_known_args(list(argv))
         if rest:
-            raise ConfigError(f"unknown option(s) {rest}; see `{prog} --help`")
+            flags = [s for a in parser._actions for s in a.option_strings]
+            parts = []
+            for word in [w for w in rest if w.startswith("-")] or rest:  # not their values
+                close = difflib.get_close_matches(word, flags, 1)
+                parts.append(f"{word!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(f"unknown option(s) {', '.join(parts)}; see `{prog} --help`")
         values = vars(namespace)
         own = {f.name for f in dataclasses.fields(cls)}
         sweep = cls(**{k: v for k, v in values.items() if k in own})
