@@ -46,7 +46,11 @@ class Iteration(NamedTuple):
 
 
 def residual_norm(
-    g: Tensor, fx: Tensor, stop: Literal["abs", "rel"], gsq: Tensor | None = None
+    g: Tensor,
+    fx: Tensor,
+    stop: Literal["abs", "rel"],
+    gsq: Tensor | None = None,
+    scaled: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(B,) float64 residuals per sample, on the host: in the stop norm, ||g|| (abs) or
     ||g|| / ||f(z)|| (rel), and ||g|| itself (the same array for abs).
@@ -55,24 +59,25 @@ def residual_norm(
     host, where the bookkeeping of a solve (best iterate, stopping, traces) costs next to nothing.
     This is the one device-to-host transfer (on a GPU, the one synchronisation) per iteration.
     ``gsq``, the squared norms of ``g`` when the solver already has them, saves a pass over ``g``.
+    ``scaled``: the values are in the driver's units (``_units``), not the problem's own.
 
     Edge cases are exact rather than fast: a norm that underflows to 0 or overflows is recomputed
     exactly (see :func:`exact_norms`); a zero residual is 0 whatever ||f(z)||; a non-zero residual
     over ``f(z) = 0`` counts as the largest finite float (not converged, not an error). Raises
     nothing: non-finite values come back as NaN and are reported by the caller.
     """
-    norms, regular = _host_norms(g, fx, 1 if stop == "abs" else 2, gsq)
+    norms, regular = _host_norms(g, fx, 1 if stop == "abs" else 2, gsq, scaled)
     if stop == "abs":
         return norms[0], norms[0]
     return (norms[0] / norms[1] if regular else _rel_exact(*norms)), norms[0]
 
 
 def _host_norms(
-    g: Tensor, fx: Tensor, count: int, gsq: Tensor | None = None, in_units: bool = True
+    g: Tensor, fx: Tensor, count: int, gsq: Tensor | None = None, scaled: bool = False
 ) -> tuple[list[np.ndarray], bool]:
     """[||g||] or [||g||, ||f(z)||] per sample on the host, fast, with the exact fallback; and
-    whether they are all positive and finite (no special case needed). ``in_units``: the values
-    are the solver's, in the units the driver chose (see ``_units``)."""
+    whether they are all positive and finite (no special case needed). ``scaled``: the values
+    are in the driver's units, so a small ||g|| may stand for a large abs residual."""
     tensors = [torch.linalg.vector_norm(g, dim=1) if gsq is None else gsq]
     if count == 2:
         tensors.append(torch.linalg.vector_norm(fx, dim=1))
@@ -82,12 +87,19 @@ def _host_norms(
         if not bool(norms[0].min() > _SQUARE_FLOOR[gsq.dtype]):
             return to_host(exact_norms((g, fx)[:count])), False
         norms[0] = np.sqrt(norms[0])  # a new array: gsq may be a view of the solver's state
-    if all(_regular(n) for n in norms):
+    floor = _NORM_FLOOR.get(g.dtype, 0.0)
+    if all(_regular(n, floor) for n in norms):
         return norms, True
-    # In float64 the driver keeps the solver's values within a band around 1 (_units) where a
-    # norm can neither overflow nor underflow: a zero or infinite norm is exact as it stands.
-    if in_units and g.dtype == torch.float64 and gsq is None:
-        return norms, False
+    # A norm below the floor (its squares subnormal or 0) is as good as exact where the residual
+    # it gives is negligible anyway: ||g|| < 1e-154 over an ||f(z)|| in the float64 band (rel), or
+    # in the problem's own units (abs). Otherwise it may be an underflow far from the truth: the
+    # units are chosen at the first iterate, and a z0 at 1e200 from an O(1) fixed point puts
+    # f(z) - z under 1e-162 in them, whose plain norm is 0.
+    if g.dtype == torch.float64 and gsq is None and bool(np.isfinite(norms[0]).all()):
+        if count == 2 and _regular(norms[1], _BAND_FLOOR_F64):
+            return norms, False
+        if count == 1 and not scaled:
+            return norms, False
     return to_host(exact_norms((g, fx)[:count])), False
 
 
@@ -114,9 +126,19 @@ _SQUARE_FLOOR = {
 }
 
 
-def _regular(norms: np.ndarray) -> bool:
-    """All norms positive and finite: the fast path needs no special case."""
-    return bool(norms.min() > 0.0) and bool(norms.max() < np.inf)
+# Below sqrt(tiny) a norm summed from squares in the tensor's own dtype (float32, float64) had
+# only subnormal squares: imprecise, or 0 by underflow. Half-precision norms accumulate in float32.
+_NORM_FLOOR = {dt: math.sqrt(torch.finfo(dt).tiny) for dt in (torch.float32, torch.float64)}
+
+
+# the bottom of the float64 band of _units, 2^-256
+_BAND_FLOOR_F64 = 2.0**-256
+
+
+def _regular(norms: np.ndarray, floor: float = 0.0) -> bool:
+    """All norms above ``floor`` (and positive) and finite: the fast path needs no special
+    case."""
+    return bool(norms.min() > floor) and bool(norms.min() > 0.0) and bool(norms.max() < np.inf)
 
 
 def _rel_exact(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -234,7 +256,7 @@ def _first_iterate(
     """g, the stop-norm residuals, their maximum, the divergence test of the first iterate and
     the per-sample units the solver iterates in (None: the values are fine as they are)."""
     g = fx - x
-    norms, _ = _host_norms(g, fx, 2, in_units=False)  # one transfer, ||f(z0)|| included
+    norms, _ = _host_norms(g, fx, 2)  # one transfer, ||f(z0)|| included
     r = norms[0] if stop == "abs" else _rel_exact(*norms)
     rmax = float(r.max())
     if not math.isfinite(rmax):
@@ -322,7 +344,8 @@ def _loop(
         x, fx, g, state, used, gsq = solver.step(fn, x, fx, g, state)
         nfev += used
         nstep += 1
-        r, r_abs = residual_norm(g, fx, stop, gsq)  # the one device-to-host transfer per iteration
+        # the one device-to-host transfer per iteration
+        r, r_abs = residual_norm(g, fx, stop, gsq, scaled=units is not None)
         if units is not None:
             r_abs = r_abs * units.inv_host
             r = r_abs if stop == "abs" else r
@@ -393,7 +416,7 @@ def _loop_compact(
         nfev += used
         nstep += 1
         evaluations += used * len(active)
-        r_active, abs_active = residual_norm(g, fx, stop, gsq)
+        r_active, abs_active = residual_norm(g, fx, stop, gsq, scaled=units is not None)
         if units is not None:
             abs_active = abs_active * units.inv_host[active]
             r_active = abs_active if stop == "abs" else r_active

@@ -369,3 +369,28 @@ def test_a_solve_that_takes_no_step_returns_z0_outside_the_band(max_iter, compac
     assert sol.nstep == 1
     assert sol.status is (eq.Status.CONVERGED if max_iter > 1 else eq.Status.MAX_ITER)
     assert torch.equal(sol.value, z0)
+
+
+@pytest.mark.parametrize("far", [3e152, 1e153, 1e200])
+@pytest.mark.parametrize("stop", ["rel", "abs"])
+@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
+@pytest.mark.parametrize("name", ["picard", "anderson", "broyden"])
+def test_a_far_initial_state_is_not_reported_converged_at_a_wrong_point(name, compact, stop, far):
+    # z0 at 1e200 sets the units, the O(1) fixed point then lies at ~1e-200 in them, where the
+    # squares of the residual underflow float64: Picard and Broyden reported CONVERGED with a
+    # residual of 0 after one step, at a point whose true rel residual was above 1; near 1e153
+    # the squares are subnormal and the residuals reported were off by up to 30%
+    p = Tanh.make(batch=3, d=6, norm=0.9, seed=3)
+
+    def f(z, index=None):
+        return p.f(z) if index is None else torch.tanh(z @ p.W.T + p.x[index])
+
+    z0 = torch.full_like(p.z0(), far)
+    sol = eq.solve(f, z0, solver=name, tol=1e-6, max_iter=300, stop=stop, compact=compact)
+    ref = eq.solve(p.f, p.z0(), solver=name, tol=1e-10, max_iter=300)
+    assert sol.status is eq.Status.CONVERGED
+    assert sol.nstep > 2
+    true = _residual(p.f, sol.value, 1.0, stop)
+    assert float(true.max()) < 1e-6
+    torch.testing.assert_close(sol.residual, true.to(sol.residual), rtol=1e-6, atol=1e-15)
+    torch.testing.assert_close(sol.value, ref.value, rtol=0.0, atol=1e-5)
