@@ -109,6 +109,17 @@ def test_damaged_run_folder_files_are_error_lines(
                  "--resume"]) == 1  # fmt: skip
     assert "line 1 is not a JSON object" in capsys.readouterr().err
     assert _files(run) == before
+    # a row whose epoch is not an epoch number: an error line, the finished run's summary.json
+    # untouched (resume recorded a TypeError from cutting the rows back as the run's failure)
+    for epoch in ('"1"', "null", "true", "0"):
+        (run / "metrics.jsonl").write_text(lines[0].replace('"epoch": 1', f'"epoch": {epoch}', 1)
+                                           + "\n" + lines[1] + "\n")  # fmt: skip
+        before = _files(run)
+        assert main(["train", "digits", *TINY_ARGS, "--epochs", "2", "--run-dir", str(run),
+                     "--resume"]) == 1  # fmt: skip
+        err = capsys.readouterr().err
+        assert f"{run / 'metrics.jsonl'} is damaged: line 1 has no epoch number" in err
+        assert _files(run) == before
     # a last line cut short by a kill is skipped, as before
     (run / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:20])
     assert len(RunFolder(run).read_metrics()) == 1

@@ -323,7 +323,8 @@ class RunFolder:
         """The rows of ``metrics.jsonl`` (a partly written last line is skipped).
 
         Raises:
-            RunFolderError: naming the file and line when another line is not a JSON object.
+            RunFolderError: naming the file and line when another line is not a JSON object
+                with an ``epoch`` number (an int >= 1).
         """
         if not self.metrics_path.is_file():
             return []
@@ -342,6 +343,12 @@ class RunFolder:
             if not isinstance(row, dict):
                 raise RunFolderError(
                     f"{self.metrics_path} is damaged: line {number} is not a JSON object"
+                )
+            epoch = row.get("epoch")
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+                raise RunFolderError(
+                    f"{self.metrics_path} is damaged: line {number} has no epoch number "
+                    f"(an int >= 1), got {epoch!r}"[:300]
                 )
             rows.append(row)
         return rows
