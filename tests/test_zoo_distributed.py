@@ -122,3 +122,57 @@ def test_a_folder_error_of_rank_0_is_every_rank_s_error_line(tmp_path: Path) -> 
     assert done.stderr.count(message) == 2, done.stderr[-3000:]
     assert "gloo" not in done.stderr.lower() and "Connection closed" not in done.stderr
     assert (run_dir / "metrics.jsonl").read_text() == 'not json\n{"epoch": 1}\n'
+
+
+_STOP_AFTER_EPOCH_1 = """
+import json, sys
+from equilibria.zoo import trainer
+from equilibria.zoo.digits import DigitsConfig, DigitsTask
+
+class Stop(BaseException):
+    pass
+
+def stop(epoch):
+    if epoch == 1:
+        raise Stop
+
+try:
+    trainer.train(DigitsTask(DigitsConfig(**json.loads(sys.argv[1]))), on_epoch_end=stop)
+except Stop:
+    pass
+"""
+
+
+def test_a_resumed_torchrun_run_is_bitwise_the_uninterrupted_one(tmp_path: Path) -> None:
+    """What the README says is tested: 2 processes stopped after epoch 1 and resumed with
+    ``--resume`` end with the parameters and optimizer state of an uninterrupted 2-process run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    options = {**OPTIONS, "epochs": 2, "optimizer": "adamw", "lr": 0.01, "batch_size": 32,
+               "warmup_epochs": 1}  # fmt: skip
+
+    def torchrun(*args: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *args]  # fmt: skip
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    torchrun("-m", "equilibria", "train", "digits", *_argv(options), "--run-dir", str(full))
+    script = tmp_path / "stop.py"
+    script.write_text(_STOP_AFTER_EPOCH_1)
+    torchrun(str(script), json.dumps({**options, "run_dir": str(part)}))
+    assert load_checkpoint(part).epoch == 1
+    torchrun("-m", "equilibria", "train", "digits", *_argv(options), "--run-dir", str(part),
+             "--resume")  # fmt: skip
+    a, b = load_checkpoint(full), load_checkpoint(part)
+    assert b.epoch == 2 and b.extra["metrics"]["world_size"] == 2
+    for name in a.model:
+        assert torch.equal(a.model[name], b.model[name]), name
+    assert a.optimizer is not None and b.optimizer is not None and a.optimizer["state"]
+    for k, state in a.optimizer["state"].items():
+        for key, value in state.items():
+            assert torch.equal(
+                torch.as_tensor(value), torch.as_tensor(b.optimizer["state"][k][key])
+            )
+    rows = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
