@@ -131,11 +131,14 @@ class Implicit(Backward):
     is passed on unsolved, so ``torch.amp.GradScaler`` finds it in the parameter gradients and
     skips the step, as it does with any other layer.
 
-    Settings not given follow the forward solve: ``tol``, ``max_iter`` and ``stop`` left at None
-    take the forward's values (for a DEQ, those of the current mode: ``tol`` or ``eval_tol``), so
+    Settings not given follow the forward solve: ``tol`` and ``max_iter`` left at None take the
+    forward's values (for a DEQ, those of the current mode: ``tol`` or ``eval_tol``), so
     ``eq.DEQ(cell, tol=1e-2, max_iter=25)`` solves its adjoint to 1e-2 within 25 iterations.
-    Values given explicitly win. A forward with ``tol=0`` (a fixed number of iterations) gives the
-    adjoint tol 1e-6 (``FIXED_BUDGET_ADJOINT_TOL``), not 0, so it stops once converged.
+    ``stop`` defaults to ``"rel"`` whatever the forward's norm: an abs tolerance is in the state's
+    units, which the adjoint (in the loss's units: a ``GradScaler`` multiplies it by 65536) does
+    not share, while the rel norm means the same in both. Values given explicitly win. A forward
+    with ``tol=0`` (a fixed number of iterations) gives the adjoint tol 1e-6
+    (``FIXED_BUDGET_ADJOINT_TOL``), not 0, so it stops once converged.
 
     With ``DEQ(cache_key=...)`` in training mode the adjoint of each sample id is cached and
     starts the next adjoint solve of that id (a warm start, as the forward's).
@@ -144,7 +147,7 @@ class Implicit(Backward):
         solver: solver (name or object) for the adjoint fixed point.
         tol: tolerance of the adjoint solve, in the ``stop`` norm; None: the forward's.
         max_iter: iteration budget of the adjoint solve; None: the forward's.
-        stop: ``"rel"`` (||r|| / ||J^T u + g||, scale-free) or ``"abs"``; None: the forward's.
+        stop: ``"rel"`` (||r|| / ||J^T u + g||, scale-free; the default) or ``"abs"``.
         warn_unconverged: emit a ``RuntimeWarning`` when the adjoint solve runs out of budget.
 
     Example:
@@ -156,7 +159,7 @@ class Implicit(Backward):
     solver: str | Solver = "anderson"
     tol: float | None = None
     max_iter: int | None = None
-    stop: Literal["abs", "rel"] | None = None
+    stop: Literal["abs", "rel"] = "rel"
     warn_unconverged: bool = False
     name: ClassVar[str] = "implicit"
     first_order_reason: ClassVar[str] = (
@@ -169,8 +172,7 @@ class Implicit(Backward):
             check_float("Implicit tol", self.tol, low=0.0, low_open=False)
         if self.max_iter is not None:
             check_int("Implicit max_iter", self.max_iter, minimum=1)
-        if self.stop is not None:
-            check_choice("Implicit stop", self.stop, ("abs", "rel"))
+        check_choice("Implicit stop", self.stop, ("abs", "rel"))
         check_bool("Implicit warn_unconverged", self.warn_unconverged)
 
     def settled(self, at: Attachment) -> Implicit:
@@ -180,7 +182,6 @@ class Implicit(Backward):
             self,
             tol=tol if self.tol is None else self.tol,
             max_iter=at.max_iter if self.max_iter is None else self.max_iter,
-            stop=at.stop if self.stop is None else self.stop,
         )
 
     def attach(self, fn: Map, z_star: Tensor, at: Attachment) -> Tensor:

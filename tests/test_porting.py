@@ -53,7 +53,28 @@ def test_implicit_defaults_follow_the_forward_solve():
     )
     loss(z).backward()
     adjoint = sol.backward.solution
-    assert (adjoint.tol, adjoint.stop, adjoint.nstep) == (1e-3, "abs", 2)
+    # the stop norm stays rel: an abs tol in the state's units means nothing for the gradient
+    assert (adjoint.tol, adjoint.stop, adjoint.nstep) == (1e-3, "rel", 2)
+    z, sol = eq.fixed_point(
+        lambda z: cell(z, x), _init(x), stop="abs", backward=eq.Implicit(stop="abs")
+    )
+    loss(z).backward()
+    assert sol.backward.solution.stop == "abs"
+
+
+def test_the_implicit_adjoint_of_an_abs_forward_does_not_depend_on_the_loss_scale():
+    # GradScaler multiplies the loss by 65536: with the adjoint in the rel norm, the same
+    # adjoint iterations and a gradient scaled by exactly that
+    cell, x = _cell(), _x()
+    layer = eq.DEQ(cell, init=_init, stop="abs", tol=1e-4)
+    steps, grads = [], []
+    for scale in (1.0, 65536.0):
+        cell.zero_grad()
+        (scale * loss(layer(x))).backward()
+        steps.append(layer.last_solution.backward.nstep)
+        grads.append(next(cell.parameters()).grad.clone() / scale)
+    assert steps[0] == steps[1]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=0)
 
 
 def test_implicit_defaults_follow_the_eval_budget_and_a_fixed_budget_gets_a_real_tol():
