@@ -56,8 +56,8 @@ class DEQ(nn.Module):
         tol: forward tolerance in training.
         max_iter: forward budget in training.
         stop: stop norm, ``"rel"`` or ``"abs"``.
-        eval_tol: tolerance in eval mode (default: ``tol``).
-        eval_max_iter: budget in eval mode (default: ``max_iter``).
+        eval_tol: tolerance in eval mode (default: ``tol``, also after ``layer.tol`` is assigned).
+        eval_max_iter: budget in eval mode (default: ``max_iter``, also after it is assigned).
         init: ``init(x) -> z0`` used when no ``z0`` is passed; default ``torch.zeros_like(x)``,
             which assumes the state has the shape of the input.
         warn_unconverged: warn when a forward solve does not converge.
@@ -129,12 +129,8 @@ class DEQ(nn.Module):
         if init is not None and not callable(init):
             raise TypeError(f"init must be callable as init(x) -> z0, got {type(init).__name__}")
         self.options = Options(solver, backward, tol, max_iter, stop, warn_unconverged, compact)
-        if eval_tol is not None:
-            check_float("eval_tol", eval_tol, low=0.0, low_open=False)
-        if eval_max_iter is not None:
-            check_int("eval_max_iter", eval_max_iter, minimum=1)
-        self.eval_tol = tol if eval_tol is None else eval_tol
-        self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
+        self.eval_tol = eval_tol  # None: follow tol (validated by the property's setter)
+        self.eval_max_iter = eval_max_iter
         self.correction = None if correction is None else check_path(correction)
         self.cell = cell
         self.init = init
@@ -151,6 +147,28 @@ class DEQ(nn.Module):
     stop = _option("stop", "The stop norm.")
     compact = _option("compact", "Per-sample compaction.")
     warn_unconverged = _option("warn_unconverged", "Whether unconverged solves warn.")
+
+    @property
+    def eval_tol(self) -> float:
+        """The tolerance in eval mode (``tol`` unless one was given; None restores that)."""
+        return self.options.tol if self._eval_tol is None else self._eval_tol
+
+    @eval_tol.setter
+    def eval_tol(self, value: float | None) -> None:
+        if value is not None:
+            check_float("eval_tol", value, low=0.0, low_open=False)
+        self._eval_tol = value
+
+    @property
+    def eval_max_iter(self) -> int:
+        """The budget in eval mode (``max_iter`` unless one was given; None restores that)."""
+        return self.options.max_iter if self._eval_max_iter is None else self._eval_max_iter
+
+    @eval_max_iter.setter
+    def eval_max_iter(self, value: int | None) -> None:
+        if value is not None:
+            check_int("eval_max_iter", value, minimum=1)
+        self._eval_max_iter = value
 
     @property
     def backward(self) -> Backward:

@@ -533,3 +533,16 @@ def test_assigning_a_deq_option_validates_it_and_takes_effect():
     with pytest.raises(TypeError, match="tol cannot be set to None"):
         layer.tol = None
     assert layer.max_iter == 7  # a refused value leaves the option as it was
+    # the eval budget follows the training one unless it was given
+    layer.eval()
+    layer(x)
+    assert layer.eval_max_iter == 7 and layer.last_solution.nstep == 7
+    layer.eval_max_iter = 3
+    layer(x)
+    assert layer.last_solution.nstep == 3
+    layer.max_iter = 9
+    assert layer.eval_max_iter == 3 and layer.eval_tol == 0.0
+    with pytest.raises(ValueError, match="eval_tol must be"):
+        layer.eval_tol = -1.0
+    layer.eval_max_iter = None
+    assert layer.eval_max_iter == 9
