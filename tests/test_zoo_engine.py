@@ -323,3 +323,13 @@ def test_sweep_names_the_closest_option_of_a_misspelt_one() -> None:
         SweepConfig.parse(NoisyTask, ["--widht", "3"], prog="equilibria sweep noisy")
     with pytest.raises(ConfigError, match=r"'--sedes' \(did you mean '--seeds'\?\)"):
         SweepConfig.parse(NoisyTask, ["--sedes", "3"], prog="equilibria sweep noisy")
+
+
+def test_sweep_refuses_variants_that_share_a_run_folder(tmp_path: Path) -> None:
+    """'a b' and 'A-b' both map to runs/a-b-seed0: the second cell found the first's run there
+    and failed after it had trained; refused before the folder is created."""
+    variants = {"a b": {"width": 4}, "A-b": {"width": 6}}
+    with pytest.raises(ConfigError, match=r"variants 'a b' and 'A-b' would share the run folders"):
+        run_sweep(NoisyTask, SweepConfig(seeds=(0,), run_dir=str(tmp_path / "s")), {"epochs": 1},
+                  variants=variants)  # fmt: skip
+    assert not (tmp_path / "s").exists()

@@ -180,6 +180,13 @@ def run_sweep(
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; allowed: {list(table)}")
+    folders: dict[str, str] = {}
+    for n in names:  # each variant's runs go to <root>/runs/<slug>-seed<seed>
+        if folders.setdefault(slug(n), n) != n:
+            raise ConfigError(
+                f"variants {folders[slug(n)]!r} and {n!r} would share the run folders "
+                f"'{slug(n)}-seed<seed>'; name them apart by more than punctuation and case"
+            )
     overrides = dict(overrides or {})
     fixed = sorted(set(RESERVED).union(*(table[n] for n in names)) & set(overrides))
     if fixed:
