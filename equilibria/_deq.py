@@ -38,6 +38,25 @@ def _option(name: str, doc: str) -> property:
     return property(get, set_, doc=doc)
 
 
+def _eval_option(name: str, check: Callable[[Any], None], doc: str) -> property:
+    """An eval-mode setting that follows the training option ``name`` unless one is assigned
+    (assigning None restores following); assigning validates with ``check``."""
+    private = f"_eval_{name}"
+
+    def get(self: DEQ) -> Any:
+        value = getattr(self, private)
+        return getattr(self.options, name) if value is None else value
+
+    def set_(self: DEQ, value: Any) -> None:
+        if value is not None:
+            check(value)
+        setattr(self, private, value)
+
+    return property(
+        get, set_, doc=f"{doc} (default: the training ``{name}``, also after it is assigned)."
+    )
+
+
 class DEQ(nn.Module):
     """Deep equilibrium layer: returns z* with z* = cell(z*, x).
 
@@ -148,27 +167,12 @@ class DEQ(nn.Module):
     compact = _option("compact", "Per-sample compaction.")
     warn_unconverged = _option("warn_unconverged", "Whether unconverged solves warn.")
 
-    @property
-    def eval_tol(self) -> float:
-        """The tolerance in eval mode (``tol`` unless one was given; None restores that)."""
-        return self.options.tol if self._eval_tol is None else self._eval_tol
-
-    @eval_tol.setter
-    def eval_tol(self, value: float | None) -> None:
-        if value is not None:
-            check_float("eval_tol", value, low=0.0, low_open=False)
-        self._eval_tol = value
-
-    @property
-    def eval_max_iter(self) -> int:
-        """The budget in eval mode (``max_iter`` unless one was given; None restores that)."""
-        return self.options.max_iter if self._eval_max_iter is None else self._eval_max_iter
-
-    @eval_max_iter.setter
-    def eval_max_iter(self, value: int | None) -> None:
-        if value is not None:
-            check_int("eval_max_iter", value, minimum=1)
-        self._eval_max_iter = value
+    eval_tol = _eval_option(
+        "tol", lambda v: check_float("eval_tol", v, low=0.0, low_open=False), "The eval tolerance."
+    )
+    eval_max_iter = _eval_option(
+        "max_iter", lambda v: check_int("eval_max_iter", v, minimum=1), "The eval budget."
+    )
 
     @property
     def backward(self) -> Backward:
