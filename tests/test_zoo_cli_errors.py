@@ -162,3 +162,41 @@ def test_two_resumes_of_one_folder_do_not_both_run(
     assert _train(run, "--resume") == 0
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])["epoch"] == 1
+
+
+def test_ctrl_c_is_a_line_and_the_run_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C printed a traceback; now a line, exit 130, the folder unlocked and resumable."""
+    from equilibria.zoo.digits import DigitsTask
+
+    real = DigitsTask.train_step
+    calls = {"n": 0}
+
+    def interrupted(self, *args):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 6:  # in the second epoch (64 samples, 4 steps an epoch)
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(DigitsTask, "train_step", interrupted)
+    argv = [
+        "train",
+        "digits",
+        *TINY_ARGS,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--run-dir",
+        str(run),
+    ]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "equilibria: interrupted" in err and "Traceback" not in err
+    assert (run / "checkpoint.safetensors").exists()
+    monkeypatch.setattr(DigitsTask, "train_step", real)
+    assert main([*argv, "--resume"]) == 0
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["epoch"] for row in rows] == [1, 2]

@@ -226,6 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, RecipeError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; the shell's status for SIGINT
+        print(
+            f"{PROG}: interrupted (a run folder keeps its last checkpoint: --resume continues it)",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as e:
         from .checkpoint import CheckpointError
         from .runs import MissingExtraError, ReportFailedError, RunFailedError, RunFolderError
