@@ -310,7 +310,7 @@ def _units(size: np.ndarray, x: Tensor) -> _Units | None:
     band = _MAXEXP[x.dtype if x.dtype == torch.float64 else torch.float32] // 4  # 32 or 256
     with np.errstate(divide="ignore"):
         exponent = np.log2(size)  # -inf for a sample at its fixed point 0: any unit serves it
-    if bool((np.abs(exponent) <= band).all()) or bool((np.abs(exponent[size > 0]) <= band).all()):
+    if bool((np.abs(exponent[size > 0]) <= band).all()):  # sizes 0 do not count
         return None
     top = _MAXEXP[x.dtype] - 2  # 2^+-top is a normal number of the state's dtype
     exponent = np.where(np.isfinite(exponent), -np.round(exponent), 0.0).clip(-top, top)
