@@ -344,6 +344,53 @@ def test_spectral_norm_target_and_clip(clip):
         torch.testing.assert_close(small.weight, raw_small, rtol=1e-12, atol=0)
 
 
+# (layer, kind, options, per-row factors g / ||v|| to give the learned g: on both sides of its
+# clip, none at the kink)
+GRADCHECK = [
+    (lambda: nn.Linear(6, 4, dtype=F64), "weight", {"target_norm": 0.8}, None),
+    (lambda: nn.ConvTranspose2d(3, 4, 2, dtype=F64), "weight", {"target_norm": 1.5}, None),
+    (lambda: nn.Linear(6, 4, dtype=F64), "weight", {"target_norm": 1.0, "clip": 1.0}, None),
+    (lambda: nn.Conv2d(3, 5, 2, dtype=F64), "weight", {"clip": 0.5}, [0.1, 0.25, 0.8, 2.0, 4.0]),
+    (lambda: nn.Linear(5, 5, dtype=F64), "spectral", {"target_norm": 0.8}, None),
+    (lambda: nn.Linear(5, 5, dtype=F64), "spectral", {"target_norm": 0.8, "clip": 1.0}, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "kind", "options", "factors"),
+    GRADCHECK,
+    ids=[
+        "weight-target",
+        "weight-target-transposed",
+        "weight-target-clip",
+        "weight-clip",
+        "spectral-target",
+        "spectral-target-clip",
+    ],
+)
+@pytest.mark.parametrize("scale", [0.1, 10.0], ids=["small", "large"])
+def test_scaled_norm_gradients_match_finite_differences(make, kind, options, factors, scale):
+    # the gradients of the target_norm / clip parametrisations with respect to their originals,
+    # against central finite differences in float64 (torch.autograd.gradcheck); the weight is
+    # scaled so that the clip acts on some rows (or on sigma) at one scale and not at the other
+    layer = make()
+    with torch.no_grad():
+        rows = torch.linspace(0.2, 3.0, layer.weight.shape[0], dtype=F64)
+        layer.weight.mul_(scale * rows.view(-1, *[1] * (layer.weight.dim() - 1)))
+    eq.apply_norm(layer, kind, **options)
+    layer.eval()  # spectral norm: the power-iteration vectors stay put between evaluations
+    chain = layer.parametrizations.weight
+    originals = (
+        [chain.original0, chain.original1] if hasattr(chain, "original0") else [chain.original]
+    )
+    if factors is not None:  # learned g: g / ||v|| on both sides of the clip
+        v = originals[1].detach()
+        norms = torch.linalg.vector_norm(v.flatten(1), dim=1).view_as(originals[0])
+        originals[0] = torch.tensor(factors, dtype=F64).view_as(norms) * norms
+    inputs = tuple(o.detach().clone().requires_grad_() for o in originals)
+    assert torch.autograd.gradcheck(chain[0], inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
 def test_apply_norm_exclude_and_filter():
     class Net(nn.Module):
         def __init__(self):
