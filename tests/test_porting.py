@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from _cells import TanhCell, dense_implicit, phantom_reference
+from _cells import TanhCell, backward_reference, dense_implicit, phantom_reference
 from _problems import F64, SOLVER_NAMES, loss, rel_err
 from torch import nn
 
@@ -197,6 +197,10 @@ def test_list_states_are_differentiable_through_fixed_point_and_deq():
     zt, _ = eq.fixed_point(f, tuple(z0), tol=1e-12, max_iter=300)
     (g_tuple,) = torch.autograd.grad(loss(torch.cat(zt, 1)), a)
     assert rel_err(g_list, g_tuple) < 1e-12
+    # and both are the implicit gradient: the same map on the concatenated (3, 6) state, dense
+    flat = lambda z: torch.cat(f([z[:, :4], z[:, 4:]]), 1)  # noqa: E731
+    _, (g_dense,) = dense_implicit(flat, torch.zeros(3, 6, dtype=F64), [a], loss, iters=300)
+    assert rel_err(g_list, g_dense) < 1e-9
     layer = eq.DEQ(lambda z, x: f(z), init=lambda x: [t.clone() for t in z0])
     out = layer(torch.zeros(3, 1, dtype=F64))
     assert isinstance(out, list) and [t.shape for t in out] == [(3, 4), (3, 2)]
@@ -219,8 +223,13 @@ def test_per_call_overrides_apply_to_one_call_only():
     assert layer.last_solution.nstep == 3
     layer(x, solver="picard", tol=1e-3)
     assert layer.last_solution.solver == "picard" and layer.last_solution.tol == 1e-3
-    loss(layer(x, backward="jfb")).backward()
+    params = list(cell.parameters())
+    grads = torch.autograd.grad(loss(layer(x, backward="jfb")), params)
     assert layer.last_solution.backward.method == "jfb"
+    z_star = layer.last_solution.value  # the call's gradient is JFB's, from its own z*
+    want = phantom_reference(lambda z: cell(z, x), z_star, params, loss, 1, 1.0)
+    for a, b in zip(grads, want):
+        assert rel_err(a, b) < 1e-12
     layer.eval()
     layer(x, max_iter=4)  # wins over eval_max_iter
     assert layer.last_solution.nstep == 4
@@ -269,12 +278,16 @@ class _LinCell(nn.Module):
 # --- eval mode returns the solver's equilibrium ----------------------------------------------
 
 
-@pytest.mark.parametrize("backward", ["phantom", "jfb", "implicit", "neumann"])
+@pytest.mark.parametrize("backward", ["phantom", "jfb", "implicit", "neumann", "unrolled"])
 def test_eval_mode_returns_the_equilibrium_with_each_methods_gradient(backward):
     cell, x = _cell(), _x()
     params = list(cell.parameters())
     layer = eq.DEQ(cell, init=_init, backward=backward, tol=1e-12, max_iter=300)
     train_grads = torch.autograd.grad(loss(layer(x)), params)
+    if backward in ("implicit", "neumann", "unrolled"):  # the train gradient, checked on its own
+        dense = backward_reference(lambda z: cell(z, x), _init(x), params, loss, backward)
+        for a, b in zip(train_grads, dense):  # unrolled: autograd through a converged solve
+            assert rel_err(a, b) < 1e-9
     layer.eval()
     with torch.no_grad():
         quiet = layer(x)
@@ -293,7 +306,7 @@ def test_eval_mode_returns_the_equilibrium_with_each_methods_gradient(backward):
             steps,
             damping,
         )
-    else:
+    else:  # implicit, Neumann, unrolled: in eval mode the same gradient as in training
         want = train_grads
     grads = torch.autograd.grad(loss(z), params)
     for a, b in zip(grads, want):
