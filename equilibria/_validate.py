@@ -16,8 +16,17 @@ def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int {allowed}, got {type(value).__name__} {value!r}")
     if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be an int {allowed}, got {value}")
+        raise ValueError(f"{name} must be an int {allowed}, got {_int_text(value)}")
     return value
+
+
+def _int_text(value: int) -> str:
+    """``str(value)``, or its size where Python refuses to print it (over 4300 digits: a
+    ValueError of its own that would replace the message naming the argument)."""
+    try:
+        return str(value)
+    except ValueError:
+        return f"an int of {value.bit_length()} bits"
 
 
 def check_float(
@@ -39,7 +48,7 @@ def check_float(
     try:
         value = float(value)
     except OverflowError:  # an int beyond float range
-        raise ValueError(f"{name} must be in {interval}, got {value}") from None
+        raise ValueError(f"{name} must be in {interval}, got {_int_text(value)}") from None
     ok = math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low

@@ -198,6 +198,18 @@ BAD_HYPERPARAMETERS = [
         "Broyden max_backtracks must be an int in [1, 60], got float 2.0",
         id="broyden-backtracks-float",
     ),
+    pytest.param(  # an int Python refuses to print (over 4300 digits) still names the argument
+        lambda: eq.Anderson(lam=10**5000),
+        ValueError,
+        "Anderson lam must be in [0.0, 1000000.0], got an int of 16610 bits",
+        id="anderson-lam-unprintable-int",
+    ),
+    pytest.param(
+        lambda: eq.Broyden(max_backtracks=-(10**5000)),
+        ValueError,
+        "Broyden max_backtracks must be an int in [1, 60], got an int of 16610 bits",
+        id="broyden-backtracks-unprintable-int",
+    ),
     pytest.param(
         lambda: eq.Picard(damping=float("inf")),
         ValueError,
