@@ -60,6 +60,51 @@ def test_keys_map_both_ways(kind, options, suffixes):
     net.load_state_dict(back, strict=True)
 
 
+def _torchdeq_weight(sd, prefix, dim, kind, target=1.0, clip=None):
+    """TorchDEQ 0.1.0's weight of one layer from its state_dict, written out here (its
+    ``compute_weight``: ``factor = g / ||v||`` or ``target / ||v||`` per output channel, or
+    ``target / (u^T W v)`` for spectral norm, then ``min(clip_value, factor)``)."""
+    if kind == "spectral":
+        w = sd[prefix + "weight_orig"]
+        factor = target / torch.dot(
+            sd[prefix + "weight_u"], w.movedim(dim, 0).flatten(1) @ sd[prefix + "weight_v"]
+        )
+    else:
+        w = sd[prefix + "weight_v"]
+        others = [d for d in range(w.dim()) if d != dim]
+        norm = torch.linalg.vector_norm(w, dim=others, keepdim=True)
+        factor = sd.get(prefix + "weight_g", target) / norm
+    if clip is not None:
+        factor = torch.clamp(factor, max=clip)
+    return w * factor
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("weight", {}),
+        ("weight", {"target_norm": 2.0}),
+        ("weight", {"clip": 0.5}),
+        ("weight", {"target_norm": 2.0, "clip": 1.0}),
+        ("spectral", {}),
+        ("spectral", {"target_norm": 0.5, "clip": 1.0}),
+    ],
+)
+def test_mapped_keys_give_torchdeq_the_same_weights(kind, options):
+    # without TorchDEQ: the mapped state_dict, read with TorchDEQ's formulas, gives each layer's
+    # weight (the key test above would not notice g and v, or u and v, swapped both ways)
+    net = _normed(kind, **options)
+    with torch.no_grad():  # away from the initial values, where g = ||v||
+        for p in net.parameters():
+            p.mul_(1.5).add_(0.1)
+    net.eval()
+    theirs = torchdeq_state_dict(net.state_dict())
+    target, clip = options.get("target_norm", 1.0), options.get("clip")
+    for i, dim in ((0, 0), (1, 0), (2, 1)):  # a transposed convolution: per dim 1
+        want = _torchdeq_weight(theirs, f"{i}.", dim, kind, target, clip)
+        torch.testing.assert_close(net[i].weight, want, rtol=1e-12, atol=1e-15)
+
+
 def test_a_torchdeq_layout_loads_into_an_apply_norm_module():
     # a TorchDEQ checkpoint written out by hand: weight norm on layer 0 (learned scale) and 1
     # (fixed norm), spectral norm on layer 2 (learn_scale=False); loaded strictly
