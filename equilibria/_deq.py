@@ -88,9 +88,10 @@ class DEQ(nn.Module):
             statistics, as in BatchNorm in training mode, would change with the batch), each
             compaction copies the solver's history, and very cheap cells gain less than they pay.
             Not with ``backward="unrolled"``.
-        correction: the phantom path of the states before the last in ``layer(x, states=n)``
-            when the backward method is implicit or Neumann (see
-            :func:`equilibria.fixed_point_states`); default ``eq.Phantom(steps=1, damping=1.0)``.
+        correction: the phantom path (``eq.Phantom(...)`` or ``eq.JFB()``) of the states before
+            the last in ``layer(x, states=n)``, whatever the backward method (see
+            :func:`equilibria.fixed_point_states`); default: the backward method itself when it is
+            Phantom or JFB, else ``eq.Phantom(steps=1, damping=1.0)``.
 
     Each forward call resets the cell's :class:`VariationalDropout` masks (in training mode) and
     computes its normalised weights (:func:`apply_norm`) once, reused by every solver iteration and
