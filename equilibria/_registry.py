@@ -95,9 +95,14 @@ class Registry(Mapping[str, type[T]], Generic[T]):
                     f"or pass an object such as {self.example}"
                 )
             return cls()
+        got = (  # a class where an object is expected: say which, and how to make one
+            f"the class {value.__name__} (an object is {value.__name__}(...))"
+            if isinstance(value, type)
+            else type(value).__name__
+        )
         raise TypeError(
             f"{argument} must be a name ({self._quoted()}) or an object such as {self.example}, "
-            f"got {type(value).__name__}"
+            f"got {got}"
         )
 
     def __getitem__(self, name: str) -> type[T]:

@@ -73,7 +73,7 @@ REGISTRY_BAD = [
         TypeError,
         "shape must be a name ('square', 'circle') or an object such as Square(side=2.0), got int",
     ),
-    (lambda s: s.resolve(Square), TypeError, "got type"),
+    (lambda s: s.resolve(Square), TypeError, "got the class Square (an object is Square(...))"),
     (lambda s: s.register(int), TypeError, "a shape must be a subclass of Shape, got"),
     (lambda s: s.register(Shape), TypeError, "needs a non-empty string class attribute 'name'"),
     (
