@@ -115,22 +115,35 @@ def _solve_abs(name, s, dtype, compact):
     return sol, f
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
 @pytest.mark.parametrize("name", ["picard", "anderson", "broyden"])
-def test_samples_of_very_different_scales_in_one_batch(name, dtype):
+def test_samples_of_very_different_scales_in_one_batch(name, dtype, compact):
     # each sample is brought near 1 by its own power of two: one batch holds samples at 1e-30,
-    # 1 and 1e30 (float32) and each is solved as its unit-scale self
-    scales = [SCALES[dtype][0], 1.0, SCALES[dtype][-3]]
+    # 1 and 1e30 (float32) and each is solved as its unit-scale self; with compaction the units
+    # of the samples still iterating follow them (the easy, saturated samples 3 and 4 leave the
+    # batch first)
+    scales = [SCALES[dtype][0], 1.0, SCALES[dtype][-3], SCALES[dtype][-3], SCALES[dtype][0]]
     s = torch.tensor(scales, dtype=dtype).unsqueeze(1)
-    p = Tanh.make(batch=3, d=6, norm=0.9, seed=3, dtype=dtype)
+    p = Tanh.make(batch=5, d=6, norm=0.9, seed=3, dtype=dtype)
+    p.x[3:] *= 30
 
-    def f(z):
-        return s * torch.tanh((z / s) @ p.W.T + p.x)
+    def f(z, index=None):
+        x, si = (p.x, s) if index is None else (p.x[index], s[index])
+        return si * torch.tanh((z / si) @ p.W.T + x)
 
-    sol = eq.solve(f, p.z0(), solver=name, tol=TOL[dtype], max_iter=300)
-    unit = eq.solve(p.f, p.z0(), solver=name, tol=TOL[dtype], max_iter=300)
+    def f_unit(z, index=None):
+        x = p.x if index is None else p.x[index]
+        return torch.tanh(z @ p.W.T + x)
+
+    kwargs = {"solver": name, "tol": TOL[dtype], "max_iter": 300, "compact": compact}
+    sol = eq.solve(f, p.z0(), **kwargs)
+    unit = eq.solve(f_unit, p.z0(), **kwargs)
     assert sol.status is unit.status is eq.Status.CONVERGED
     assert sol.nstep == unit.nstep
+    assert torch.equal(sol.residuals.isnan(), unit.residuals.isnan())  # the same samples left
+    if compact:
+        assert bool(unit.residuals[1:, 3:].isnan().any())  # compaction happened
     rtol = 1e-4 if dtype == F32 else 1e-9
     torch.testing.assert_close(sol.value / s, unit.value, rtol=rtol, atol=0.0)
 
