@@ -267,7 +267,8 @@ def _first_iterate(
 
 class _Units:
     """Per-sample powers of two that bring each sample's values near 1: the solver iterates on
-    the map ``z -> unit * f(z / unit)`` from ``unit * z0`` (all exact in floating point), so its
+    the map ``z -> unit * f(z / unit)`` from ``unit * z0`` (exact in floating point, but for
+    entries so far below their sample's size that they fall among the subnormals), so its
     Gram matrices, dot products and squared norms neither overflow nor underflow however large or
     small the problem's values are, and a problem rescaled by any factor is solved in the same
     steps (by a power of two: bitwise the same). Abs residuals are divided back on the host."""
