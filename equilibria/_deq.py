@@ -69,9 +69,9 @@ class DEQ(nn.Module):
             list or dict of tensors.
         solver: forward solver, name or object (``eq.Anderson(m=6)``).
         backward: backward method, name or object (``eq.Phantom(steps=5, damping=0.5)``). The
-            implicit method's tol, max_iter and stop, when not given, follow the forward solve
-            of the current mode (``eq.DEQ(cell, tol=1e-2, max_iter=25)`` solves its adjoint to
-            1e-2 within 25 iterations); see :class:`Implicit`.
+            implicit method's tol and max_iter, when not given, follow the forward solve of the
+            current mode (``eq.DEQ(cell, tol=1e-2, max_iter=25)`` solves its adjoint to 1e-2
+            within 25 iterations); its stop norm is ``"rel"`` unless given; see :class:`Implicit`.
         tol: forward tolerance in training.
         max_iter: forward budget in training.
         stop: stop norm, ``"rel"`` or ``"abs"``.

@@ -250,7 +250,8 @@ def fixed_point(
         solver: forward solver, name or object.
         backward: backward method, name (``"implicit"``, ``"phantom"``, ``"neumann"``, ``"jfb"``,
             ``"unrolled"``) or object such as ``eq.Phantom(steps=5, damping=0.5)``. The
-            implicit method's tol, max_iter and stop, when not given, are this solve's.
+            implicit method's tol and max_iter, when not given, are this solve's (its stop norm
+            is ``"rel"`` unless given, whatever ``stop`` is; see :class:`Implicit`).
         tol: forward tolerance.
         max_iter: forward iteration budget.
         stop: stop norm, ``"rel"`` or ``"abs"``.
