@@ -150,7 +150,13 @@ def test_cli_help_lists_recipes_and_options(capsys: pytest.CaptureFixture[str]) 
             out = capsys.readouterr().out
             assert "digits" in out and "mosaic" in out and f"{command} RECIPE --help" in out
     assert main(["train"]) == 2  # no recipe: the same list, as an error
-    assert "recipes:" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "recipes:" in captured.out
+    assert captured.err == "equilibria: error: train needs a RECIPE: one of digits, mosaic\n"
+    assert main(["eval"]) == 2  # no checkpoint: the usage line and an error line
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: equilibria eval CHECKPOINT")
+    assert captured.err.startswith("equilibria: error: eval needs a CHECKPOINT")
     assert main(["train", "--help", "digits"]) == 0  # the recipe's options, not a training run
     assert "--backward" in capsys.readouterr().out
     # an option whose help names its effective default gets no second, literal one

@@ -126,7 +126,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.checkpoint is None or args.help:
         print(f"usage: {PROG} eval CHECKPOINT [--json] [options the recipe allows to override]")
-        return 0 if args.help else 2
+        if args.help:
+            return 0
+        raise ConfigError(
+            "eval needs a CHECKPOINT: a checkpoint.safetensors file or its run folder"
+        )
     require_extras("safetensors")
     ckpt = load_checkpoint(args.checkpoint)  # read and verified once
     recipe = get_recipe(ckpt.recipe)
@@ -200,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"usage: {PROG} {args.command} RECIPE [options]\n\nrecipes:")
                 print(_recipe_table())
                 print(f"\n`{PROG} {args.command} RECIPE --help` lists a recipe's options.")
-                return 0 if args.help else 2
+                if args.help:
+                    return 0
+                raise ConfigError(f"{args.command} needs a RECIPE: one of {', '.join(RECIPES)}")
             recipe = get_recipe(args.recipe)
             options = ["--help"] if args.help else args.options  # `train --help digits` too
             if args.command == "train":
