@@ -152,17 +152,17 @@ BAD_CALLS = [
     (
         lambda: StopGradientAttention(4, scale=0.0),
         ValueError,
-        "scale must be in (0.0, inf), got 0.0",
+        "scale must be None or in (0.0, inf), got 0.0",
     ),
     (
         lambda: StopGradientAttention(4, scale=float("nan")),
         ValueError,
-        "scale must be in (0.0, inf), got nan",
+        "scale must be None or in (0.0, inf), got nan",
     ),
     (
         lambda: StopGradientAttention(4, scale="1"),
         TypeError,
-        "scale must be a real number in (0.0, inf), got str '1'",
+        "scale must be None or a real number in (0.0, inf), got str '1'",
     ),
     (
         lambda: StopGradientAttention(4, negative_slope="0.2"),
@@ -182,12 +182,12 @@ BAD_CALLS = [
     (
         lambda: stop_gradient_attention(X, X, X, scale=-1.0),
         ValueError,
-        "scale must be in (0.0, inf), got -1.0",
+        "scale must be None or in (0.0, inf), got -1.0",
     ),
     (
         lambda: stop_gradient_attention(X, X, X, scale=float("nan")),
         ValueError,
-        "scale must be in (0.0, inf), got nan",
+        "scale must be None or in (0.0, inf), got nan",
     ),
     (lambda: attention_map(X, X, scale=0), ValueError, "scale must be in (0.0, inf), got 0"),
     (

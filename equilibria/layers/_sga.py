@@ -70,8 +70,15 @@ def _check_like(
 
 
 def _check_scale(scale: object, allow_none: bool) -> None:
-    if not (allow_none and scale is None):
+    if allow_none and scale is None:
+        return
+    try:
         check_float("scale", scale, low=0.0)
+    except (TypeError, ValueError) as error:
+        if not allow_none:
+            raise
+        # None is allowed too (the default: 1 / sqrt(channels))
+        raise type(error)(str(error).replace("must be", "must be None or", 1)) from None
 
 
 def attention_map(
