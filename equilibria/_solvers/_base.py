@@ -62,11 +62,12 @@ class Solver(abc.ABC):
       of them and Python scalars.
 
     All tensors are flat, (B, D): one independent problem per row, so every reduction is per
-    row. The driver hands the solver values near 1 (a problem whose values lie far from 1 is
-    iterated in per-sample power-of-two units), so a solver's products need no guard against
-    overflow; ``step`` is only called while some sample has not converged, and the driver keeps
-    the best iterate, so a solver returns its latest one. Register the class with
-    :func:`equilibria.register_solver` to use it by name.
+    row. The driver hands the solver samples whose sizes lie within 2^+-32 (float32 and lower) or
+    2^+-256 (float64) of 1 (a problem whose values lie further out is iterated in per-sample
+    power-of-two units), so a solver's products need no guard against overflow; ``step`` is only
+    called while some sample has not converged, and the driver keeps the best iterate, so a
+    solver returns its latest one. Register the class with :func:`equilibria.register_solver` to
+    use it by name.
 
     Example:
         A Picard iteration whose per-sample damping halves whenever a step increases that
