@@ -324,6 +324,11 @@ class DEQ(nn.Module):
         state["_adjoint_cache"] = SampleCache()
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "options" not in state:  # pickled by equilibria 0.1.0 before the Options object
+            state = _from_options_attributes(state)
+        super().__setstate__(state)
+
     def __deepcopy__(self, memo: dict[int, Any]) -> DEQ:
         # a deep copy (snapshots, EMA models) keeps everything, last_solution's statistics
         # included (BackwardInfo drops its recorded graph, which torch cannot deep-copy)
@@ -338,6 +343,26 @@ class DEQ(nn.Module):
             f"max_iter={self.max_iter}, eval_tol={self.eval_tol:g}, "
             f"eval_max_iter={self.eval_max_iter}, stop={self.stop!r}, compact={self.compact}"
         )
+
+
+def _from_options_attributes(state: dict[str, Any]) -> dict[str, Any]:
+    """The state of a DEQ pickled when its options were plain attributes (``solver``, ``tol``,
+    ..., the eval budget copied at construction, the caches dicts of id -> row), as this
+    version keeps it; the unpickled layer solves as it did."""
+    state = dict(state)
+    names = ("solver", "backward", "tol", "max_iter", "stop", "warn_unconverged", "compact")
+    state["options"] = Options(**{name: state.pop(name) for name in names})
+    # given or copied from tol / max_iter at construction: either way the value it solved with
+    state["_eval_tol"] = state.pop("eval_tol")
+    state["_eval_max_iter"] = state.pop("eval_max_iter")
+    state.setdefault("correction", None)
+    state["_using"] = None
+    state.pop("_pending", None)
+    for name in ("_state_cache", "_adjoint_cache"):
+        cache = SampleCache()
+        cache.rows.update(state.get(name) or {})
+        state[name] = cache
+    return state
 
 
 def _keys(cache_key: Sequence[int] | torch.Tensor) -> list[int]:

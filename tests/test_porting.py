@@ -266,6 +266,53 @@ def test_torch_save_after_a_training_step_stays_near_the_model_size():
     assert model[0].last_solution is not None  # saving did not change the live module
 
 
+def test_a_deq_pickled_before_the_options_object_loads_and_solves():
+    """torch.save(model) of equilibria 0.1.0 before issue 11 kept the options as attributes
+    (``solver``, ``tol``, ..., ``eval_tol``/``eval_max_iter`` as numbers, the caches as dicts and
+    a ``_pending`` adjoint harvest): such a file loaded, but its repr and its first call raised
+    AttributeError 'DEQ' object has no attribute 'solver'. The state below is that layout (the
+    keys of a DEQ pickled by 3c797fa)."""
+    torch.manual_seed(0)
+    new = eq.DEQ(_LinCell(nn.Linear(4, 4)), backward=eq.Phantom(steps=2), tol=1e-3, max_iter=17)
+    state = {k: v for k, v in new.__dict__.items() if not k.startswith(("_eval", "_using"))}
+    for name in ("options", "correction", "_state_cache", "_adjoint_cache"):
+        del state[name]
+    row = torch.full((4,), 0.25)
+    state.update(
+        solver=eq.Anderson(),
+        backward=eq.Phantom(steps=2),
+        tol=1e-3,
+        max_iter=17,
+        stop="abs",
+        eval_tol=1e-5,
+        eval_max_iter=33,
+        warn_unconverged=False,
+        compact=False,
+        _state_cache={7: row},
+        _adjoint_cache={},
+        _pending=None,
+    )
+    loaded = eq.DEQ.__new__(eq.DEQ)  # what unpickling does: a bare object, then its state
+    loaded.__setstate__(state)
+    assert isinstance(loaded, eq.DEQ) and "max_iter=17" in repr(loaded)
+    assert (loaded.solver, loaded.backward, loaded.tol, loaded.stop) == (
+        eq.Anderson(),
+        eq.Phantom(steps=2),
+        1e-3,
+        "abs",
+    )
+    assert (loaded.eval_tol, loaded.eval_max_iter, loaded.correction) == (1e-5, 33, None)
+    assert torch.equal(loaded._state_cache.rows[7], row) and len(loaded._adjoint_cache) == 0
+    x = torch.randn(3, 4)
+    loaded(x, max_iter=1, cache_key=[7, 8, 9])
+    assert loaded.last_solution.nstep == 1
+    loaded(x).sum().backward()
+    assert loaded.last_solution.backward.method == "phantom"
+    loaded.eval()
+    loaded(x)
+    assert loaded.last_solution.tol == 1e-5
+
+
 class _LinCell(nn.Module):
     def __init__(self, lin):
         super().__init__()
