@@ -264,10 +264,10 @@ class RunFolder:
     def failure(self) -> str | None:
         """The error a failed run recorded with :meth:`fail`, else None."""
         try:
-            summary = json.loads((self.path / SUMMARY).read_text())
-        except (OSError, ValueError):
+            summary = read_json(self.path / SUMMARY)
+        except RunFolderError:  # missing or damaged: no failure recorded
             return None
-        if isinstance(summary, dict) and summary.get("status") == "failed":
+        if summary.get("status") == "failed":
             return str(summary.get("error"))
         return None
 
