@@ -215,6 +215,12 @@ MOSAIC_BAD = [
     ({"channels": 8, "rank": 9}, ConfigError, "MosaicConfig: rank must be in [1, 8], got 9"),
     ({"seed": 2**32}, ConfigError, "MosaicConfig: seed must be in [0, 4294967295], got 4294967296"),
     ({"occupancy": 0}, ConfigError, "MosaicConfig: occupancy must be in (0, 1], got 0.0"),
+    (  # a saved config asked for 4e9 test pixels (about 200 GB while drawn)
+        {"grid": 8, "test_canvases": 10**6},
+        ConfigError,
+        "MosaicConfig: test_canvases must be <= 16384 for grid=8 (at most 67,108,864 test "
+        "pixels, built at once), got 1000000",
+    ),
     ({"steps": 2.5}, ConfigTypeError, "MosaicConfig: steps must be int, got 2.5"),
     (
         {"block": "mlp"},

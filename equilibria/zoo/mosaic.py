@@ -54,6 +54,10 @@ __all__ = [
 NUM_CLASSES = 3  # background, same class as the key, other class
 CLASS_NAMES = ("background", "match", "other")  # for "majority": majority, minority
 _TEST_SEED = 10_000  # the test canvases are the same for every run
+# the most test-set pixels (test_canvases x (8 grid)^2) a config may ask for: they are built at
+# once, about 42 bytes a pixel while drawn (2.8 GB at this bound; 10**6 canvases of grid 8, allowed
+# before, would take 170 GB), so neither an option nor a crafted saved config asks for more
+_MAX_TEST_PIXELS = 2**26
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,12 @@ class MosaicConfig(RunOptions):
         }
         for name, (low, high) in bounds.items():
             check_range(self, name, low=low, high=high)
+        most = _MAX_TEST_PIXELS // (self.grid * _DIGIT) ** 2
+        if self.test_canvases > most:
+            raise ConfigError(
+                f"MosaicConfig: test_canvases must be <= {most} for grid={self.grid} (at most "
+                f"{_MAX_TEST_PIXELS:,} test pixels, built at once), got {self.test_canvases}"
+            )
         positions = (self.grid * _DIGIT // 2) ** 2
         if self.rank > positions:
             raise ConfigError(
