@@ -91,7 +91,7 @@ def test_an_interrupted_comparison_resumes_in_its_folder(tmp_path: Path) -> None
         assert (a["method"], a["test_acc"], a["cos_trained"]) == (
             b["method"], b["test_acc"], b["cos_trained"]
         )  # fmt: skip
-    with pytest.raises(ConfigError, match="already holds a finished sweep"):
+    with pytest.raises(ConfigError, match=r"already holds a finished sweep \(its compare.json\)"):
         compare_gradients(dataclasses.replace(part, resume=True))
     with pytest.raises(ConfigError, match="holds no sweep to continue"):
         compare_gradients(CompareConfig(**tiny, run_dir=str(tmp_path / "new"), resume=True))

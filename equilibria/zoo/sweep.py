@@ -246,7 +246,9 @@ def _check_folder(root: Path, resume: bool, record: str) -> None:
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--run-dir {root} is a file, not a folder; choose a folder")
     if (root / record).exists():
-        raise ConfigError(f"{root} already holds a finished sweep; choose another --run-dir")
+        raise ConfigError(
+            f"{root} already holds a finished sweep (its {record}); choose another --run-dir"
+        )
     if resume and not (root / "runs").is_dir():
         raise ConfigError(f"--resume: {root} holds no sweep to continue (no runs/ folder)")
     if not resume and root.is_dir() and any(root.iterdir()):
