@@ -223,6 +223,11 @@ MOSAIC_BAD = [
     ),
     ({"steps": 2.5}, ConfigTypeError, "MosaicConfig: steps must be int, got 2.5"),
     (
+        {"resume": True},
+        ConfigError,
+        "MosaicConfig: resume needs run_dir (the folder of the run to continue)",
+    ),
+    (
         {"block": "mlp"},
         ConfigError,
         "MosaicConfig: block must be one of ('conv', 'attention', 'ham'), got 'mlp'",

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed, evaluation, trainer
-from .config import ConfigError, check_fields, check_range, option
+from .config import ConfigError, check_range, option
 from .digits_model import (
     TEST_SIZE,
     TRAIN_SIZE,
@@ -114,7 +114,7 @@ class DigitsConfig(RunOptions):
     device: Literal["auto", "cpu", "cuda"] = option("auto", "device (auto: CUDA if available)")
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         name = type(self).__name__
         for field in ("width", "groups", "anderson_m", "max_iter", "eval_max_iter"):
             check_range(self, field, low=1)
@@ -148,8 +148,6 @@ class DigitsConfig(RunOptions):
                 f"{name}: correction_states={self.correction_states} needs backward 'phantom' "
                 f"or 'jfb' (the intermediate states are not equilibria), got {self.backward!r}"
             )
-        if self.resume and not self.run_dir:
-            raise ConfigError(f"{name}: resume needs run_dir (the folder of the run to continue)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from equilibria.layers import Hamburger
 
 from . import trainer
-from .config import ConfigError, check_fields, check_range, option
+from .config import ConfigError, check_range, option
 from .distributed import DistInfo
 from .mosaic_data import _DIGIT, Canvases, _digit_pools, make_canvases
 from .sweep import SweepConfig, SweepResult, run_sweep
@@ -109,7 +109,7 @@ class MosaicConfig(RunOptions):
     threads: int = option(2, "torch CPU threads (see RunOptions)", resumable=True)
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        super().__post_init__()
         bounds = {
             "grid": (2, 8),
             "channels": (4, 1024),
@@ -142,10 +142,6 @@ class MosaicConfig(RunOptions):
         check_range(self, "aux_weight", low=0)
         check_range(self, "occupancy", low=0, high=1, low_open=True)
         check_range(self, "match_prob", low=0, high=1)
-        if self.resume and not self.run_dir:
-            raise ConfigError(
-                "MosaicConfig: resume needs run_dir (the folder of the run to continue)"
-            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .config import option
+from .config import ConfigError, check_fields, option
 from .distributed import DistInfo
 
 
@@ -55,6 +55,15 @@ class RunOptions:
         True, "measure peak memory on the first step of each epoch", resumable=True
     )
     report: bool = option(True, "write report.md with plots at the end", resumable=True)
+
+    def __post_init__(self) -> None:
+        """Check every field's type, and that ``resume`` comes with ``run_dir``; a recipe's
+        config calls this first and adds its own checks."""
+        check_fields(self)
+        if self.resume and not self.run_dir:
+            raise ConfigError(
+                f"{type(self).__name__}: resume needs run_dir (the folder of the run to continue)"
+            )
 
 
 @dataclass(frozen=True)
