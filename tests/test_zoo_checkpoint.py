@@ -743,3 +743,23 @@ def test_an_empty_tensor_may_share_its_offset_with_the_next_one(tmp_path: Path) 
     assert load_file(str(path))["model/e"].shape == (0,)
     with pytest.raises(CheckpointError, match="lacks the tensors"):  # checked past the offsets
         load_checkpoint(path)
+
+
+def test_a_file_that_shrinks_before_its_length_is_read_is_a_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The size is taken once (fstat); a file cut below 8 bytes after that was a struct.error."""
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(b"\x00" * 4)
+    real = os.fstat
+
+    def grown(fd: int) -> os.stat_result:
+        st = list(real(fd))
+        st[6] = 4096  # st_size: as it was before the file was cut
+        return os.stat_result(st)
+
+    monkeypatch.setattr(ckpt_file.os, "fstat", grown)
+    with pytest.raises(
+        CheckpointError, match="truncated checkpoint \\(it shrank while it was read"
+    ):
+        load_checkpoint(path)

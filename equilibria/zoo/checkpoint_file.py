@@ -253,7 +253,8 @@ def _read_layout(fh: IO[bytes], size: int, path: Path) -> _Layout:
     """Read and check the length and the header, without reading any tensor data."""
     if size < 8:
         raise CheckpointError(f"{path}: truncated checkpoint ({size} bytes)")
-    length = fh.read(8)
+    length = bytearray(8)
+    _read_into(fh, length, path)
     (n,) = struct.unpack("<Q", length)
     if n > MAX_HEADER_BYTES:
         raise _corrupted(path, f"its header length {n} exceeds the limit of {MAX_HEADER_BYTES}")
@@ -306,7 +307,7 @@ def _read_layout(fh: IO[bytes], size: int, path: Path) -> _Layout:
             f"{path}: truncated or corrupted checkpoint (its header places {end} bytes of tensor "
             f"data, the file has {data_bytes} after the header)"
         )
-    return _Layout(length + bytes(raw), digest.decode(), meta[_META_KEY], entries, data_bytes)
+    return _Layout(bytes(length + raw), digest.decode(), meta[_META_KEY], entries, data_bytes)
 
 
 def _read_data(fh: IO[bytes], layout: _Layout, path: Path, *, keep: bool) -> dict[str, Tensor]:
