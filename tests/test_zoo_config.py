@@ -215,6 +215,7 @@ MOSAIC_BAD = [
     ({"channels": 8, "rank": 9}, ConfigError, "MosaicConfig: rank must be in [1, 8], got 9"),
     ({"seed": 2**32}, ConfigError, "MosaicConfig: seed must be in [0, 4294967295], got 4294967296"),
     ({"occupancy": 0}, ConfigError, "MosaicConfig: occupancy must be in (0, 1], got 0.0"),
+    ({"threads": -1}, ConfigError, "MosaicConfig: threads must be in [0, 256], got -1"),
     (  # a saved config asked for 4e9 test pixels (about 200 GB while drawn)
         {"grid": 8, "test_canvases": 10**6},
         ConfigError,
@@ -242,6 +243,15 @@ def test_mosaic_config_errors_name_option_value_and_allowed(
     with pytest.raises(exc) as info:
         MosaicConfig(**options)  # type: ignore[arg-type]
     assert str(info.value) == message
+
+
+def test_mosaic_threads_follow_the_run_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """0 is torch's default, as for every recipe (mosaic refused it though its help referred to
+    the run options, which allow it)."""
+    assert MosaicConfig(threads=0).threads == 0
+    assert main(["train", "mosaic", "--help"]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "--threads INT torch CPU threads (0 = torch's default)" in flat
 
 
 def test_mosaic_cli_errors(capsys: pytest.CaptureFixture[str]) -> None:

@@ -106,7 +106,12 @@ class MosaicConfig(RunOptions):
         "optimisation steps per epoch: the test canvases are evaluated and a checkpoint "
         "written after each",
     )
-    threads: int = option(2, "torch CPU threads (see RunOptions)", resumable=True)
+    threads: int = option(
+        2,
+        "torch CPU threads (0 = torch's default); a CPU run resumes only with the thread count "
+        "it was trained with, which changes the numbers",
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,7 +125,7 @@ class MosaicConfig(RunOptions):
             "batch_size": (2, 4096),
             "test_canvases": (1, 10**6),
             "eval_every": (1, 10**7),
-            "threads": (1, 256),
+            "threads": (0, 256),
             "seed": (0, 2**32 - 1),  # numpy's seed range
         }
         for name, (low, high) in bounds.items():
