@@ -74,7 +74,21 @@ def make_canvases(
     """
     cells = grid * grid
     if task == "majority":
-        return _majority_canvases(rng, images, labels, count, grid=grid, occupancy=occupancy)
+        classes, occupied, cell_label, mask = _majority_cells(rng, count, cells, occupancy)
+    else:
+        classes, occupied, cell_label, mask = _key_cells(rng, count, cells, occupancy, match_prob)
+    index = _sample_images(rng, labels, classes)
+    return _render(images[index] * occupied[..., None, None], mask, cell_label, classes, grid)
+
+
+_Cells = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Per cell (count, cells): digit class, occupied, label (1 or 2), mask channel value."""
+
+
+def _key_cells(
+    rng: np.random.Generator, count: int, cells: int, occupancy: float, match_prob: float
+) -> _Cells:
+    """A marked key digit per canvas; label 1 for the digits of its class, 2 otherwise."""
     key_class = rng.integers(0, 10, count)
     other = (key_class[:, None] + rng.integers(1, 10, (count, cells))) % 10
     classes = np.where(rng.random((count, cells)) < match_prob, key_class[:, None], other)
@@ -83,11 +97,22 @@ def make_canvases(
     rows = np.arange(count)
     occupied[rows, key_cell] = True
     classes[rows, key_cell] = key_class
-    index = _sample_images(rng, labels, classes)
     key_mask = np.zeros((count, cells), dtype=np.float32)
     key_mask[rows, key_cell] = 1.0
-    cell_label = np.where(classes == key_class[:, None], 1, 2)  # (count, cells)
-    return _render(images[index] * occupied[..., None, None], key_mask, cell_label, classes, grid)
+    return classes, occupied, np.where(classes == key_class[:, None], 1, 2), key_mask
+
+
+def _majority_cells(rng: np.random.Generator, count: int, cells: int, occupancy: float) -> _Cells:
+    """Two classes per canvas; label 1 for the digits of the more frequent class, 2 otherwise."""
+    digits = max(3, round(occupancy * cells))
+    major = np.minimum(digits // 2 + 1 + rng.integers(0, 2, count), digits - 1)  # (count,)
+    first = rng.integers(0, 10, count)
+    second = (first + rng.integers(1, 10, count)) % 10
+    rank = rng.random((count, cells)).argsort(axis=1).argsort(axis=1)  # random order of cells
+    is_major = rank < major[:, None]
+    classes = np.where(is_major, first[:, None], second[:, None])
+    empty_mask = np.zeros((count, cells), dtype=np.float32)
+    return classes, rank < digits, np.where(is_major, 1, 2), empty_mask
 
 
 def _sample_images(rng: np.random.Generator, labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -123,28 +148,3 @@ def _render(
         np.where(stroke, tile(cell_label), 0).astype(np.int64),
         np.where(stroke, tile(cell_class), -1).astype(np.int64),
     )
-
-
-def _majority_canvases(
-    rng: np.random.Generator,
-    images: np.ndarray,
-    labels: np.ndarray,
-    count: int,
-    *,
-    grid: int,
-    occupancy: float,
-) -> Canvases:
-    """Two classes per canvas; label 1 for the digits of the more frequent class, 2 otherwise."""
-    cells = grid * grid
-    digits = max(3, round(occupancy * cells))
-    major = np.minimum(digits // 2 + 1 + rng.integers(0, 2, count), digits - 1)  # (count,)
-    first = rng.integers(0, 10, count)
-    second = (first + rng.integers(1, 10, count)) % 10
-    rank = rng.random((count, cells)).argsort(axis=1).argsort(axis=1)  # random order of cells
-    is_major = rank < major[:, None]
-    occupied = rank < digits
-    classes = np.where(is_major, first[:, None], second[:, None])
-    index = _sample_images(rng, labels, classes)
-    cell_label = np.where(is_major, 1, 2)
-    empty_mask = np.zeros((count, cells), dtype=np.float32)
-    return _render(images[index] * occupied[..., None, None], empty_mask, cell_label, classes, grid)
