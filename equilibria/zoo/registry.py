@@ -127,3 +127,11 @@ register(
         task="MosaicTask",
     )
 )
+register(
+    Recipe(
+        name="diffusion",
+        summary="epsilon-MLP on digits; DDIM sampled sequentially and as one parallel fixed point",
+        module="equilibria.zoo.diffusion",
+        task="DiffusionTask",
+    )
+)
