@@ -28,6 +28,7 @@ from equilibria.layers._hamburger import _fold_batch_norm
 
 F64 = torch.float64
 HAMS = tuple(DECOMPOSITIONS)  # the registry drives the tables
+GRADS = ("one_step", "jfb", "unrolled", "bptt")  # "bptt": the documented alias of "unrolled"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_shapes_and_rank_from_bases(ham, bases_ndim):
 
 @pytest.mark.parametrize("ham", HAMS)
 @pytest.mark.parametrize("steps", [0, 1, 5])
-@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+@pytest.mark.parametrize("grad", GRADS)
 @pytest.mark.parametrize("custom", [False, True])
 def test_forward_matches_reference(ham, steps, grad, custom):
     x = make_input(ham, batch=2, dim=6, n=9)
@@ -216,6 +217,61 @@ def test_one_step_gradient_is_the_last_step_with_earlier_steps_constant(ham):
     assert not torch.allclose(grad, grad_full)
 
 
+def ref_one_recorded_step(ham, x, d, c, inv_t, eps=1e-6):
+    """One full (C, D) update written out from the paper's equations, recorded by autograd."""
+    if ham == "nmf":
+        c = c * (x.mT @ d) / (c @ (d.mT @ d) + eps)
+        return d * (x @ c) / (d @ (c.mT @ c) + eps), c
+    return ref_cluster_iterate(x, d, 1, inv_t, ham == "cd", eps)
+
+
+@pytest.mark.parametrize("ham", HAMS)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_jfb_gradient_is_one_recorded_step_from_the_detached_iterate(ham, steps):
+    """grad="jfb": autograd through the last full update of both factors and the final C update,
+    from the iterate after steps - 1 updates computed without gradient, by hand."""
+    x = make_input(ham, batch=2, dim=6, n=9, requires_grad=True)
+    d0 = init_bases(ham, 2, 6, 3).requires_grad_()
+    inv_t = 1.0 if ham == "nmf" else 5.0  # a softer assignment: the bases' gradient is not tiny
+    weight = torch.randn(2, 6, 9, dtype=F64)
+    dec = DECOMPOSITIONS[ham](x, bases=d0, steps=steps, inv_t=inv_t, grad="jfb")
+    assert dec.bases.requires_grad  # the bases carry the gradient of the last update
+    loss = (dec.reconstruct() * weight).sum()
+    (grad,) = torch.autograd.grad(loss, x)
+    assert not torch.autograd.grad(loss, d0, allow_unused=True, materialize_grads=True)[0].any()
+    iterate, final = REFERENCE[ham]
+    with torch.no_grad():  # the detached iterate (C_{K-1}, D_{K-1})
+        d, c = iterate(x, d0, steps - 1, inv_t=inv_t)
+    d, c = ref_one_recorded_step(ham, x, d, c, inv_t)
+    ref = d @ final(x, d, c, inv_t=inv_t).mT
+    torch.testing.assert_close(dec.reconstruct(), ref)
+    (grad_ref,) = torch.autograd.grad((ref * weight).sum(), x)
+    torch.testing.assert_close(grad, grad_ref)
+    # and it is neither the paper's one-step gradient (bases constant) nor BPTT's
+    others = {}
+    for other in ("one_step", "unrolled"):
+        dec_other = DECOMPOSITIONS[ham](x, bases=d0.detach(), steps=steps, inv_t=inv_t, grad=other)
+        (others[other],) = torch.autograd.grad((dec_other.reconstruct() * weight).sum(), x)
+    assert not torch.allclose(grad, others["one_step"])
+    if steps > 1 or ham == "nmf":  # one VQ/CD step from constant bases is the whole unrolling
+        assert not torch.allclose(grad, others["unrolled"])
+    else:
+        torch.testing.assert_close(grad, others["unrolled"])
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_jfb_without_steps_is_the_one_step_gradient(ham):
+    """steps=0 has no full update to differentiate: the final coefficients from the initial
+    (detached) iterate, like "one_step"."""
+    x = make_input(ham, batch=2, dim=6, n=9, requires_grad=True)
+    d0 = init_bases(ham, 2, 6, 3)
+    grads = []
+    for grad in ("jfb", "one_step"):
+        dec = DECOMPOSITIONS[ham](x, bases=d0, steps=0, inv_t=2.0, grad=grad)
+        grads.append(torch.autograd.grad(dec.reconstruct().square().sum(), x)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("ham", HAMS)
 def test_bptt_gradient_matches_unrolled_reference_and_gradcheck(ham):
     x = make_input(ham, batch=1, dim=4, n=6, requires_grad=True)
@@ -282,14 +338,17 @@ def test_one_step_memory_does_not_grow_with_steps(ham):
     x = make_input(ham, batch=2, dim=16, n=64, requires_grad=True)
     d0 = init_bases(ham, 2, 16, 8)
     saved = {}
-    for grad in ("one_step", "bptt"):
+    counts = {}
+    for grad in ("one_step", "jfb", "unrolled"):
         for steps in (1, 4, 16):
             with count_saved_bytes() as seen:
                 DECOMPOSITIONS[ham](x, bases=d0, steps=steps, grad=grad).reconstruct()
-            saved[grad, steps] = sum(seen.values())
-    assert saved["one_step", 1] == saved["one_step", 4] == saved["one_step", 16]
-    assert saved["bptt", 1] < saved["bptt", 4] < saved["bptt", 16]
-    assert saved["one_step", 16] < saved["bptt", 1]
+            saved[grad, steps], counts[grad, steps] = sum(seen.values()), len(seen)
+    for grad in ("one_step", "jfb"):  # flat in the steps: bytes and number of saved tensors
+        assert saved[grad, 1] == saved[grad, 4] == saved[grad, 16]
+        assert counts[grad, 1] == counts[grad, 4] == counts[grad, 16]
+    assert saved["unrolled", 1] < saved["unrolled", 4] < saved["unrolled", 16]
+    assert saved["one_step", 16] < saved["jfb", 16] <= saved["unrolled", 1]
 
 
 @pytest.mark.parametrize("ham", HAMS)
@@ -346,7 +405,7 @@ def reference_block(block, x, bases, steps, state):
 @pytest.mark.parametrize("ham", HAMS)
 @pytest.mark.parametrize("norm", ["batch", "none"])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+@pytest.mark.parametrize("grad", GRADS)
 @pytest.mark.parametrize("tokens", [False, True])
 @pytest.mark.parametrize("custom", [False, True])
 def test_hamburger_matches_unfused_reference(ham, norm, training, grad, tokens, custom):
@@ -461,7 +520,8 @@ def test_random_init_draws_new_bases_at_each_call():
 def test_hamburger_grad_modes_same_forward_and_memory(ham):
     torch.manual_seed(4)
     blocks = {grad: Hamburger(8, ham=ham, dim=8, rank=4, grad=grad, init="online", dtype=F64)
-              for grad in ("one_step", "bptt")}  # fmt: skip
+              for grad in ("one_step", "jfb", "bptt")}  # fmt: skip
+    blocks["jfb"].load_state_dict(blocks["one_step"].state_dict())
     blocks["bptt"].load_state_dict(blocks["one_step"].state_dict())
     x = torch.randn(2, 8, 6, 6, dtype=F64, requires_grad=True)
     saved = {}
@@ -473,9 +533,11 @@ def test_hamburger_grad_modes_same_forward_and_memory(ham):
                 outs[grad] = block(x)
             saved[grad, steps] = sum(seen.values())
             outs[grad].sum().backward()
-        torch.testing.assert_close(outs["one_step"], outs["bptt"])
-        torch.testing.assert_close(blocks["one_step"].bases, blocks["bptt"].bases)
+        for grad in ("jfb", "bptt"):
+            torch.testing.assert_close(outs["one_step"], outs[grad])
+            torch.testing.assert_close(blocks["one_step"].bases, blocks[grad].bases)
     assert saved["one_step", 2] == saved["one_step", 8]
+    assert saved["jfb", 2] == saved["jfb", 8] < saved["bptt", 8]
     assert saved["bptt", 2] < saved["bptt", 8]
     assert x.grad is not None and torch.isfinite(x.grad).all()
     for block in blocks.values():
@@ -494,7 +556,7 @@ def test_hamburger_without_lower_bread_and_dtypes():
 
 
 @pytest.mark.parametrize("ham", HAMS)
-@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+@pytest.mark.parametrize("grad", GRADS)
 @pytest.mark.parametrize("init", ["random", "online"])
 @pytest.mark.parametrize("tokens", [False, True])
 def test_hamburger_under_autocast(ham, grad, init, tokens):
@@ -586,7 +648,7 @@ def _assert_low_precision_close(ham, out, ref, grads, grads_ref, block):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("ham", HAMS)
-@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+@pytest.mark.parametrize("grad", ["one_step", "jfb", "unrolled"])
 def test_half_precision_blocks(dtype, ham, grad):
     # (float16 NMF with bptt records its updates in float32: in float16 the backward overflows)
     torch.manual_seed(9)
@@ -648,7 +710,7 @@ def test_folded_batch_norm_of_a_constant_channel_in_half_precision(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("grad", ["one_step", "bptt"])
+@pytest.mark.parametrize("grad", ["one_step", "jfb", "unrolled"])
 def test_cd_half_precision_matches_float32(dtype, grad):
     """CD's ridge solve runs in float32 for half-precision inputs and is cast back."""
     torch.manual_seed(10)
@@ -664,13 +726,17 @@ def test_cd_half_precision_matches_float32(dtype, grad):
 
 
 @pytest.mark.parametrize("ham", HAMS)
-def test_bfloat16_iterations_stay_close_to_full_precision(ham):
+@pytest.mark.parametrize("grad", ["one_step", "jfb"])
+def test_bfloat16_iterations_stay_close_to_full_precision(ham, grad):
     torch.manual_seed(5)
     x = make_input(ham, batch=2, dim=32, n=200, dtype=torch.float32, requires_grad=True)
     d0 = init_bases(ham, 2, 32, 8, dtype=torch.float32)
     fn = DECOMPOSITIONS[ham]
-    full = fn(x, bases=d0, steps=6)
-    fast = fn(x, bases=d0, steps=6, iter_dtype=torch.bfloat16)
+    # jfb differentiates a cluster step of VQ/CD, whose inv_t = 100 assignments make the gradient
+    # near-discontinuous in the iterate (CD's cosine is 0.94 at 100, 0.99994 at 10)
+    options = {"inv_t": 10.0} if grad == "jfb" and ham != "nmf" else {}
+    full = fn(x, bases=d0, steps=6, grad=grad, **options)
+    fast = fn(x, bases=d0, steps=6, grad=grad, iter_dtype=torch.bfloat16, **options)
     assert fast.coef.dtype == torch.float32
     assert not torch.equal(fast.bases, full.bases)  # the bfloat16 products were used
     err_full = (x - full.reconstruct()).norm()
@@ -742,7 +808,7 @@ BAD_CALLS = [
     (
         lambda: nmf(X, 2, grad="full"),
         ValueError,
-        "grad must be one of 'one_step', 'bptt', got 'full'",
+        "grad must be one of 'one_step', 'jfb', 'unrolled', 'bptt', got 'full'",
     ),
     (lambda: nmf(X, 2, eps=0.0), ValueError, "eps must be in (0.0, inf), got 0.0"),
     (lambda: vq(X, 2, inv_t=0.0), ValueError, "inv_t must be in (0.0, inf), got 0.0"),
@@ -764,8 +830,8 @@ BAD_CALLS = [
     (
         lambda: Hamburger(8, grad="bptt", iter_dtype=torch.bfloat16),
         ValueError,
-        "iter_dtype=torch.bfloat16 applies to grad='one_step' only (or must equal the parameter "
-        "dtype torch.float32), got grad='bptt'",
+        "iter_dtype=torch.bfloat16 applies to grad='one_step' or 'jfb' only (or must equal the "
+        "parameter dtype torch.float32), got grad='bptt'",
     ),
     (lambda: nmf(X_NAN, 2), ValueError, "nmf: x must be finite (no NaN or Inf), got 1 non-finite"),
     (lambda: nmf(X_NAN, 2), ValueError, "the first nan at index (1, 2, 3)"),
@@ -936,6 +1002,22 @@ def test_iter_dtype_equal_to_the_working_dtype_is_allowed_with_bptt(ham):
         same.load_state_dict(plain.state_dict())
         maps = torch.randn(2, 6, 3, 3, dtype=dtype)
         torch.testing.assert_close(same(maps), plain(maps))
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_bptt_is_a_documented_alias_of_unrolled(ham):
+    """The grad names follow the core's backward methods (eq.JFB, eq.Unrolled); "bptt", the name
+    before, keeps working (no warning: saved configs and run folders use it) and means the
+    same computation."""
+    x = make_input(ham, batch=2, dim=6, n=9, requires_grad=True)
+    d0 = init_bases(ham, 2, 6, 3)
+    grads = []
+    for grad in ("bptt", "unrolled"):
+        dec = DECOMPOSITIONS[ham](x, bases=d0, steps=3, grad=grad)
+        grads.append(torch.autograd.grad(dec.reconstruct().square().sum(), x)[0])
+    assert torch.equal(grads[0], grads[1])
+    block = Hamburger(6, ham=ham, dim=6, rank=2, grad="bptt")
+    assert block.grad == "unrolled" and "grad='unrolled'" in repr(block)
 
 
 # ---------------------------------------------------------------------------------------------

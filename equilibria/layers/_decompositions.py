@@ -2,12 +2,21 @@
 
 Each function factorises a batch of matrices X ∈ R^{d×n} (d features, n positions) as X ≈ D Cᵀ with
 bases D ∈ R^{d×r} and coefficients C ∈ R^{n×r}, running ``steps`` alternating updates of C and D and
-one final update of C. The final update is the only one that must carry a gradient: with
-``grad="one_step"`` the earlier updates run in place under ``torch.no_grad`` (memory independent of
-``steps``), with ``grad="bptt"`` autograd records every update.
+one final update of C. Three gradients (``grad=``), named like the core's backward methods:
+
+* ``"one_step"`` (the paper's): the earlier updates run in place under ``torch.no_grad`` and only
+  the final C update is differentiated, with D and the previous C held constant (memory
+  independent of ``steps``). No gradient reaches x through the bases.
+* ``"jfb"`` (Jacobian-free, like :class:`equilibria.JFB`): the first ``steps - 1`` updates run
+  without gradient and the last full update of both factors (C, then D) and the final C update are
+  differentiated from that detached iterate, so the gradient also flows through the bases; memory
+  is still independent of ``steps``.
+* ``"unrolled"`` (like :class:`equilibria.Unrolled`; ``"bptt"`` is an alias): autograd records
+  every update, memory grows with ``steps``.
 
 Reference: Z. Geng, M.-H. Guo, H. Chen, X. Li, K. Wei, Z. Lin, "Is Attention Better Than Matrix
-Decomposition?", ICLR 2021, §2.2 (NMF, VQ, CD) and §2.3 (one-step gradient).
+Decomposition?", ICLR 2021, §2.2 (NMF, VQ, CD) and §2.3 (one-step gradient); S. W. Fung et al.,
+"JFB: Jacobian-Free Backpropagation for Implicit Networks", AAAI 2022.
 """
 
 from __future__ import annotations
@@ -32,15 +41,23 @@ __all__ = [
     "vq",
 ]
 
-GradMode = Literal["one_step", "bptt"]
-_GRAD_MODES = ("one_step", "bptt")
+GradMode = Literal["one_step", "jfb", "unrolled", "bptt"]
+_GRAD_MODES = ("one_step", "jfb", "unrolled", "bptt")
+_GRAD_ALIASES = {"bptt": "unrolled"}  # the name before the core's vocabulary; kept, documented
+
+
+def _grad_mode(grad: object) -> str:
+    """The canonical name of a ``grad=`` value ("bptt" is "unrolled"); others raise ValueError."""
+    check_choice("grad", grad, _GRAD_MODES)
+    return _GRAD_ALIASES.get(grad, grad)  # type: ignore[arg-type, return-value]
 
 
 class Decomposition(NamedTuple):
     """Factors of X ≈ D Cᵀ returned by :func:`nmf`, :func:`vq` and :func:`cd`.
 
     Attributes:
-        bases: D, shape (B, d, r). Detached from the graph when ``grad="one_step"``.
+        bases: D, shape (B, d, r). Detached from the graph when ``grad="one_step"``; with
+            ``"jfb"`` it carries the gradient of the last update only.
         coef: C, shape (B, n, r), from the final update (carries the gradient).
     """
 
@@ -86,14 +103,15 @@ def _check_float_dtype(name: str, dtype: object) -> None:
 
 
 def _check_iter_dtype(iter_dtype: object, x: Tensor, grad: str) -> torch.dtype | None:
-    """None (work in x.dtype) or a floating dtype for the no-grad iterations of ``one_step``."""
+    """None (work in x.dtype) or a floating dtype for the no-grad iterations of ``one_step``
+    and ``jfb``."""
     if iter_dtype is None or iter_dtype == x.dtype:
         return None
     _check_float_dtype("iter_dtype", iter_dtype)
-    if grad != "one_step":
+    if _grad_mode(grad) == "unrolled":
         raise ValueError(
-            f"iter_dtype={iter_dtype} applies to the no-grad iterations of grad='one_step', "
-            f"got grad={grad!r}"
+            f"iter_dtype={iter_dtype} applies to the no-grad iterations of grad='one_step' or "
+            f"'jfb', got grad={grad!r}"
         )
     return iter_dtype
 
@@ -135,7 +153,7 @@ def _problem(
         )
     _check_finite(f"{fn}: x", x)
     check_int("steps", steps, minimum=0)
-    check_choice("grad", grad, _GRAD_MODES)
+    mode = _grad_mode(grad)
     eps = check_float("eps", eps, low=0.0)
     inv_t = check_float("inv_t", inv_t, low=0.0)
     check_generator(generator)
@@ -170,8 +188,8 @@ def _problem(
             f"{fn}: rank must be in [1, min(d, n)] = [1, {limit}] for x of shape "
             f"{tuple(x.shape)}, got {rank}"
         )
-    iter_dtype = _check_iter_dtype(iter_dtype, x, grad)
-    return _Problem(x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
+    iter_dtype = _check_iter_dtype(iter_dtype, x, grad)  # names the grad as given
+    return _Problem(x, rank, steps, bases, inv_t, mode, eps, generator, iter_dtype)  # type: ignore[arg-type]
 
 
 def _normalize_columns(d: Tensor, eps: float = 1e-12) -> Tensor:
@@ -334,13 +352,16 @@ def nmf(
         inv_t: inverse temperature of the initial softmax.
         grad: ``"one_step"`` runs the ``steps`` updates without autograd and differentiates only
             the final C update, with D and the previous C held constant (memory independent of
-            ``steps``); ``"bptt"`` differentiates through every update.
+            ``steps``); ``"jfb"`` differentiates the last (C, D) update and the final C update
+            from the detached iterate before them (memory independent of ``steps``, gradient
+            through the bases too); ``"unrolled"`` (alias ``"bptt"``) differentiates through
+            every update.
         eps: added to every denominator.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
-            ``grad="one_step"`` (``None``: x.dtype). ``torch.bfloat16`` halves their cost on CPUs
-            with AVX512-BF16 or AMX and on recent GPUs; the iterates and the final,
-            differentiated step stay in x.dtype.
+            ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
+            their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
+            differentiated steps stay in x.dtype.
 
     Returns:
         :class:`Decomposition` with bases (B, d, r) and coef (B, n, r).
@@ -373,17 +394,23 @@ def _nmf(p: _Problem) -> Decomposition:
         torch.is_autocast_enabled(device_type)
         and torch.get_autocast_dtype(device_type) == torch.float16
     )
-    if grad == "bptt" and (x.dtype == torch.float16 or float16_autocast):
+    if grad != "one_step" and (x.dtype == torch.float16 or float16_autocast):
         # differentiating the divisions by C DᵀD + ε overflows float16 (1/den² with den near
         # ε after the ReLU's zeros): record the updates in float32 (autocast off, or its
         # products would be float16 again), hand back factors in x's dtype
         with torch.autocast(device_type, enabled=False):
             up = _nmf(p._replace(x=x.float(), bases=None if bases is None else bases.float()))
         return Decomposition(up.bases.to(x.dtype), up.coef.to(x.dtype))
-    if grad == "bptt":
+    if grad == "unrolled":
         d = _initial_bases(x, rank, bases, True, generator)
         c = torch.softmax(inv_t * torch.bmm(x.mT, d), dim=-1)
         for _ in range(steps):
+            c = _nmf_coef_update(x, d, c, eps)
+            d = _nmf_bases_update(x, d, c, eps)
+        return Decomposition(d, _nmf_coef_update(x, d, c, eps))
+    if grad == "jfb":
+        d, c = _nmf_iterate(p._replace(steps=max(steps - 1, 0)))  # detached (C, D) iterate
+        if steps:  # the last full update, recorded: gradient through the bases as well
             c = _nmf_coef_update(x, d, c, eps)
             d = _nmf_bases_update(x, d, c, eps)
         return Decomposition(d, _nmf_coef_update(x, d, c, eps))
@@ -395,13 +422,9 @@ def _nmf(p: _Problem) -> Decomposition:
     return Decomposition(d, coef)
 
 
-def _nmf_solve(p: _Problem) -> tuple[Tensor, Tensor]:
-    """The no-grad part of one-step NMF.
-
-    Returns D (B, d, r) and W (B, n, r) such that the final coefficients are C = XᵀD ⊙ W, i.e.
-    C ⊙ XᵀD ⊘ (C DᵀD + ε) with the last D and C held constant. W is stored like
-    ``_x_transpose_times(x, D)``.
-    """
+def _nmf_iterate(p: _Problem) -> tuple[Tensor, Tensor]:
+    """D (B, d, r) and C (B, n, r) after ``p.steps`` no-grad (C, D) updates from the softmax
+    initialisation, in x's dtype (the big products in ``p.iter_dtype`` when given)."""
     x, rank, steps, bases, inv_t, _, eps, generator, iter_dtype = p
     with torch.no_grad():
         xd = x.detach()
@@ -410,8 +433,21 @@ def _nmf_solve(p: _Problem) -> tuple[Tensor, Tensor]:
         dtx = torch.bmm(d.to(xs.dtype).mT, xs)  # DᵀX, (B, r, n)
         ct = torch.softmax(dtx if inv_t == 1.0 else dtx * inv_t, dim=1, dtype=x.dtype)
         _nmf_updates_(xs, d, ct, dtx, steps, eps)
-        weight = ct.div_(torch.bmm(torch.bmm(d.mT, d), ct).add_(eps)).mT  # C ⊘ (C DᵀD + ε)
-        if _tokens_major(x):
+    return d, ct.mT
+
+
+def _nmf_solve(p: _Problem) -> tuple[Tensor, Tensor]:
+    """The no-grad part of one-step NMF.
+
+    Returns D (B, d, r) and W (B, n, r) such that the final coefficients are C = XᵀD ⊙ W, i.e.
+    C ⊙ XᵀD ⊘ (C DᵀD + ε) with the last D and C held constant. W is stored like
+    ``_x_transpose_times(x, D)``.
+    """
+    d, c = _nmf_iterate(p)
+    with torch.no_grad():
+        ct = c.mT  # (B, r, n), the contiguous iterate
+        weight = ct.div_(torch.bmm(torch.bmm(d.mT, d), ct).add_(p.eps)).mT  # C ⊘ (C DᵀD + ε)
+        if _tokens_major(p.x):
             weight = weight.contiguous()  # stored (B, n, r), like the product
     return d, weight
 
@@ -467,16 +503,20 @@ def _cosine_coef(x: Tensor, d: Tensor, inv_t: float, eps: float) -> Tensor:
 
 
 def _run_clusters(p: _Problem, unit_bases: bool) -> Tensor:
-    """Returns the bases after ``steps`` cluster updates (detached unless ``grad="bptt"``)."""
+    """Returns the bases after ``steps`` cluster updates: every update recorded for
+    ``grad="unrolled"``, the last one for ``"jfb"`` (from the detached iterate), none for
+    ``"one_step"``."""
     x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype = p
-    if grad == "bptt":
+    if grad == "unrolled":
         d = _initial_bases(x, rank, bases, False, generator)
         return _cluster_updates(x, d, steps, inv_t, eps, unit_bases)
+    recorded = 1 if grad == "jfb" and steps else 0
     with torch.no_grad():
         xd = x.detach()
         d = _initial_bases(xd, rank, bases, False, generator)
         xs = xd if iter_dtype is None else xd.to(iter_dtype)
-        return _cluster_updates(xs, d, steps, inv_t, eps, unit_bases)
+        d = _cluster_updates(xs, d, steps - recorded, inv_t, eps, unit_bases)
+    return _cluster_updates(x, d, recorded, inv_t, eps, unit_bases)
 
 
 def vq(
@@ -504,14 +544,15 @@ def vq(
         steps: number of (C, D) updates before the final C.
         bases: initial bases, (d, r) or (B, d, r); random normal with unit columns when omitted.
         inv_t: inverse temperature of the assignment softmax.
-        grad: ``"one_step"`` (differentiate only the final assignment, D held constant) or
-            ``"bptt"`` (differentiate through every step).
+        grad: ``"one_step"`` (differentiate only the final assignment, D held constant),
+            ``"jfb"`` (the last (C, D) update and the final assignment, from the detached
+            iterate before them) or ``"unrolled"`` (alias ``"bptt"``: every step).
         eps: added to norms and column sums.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
-            ``grad="one_step"`` (``None``: x.dtype). ``torch.bfloat16`` halves their cost on CPUs
-            with AVX512-BF16 or AMX and on recent GPUs; the iterates and the final,
-            differentiated step stay in x.dtype.
+            ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
+            their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
+            differentiated steps stay in x.dtype.
 
     Returns:
         :class:`Decomposition` with bases (B, d, r) and coef (B, n, r) whose rows sum to one.
@@ -554,13 +595,15 @@ def cd(
             With ``steps=0`` they are used as given (not normalised).
         inv_t: inverse temperature of the assignment softmax.
         beta: ridge weight β > 0.
-        grad: ``"one_step"`` (differentiate only the ridge solve, D held constant) or ``"bptt"``.
+        grad: ``"one_step"`` (differentiate only the ridge solve, D held constant), ``"jfb"``
+            (the last (C, D) update and the ridge solve, from the detached iterate before them)
+            or ``"unrolled"`` (alias ``"bptt"``: every step).
         eps: added to norms and column sums.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
-            ``grad="one_step"`` (``None``: x.dtype). ``torch.bfloat16`` halves their cost on CPUs
-            with AVX512-BF16 or AMX and on recent GPUs; the iterates and the final,
-            differentiated step stay in x.dtype.
+            ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
+            their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
+            differentiated steps stay in x.dtype.
 
     Returns:
         :class:`Decomposition` with bases (B, d, r) and coef (B, n, r).
@@ -574,7 +617,7 @@ def cd(
 
 def _cd(p: _Problem, beta: float) -> Decomposition:
     """CD without input validation; see :func:`cd`."""
-    if p.grad == "bptt":
+    if p.grad != "one_step":
         d = _run_clusters(p, unit_bases=True)
         return Decomposition(d, _x_transpose_times(p.x, _ridge_projector(d, beta)))
     d, proj = _cd_solve(p, beta)

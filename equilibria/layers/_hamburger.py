@@ -26,7 +26,6 @@ from torch import Tensor, nn
 
 from .._validate import check_bool, check_choice, check_float, check_int
 from ._decompositions import (
-    _GRAD_MODES,
     DECOMPOSITIONS,
     Decomposition,
     GradMode,
@@ -34,6 +33,7 @@ from ._decompositions import (
     _cd_solve,
     _check_finite,
     _check_float_dtype,
+    _grad_mode,
     _nmf,
     _nmf_solve,
     _Problem,
@@ -222,7 +222,7 @@ class _HamburgerBase(nn.Module):
         check_int("eval_steps", eval_steps, minimum=0)
         inv_t = _DEFAULT_INV_T[ham] if inv_t is None else check_float("inv_t", inv_t, low=0.0)
         beta = check_float("beta", beta, low=0.0)
-        check_choice("grad", grad, _GRAD_MODES)
+        given_grad, grad = grad, _grad_mode(grad)  # "bptt" is stored as "unrolled"
         check_choice("init", init, _INITS)
         momentum = check_momentum(momentum)
         check_choice("norm", norm, _NORMS)
@@ -236,12 +236,12 @@ class _HamburgerBase(nn.Module):
         _check_float_dtype("iter_dtype", iter_dtype)
         _check_float_dtype("dtype", dtype)
         param_dtype = torch.get_default_dtype() if dtype is None else dtype
-        if iter_dtype is not None and iter_dtype != param_dtype and grad != "one_step":
+        if iter_dtype is not None and iter_dtype != param_dtype and grad == "unrolled":
             # the functional rule (_check_iter_dtype): iter_dtype equal to the working dtype is
             # a no-op and allowed with any grad
             raise ValueError(
-                f"iter_dtype={iter_dtype} applies to grad='one_step' only (or must equal the "
-                f"parameter dtype {param_dtype}), got grad={grad!r}"
+                f"iter_dtype={iter_dtype} applies to grad='one_step' or 'jfb' only (or must "
+                f"equal the parameter dtype {param_dtype}), got grad={given_grad!r}"
             )
         self.iter_dtype = iter_dtype
         self.channels, self.ham, self.dim, self.rank = channels, ham, dim, rank
@@ -352,8 +352,8 @@ class _HamburgerBase(nn.Module):
     def _problem(self, x: Tensor) -> _Problem:
         """The decomposition problem this block poses for x (B, d, n) in its current mode."""
         steps = self.train_steps if self.training else self.eval_steps
-        one_step = self.grad == "one_step" and self.iter_dtype != x.dtype
-        low = self.iter_dtype if one_step else None
+        no_grad_iterations = self.grad != "unrolled" and self.iter_dtype != x.dtype
+        low = self.iter_dtype if no_grad_iterations else None
         return _Problem(x, self.rank, steps, self.bases, self.inv_t, self.grad, self.eps, None, low)
 
     def _solve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -434,7 +434,12 @@ class Hamburger(_HamburgerBase):
         inv_t: inverse temperature of the softmax (NMF initialisation; VQ/CD assignments);
             ``None`` picks the paper's value, 1 for NMF and 100 for VQ and CD.
         beta: ridge weight of CD's final solve.
-        grad: ``"one_step"`` (paper; memory independent of the steps) or ``"bptt"``.
+        grad: ``"one_step"`` (the paper's: only the last coefficient update is differentiated,
+            the bases held constant), ``"jfb"`` (the last update of both factors, bases and
+            coefficients, from the detached iterate before it; Jacobian-free like
+            :class:`equilibria.JFB`) or ``"unrolled"`` (alias ``"bptt"``: every step). The first
+            two keep memory independent of the steps; ``"jfb"`` also lets the gradient reach the
+            bases, through which a position sees the others.
         init: ``"random"`` bases drawn per sample at every call, or ``"online"`` bases kept in the
             buffer ``bases`` (d, r): used as the initial bases at every call and, in training,
             updated after each call by :func:`~equilibria.layers.moving_average_bases`.
@@ -447,9 +452,9 @@ class Hamburger(_HamburgerBase):
             equal channels, and NMF requires x ≥ 0).
         eps: added to the decompositions' denominators.
         iter_dtype: dtype of the big products of the no-grad iterations (``grad="one_step"``
-            only); ``None`` uses the input's dtype, ``torch.bfloat16`` about halves their cost on
-            CPUs with AVX512-BF16/AMX and on recent GPUs. The differentiated step keeps the input
-            dtype.
+            or ``"jfb"``); ``None`` uses the input's dtype, ``torch.bfloat16`` about halves
+            their cost on CPUs with AVX512-BF16/AMX and on recent GPUs. The differentiated
+            steps keep the input dtype.
         device: device of the parameters.
         dtype: dtype of the parameters.
 

@@ -6,7 +6,8 @@ Each pixel is labelled 0 (background), 1 (stroke of a digit of the key's class) 
 digit of another class). A convolutional network sees only a neighbourhood, so it cannot tell 1
 from 2 when the key is far away; a global-context block (self-attention or a Hamburger) can. The
 variants compare a conv-only network with the same network plus SDPA self-attention or a
-Hamburger (NMF with one-step gradient, NMF with BPTT, VQ, CD) by mIoU.
+Hamburger (NMF with the paper's one-step gradient, with the JFB gradient through both factors and
+with BPTT; VQ, CD) by mIoU.
 
 Usage::
 
@@ -79,7 +80,12 @@ class MosaicConfig(RunOptions):
         "'attention' (single-head SDPA self-attention) or 'ham' (Hamburger)",
     )
     ham: Literal["nmf", "vq", "cd"] = option("nmf", "decomposition of the Hamburger (block 'ham')")
-    grad: Literal["one_step", "bptt"] = option("one_step", "gradient of the Hamburger")
+    grad: Literal["one_step", "jfb", "unrolled", "bptt"] = option(
+        "one_step",
+        "gradient of the Hamburger: 'one_step' (the paper's: last coefficient update, bases held "
+        "constant), 'jfb' (last update of bases and coefficients from the detached iterate) or "
+        "'unrolled' (every step; 'bptt' is an alias)",
+    )
     ham_init: Literal["random", "online"] = option(
         "random", "initial bases of the Hamburger: random per sample or online"
     )
@@ -275,7 +281,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "conv only": {"block": "conv"},
     "+ attention (SDPA)": {"block": "attention"},
     "+ Ham NMF, one-step": {"block": "ham", "ham": "nmf", "grad": "one_step"},
-    "+ Ham NMF, BPTT": {"block": "ham", "ham": "nmf", "grad": "bptt"},
+    "+ Ham NMF, BPTT": {"block": "ham", "ham": "nmf", "grad": "unrolled"},
+    "+ Ham NMF, JFB": {"block": "ham", "ham": "nmf", "grad": "jfb"},
     "+ Ham VQ, one-step": {"block": "ham", "ham": "vq", "grad": "one_step"},
     "+ Ham CD, one-step": {"block": "ham", "ham": "cd", "grad": "one_step"},
 }
