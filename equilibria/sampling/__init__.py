@@ -1,0 +1,47 @@
+"""Equilibrium diffusion sampling: a sampler's whole trajectory as one fixed point.
+
+DDIM over T steps is a lower-triangular fixed point over all T states at once (Pokle, Geng &
+Kolter 2022, "Deep Equilibrium Approaches to Diffusion Models"); solving it with batched model
+calls gives the sequential sample in fewer *rounds* of the model (Shih et al. 2023, ParaDiGMS;
+Tang et al. 2024, ParaTAA). ``import equilibria.sampling`` needs only torch (diffusers is imported
+by ``DDIM.from_diffusers`` only).
+
+The pieces:
+
+* :class:`DDIM` (a :class:`Schedule`): the sampler, diffusers' ``DDIMScheduler.step`` exactly;
+* :func:`sample`: the driver loop (window, acceptance, counting, stopping) returning the sample
+  and a :class:`SamplingSolution`;
+* the solvers, registered in :data:`SOLVERS`: ``"sequential"`` (the reference loop),
+  ``"picard"`` (cumulative Picard over all steps), ``"paradigms"`` (sliding-window Picard), and
+  those of ``_anderson.py``; ``"default"`` is the benchmarked default;
+* the interface for writing a solver: :class:`SamplingSolver`, :class:`Block`, :class:`System`
+  and :func:`register_solver` (see ``equilibria/sampling/_system.py``).
+
+Example:
+    >>> from equilibria import sampling
+    >>> sched = sampling.DDIM(alphas_cumprod, timesteps)
+    >>> x0, sol = sampling.sample(model, torch.randn(16, 2), sched, solver="picard", tol=1e-4)
+    >>> sol.rounds, sol.nfe, bool(sol.converged.all())
+"""
+
+from ._picard import Paradigms, Picard, Sequential, cumulative_picard
+from ._sample import SamplingSolution, sample
+from ._schedule import DDIM, Schedule, Thresholding
+from ._system import SOLVERS, Block, SamplingSolver, System, register_solver
+
+__all__ = [
+    "DDIM",
+    "SOLVERS",
+    "Block",
+    "Paradigms",
+    "Picard",
+    "SamplingSolution",
+    "SamplingSolver",
+    "Schedule",
+    "Sequential",
+    "System",
+    "Thresholding",
+    "cumulative_picard",
+    "register_solver",
+    "sample",
+]
