@@ -135,3 +135,11 @@ register(
         task="DiffusionTask",
     )
 )
+register(
+    Recipe(
+        name="flow",
+        summary="optical flow on generated pairs: DEQ-Flow (equilibrium) vs unrolled RAFT",
+        module="equilibria.zoo.flow",
+        task="FlowTask",
+    )
+)
