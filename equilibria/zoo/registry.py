@@ -137,9 +137,25 @@ register(
 )
 register(
     Recipe(
+        name="colorize",
+        summary="reference-based line-art colorization: SCFT attention vs stop-gradient attention",
+        module="equilibria.zoo.colorize",
+        task="ColorizeTask",
+    )
+)
+register(
+    Recipe(
         name="flow",
         summary="optical flow on generated pairs: DEQ-Flow (equilibrium) vs unrolled RAFT",
         module="equilibria.zoo.flow",
         task="FlowTask",
+    )
+)
+register(
+    Recipe(
+        name="prelax",
+        summary="self-supervised digits: SimSiam vs SimSiam + rotation vs Prelax (linear probe)",
+        module="equilibria.zoo.prelax",
+        task="PrelaxTask",
     )
 )
