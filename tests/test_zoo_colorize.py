@@ -1,0 +1,290 @@
+"""The colorize recipe: data, fusion blocks, conflict probe, metrics, engine run and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from equilibria.layers import StopGradientAttention
+from equilibria.zoo.checkpoint import load_checkpoint
+from equilibria.zoo.colorize import ColorizeConfig, ColorizeTask, train
+from equilibria.zoo.colorize_data import (
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    load_images,
+    make_samples,
+    xdog,
+)
+from equilibria.zoo.colorize_model import (
+    Colorizer,
+    SCFTFusion,
+    SGAFusion,
+    conflict_cosines,
+    probed_fusion,
+    psnr,
+    ssim,
+    token_cosine,
+)
+from equilibria.zoo.config import ConfigError
+from equilibria.zoo.registry import get_recipe
+
+pytestmark = pytest.mark.no_device_mode  # builds its own CPU data
+
+TINY = {
+    "size": 16, "channels": 8, "width": 4, "steps": 4, "batch_size": 4, "test_samples": 8,
+    "eval_every": 2, "quiet": True, "report": False, "measure_memory": False,
+}  # fmt: skip
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def test_samples_are_deterministic_by_seed_with_the_right_shapes() -> None:
+    images = load_images(TRAIN_IMAGES)
+    a = make_samples(np.random.default_rng(3), images, 5, size=24)
+    b = make_samples(np.random.default_rng(3), images, 5, size=24)
+    c = make_samples(np.random.default_rng(4), images, 5, size=24)
+    assert a.line.shape == (5, 1, 24, 24)
+    assert a.reference.shape == a.target.shape == (5, 3, 24, 24)
+    for t in a:
+        assert t.dtype == torch.float32 and 0 <= t.min() and t.max() <= 1
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.target, c.target)
+    # the reference is the target moved and recoloured, not the target itself
+    assert not torch.allclose(a.reference, a.target, atol=0.05)
+
+
+def test_reference_without_warp_or_jitter_is_the_target() -> None:
+    """With every warp and jitter draw at the middle of its range (angle 0, scale 1, no
+    shift, no flip, gains 1) the reference is the target: the crop geometry is right."""
+
+    class Middle:
+        def __init__(self, rng: np.random.Generator) -> None:
+            self.rng = rng
+
+        def uniform(self, low: float, high: float, size: object) -> np.ndarray:
+            return np.full(size, (low + high) / 2)
+
+        def random(self, size: int) -> np.ndarray:
+            return np.ones(size)  # no flip
+
+        def integers(self, *args: int) -> np.ndarray:
+            return self.rng.integers(*args)
+
+    rng = Middle(np.random.default_rng(0))
+    s = make_samples(rng, load_images(TRAIN_IMAGES), 3, size=16)  # type: ignore[arg-type]
+    torch.testing.assert_close(s.reference, s.target, atol=1e-5, rtol=0)
+
+
+def test_train_and_test_photographs_are_disjoint_and_line_art_is_in_range() -> None:
+    assert not set(TRAIN_IMAGES) & set(TEST_IMAGES)
+    for image, line in load_images(TEST_IMAGES):
+        assert image.shape[:2] == line.shape and min(line.shape) == 160
+        assert 0.0 <= line.min() and line.max() == 1.0 and line.min() < 0.5  # has ink
+    flat = xdog(np.full((20, 20), 0.5))
+    assert np.all(flat == 1.0)  # no edges, no ink
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_ssim_and_psnr_match_scikit_image() -> None:
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(3, 3, 20, 20, generator=gen, dtype=torch.float64)
+    b = (a + 0.1 * torch.randn(3, 3, 20, 20, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    ours_s, ours_p = ssim(a, b), psnr(a, b)
+    for i in range(3):
+        x, y = a[i].permute(1, 2, 0).numpy(), b[i].permute(1, 2, 0).numpy()
+        ref = structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False, data_range=1.0,
+                                    channel_axis=-1)  # fmt: skip
+        assert float(ours_s[i]) == pytest.approx(ref, abs=1e-10)
+        assert float(ours_p[i]) == pytest.approx(peak_signal_noise_ratio(y, x, data_range=1.0))
+    assert float(ssim(a, a).min()) == pytest.approx(1.0)
+
+
+def test_token_cosine_against_a_hand_computation() -> None:
+    a = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]])  # (1, 3, 2)
+    b = torch.tensor([[[-1.0, 0.0], [1.0, 0.0], [3.0, 4.0]]])
+    # cosines -1, 1/sqrt(2) and 0 (a zero vector)
+    assert token_cosine(a, b) == pytest.approx((-1 + 2**-0.5 + 0) / 3)
+
+
+# --- fusion blocks and the conflict probe ----------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["stop_gradient", "standard"])
+def test_sga_fusion_reproduces_the_layer(attention: str) -> None:
+    torch.manual_seed(0)
+    fusion = SGAFusion(6, attention)  # type: ignore[arg-type]
+    x, y = torch.randn(2, 5, 6), torch.randn(2, 7, 6)
+    assert isinstance(fusion.block, StopGradientAttention)
+    assert torch.equal(fusion(x, y), fusion.block(x, y))
+    assert torch.equal(fusion.branches(x, x, y, y), fusion.block(x, y))
+
+
+def _hand_scft_map_gradient(block: SCFTFusion, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
+    """∂<W, Z>/∂X through the map of Z = softmax(s QKᵀ) V + X, by the chain rule by hand."""
+    q = x @ block.query.weight.T + block.query.bias  # (B, N, C)
+    k = y @ block.key.weight.T + block.key.bias  # (B, M, C)
+    v = y @ block.value.weight.T + block.value.bias  # (B, M, C)
+    a = torch.softmax(block.scale * q @ k.mT, -1)  # (B, N, M)
+    d_a = w @ v.mT  # ∂L/∂A
+    d_logits = a * (d_a - (a * d_a).sum(-1, keepdim=True))  # softmax backward, row by row
+    return block.scale * d_logits @ k @ block.query.weight  # ∂L/∂Q · ∂Q/∂X
+
+
+def test_conflict_of_scft_against_a_hand_computation() -> None:
+    torch.manual_seed(0)
+    block = SCFTFusion(4).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, dtype=torch.float64)  # L = <W, Z>
+    grads: dict[str, torch.Tensor] = {}
+    z = probed_fusion(block, x, y, grads, probe_map=False)
+    (z * w).sum().backward()
+    with torch.no_grad():
+        g_map = _hand_scft_map_gradient(block, x, y, w)
+    torch.testing.assert_close(grads["x_map"], g_map)
+    torch.testing.assert_close(grads["x_skip"], w)  # the residual passes W unchanged
+    got = conflict_cosines(grads)
+    cos = torch.nn.functional.cosine_similarity(g_map, w, dim=-1).mean()
+    assert got["conflict_x"] == pytest.approx(float(cos), abs=1e-12)
+    assert got["probe_conflict_x"] == got["conflict_x"]  # the map's gradient is applied
+
+
+def test_sga_passes_no_map_gradient_and_its_probe_is_the_unstopped_one() -> None:
+    torch.manual_seed(1)
+    fusion = SGAFusion(4, "stop_gradient").double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, dtype=torch.float64)
+    grads: dict[str, torch.Tensor] = {}
+    z = probed_fusion(fusion, x, y, grads, probe_map=True)
+    assert torch.equal(z, fusion.block(x, y))  # the probe adds an exact zero
+    (z * w).sum().backward()
+    assert "x_map" not in grads and "y_map" not in grads
+    got = conflict_cosines(grads)
+    assert got["conflict_x"] == 0.0 and got["conflict_y"] == 0.0
+    # the probe: the same block with the map differentiated (an independent re-implementation)
+    b = fusion.block
+    xm, ym = x.detach().requires_grad_(), y.detach().requires_grad_()
+    a = torch.softmax(b.scale * xm @ ym.mT, -1)
+    a = a / (a.sum(1, keepdim=True) + 1e-9)
+    value = b.act(b.value(y.detach()))
+    out = b.norm(a @ value + b.act(b.skip(x.detach()))) + x.detach()
+    gx, gy = torch.autograd.grad((out * w).sum(), (xm, ym))
+    torch.testing.assert_close(grads["x_probe"], gx)
+    torch.testing.assert_close(grads["y_probe"], gy)
+    assert got["probe_conflict_x"] == pytest.approx(token_cosine(gx, grads["x_skip"]))
+    # the parts add up to the gradient of the unprobed block
+    x.grad = None
+    (fusion.block(x, y) * w).sum().backward()
+    torch.testing.assert_close(grads["x_skip"], x.grad)
+
+
+@pytest.mark.parametrize("fusion", ["standard", "sga", "learned_map"])
+def test_probing_leaves_the_training_gradients_unchanged(fusion: str) -> None:
+    torch.manual_seed(2)
+    model = Colorizer(fusion, channels=8, width=4)  # type: ignore[arg-type]
+    s = make_samples(np.random.default_rng(0), load_images(TRAIN_IMAGES), 3, size=16)
+
+    def grads(probe: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        out = model(s.line, s.reference, probe=probe)
+        torch.nn.functional.l1_loss(out, s.target).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        assert torch.equal(a, b)
+    conflict = model.conflict()
+    assert set(conflict) == {"conflict_x", "conflict_y", "probe_conflict_x", "probe_conflict_y"}
+    if fusion == "sga":
+        assert conflict["conflict_x"] == 0.0 and conflict["probe_conflict_x"] != 0.0
+    else:
+        assert conflict["conflict_x"] != 0.0
+        assert conflict["conflict_x"] == conflict["probe_conflict_x"]
+    with pytest.raises(RuntimeError, match="probed forward"):
+        model.conflict()  # cleared
+
+
+def test_equal_size_up_to_the_query_key_projections() -> None:
+    sizes = {f: sum(p.numel() for p in Colorizer(f, 32, 16).parameters())
+             for f in ("standard", "sga", "learned_map")}  # type: ignore[arg-type]  # fmt: skip
+    # SCFT has W_q, W_k, W_v; SGA W_v, W_x and a LayerNorm; the learned map adds W_q, W_k
+    assert sizes["standard"] - sizes["sga"] == 32 * 33 - 64
+    assert sizes["learned_map"] - sizes["sga"] == 2 * 32 * 33
+
+
+# --- the recipe on the engine ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["standard", "sga", "learned_map"])
+def test_a_few_steps_of_each_variant_on_the_engine(tmp_path: Path, attention: str) -> None:
+    summary = train(ColorizeConfig(**TINY, attention=attention, run_dir=str(tmp_path)))
+    assert summary["epochs"] == 2 and summary["attention"] == attention
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("train_loss", "psnr", "ssim", "test_l1", "reference_psnr", "conflict_x",
+                    "conflict_y", "probe_conflict_x", "probe_conflict_y"):  # fmt: skip
+            assert np.isfinite(row[key]), key
+        assert -1 <= row["conflict_x"] <= 1 and 0 < row["ssim"] <= 1
+        assert (row["conflict_x"] == 0.0) == (attention == "sga")
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path) -> None:
+    full = ColorizeConfig(**TINY, run_dir=str(tmp_path / "full"))
+    train(full)
+
+    class Stop(BaseException):
+        pass
+
+    def stop(epoch: int) -> None:
+        if epoch == 1:
+            raise Stop
+
+    part = dataclasses.replace(full, run_dir=str(tmp_path / "part"))
+    with pytest.raises(Stop):
+        train(part, on_epoch_end=stop)
+    assert load_checkpoint(part.run_dir).epoch == 1
+    train(dataclasses.replace(part, resume=True))
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "part")
+    assert a.model.keys() == b.model.keys()
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]), key
+    timing = ("step_ms", "epoch_time_s", "time_s")
+
+    def rows(d: str) -> list[dict[str, object]]:
+        lines = (tmp_path / d / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in lines]
+
+    assert rows("full") == rows("part")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("size", 18, "size must be a multiple of 4, got 18"),
+        ("size", 84, "size"),
+        ("attention", "scft", "attention"),
+        ("jitter", 0.6, "jitter"),
+        ("lr", 0.0, "lr"),
+        ("batch_size", 0, "batch_size"),
+    ],
+)
+def test_bad_options_are_refused(field: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        ColorizeConfig(**{field: value})
+
+
+def test_registered() -> None:
+    assert get_recipe("colorize").task_class() is ColorizeTask
