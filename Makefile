@@ -5,10 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+DOCS_STAMP := $(VENV)/.installed-docs
 PIP := $(PY) -m pip install --quiet -c constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-torch lint format bench bench-all install clean
+.PHONY: demo test test-slow test-torch lint format bench bench-all install clean docs docs-serve
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,10 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 $(BENCH_STAMP): $(STAMP)
 	$(PIP) -e '.[zoo,dev,bench]'
 	touch $(BENCH_STAMP)
+
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) -e '.[zoo,dev,docs]'
+	touch $(DOCS_STAMP)
 
 install: $(STAMP)
 
@@ -40,6 +45,14 @@ test-torch:
 	$(PYTHON) -m venv .venv-torch-$(TORCH)
 	.venv-torch-$(TORCH)/bin/python -m pip install --quiet torch==$(TORCH) 'numpy<2' -e '.[zoo,dev]'
 	.venv-torch-$(TORCH)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The documentation site (mkdocs-material + mkdocstrings) into site/; --strict: a broken link,
+# reference or missing page fails the build. Its examples run in `make test` (tests/test_docs.py).
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -63,4 +76,4 @@ bench-all: bench
 	$(PY) benchmarks/porting.py
 
 clean:
-	rm -rf $(VENV) .venv-torch-* build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-torch-* build site *.egg-info .pytest_cache .ruff_cache
