@@ -1,0 +1,272 @@
+"""The flow recipe: exact generated flow, correlation lookup against a direct computation,
+convex upsampling, forward warping, both models training on the engine, and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import equilibria as eq
+from equilibria.zoo.checkpoint import load_checkpoint
+from equilibria.zoo.config import ConfigError
+from equilibria.zoo.flow import FlowConfig, build_model, evaluate_flow, sequence_reuse, train
+from equilibria.zoo.flow_data import (
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    make_sequences,
+    pixel_grid,
+    sample,
+)
+from equilibria.zoo.flow_model import (
+    DEQFlow,
+    convex_upsample,
+    correlation_pyramid,
+    forward_warp,
+    lookup,
+    sequence_loss,
+)
+
+pytest.importorskip("skimage")
+pytestmark = pytest.mark.no_device_mode
+
+TINY = {
+    "size": 32, "width": 8, "hidden": 8, "context": 8, "motion_channels": 8, "levels": 2,
+    "radius": 2, "iters": 3, "max_iter": 6, "correction_states": 2, "eval_iters": 4,
+    "batch_size": 2, "test_pairs": 4, "steps": 4, "eval_every": 2, "quiet": True,
+    "report": False, "measure_memory": False,
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def test_generated_flow_is_exact_away_from_occlusions() -> None:
+    """frame_t(q) == sample(frame_{t+1}, q + flow_t(q)) on the valid pixels, with the sampler
+    the generator renders with; occlusions and pixels leaving the view are marked invalid."""
+    seq = make_sequences(np.random.default_rng(3), "train", 6, frames=4, size=32, max_objects=2)
+    assert seq.frames.shape == (6, 4, 1, 32, 32)
+    assert seq.flows.shape == (6, 3, 2, 32, 32) and seq.valid.shape == (6, 3, 32, 32)
+    grid = pixel_grid(32, 32)
+    for t in range(3):
+        warped = sample(seq.frames[:, t + 1], grid + seq.flows[:, t])[:, 0]
+        error = (warped - seq.frames[:, t, 0]).abs()
+        valid = seq.valid[:, t]
+        assert error[valid].max() < 1e-5
+        # the invalid pixels are where the identity fails: occluded or leaving the view
+        assert error[~valid].mean() > 1e-2
+    assert 0.5 < seq.valid.float().mean() < 1.0
+    assert seq.flows.norm(dim=2).mean() > 1.0  # real motion, not near-identity
+
+
+def test_generated_data_is_reproducible_and_splits_are_disjoint() -> None:
+    a = make_sequences(np.random.default_rng(0), "test", 2, size=16)
+    b = make_sequences(np.random.default_rng(0), "test", 2, size=16)
+    assert torch.equal(a.frames, b.frames) and torch.equal(a.flows, b.flows)
+    assert not set(TRAIN_IMAGES) & set(TEST_IMAGES)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"count": 0}, "count must be an int >= 1, got 0"),
+        ({"frames": 1}, "frames must be an int in [2, 16], got 1"),
+        ({"size": 30}, "size must be a multiple of 4 in [16, 128], got 30"),
+        ({"max_objects": 5}, "max_objects must be an int in [0, 4], got 5"),
+        ({"motion": 0.0}, "motion must be in (0, 4], got 0.0"),
+    ],
+)
+def test_make_sequences_rejects_bad_arguments(kwargs: dict, fragment: str) -> None:
+    args = {"count": 1, **kwargs}
+    count = args.pop("count")
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(")):
+        make_sequences(np.random.default_rng(0), "train", count, **args)
+
+
+# ---------------------------------------------------------------------------------------------
+# model parts
+
+
+def _direct_lookup(f1: torch.Tensor, f2: torch.Tensor, coords: torch.Tensor, levels: int,
+                   radius: int) -> torch.Tensor:  # fmt: skip
+    """The window by hand: average-pool f2 (pooling the correlation over q is pooling f2),
+    interpolate the pooled features bilinearly with zeros outside, dot with f1."""
+    b, d, h, w = f1.shape
+    out = torch.zeros(b, levels * (2 * radius + 1) ** 2, h, w, dtype=f1.dtype)
+    for level in range(levels):
+        g = F.avg_pool2d(f2, 2**level) if level else f2
+        hl, wl = g.shape[-2:]
+        k = 0
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                for bi in range(b):
+                    for y in range(h):
+                        for x in range(w):
+                            px = float(coords[bi, 0, y, x]) / 2**level + dx
+                            py = float(coords[bi, 1, y, x]) / 2**level + dy
+                            x0, y0 = int(np.floor(px)), int(np.floor(py))
+                            total = 0.0
+                            for xi, yi in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
+                                wt = (1 - abs(px - xi)) * (1 - abs(py - yi))
+                                if 0 <= xi < wl and 0 <= yi < hl:
+                                    total += wt * float(f1[bi, :, y, x] @ g[bi, :, yi, xi])
+                            out[bi, level * (2 * radius + 1) ** 2 + k, y, x] = total / d**0.5
+                k += 1
+    return out
+
+
+def test_correlation_lookup_matches_direct_computation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    f1 = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
+    f2 = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
+    # matches inside, between pixels and outside the map (zeros there)
+    coords = pixel_grid(4, 4, torch.float64) + 3 * torch.randn(2, 2, 4, 4, generator=gen,
+                                                                 dtype=torch.float64)  # fmt: skip
+    got = lookup(correlation_pyramid(f1, f2, 2), coords, 1)
+    torch.testing.assert_close(got, _direct_lookup(f1, f2, coords, 2, 1), rtol=1e-10, atol=1e-10)
+
+
+def test_lookup_and_upsampling_gradients_pass_gradcheck() -> None:
+    gen = torch.Generator().manual_seed(1)
+    f1 = torch.randn(1, 3, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    f2 = torch.randn(1, 3, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    coords = pixel_grid(4, 4, torch.float64) + 0.37
+
+    def window(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return lookup(correlation_pyramid(a, b, 2), coords, 1)
+
+    assert torch.autograd.gradcheck(window, (f1, f2))
+    flow = torch.randn(1, 2, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(1, 9 * 16, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(convex_upsample, (flow, mask))
+
+
+def test_convex_upsampling_of_a_constant_flow_is_the_scaled_constant() -> None:
+    flow = torch.tensor([1.5, -0.25]).view(1, 2, 1, 1).expand(1, 2, 5, 6)
+    mask = torch.randn(1, 9 * 16, 5, 6)
+    up = convex_upsample(flow, mask)
+    assert up.shape == (1, 2, 20, 24)
+    # inside (the border's 3x3 window reads zero padding)
+    torch.testing.assert_close(up[..., 4:-4, 4:-4], 4 * flow[:, :, :1, :1].expand(1, 2, 12, 16))
+
+
+def test_forward_warp_carries_vectors_along_themselves() -> None:
+    flow = torch.zeros(1, 2, 5, 5)
+    flow[0, :, 1, 1] = torch.tensor([2.0, 1.0])  # moves from (x=1, y=1) to (x=3, y=2)
+    warped = forward_warp(flow)
+    # (3, 2) receives the moving vector and its own zero vector: their mean
+    assert torch.equal(warped[0, :, 2, 3], torch.tensor([1.0, 0.5]))
+    # nothing lands on (1, 1): it keeps its own vector
+    assert torch.equal(warped[0, :, 1, 1], torch.tensor([2.0, 1.0]))
+    flow[0, :, 1, 1] = torch.tensor([9.0, 0.0])  # lands outside the map: dropped
+    warped = forward_warp(flow)
+    assert torch.equal(warped[0, :, 1, 1], torch.tensor([9.0, 0.0]))
+    others = torch.ones(5, 5, dtype=torch.bool)
+    others[1, 1] = False
+    assert torch.equal(warped[0][:, others], torch.zeros(2, 24))
+
+
+def test_sequence_loss_weights_decay_towards_the_first_prediction() -> None:
+    target = torch.zeros(1, 2, 4, 4)
+    preds = [torch.full((1, 2, 4, 4), float(v)) for v in (1, 2, 3)]
+    assert float(sequence_loss(preds, target, 0.8)) == pytest.approx(0.64 * 1 + 0.8 * 2 + 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# models and the recipe
+
+
+def test_deq_flow_solves_with_the_library_deq_on_the_tuple_state() -> None:
+    torch.manual_seed(0)
+    model = build_model(FlowConfig(**{**TINY, "model": "deq"}))
+    assert isinstance(model, DEQFlow) and isinstance(model.deq, eq.DEQ)
+    seq = make_sequences(np.random.default_rng(0), "train", 2, size=32)
+    out = model(seq.frames[:, 0], seq.frames[:, 1])  # training: the correction states
+    assert len(out.predictions) == 2
+    assert all(p.shape == (2, 2, 32, 32) and p.requires_grad for p in out.predictions)
+    sequence_loss(out.predictions, seq.flows[:, 0]).backward()
+    assert all(p.grad is not None for p in model.cell.parameters())
+    model.eval()
+    with torch.no_grad():
+        exact = model(seq.frames[:, 0], seq.frames[:, 1], iters=5, tol=0.0)
+    assert len(exact.predictions) == 1 and exact.iterations == 5
+    assert model.deq.last_solution is not None and model.deq.last_solution.nstep == 5
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"model": "raft"}, {"model": "deq"}, {"model": "deq", "backward": "implicit",
+                                           "correction_states": 1}],
+)  # fmt: skip
+def test_each_model_trains_a_few_steps_on_the_engine(tmp_path: Path, overrides: dict) -> None:
+    config = FlowConfig(**{**TINY, **overrides, "run_dir": str(tmp_path / "run")})
+    summary = train(config)
+    assert summary["epochs"] == 2 and summary["model"] == overrides["model"]
+    for key in ("epe", "epe_valid", "zero_flow_epe", "train_loss"):
+        assert np.isfinite(summary[key]), key
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = config.iters if config.model == "raft" else None
+    if expected is not None:
+        assert rows[-1]["fwd_iters_mean"] == expected
+    else:
+        assert 1 <= rows[-1]["fwd_iters_mean"] <= config.max_iter
+
+
+class _Stop(BaseException):
+    """An interruption (not an Exception: not recorded as a failure)."""
+
+
+def test_resume_via_the_engine_is_bitwise_identical(tmp_path: Path) -> None:
+    full = FlowConfig(**{**TINY, "model": "deq", "run_dir": str(tmp_path / "full")})
+    train(full)
+
+    def stop_after_first(epoch: int) -> None:
+        if epoch == 1:
+            raise _Stop
+
+    part = dataclasses.replace(full, run_dir=str(tmp_path / "part"))
+    with pytest.raises(_Stop):
+        train(part, on_epoch_end=stop_after_first)
+    assert load_checkpoint(part.run_dir).epoch == 1
+    summary = train(dataclasses.replace(part, resume=True))
+    assert summary["epochs"] == 2
+    a, b = load_checkpoint(full.run_dir), load_checkpoint(part.run_dir)
+    assert a.model.keys() == b.model.keys()
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]), key
+
+
+def test_sequence_reuse_counts_iterations_cold_and_warm() -> None:
+    torch.manual_seed(0)
+    model = build_model(FlowConfig(**{**TINY, "model": "deq"}))
+    assert isinstance(model, DEQFlow)
+    seq = make_sequences(np.random.default_rng(1), "test", 2, frames=3, size=32)
+    reuse = sequence_reuse(model, seq, tol=1e-2, max_iter=8)
+    assert 1 <= reuse["warm_iters"] <= 8 and 1 <= reuse["cold_iters"] <= 8
+    assert reuse["iter_saving"] == pytest.approx(1 - reuse["warm_iters"] / reuse["cold_iters"])
+    metrics = evaluate_flow(model, seq, iters=3, tol=0.0)
+    assert metrics["eval_iters"] == 3
+    with pytest.raises(TypeError, match="model must be a DEQFlow, got RAFT"):
+        sequence_reuse(build_model(FlowConfig(**{**TINY, "model": "raft"})), seq, tol=0.1,
+                       max_iter=2)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("size", 36, "size must be a multiple of 8"),
+        ("model", "pwc", "model"),
+        ("gamma", 0.0, "gamma"),
+        ("correction_states", 9, "correction_states must be <= max_iter=6"),
+        ("phantom_damping", 1.5, "phantom_damping"),
+    ],
+)
+def test_config_rejects_bad_values(field: str, value: object, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        FlowConfig(**{**TINY, field: value})
