@@ -1,0 +1,299 @@
+"""The ``denoise`` recipe: an equilibrium image denoiser and its baselines of equal size.
+
+The models live in :mod:`equilibria.zoo.denoise_model` (a DEQ denoiser, a weight-tied network
+unrolled K = 6 times and a DnCNN-style CNN, all with the same parameter count) and the data in
+:mod:`equilibria.zoo.denoise_data` (patches of scikit-image's bundled images; ``camera``,
+``coins`` and ``moon`` held out, ``astronaut`` and ``chelsea`` for colour). Each step trains on
+random patches with one noise level per patch drawn uniformly from ``[sigma_min, sigma_max]``
+(0–255 units), so one model serves every σ; the loss is the mean squared error of the clean
+estimate. The held-out metric is the PSNR on central crops of the test images at ``test_sigma``
+with fixed noise.
+
+Usage::
+
+    equilibria train denoise                                 # DEQ, implicit gradient
+    equilibria train denoise --backward phantom              # DEQ, phantom gradient
+    equilibria train denoise --model cnn                     # DnCNN-style baseline
+    equilibria train denoise --model unrolled                # weight-tied, K = 6
+    equilibria sweep denoise --run-dir runs/denoise-table    # all of them x 3 seeds
+
+``benchmarks/train_shipped_denoiser.py`` trains the shipped models and the baselines at an equal
+CPU-time budget; ``benchmarks/denoise.py`` compares them with NL-means, TV, wavelet and BM3D.
+
+Reference: Chen, Wang, Geng et al., "Equilibrium Image Denoising With Implicit
+Differentiation", IEEE TIP 2023; Gilton, Ongie & Willett, "Deep Equilibrium Architectures for
+Inverse Problems in Imaging", IEEE TCI 2021.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ConfigError, check_range, option
+from .denoise_data import add_noise, sample_patches, test_images, train_images
+from .denoise_model import DEQDenoiser, build_model
+from .distributed import DistInfo
+from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
+
+__all__ = ["DenoiseConfig", "DenoiseTask", "crop_center", "psnr"]
+
+_TEST_NOISE_SEED = 20_231  # the held-out noise is the same for every run and model
+
+
+@dataclass(frozen=True)
+class DenoiseConfig(RunOptions):
+    """Options of the ``denoise`` recipe (each is a command-line option ``--name-with-dashes``).
+
+    Validated on construction: a wrong type or value raises :class:`ConfigError` naming the
+    option, the value and what is allowed.
+    """
+
+    # model
+    model: Literal["deq", "cnn", "unrolled"] = option(
+        "deq", "the equilibrium denoiser, the DnCNN-style CNN or the weight-tied unrolled net"
+    )
+    color: bool = option(False, "RGB images (3 channels) instead of grayscale")
+    width: int = option(48, "feature channels of every model")
+    gain: float = option(
+        0.6, "filter norm of the DEQ / unrolled cell's convolutions (smaller: more contractive)"
+    )
+    cnn_layers: int = option(4, "hidden width x width convolutions of the CNN (4: DEQ's size)")
+    unroll_steps: int = option(6, "cell applications K of the unrolled network")
+    # DEQ solve
+    solver: Literal["anderson", "picard"] = option("anderson", "forward solver of the DEQ")
+    anderson_m: int = option(5, "Anderson history size")
+    tol: float = option(1e-3, "forward tolerance in training (relative residual)")
+    max_iter: int = option(12, "forward iteration budget in training")
+    eval_tol: float = option(1e-3, "forward tolerance in evaluation")
+    eval_max_iter: int = option(20, "forward iteration budget in evaluation")
+    backward: Literal["implicit", "phantom"] = option(
+        "implicit", "DEQ gradient: exact implicit (IFT) or phantom (unrolled, damped)"
+    )
+    implicit_tol: float = option(1e-3, "tolerance of the implicit adjoint solve")
+    implicit_max_iter: int = option(12, "iteration budget of the implicit adjoint solve")
+    phantom_steps: int = option(5, "steps k of the phantom gradient")
+    phantom_damping: float = option(0.5, "damping lambda of the phantom gradient, in (0, 1]")
+    jac_reg: float = option(
+        0.0, "weight of the Jacobian penalty ||J||_F^2 / D (implicit backward only; 0 = off)"
+    )
+    # data and optimisation
+    patch: int = option(40, "training patch side in pixels")
+    batch_size: int = option(16, "patches per step")
+    sigma_min: float = option(5.0, "smallest training noise level (0-255 units)")
+    sigma_max: float = option(55.0, "largest training noise level (0-255 units)")
+    epochs: int = option(6, "training epochs")
+    steps_per_epoch: int = option(50, "optimizer steps per epoch")
+    warmup_steps: int = option(20, "steps of linear learning-rate warm-up")
+    lr: float = option(2e-3, "peak learning rate (warm-up, then cosine decay)")
+    weight_decay: float = option(0.0, "weight decay")
+    test_sigma: float = option(25.0, "noise level of the held-out metric (0-255 units)")
+    test_crop: int = option(128, "side of the central crop of each test image (0 = whole)")
+    seed: int = option(0, "seed of initialisation, patches and noise")
+    dtype: Literal["float32", "float64"] = option("float32", "floating-point precision")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "device (auto: CUDA if available)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for field in ("width", "cnn_layers", "unroll_steps", "anderson_m", "max_iter"):
+            check_range(self, field, low=1)
+        for field in ("eval_max_iter", "implicit_max_iter", "phantom_steps", "batch_size"):
+            check_range(self, field, low=1)
+        for field in ("epochs", "steps_per_epoch"):
+            check_range(self, field, low=1)
+        check_range(self, "patch", low=8, high=512)
+        check_range(self, "warmup_steps", low=0)
+        check_range(self, "threads", low=0)
+        check_range(self, "test_crop", low=0)
+        check_range(self, "seed", low=0, high=2**32 - 1)
+        for field in ("gain", "tol", "eval_tol", "implicit_tol", "lr", "sigma_min"):
+            check_range(self, field, low=0, low_open=True)
+        check_range(self, "test_sigma", low=0, high=255, low_open=True)
+        check_range(self, "sigma_max", low=0, high=255, low_open=True)
+        check_range(self, "phantom_damping", low=0, high=1, low_open=True)
+        check_range(self, "weight_decay", low=0)
+        check_range(self, "jac_reg", low=0)
+        if self.sigma_min > self.sigma_max:
+            raise ConfigError(
+                f"DenoiseConfig: sigma_min must be <= sigma_max={self.sigma_max}, "
+                f"got {self.sigma_min}"
+            )
+        if 0 < self.test_crop < 16:
+            raise ConfigError(f"DenoiseConfig: test_crop must be 0 or >= 16, got {self.test_crop}")
+        if self.jac_reg and (self.model != "deq" or self.backward != "implicit"):
+            raise ConfigError(
+                f"DenoiseConfig: jac_reg={self.jac_reg} needs model 'deq' with backward "
+                f"'implicit' (it reuses the implicit backward's map evaluation), got model "
+                f"{self.model!r}, backward {self.backward!r}"
+            )
+
+
+def psnr(estimate: Tensor, clean: Tensor) -> Tensor:
+    """PSNR in dB per image of ``estimate`` clipped to [0, 1] against ``clean`` (N, C, H, W)."""
+    mse = (estimate.clamp(0, 1) - clean).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def crop_center(image: Tensor, size: int) -> Tensor:
+    """The central ``size × size`` crop of a (C, H, W) image (the whole image if ``size`` is 0
+    or not smaller)."""
+    h, w = image.shape[-2:]
+    if not size:
+        return image
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return image[..., top : top + size, left : left + size]
+
+
+class DenoiseTask(Task):
+    """The denoising recipe for :func:`equilibria.zoo.trainer.train`."""
+
+    name = "denoise"
+    config_class = DenoiseConfig
+    headline = Metric("test_psnr", "test PSNR (dB)", fmt=".2f")
+    table_metrics = (
+        Metric("params", "parameters", fmt=",d"),
+        Metric("fwd_iters_mean", "fwd it.", higher_is_better=False, fmt=".1f"),
+        STEP_MS,
+    )
+    epoch_columns = (
+        TRAIN_LOSS,
+        Metric("train_psnr", "train PSNR", fmt=".2f"),
+        Metric("test_psnr", "test PSNR", fmt=".2f"),
+        Metric("fwd_iters_mean", "fwd it.", higher_is_better=False, fmt=".1f"),
+        Metric("bwd_iters_mean", "bwd it.", higher_is_better=False, fmt=".1f"),
+        Metric("eval_iters", "eval it.", higher_is_better=False),
+        Metric("eval_residual_max", "eval res.", higher_is_better=False, fmt=".1e"),
+    )
+    plots = (
+        Plot("loss", "training loss", "MSE", (("train_loss", "train"),), log=True),
+        Plot("psnr", "PSNR", "dB", (("train_psnr", "train"), ("test_psnr", "held-out"))),
+    )
+    eval_options = ("eval_max_iter", "eval_tol", "test_sigma", "test_crop")
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "deq-implicit": {"model": "deq", "backward": "implicit"},
+        "deq-phantom": {"model": "deq", "backward": "phantom"},
+        "cnn": {"model": "cnn"},
+        "unrolled": {"model": "unrolled"},
+    }
+    max_params = 20_000_000
+    extras = ("skimage", "safetensors")
+
+    def check(self, info: DistInfo) -> None:
+        if info.world_size > 1:
+            raise ConfigError("the denoise recipe trains in one process (no torchrun)")
+
+    def setup(self, device: torch.device) -> None:
+        dtype = torch.float64 if self.config.dtype == "float64" else torch.float32
+        self.device, self.dtype = device, dtype
+        self.images = train_images(self.config.color)
+        gen = torch.Generator().manual_seed(_TEST_NOISE_SEED)
+        clean, noisy = [], []
+        for image in test_images(self.config.color).values():
+            c = crop_center(image, self.config.test_crop)[None].to(device, dtype)
+            sigma = torch.tensor([self.config.test_sigma / 255.0])
+            clean.append(c)
+            noisy.append(add_noise(c, sigma, gen))
+        self.test = (clean, noisy)
+
+    def build_model(self) -> nn.Module:
+        return build_model(self.config)
+
+    def schedule(self) -> Schedule:
+        c = self.config
+        return Schedule(c.epochs, c.steps_per_epoch, c.warmup_steps)
+
+    def batches(self, epoch: int, info: DistInfo) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        c = self.config
+        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
+        for _ in range(c.steps_per_epoch):
+            clean = sample_patches(self.images, c.batch_size, c.patch, gen)
+            u = torch.rand(c.batch_size, generator=gen)
+            sigma = (c.sigma_min + (c.sigma_max - c.sigma_min) * u) / 255.0  # (B,)
+            noisy = add_noise(clean, sigma, gen)
+            move = {"device": self.device, "dtype": self.dtype}
+            yield noisy.to(**move), sigma.to(**move), clean.to(**move)
+
+    def train_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:
+        noisy, sigma, clean = batch
+        estimate = net(noisy, sigma)
+        loss = F.mse_loss(estimate, clean)
+        if self.config.jac_reg:
+            sol = model.deq.last_solution
+            loss = loss + self.config.jac_reg * sol.jacobian_penalty()
+        return StepOutput(loss, (estimate.detach(), clean))
+
+    def step_metrics(
+        self, model: nn.Module, batch: Any, out: StepOutput
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        estimate, clean = out.outputs
+        values: dict[str, Any] = {
+            "train_loss": float(F.mse_loss(estimate, clean)),
+            "train_psnr": float(psnr(estimate, clean).mean()),
+        }
+        if isinstance(model, DEQDenoiser):
+            sol = model.deq.last_solution
+            values["fwd_iters"] = sol.nstep
+            values["fwd_res"] = float(sol.residual.max())
+            if self.config.backward == "implicit":
+                values["bwd_iters"] = float(sol.backward.nstep or 0)
+            else:
+                values["bwd_iters"] = float(self.config.phantom_steps)
+        return {}, values
+
+    def epoch_metrics(self, sums: dict[str, float], values: dict[str, list[Any]]) -> dict:
+        out: dict[str, Any] = {
+            "train_loss": statistics.fmean(values["train_loss"]),
+            "train_psnr": statistics.fmean(values["train_psnr"]),
+        }
+        if "fwd_iters" in values:
+            out["fwd_iters_mean"] = statistics.fmean(values["fwd_iters"])
+            out["fwd_residual_max"] = max(values["fwd_res"])
+            out["bwd_iters_mean"] = statistics.fmean(values["bwd_iters"])
+        return out
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        clean, noisy = self.test
+        sigma = torch.tensor([self.config.test_sigma / 255.0], device=self.device)
+        values, iters, residuals = [], [], []
+        for c, y in zip(clean, noisy):
+            values.append(float(psnr(model(y, sigma.to(y)), c)))
+            if isinstance(model, DEQDenoiser):
+                sol = model.deq.last_solution
+                iters.append(sol.nstep)
+                residuals.append(float(sol.residual.max()))
+        result: dict[str, Any] = {
+            "test_psnr": statistics.fmean(values),
+            "test_psnr_images": values,
+            "params": sum(p.numel() for p in model.parameters()),
+        }
+        if iters:
+            result["eval_iters"] = max(iters)
+            result["eval_residual_max"] = max(residuals)
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError(f"non-finite held-out PSNR {values}")
+        return result
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        return {"model": self.config.model, "color": self.config.color}
+
+    def describe(self, s: dict[str, Any]) -> list[str]:
+        line = f"{s['model']} denoiser, {s['params']:,} parameters"
+        if s.get("eval_iters") is not None:
+            line += (
+                f"; held-out solve: {s['eval_iters']} iterations, largest relative residual "
+                f"{s['eval_residual_max']:.1e} (tol {self.config.eval_tol:g})"
+            )
+        return [line]
+
+    def describe_eval(self, r: dict[str, Any]) -> list[str]:
+        return [
+            f"PSNR per held-out image at sigma {r['test_sigma']:g}: "
+            + ", ".join(f"{v:.2f}" for v in r["test_psnr_images"])
+        ]

@@ -1,0 +1,406 @@
+"""The denoising recipe's models: an equilibrium denoiser and its two baselines of equal size.
+
+All three map a noisy image ``y`` (N, C, H, W) in [0, 1] and its noise level σ (N,) in [0, 1]
+units to a clean estimate; σ enters as a constant extra input channel (as in FFDNet: Zhang, Zuo
+& Zhang, "FFDNet", IEEE TIP 2018), and each network predicts the noise, ``x̂ = y − n̂``
+(residual learning, Zhang et al., "Beyond a Gaussian Denoiser" (DnCNN), IEEE TIP 2017).
+
+* :class:`DEQDenoiser`: encoder → equilibrium → decoder. The encoder injects
+  ``u = conv(relu(conv([y, σ])))`` (F channels); the state is a feature map z (N, F, H, W), the
+  equilibrium of the cell ``f(z) = relu(u + W_b * relu(W_a * z + b_a))`` with W_a, W_b 3×3
+  convolutions whose filters are weight-normalised to the fixed norm ``gain`` (the map stays
+  contractive while it trains; computed once per forward call, not per iteration). The
+  decoder reads ``n̂ = conv(relu(conv(z*)))``. Solved by Anderson acceleration, trained with the
+  implicit gradient or a phantom gradient (Chen, Wang, Geng et al., "Equilibrium Image Denoising
+  With Implicit Differentiation", IEEE TIP 2023, solve the noise features of a denoiser as such
+  a fixed point; Gilton, Ongie & Willett, "Deep Equilibrium Architectures for Inverse Problems
+  in Imaging", IEEE TCI 2021). More solver iterations at test time refine the same fixed point
+  (anytime behaviour).
+* :class:`UnrolledDenoiser`: the same encoder, cell and decoder (the same parameters), the
+  cell applied exactly K times from z = 0 and trained by backpropagation through the K steps.
+* :class:`CNNDenoiser`: DnCNN-style plain network ``conv → (relu conv)×L → relu conv`` without
+  batch normalisation (which would make the output depend on the batch and the tile); with
+  L = 4 and the same width it has exactly the DEQ's parameter count.
+
+:func:`load_shipped` loads the trained models shipped in ``equilibria/zoo/weights``
+(``denoise_gray`` / ``denoise_color``: safetensors weights, their config and SHA-256 in the
+``.json`` beside them; ``benchmarks/train_shipped_denoiser.py`` wrote them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import equilibria as eq
+
+if TYPE_CHECKING:
+    from .denoise import DenoiseConfig
+
+__all__ = [
+    "WEIGHTS_DIR",
+    "CNNDenoiser",
+    "DEQDenoiser",
+    "DenoiserCell",
+    "ShippedWeightsError",
+    "UnrolledDenoiser",
+    "build_model",
+    "load_shipped",
+    "shipped_paths",
+]
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+
+
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1)
+
+
+class DenoiserCell(nn.Module):
+    """f(z, (u, W_a, W_b)) = relu(u + W_b * relu(W_a * z + b_a)) on (N, F, H, W) features.
+
+    The normalised weights come in with the injection (see :meth:`weights`), so they are
+    computed once per forward call.
+
+    Args:
+        width: channels F.
+        gain: norm of every 3×3 filter of W_a and W_b (smaller: more contractive).
+    """
+
+    def __init__(self, width: int, gain: float) -> None:
+        super().__init__()
+        self.direction_a = nn.Parameter(torch.empty(width, width, 3, 3))
+        self.direction_b = nn.Parameter(torch.empty(width, width, 3, 3))
+        self.bias_a = nn.Parameter(torch.zeros(width))
+        for v in (self.direction_a, self.direction_b):
+            nn.init.kaiming_uniform_(v, a=math.sqrt(5))
+        self.gain = gain
+
+    def weights(self) -> tuple[Tensor, Tensor]:
+        """(W_a, W_b) = gain · V / ||V|| per output filter, each (F, F, 3, 3)."""
+
+        def unit(v: Tensor) -> Tensor:
+            return v / torch.linalg.vector_norm(v.flatten(1), dim=1).view(-1, 1, 1, 1)
+
+        return self.gain * unit(self.direction_a), self.gain * unit(self.direction_b)
+
+    def forward(self, z: Tensor, x: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        u, w_a, w_b = x
+        h = F.relu(F.conv2d(z, w_a, self.bias_a, padding=1))  # (N, F, H, W)
+        return F.relu(u + F.conv2d(h, w_b, padding=1))
+
+
+class _Denoiser(nn.Module):
+    """Shared input handling: validation, the σ channel, residual output, blind mode."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (colour), got {channels}")
+        self.channels = channels
+        # blind: the model estimates σ itself (sigma must be None); see load_shipped
+        self.blind = False
+
+    @property
+    def receptive_field(self) -> int:
+        """Side in pixels of the square of input pixels that one output pixel depends on."""
+        return 1 + 2 * self._radius()
+
+    def _radius(self) -> int:
+        raise NotImplementedError
+
+    def _noise(self, inputs: Tensor, max_iter: int | None) -> Tensor:
+        raise NotImplementedError
+
+    def _sigma(self, noisy: Tensor, sigma: Tensor | None) -> Tensor:
+        n = noisy.shape[0]
+        if sigma is None:
+            if not self.blind:
+                raise ValueError(
+                    "sigma is required by a known-noise model: pass an (N,) tensor in [0, 1] "
+                    "units (σ_255 / 255), or load the model blind (load_shipped(blind=True))"
+                )
+            from .denoise_sigma import estimate_sigma
+
+            images = noisy.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()
+            est = [estimate_sigma(im if im.shape[2] > 1 else im[..., 0]) for im in images]
+            return torch.tensor(est, dtype=noisy.dtype, device=noisy.device)
+        if self.blind:
+            raise ValueError(
+                "sigma must be None for a blind model (it estimates the noise level itself), "
+                f"got a {type(sigma).__name__}"
+            )
+        if not isinstance(sigma, Tensor):
+            raise TypeError(f"sigma must be a tensor of shape ({n},) or None, got {type(sigma)}")
+        if sigma.shape != (n,):
+            raise ValueError(
+                f"sigma must have shape ({n},) (one level per image), got {tuple(sigma.shape)}"
+            )
+        if not bool(torch.isfinite(sigma).all()) or bool((sigma <= 0).any()):
+            raise ValueError(f"sigma must be finite and > 0 (in [0, 1] units), got {sigma}")
+        return sigma.to(noisy)
+
+    def forward(
+        self, noisy: Tensor, sigma: Tensor | None = None, *, max_iter: int | None = None
+    ) -> Tensor:
+        """The denoised images ``y − n̂``, (N, C, H, W) (not clipped to [0, 1]).
+
+        Args:
+            noisy: (N, C, H, W) images in [0, 1] (C = ``channels``).
+            sigma: (N,) noise standard deviations in [0, 1] units; None for a blind model.
+            max_iter: the equilibrium solve's iteration budget for this call (DEQ only).
+        """
+        if not isinstance(noisy, Tensor):
+            raise TypeError(f"noisy must be a tensor, got {type(noisy).__name__}")
+        if noisy.ndim != 4 or noisy.shape[1] != self.channels:
+            raise ValueError(
+                f"noisy must have shape (N, {self.channels}, H, W), got {tuple(noisy.shape)}"
+            )
+        if not bool(torch.isfinite(noisy).all()):
+            raise ValueError("noisy has non-finite values (nan or inf)")
+        s = self._sigma(noisy, sigma)
+        level = s.view(-1, 1, 1, 1).expand(-1, 1, *noisy.shape[2:])  # (N, 1, H, W)
+        return noisy - self._noise(torch.cat([noisy, level], dim=1), max_iter)
+
+
+class DEQDenoiser(_Denoiser):
+    """The equilibrium denoiser (see the module docstring).
+
+    Args:
+        channels: 1 (grayscale) or 3 (colour).
+        width: feature channels F.
+        gain: filter norm of the cell's convolutions.
+        solver: forward solver object.
+        backward: backward method object.
+        tol: training tolerance (relative residual); max_iter: training budget.
+        eval_tol, eval_max_iter: the same in eval mode.
+
+    Example:
+        >>> model = DEQDenoiser(1, width=48, gain=0.5, solver=eq.Anderson(), backward=eq.Implicit())
+        >>> clean = model(noisy, torch.full((n,), 25 / 255))
+        >>> model.deq.last_solution.residual  # per image, relative
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        width: int,
+        gain: float,
+        solver: eq.Solver,
+        backward: eq.Backward,
+        tol: float,
+        max_iter: int,
+        eval_tol: float,
+        eval_max_iter: int,
+    ) -> None:
+        super().__init__(channels)
+        self.encode = nn.Sequential(_conv(channels + 1, width), nn.ReLU(), _conv(width, width))
+        self.deq = eq.DEQ(
+            DenoiserCell(width, gain),
+            solver=solver,
+            backward=backward,
+            tol=tol,
+            max_iter=max_iter,
+            eval_tol=eval_tol,
+            eval_max_iter=eval_max_iter,
+            init=_zeros_like_injection,
+        )
+        self.decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, channels))
+
+    def _radius(self) -> int:
+        # 2 encoder convs, 2 per solver iteration (eval budget), 2 decoder convs; Anderson mixes
+        # earlier iterates, so the bound holds for it too
+        return 2 + 2 * self.deq.eval_max_iter + 2
+
+    def injection(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(u, W_a, W_b) for the cell from ``[y, σ]`` (N, C + 1, H, W)."""
+        return (self.encode(inputs), *self.deq.cell.weights())
+
+    def _noise(self, inputs: Tensor, max_iter: int | None) -> Tensor:
+        return self.decode(self.deq(self.injection(inputs), max_iter=max_iter))
+
+
+class UnrolledDenoiser(_Denoiser):
+    """The weight-tied unrolled baseline: the DEQ's encoder, cell and decoder, the cell applied
+    ``steps`` times from z = 0, trained through the steps (same parameters as the DEQ).
+
+    Args:
+        channels: 1 or 3.
+        width: feature channels F.
+        gain: filter norm of the cell's convolutions.
+        steps: K, the number of cell applications.
+    """
+
+    def __init__(self, channels: int, *, width: int, gain: float, steps: int) -> None:
+        super().__init__(channels)
+        self.encode = nn.Sequential(_conv(channels + 1, width), nn.ReLU(), _conv(width, width))
+        self.cell = DenoiserCell(width, gain)
+        self.decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, channels))
+        self.steps = steps
+
+    def _radius(self) -> int:
+        return 2 + 2 * self.steps + 2
+
+    def _noise(self, inputs: Tensor, max_iter: int | None) -> Tensor:
+        if max_iter is not None:
+            raise ValueError("max_iter is an option of the DEQ denoiser, not the unrolled one")
+        x = (self.encode(inputs), *self.cell.weights())
+        z = torch.zeros_like(x[0])
+        for _ in range(self.steps):
+            z = self.cell(z, x)
+        return self.decode(z)
+
+
+class CNNDenoiser(_Denoiser):
+    """DnCNN-style baseline: ``conv([y, σ]) → (relu conv)×layers → relu conv → n̂``.
+
+    Args:
+        channels: 1 or 3.
+        width: feature channels.
+        layers: hidden width×width convolutions.
+    """
+
+    def __init__(self, channels: int, *, width: int, layers: int) -> None:
+        super().__init__(channels)
+        mods: list[nn.Module] = [_conv(channels + 1, width)]
+        for _ in range(layers):
+            mods += [nn.ReLU(), _conv(width, width)]
+        mods += [nn.ReLU(), _conv(width, channels)]
+        self.net = nn.Sequential(*mods)
+        self.layers = layers
+
+    def _radius(self) -> int:
+        return self.layers + 2
+
+    def _noise(self, inputs: Tensor, max_iter: int | None) -> Tensor:
+        if max_iter is not None:
+            raise ValueError("max_iter is an option of the DEQ denoiser, not the CNN")
+        return self.net(inputs)
+
+
+def _zeros_like_injection(x: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    return torch.zeros_like(x[0])
+
+
+def make_solver(config: DenoiseConfig) -> eq.Solver:
+    """The forward solver named by ``config.solver``."""
+    if config.solver == "anderson":
+        return eq.Anderson(m=config.anderson_m)
+    return eq.Picard()
+
+
+def make_backward(config: DenoiseConfig) -> eq.Backward:
+    """The backward method named by ``config.backward``."""
+    if config.backward == "implicit":
+        return eq.Implicit(
+            solver=make_solver(config), tol=config.implicit_tol, max_iter=config.implicit_max_iter
+        )
+    return eq.Phantom(steps=config.phantom_steps, damping=config.phantom_damping)
+
+
+def build_model(config: DenoiseConfig) -> _Denoiser:
+    """A freshly initialised model of ``config.model`` (seeded by ``config.seed``)."""
+    torch.manual_seed(config.seed)
+    channels = 3 if config.color else 1
+    model: _Denoiser
+    if config.model == "deq":
+        model = DEQDenoiser(
+            channels,
+            width=config.width,
+            gain=config.gain,
+            solver=make_solver(config),
+            backward=make_backward(config),
+            tol=config.tol,
+            max_iter=config.max_iter,
+            eval_tol=config.eval_tol,
+            eval_max_iter=config.eval_max_iter,
+        )
+    elif config.model == "unrolled":
+        model = UnrolledDenoiser(
+            channels, width=config.width, gain=config.gain, steps=config.unroll_steps
+        )
+    else:
+        model = CNNDenoiser(channels, width=config.width, layers=config.cnn_layers)
+    dtype = torch.float64 if config.dtype == "float64" else torch.float32
+    return model.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped weights
+
+
+class ShippedWeightsError(RuntimeError):
+    """A shipped weights file is missing, or its SHA-256 differs from the one recorded."""
+
+
+def shipped_paths(color: bool) -> tuple[Path, Path]:
+    """(weights, config) paths of the shipped grayscale or colour model."""
+    stem = WEIGHTS_DIR / ("denoise_color" if color else "denoise_gray")
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_shipped(
+    color: bool = False,
+    blind: bool = False,
+    *,
+    weights: str | Path | None = None,
+    config: str | Path | None = None,
+) -> _Denoiser:
+    """The shipped trained denoiser, in eval mode on the CPU.
+
+    Args:
+        color: the RGB model (3 channels) instead of the grayscale one.
+        blind: the model estimates σ itself (:func:`equilibria.zoo.denoise_sigma.estimate_sigma`)
+            and is called as ``model(noisy, None)``; otherwise ``model(noisy, sigma)``.
+        weights, config: other files than the shipped ones (tests).
+
+    Raises:
+        ShippedWeightsError: a file is missing, or the weights' SHA-256 is not the one recorded
+            in the config (a damaged or replaced file).
+
+    Example:
+        >>> model = load_shipped(color=False)
+        >>> clean = model(noisy, torch.full((noisy.shape[0],), 25 / 255)).clamp(0, 1)
+    """
+    from safetensors.torch import load_file
+
+    from .denoise import DenoiseConfig
+
+    weights_path, config_path = shipped_paths(bool(color))
+    weights_path = Path(weights) if weights is not None else weights_path
+    config_path = Path(config) if config is not None else config_path
+    for path in (weights_path, config_path):
+        if not path.is_file():
+            raise ShippedWeightsError(f"shipped denoiser file {path} is missing")
+    record = json.loads(config_path.read_text())
+    digest = sha256_of(weights_path)
+    if digest != record["sha256"]:
+        raise ShippedWeightsError(
+            f"{weights_path} has SHA-256 {digest}, expected {record['sha256']} (recorded in "
+            f"{config_path.name}): the file is damaged or was replaced"
+        )
+    cfg = DenoiseConfig(**record["config"])
+    if cfg.color != bool(color):
+        raise ShippedWeightsError(f"{config_path} holds a model with color={cfg.color}")
+    model = build_model(cfg)
+    state = load_file(str(weights_path))
+    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    model.blind = bool(blind)
+    return model.eval()
