@@ -159,3 +159,11 @@ register(
         task="PrelaxTask",
     )
 )
+register(
+    Recipe(
+        name="denoise",
+        summary="equilibrium image denoiser vs DnCNN-style CNN vs unrolled (scikit-image images)",
+        module="equilibria.zoo.denoise",
+        task="DenoiseTask",
+    )
+)
