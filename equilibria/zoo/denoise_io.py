@@ -295,7 +295,7 @@ def _write_png16(path: Path, a: np.ndarray) -> None:
     a = a if a.ndim == 3 else a[..., None]
     height, width, channels = a.shape
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    rows = a.astype(">u2").view(np.uint8).reshape(height, width * channels * 2)
+    rows = np.ascontiguousarray(a, dtype=">u2").view(np.uint8).reshape(height, -1)
     up = rows.copy()
     up[1:] -= rows[:-1]  # the Up filter (type 2), modulo 256
     filtered = np.concatenate([np.full((height, 1), 2, np.uint8), up], axis=1)
