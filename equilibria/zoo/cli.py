@@ -8,6 +8,7 @@
     equilibria sweep RECIPE [options]                variants x seeds -> mean ± std table
     equilibria demo [--quiet]                        the three-minute tour (``make demo``)
     equilibria report RUN_DIR                        (re)write a run's report.md and plots
+    equilibria denoise IN --output OUT [--sigma S]   denoise an image file (shipped model)
     equilibria recipes                               list the recipes
 
 ``equilibria train RECIPE --help`` lists the recipe's options with types, defaults and allowed
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import ConfigError, OptionParser, add_arguments, parse_options, refuse_repeats
+from .denoise_cli import add_denoise_parser, run_denoise
 from .registry import RECIPES, Recipe, RecipeError, get_recipe
 
 PROG = "equilibria"
@@ -71,6 +73,7 @@ def _top_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write report.md and plots of a run folder")
     rep.add_argument("run_dir", type=Path)
     sub.add_parser("recipes", help="list the recipes")
+    add_denoise_parser(sub)
     return parser
 
 
@@ -220,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(run_dir=args.run_dir, quiet=args.quiet, epochs=args.epochs)
+        if args.command == "denoise":
+            return run_denoise(args)
         if args.command == "report":
             from .report import ReportError, write_report
 
