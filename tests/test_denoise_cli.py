@@ -1,0 +1,641 @@
+"""``equilibria denoise`` and its parts: image files, tiling, the blind σ estimate, the classical
+baselines. The command runs end to end with a small equilibrium denoiser defined here (and with the
+shipped one where its weights are in the package)."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import equilibria as eq
+from equilibria.zoo import denoise_cli
+from equilibria.zoo.cli import main
+from equilibria.zoo.denoise_classical import CLASSICAL, denoise_classical
+from equilibria.zoo.denoise_io import ImageError, LoadedImage, read_image, write_image
+from equilibria.zoo.denoise_sigma import estimate_sigma
+from equilibria.zoo.denoise_tiling import tile_starts, tiled_apply, window_1d
+
+pytestmark = pytest.mark.no_device_mode  # numpy images and CPU models built here
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
+
+
+def _camera(size: int = 64) -> np.ndarray:
+    return skimage_data.camera()[200 : 200 + size, 200 : 200 + size] / 255.0
+
+
+# ---------------------------------------------------------------------------------- σ estimate
+
+
+@pytest.mark.parametrize("name", ["camera", "coins", "moon", "astronaut", "text"])
+@pytest.mark.parametrize("sigma255", [5, 15, 25, 50])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_sigma_estimate_within_20_percent(name: str, sigma255: int, clipped: bool) -> None:
+    clean = getattr(skimage_data, name)() / 255.0  # astronaut: colour, the mean over channels
+    rng = np.random.default_rng(sigma255)
+    noisy = clean + sigma255 / 255 * rng.standard_normal(clean.shape)
+    if clipped:  # as saved to an 8-bit file: clipped to [0, 255] and rounded
+        noisy = np.round(np.clip(noisy, 0, 1) * 255) / 255
+    estimate = 255 * estimate_sigma(noisy)
+    assert abs(estimate / sigma255 - 1) < 0.2, (name, sigma255, estimate)
+
+
+def test_plain_mad_is_biased_up_by_texture_and_weak_texture_is_not() -> None:
+    """Why the default leaves textured blocks out: on coins at σ = 5 plain MAD is > 30 % high."""
+    clean = skimage_data.coins() / 255.0
+    noisy = clean + 5 / 255 * np.random.default_rng(0).standard_normal(clean.shape)
+    assert 255 * estimate_sigma(noisy, method="mad") > 6.5
+    assert abs(255 * estimate_sigma(noisy) - 5) < 0.5
+
+
+def test_sigma_of_a_clean_image_is_zero_and_of_pure_noise_is_sigma() -> None:
+    assert estimate_sigma(np.full((32, 40), 0.3)) == 0.0
+    noise = 0.2 * np.random.default_rng(1).standard_normal((256, 256))
+    for method in ("weak-texture", "mad"):
+        assert estimate_sigma(noise, method=method) == pytest.approx(0.2, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs", "error", "match"),
+    [
+        (np.zeros((7, 30)), {}, ValueError, "at least 8 × 8"),
+        (np.zeros((2, 16, 16, 1)), {}, ValueError, "2-D"),
+        (np.full((16, 16), np.nan), {}, ValueError, "non-finite"),
+        ([[0.0] * 16] * 16, {}, TypeError, "numpy array"),
+        (np.zeros((16, 16)), {"method": "pca"}, ValueError, "'weak-texture' or 'mad'"),
+    ],
+)
+def test_sigma_estimate_bad_inputs(image, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        estimate_sigma(image, **kwargs)
+
+
+# ---------------------------------------------------------------------------- classical baselines
+
+
+@pytest.mark.parametrize("name", CLASSICAL)
+@pytest.mark.parametrize("shape", ["gray", "gray1", "rgb"])
+def test_classical_denoisers_improve_psnr(name: str, shape: str) -> None:
+    if name == "bm3d":
+        pytest.importorskip("bm3d")
+    clean = _camera(48)
+    if shape == "rgb":
+        clean = np.stack([clean, clean[::-1], clean[:, ::-1]], axis=2)
+    elif shape == "gray1":
+        clean = clean[..., None]
+    sigma = 25 / 255
+    noisy = clean + sigma * np.random.default_rng(0).standard_normal(clean.shape)
+    out = denoise_classical(name, noisy, sigma)
+    assert out.shape == clean.shape and out.dtype == np.float64
+    assert np.isfinite(out).all()
+    assert _psnr(out, clean) > _psnr(noisy, clean) + 2.0
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        (("median", np.zeros((16, 16)), 0.1), ValueError, "nlmeans, tv, wavelet, bm3d"),
+        (("tv", np.zeros((16, 16), np.uint8), 0.1), TypeError, "float numpy array"),
+        (("tv", np.zeros((16, 16, 4)), 0.1), ValueError, "C 1 or 3"),
+        (("tv", np.zeros((4, 16)), 0.1), ValueError, "at least 8 × 8"),
+        (("tv", np.full((16, 16), np.inf), 0.1), ValueError, "non-finite"),
+        (("tv", np.zeros((16, 16)), 0.0), ValueError, r"sigma must be in \(0, 1\]"),
+        (("tv", np.zeros((16, 16)), 25.0), ValueError, r"sigma must be in \(0, 1\]"),
+        (("tv", np.zeros((16, 16)), "25"), TypeError, "sigma must be a number"),
+    ],
+)
+def test_classical_bad_inputs(args, error, match) -> None:
+    with pytest.raises(error, match=match):
+        denoise_classical(*args)
+
+
+def test_bm3d_missing_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bm3d", None)  # import bm3d raises ImportError
+    with pytest.raises(ImportError, match="pip install bm3d"):
+        denoise_classical("bm3d", np.zeros((16, 16)), 0.1)
+
+
+# ------------------------------------------------------------------------------------------ tiling
+
+
+def _conv_stack(layers: int, channels: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    mods: list[nn.Module] = []
+    for _ in range(layers):
+        mods += [nn.Conv2d(channels, channels, 3, padding=1, dtype=torch.float64), nn.Tanh()]
+    return nn.Sequential(*mods[:-1])  # receptive radius = layers
+
+
+@pytest.mark.parametrize(("height", "width"), [(70, 90), (33, 100), (64, 64), (20, 15)])
+def test_tiling_is_exact_for_a_receptive_radius_within_the_margin(height: int, width: int) -> None:
+    net = _conv_stack(3)  # radius 3
+    x = torch.rand(2, 2, height, width, dtype=torch.float64)
+    with torch.no_grad():
+        full = net(x)
+        tiled = tiled_apply(net, x, tile=24, overlap=12, margin=3)
+    torch.testing.assert_close(tiled, full, rtol=0, atol=1e-12)
+
+
+def test_tiling_is_not_exact_when_the_radius_exceeds_the_margin() -> None:
+    """The exactness above is the margin's doing: a radius of 5 > margin 3 differs."""
+    net = _conv_stack(5)
+    x = torch.rand(1, 2, 70, 90, dtype=torch.float64)
+    with torch.no_grad():
+        diff = (tiled_apply(net, x, tile=24, overlap=12, margin=3) - net(x)).abs().max()
+    assert diff > 1e-6
+
+
+def test_tiles_are_processed_one_at_a_time_and_bounded() -> None:
+    seen: list[tuple[int, ...]] = []
+
+    def record(t: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(t.shape))
+        return t * 2
+
+    x = torch.rand(1, 3, 300, 170)
+    y = tiled_apply(record, x, tile=64, overlap=16)
+    rows, cols = tile_starts(300, 64, 16), tile_starts(170, 64, 16)
+    assert len(seen) == len(rows) * len(cols) == 6 * 4
+    assert max(s[2] for s in seen) <= 64 and max(s[3] for s in seen) <= 64
+    torch.testing.assert_close(y, 2 * x)
+
+
+def test_an_image_smaller_than_a_tile_is_one_call() -> None:
+    seen: list[tuple[int, ...]] = []
+    x = torch.rand(1, 1, 9, 12)
+    y = tiled_apply(lambda t: seen.append(tuple(t.shape)) or t + 1, x, tile=256, overlap=32)
+    assert seen == [(1, 1, 9, 12)]
+    assert torch.equal(y, x + 1)
+
+
+def test_blending_has_no_seams() -> None:
+    """A map that is a different constant on every tile (the worst case of a global map) blends
+    into a smooth ramp: no step between neighbouring pixels exceeds the raised cosine's largest
+    slope, π / (2 · ramp) of the jump, where a hard cut would step by the whole jump."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(1, 1, 150, 200, dtype=torch.float64)
+    overlap, margin = 24, 6
+    ramp = overlap - 2 * margin
+
+    def constant(t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(t, float(torch.rand((), generator=gen, dtype=torch.float64)))
+
+    y = tiled_apply(constant, x, tile=64, overlap=overlap, margin=margin)[0, 0]
+    step = max(y.diff(dim=0).abs().max(), y.diff(dim=1).abs().max())
+    assert 0 < step <= np.pi / (2 * ramp) * 1.0001
+
+
+@pytest.mark.parametrize(("size", "tile", "overlap"), [(100, 40, 10), (257, 64, 32), (65, 64, 8)])
+def test_tile_starts_cover_the_axis_with_the_overlap(size: int, tile: int, overlap: int) -> None:
+    starts = tile_starts(size, tile, overlap)
+    assert starts[0] == 0 and starts[-1] + tile == size
+    assert all(b - a <= tile - overlap and b > a for a, b in itertools.pairwise(starts))
+    w = window_1d(tile, ramp_start=True, ramp_end=True, margin=overlap // 4, ramp=overlap // 2)
+    assert w.min() == 0 and w.max() == 1 and w.numel() == tile
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"tile": 4}, ValueError, "tile must be at least 8"),
+        ({"tile": 32, "overlap": 17}, ValueError, r"overlap must be in \[0, tile // 2\]"),
+        ({"overlap": -1}, ValueError, "overlap must be in"),
+        ({"overlap": 8, "margin": 5}, ValueError, "margin must be an int in"),
+        ({"tile": 32.0}, TypeError, "tile must be an int"),
+    ],
+)
+def test_tiling_bad_arguments(kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        tiled_apply(lambda t: t, torch.zeros(1, 1, 40, 40), **kwargs)
+
+
+def test_tiling_refuses_a_map_that_changes_the_size() -> None:
+    with pytest.raises(ValueError, match="fn must map"):
+        tiled_apply(lambda t: t[..., 1:], torch.zeros(1, 1, 40, 40), tile=16, overlap=4)
+    with pytest.raises(ValueError, match=r"tensor \(N, C, H, W\)"):
+        tiled_apply(lambda t: t, torch.zeros(40, 40))
+
+
+# ------------------------------------------------------------------------------------ image files
+
+
+def _array(channels: int, depth: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (19, 23) if channels == 0 else (19, 23, channels)
+    if depth == 32:
+        return rng.random(shape).astype(np.float32)
+    top = 255 if depth == 8 else 65535
+    return rng.integers(0, top + 1, shape).astype(np.uint8 if depth == 8 else np.uint16)
+
+
+def _image(channels: int, depth: int) -> LoadedImage:
+    """A LoadedImage equal to _array(channels, depth) as read_image would return it."""
+    a = _array(channels, depth)
+    scale = {8: 255.0, 16: 65535.0, 32: 1.0}[depth]
+    values = a if channels in (0, 1, 3) else (a[..., 0] if channels == 2 else a[..., :3])
+    values = values.reshape(a.shape[:2]) if channels in (0, 1) else values
+    alpha = a[..., -1] if channels in (2, 4) else None
+    return LoadedImage(values.astype(np.float64) / scale, alpha, depth, channels == 1)
+
+
+CASES = [
+    (suffix, depth, channels)
+    for suffix, depths, chans in [
+        (".png", (8, 16), (0, 2, 3, 4)),
+        (".tif", (8, 16, 32), (0, 1, 2, 3, 4)),
+        (".npy", (8, 16, 32), (0, 1, 2, 3, 4)),
+    ]
+    for depth in depths
+    for channels in chans
+]
+
+
+@pytest.mark.parametrize(("suffix", "depth", "channels"), CASES)
+def test_lossless_formats_round_trip_exactly(
+    tmp_path: Path, suffix: str, depth: int, channels: int
+) -> None:
+    image = _image(channels, depth)
+    path = tmp_path / f"x{suffix}"
+    assert write_image(path, image) == depth
+    back = read_image(path)
+    assert back.bit_depth == depth and back.channel_axis == image.channel_axis
+    np.testing.assert_array_equal(back.pixels, image.pixels)
+    if image.alpha is None:
+        assert back.alpha is None
+    else:
+        assert back.alpha.dtype == image.alpha.dtype
+        np.testing.assert_array_equal(back.alpha, image.alpha)
+    if suffix == ".npy":  # the file holds the original array
+        np.testing.assert_array_equal(np.load(path), _array(channels, depth))
+
+
+@pytest.mark.parametrize("channels", [0, 3])
+def test_jpeg_round_trip_is_close(tmp_path: Path, channels: int) -> None:
+    smooth = np.linspace(0, 1, 40 * 50).reshape(40, 50)
+    pixels = smooth if channels == 0 else np.stack([smooth, smooth[::-1], 1 - smooth], 2)
+    write_image(tmp_path / "x.jpeg", LoadedImage(pixels, None, 8))
+    back = read_image(tmp_path / "x.jpeg")
+    assert back.bit_depth == 8 and back.pixels.shape == pixels.shape
+    assert np.abs(back.pixels - pixels).mean() < 2 / 255
+
+
+def test_16_bit_png_grey_matches_pillow(tmp_path: Path) -> None:
+    """Pillow reads 16-bit grey PNG (not colour): our writer's file decodes the same there."""
+    from PIL import Image
+
+    image = _image(0, 16)
+    write_image(tmp_path / "g.png", image)
+    with Image.open(tmp_path / "g.png") as im:
+        pil = np.asarray(im).astype(np.int64)
+    np.testing.assert_array_equal(pil, np.round(image.pixels * 65535).astype(np.int64))
+
+
+def _reference_png16(a: np.ndarray, filters: list[int]) -> bytes:
+    """A 16-bit PNG written byte by byte with the given row filters (PNG spec §6), to test the
+    decoder on the filters our writer does not use."""
+    height, width, channels = a.shape
+    bpp = 2 * channels
+    rows = [bytes(a[y].astype(">u2").tobytes()) for y in range(height)]
+    out = bytearray()
+    for y, row in enumerate(rows):
+        prior = rows[y - 1] if y else bytes(len(row))
+        kind = filters[y % len(filters)]
+        out.append(kind)
+        for i, v in enumerate(row):
+            left = row[i - bpp] if i >= bpp else 0
+            up, up_left = prior[i], (prior[i - bpp] if i >= bpp else 0)
+            if kind == 0:
+                pred = 0
+            elif kind == 1:
+                pred = left
+            elif kind == 2:
+                pred = up
+            elif kind == 3:
+                pred = (left + up) // 2
+            else:
+                p = left + up - up_left
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - up_left)
+                pred = left if pa <= pb and pa <= pc else (up if pb <= pc else up_left)
+            out.append((v - pred) % 256)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    color = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(out)))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16_bit_png_decoder_handles_every_row_filter(tmp_path: Path, channels: int) -> None:
+    a = _array(channels, 16, seed=channels)
+    a[3:9] = a[2]  # some repeated rows, where the Up/Paeth predictors matter
+    path = tmp_path / "f.png"
+    path.write_bytes(_reference_png16(a, filters=[0, 1, 2, 3, 4, 4, 3, 1]))
+    back = read_image(path)
+    stored = np.concatenate(
+        [back.pixels.reshape(*a.shape[:2], -1) * 65535]
+        + ([back.alpha[..., None].astype(np.float64)] if back.alpha is not None else []),
+        axis=2,
+    )
+    np.testing.assert_array_equal(np.round(stored).astype(np.uint16), a)
+
+
+def test_8_bit_palette_and_1_bit_png_are_read(tmp_path: Path) -> None:
+    from PIL import Image
+
+    a = _array(3, 8)
+    Image.fromarray(a).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(a[..., 0] > 127).save(tmp_path / "b.png")
+    p, b = read_image(tmp_path / "p.png"), read_image(tmp_path / "b.png")
+    assert p.pixels.shape == (19, 23, 3) and p.bit_depth == 8
+    np.testing.assert_array_equal(b.pixels, (a[..., 0] > 127).astype(np.float64))
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    def npy(name: str, a: np.ndarray) -> Path:
+        np.save(tmp_path / name, a)
+        return tmp_path / name
+
+    (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+    (tmp_path / "empty.tif").write_bytes(b"")
+    (tmp_path / "cut.png").write_bytes(_reference_png16(_array(3, 16), [2])[:60])
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "x.bmp").write_bytes(b"BM")
+    (tmp_path / "folder.png").mkdir()
+    return {
+        "missing": (tmp_path / "missing.png", "no such file"),
+        "extension": (tmp_path / "x.bmp", "unsupported extension '.bmp'"),
+        "garbage": (tmp_path / "garbage.png", "cannot read it as PNG"),
+        "empty tiff": (tmp_path / "empty.tif", "cannot read it as TIFF"),
+        "truncated": (tmp_path / "cut.png", "cannot read it as PNG"),
+        "pickled": (tmp_path / "obj.npy", "cannot read it as NPY"),
+        "folder": (tmp_path / "folder.png", "not a file"),
+        "small": (npy("small.npy", np.zeros((7, 30), np.uint8)), "too small, 7 × 30"),
+        "4-D": (npy("4d.npy", np.zeros((2, 16, 16, 3), np.uint8)), "shape (H, W) or (H, W, C)"),
+        "5 channels": (npy("c5.npy", np.zeros((16, 16, 5), np.uint8)), "C in 1–4"),
+        "int32": (npy("i32.npy", np.zeros((16, 16), np.int32)), "unsupported sample type int32"),
+        "nan": (npy("nan.npy", np.full((16, 16), np.nan)), "non-finite"),
+    }
+
+
+def test_unreadable_files_raise_image_errors(tmp_path: Path) -> None:
+    for case, (path, message) in _bad_files(tmp_path).items():
+        with pytest.raises(ImageError, match=None) as info:
+            read_image(path)
+        assert message in str(info.value), case
+        assert str(path) in str(info.value), case
+
+
+def test_write_refuses_what_the_format_cannot_store(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="JPEG stores bit depths 8, not 16"):
+        write_image(tmp_path / "x.jpg", _image(3, 16))
+    with pytest.raises(ImageError, match="PNG stores bit depths 8, 16, not 32"):
+        write_image(tmp_path / "x.png", _image(3, 32))
+    with pytest.raises(ImageError, match="JPEG has no alpha"):
+        write_image(tmp_path / "x.jpg", _image(4, 8))
+    with pytest.raises(ImageError, match="unsupported extension"):
+        write_image(tmp_path / "x.gif", _image(3, 8))
+    assert not list(tmp_path.iterdir())
+
+
+def test_alpha_changes_depth_exactly(tmp_path: Path) -> None:
+    image = _image(4, 8)
+    write_image(tmp_path / "x.png", image, bit_depth=16)
+    back = read_image(tmp_path / "x.png")
+    np.testing.assert_array_equal(back.alpha, image.alpha.astype(np.uint16) * 257)
+    write_image(tmp_path / "y.png", back, bit_depth=8)
+    np.testing.assert_array_equal(read_image(tmp_path / "y.png").alpha, image.alpha)
+
+
+# ------------------------------------------------------------------------------- the command line
+
+
+class _Cell(nn.Module):
+    """z ↦ ½ · blur(z) + x: a contraction whose fixed point smooths the injection x."""
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * F.avg_pool2d(z, 3, 1, 1, count_include_pad=False) + x
+
+
+class TinyDenoiser(nn.Module):
+    """The shipped model's interface (``model(noisy, sigma, max_iter=)``, ``deq.last_solution``)
+    on a small equilibrium: x̂ = z* with z* = ½ blur(z*) + ½ blur(y)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.deq = eq.DEQ(_Cell(), solver="anderson", tol=1e-6, max_iter=40)
+        self.calls: list[tuple[tuple[int, ...], float, int | None]] = []
+
+    def forward(self, noisy: torch.Tensor, sigma: torch.Tensor, *, max_iter: int | None = None):
+        assert noisy.shape[1] == self.channels and sigma.shape == (noisy.shape[0],)
+        self.calls.append((tuple(noisy.shape), float(sigma[0]), max_iter))
+        x = 0.5 * F.avg_pool2d(noisy, 3, 1, 1, count_include_pad=False)
+        return self.deq(x, max_iter=max_iter)
+
+
+@pytest.fixture
+def models(monkeypatch: pytest.MonkeyPatch) -> dict[bool, TinyDenoiser]:
+    made: dict[bool, TinyDenoiser] = {}
+
+    def load(color: bool) -> TinyDenoiser:
+        made[color] = TinyDenoiser(3 if color else 1).eval()
+        return made[color]
+
+    monkeypatch.setattr(denoise_cli, "_load_model", load)
+    return made
+
+
+def _noisy(color: bool, size: tuple[int, int] = (40, 56), sigma255: float = 25) -> np.ndarray:
+    clean = skimage_data.camera()[150 : 150 + size[0], 150 : 150 + size[1]] / 255.0
+    if color:
+        clean = np.stack([clean, 0.8 * clean, 1 - clean], axis=2)
+    return clean + sigma255 / 255 * np.random.default_rng(0).standard_normal(clean.shape)
+
+
+def _save(path: Path, pixels: np.ndarray, depth: int = 8, alpha: np.ndarray | None = None):
+    write_image(path, LoadedImage(np.clip(pixels, 0, 1), alpha, depth))  # type: ignore[arg-type]
+    return path
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(["denoise", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize(
+    ("suffix", "depth", "color"),
+    [(".png", 8, False), (".png", 16, True), (".jpg", 8, True), (".tif", 32, False),
+     (".tif", 16, True), (".npy", 8, False)],
+)  # fmt: skip
+def test_cli_denoises_every_format(
+    tmp_path: Path, capsys, models, suffix: str, depth: int, color: bool
+) -> None:
+    src = _save(tmp_path / f"in{suffix}", _noisy(color), depth)
+    dst = tmp_path / f"out{suffix}"
+    rc, out, err = _run(capsys, str(src), "--sigma", "25", "--output", str(dst))
+    assert rc == 0, err
+    assert "sigma: 25.00 (0–255 units, given)" in out and "time:" in out
+    assert "solver: 1 tile(s)" in out and "all converged" in out
+    result, noisy = read_image(dst), read_image(src)
+    assert result.bit_depth == depth and result.pixels.shape == noisy.pixels.shape
+    assert models[color].calls[0][1] == pytest.approx(25 / 255)
+    # untiled (the image is smaller than a tile): the file holds the model's output
+    x = torch.from_numpy(noisy.pixels).float()
+    x = x.permute(2, 0, 1)[None] if color else x[None, None]
+    with torch.no_grad():
+        y = TinyDenoiser(x.shape[1]).eval()(x, torch.full((1,), 25 / 255)).clamp(0, 1)[0]
+    expected = (y.permute(1, 2, 0) if color else y[0]).double().numpy()
+    error = np.abs(result.pixels - expected)
+    if suffix == ".jpg":  # lossy (quality 95)
+        assert error.mean() < 2 / 255 and error.max() < 16 / 255
+    else:
+        assert error.max() <= {8: 0.5 / 255, 16: 0.5 / 65535, 32: 1e-7}[depth] + 1e-9
+
+
+def test_cli_denoising_reduces_the_error(tmp_path: Path, capsys, models) -> None:
+    clean = _noisy(False, sigma255=0)
+    src = _save(tmp_path / "in.png", _noisy(False, sigma255=25), 16)
+    rc, _, err = _run(capsys, str(src), "--output", str(tmp_path / "out.png"), "--sigma", "25")
+    assert rc == 0, err
+    assert _psnr(read_image(tmp_path / "out.png").pixels, clean) > _psnr(
+        read_image(src).pixels, clean
+    )
+
+
+@pytest.mark.parametrize(
+    ("suffix", "depth"), [(".png", 8), (".png", 16), (".tif", 16), (".npy", 32)]
+)
+def test_cli_keeps_alpha_bit_exact(tmp_path: Path, capsys, models, suffix: str, depth: int):
+    a = _array(1, depth, seed=3)[..., 0]
+    alpha = np.resize(a, (40, 56)) if depth != 32 else np.random.default_rng(3).random((40, 56))
+    alpha = alpha.astype(a.dtype)
+    src = _save(tmp_path / f"in{suffix}", _noisy(True), depth, alpha=alpha)
+    rc, out, err = _run(capsys, str(src), "--sigma", "25", "-o", str(tmp_path / f"o{suffix}"))
+    assert rc == 0, err
+    back = read_image(tmp_path / f"o{suffix}")
+    assert back.alpha is not None and back.alpha.dtype == alpha.dtype
+    np.testing.assert_array_equal(back.alpha, alpha)
+    assert "RGB+alpha" in out
+
+
+def test_cli_blind_estimates_sigma_once(tmp_path: Path, capsys, models) -> None:
+    src = _save(tmp_path / "in.png", _noisy(False, size=(96, 96), sigma255=30), 8)
+    rc, out, err = _run(capsys, str(src), "--output", str(tmp_path / "o.png"), "--tile", "48")
+    assert rc == 0, err
+    line = next(li for li in out.splitlines() if li.startswith("sigma:"))
+    assert "estimated" in line
+    sigma = float(line.split()[1])
+    assert abs(sigma / 30 - 1) < 0.2
+    levels = [c[1] for c in models[False].calls]
+    assert len(levels) == 9 and levels == pytest.approx([sigma / 255] * 9, rel=1e-3)
+    rc, out, _ = _run(capsys, str(src), "--blind", "-o", str(tmp_path / "o2.png"))
+    assert rc == 0 and f"sigma: {sigma:.2f}" in out
+
+
+def test_cli_tiles_a_large_image_and_passes_iters(tmp_path: Path, capsys, models) -> None:
+    src = _save(tmp_path / "in.npy", _noisy(False, size=(100, 130)), 8)
+    argv = [str(src), "--sigma", "10", "-o", str(tmp_path / "o.npy"), "--tile", "48"]
+    rc, out, err = _run(capsys, *argv, "--overlap", "16", "--iters", "2")
+    assert rc == 0, err
+    calls = models[False].calls
+    assert len(calls) == len(tile_starts(100, 48, 16)) * len(tile_starts(130, 48, 16))
+    assert all(c[0][2] <= 48 and c[0][3] <= 48 and c[2] == 2 for c in calls)
+    assert "not converged" in out and "iterations max 2" in out
+
+
+def test_cli_writes_the_bit_depth_asked(tmp_path: Path, capsys, models) -> None:
+    src = _save(tmp_path / "in.png", _noisy(True), 8)
+    rc, out, _ = _run(capsys, str(src), "--sigma", "5", "-o", str(tmp_path / "o.tif"),
+                      "--bit-depth", "32")  # fmt: skip
+    assert rc == 0 and read_image(tmp_path / "o.tif").bit_depth == 32
+    src16 = _save(tmp_path / "in16.png", _noisy(True), 16)
+    rc, out, _ = _run(capsys, str(src16), "--sigma", "5", "-o", str(tmp_path / "o.jpg"))
+    assert rc == 0 and "note: JPEG has no 16-bit samples; writing 8-bit" in out
+    assert read_image(tmp_path / "o.jpg").bit_depth == 8
+
+
+def test_cli_overwrites_only_when_asked(tmp_path: Path, capsys, models) -> None:
+    src = _save(tmp_path / "in.png", _noisy(False), 8)
+    before = src.read_bytes()
+    rc, _, err = _run(capsys, str(src), "--sigma", "25", "-o", str(src))
+    assert rc == 2 and "is the input; add --overwrite" in err and src.read_bytes() == before
+    other = tmp_path / "sub" / ".." / "in.png"  # the same file by another name
+    (tmp_path / "sub").mkdir()
+    rc, _, err = _run(capsys, str(src), "--sigma", "25", "-o", str(other))
+    assert rc == 2 and "is the input" in err and src.read_bytes() == before
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"keep me")
+    rc, _, err = _run(capsys, str(src), "--sigma", "25", "-o", str(existing))
+    assert rc == 2 and "exists; add --overwrite" in err and existing.read_bytes() == b"keep me"
+    assert _run(capsys, str(src), "--sigma", "25", "-o", str(existing), "--overwrite")[0] == 0
+    assert read_image(existing).pixels.shape == (40, 56)
+    assert _run(capsys, str(src), "--sigma", "25", "-o", str(src), "--overwrite")[0] == 0
+    assert src.read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "old.png", "sub"]
+
+
+def test_cli_errors_are_one_line_with_status_2(tmp_path: Path, capsys, models) -> None:
+    good = _save(tmp_path / "good.png", _noisy(False), 8)
+    rgba = _save(tmp_path / "rgba.png", _noisy(True), 8, alpha=np.full((40, 56), 7, np.uint8))
+    out = str(tmp_path / "out.png")
+    cases = [(str(path), message) for path, message in _bad_files(tmp_path).values()]
+    cases = [([p, "--sigma", "25", "-o", out], m) for p, m in cases] + [
+        ([str(good), "--sigma", "0", "-o", out], "--sigma must be in (0, 255]"),
+        ([str(good), "--sigma", "-3", "-o", out], "--sigma must be in (0, 255]"),
+        ([str(good), "--sigma", "300", "-o", out], "--sigma must be in (0, 255]"),
+        ([str(good), "--sigma", "nan", "-o", out], "--sigma must be in (0, 255]"),
+        ([str(good), "--sigma", "25", "--blind", "-o", out], "give either --sigma or --blind"),
+        ([str(good), "-o", str(tmp_path / "out.gif")], "unsupported extension '.gif'"),
+        ([str(good), "-o", str(tmp_path / "nowhere" / "o.png")], "does not exist"),
+        ([str(rgba), "-o", str(tmp_path / "o.jpg")], "JPEG has none"),
+        ([str(good), "-o", str(tmp_path / "o.png"), "--bit-depth", "32"], "PNG stores 8, 16"),
+        ([str(good), "-o", out, "--tile", "4"], "--tile must be at least 8"),
+        ([str(good), "-o", out, "--overlap", "200"], "--overlap must be in"),
+        ([str(good), "-o", out, "--iters", "0"], "--iters must be at least 1"),
+        ([str(good), "-o", out, "--device", "abacus"], "is not a torch device"),
+    ]
+    for argv, message in cases:
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("equilibria: error:"), err
+        assert message in lines[0], (message, lines[0])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".jpg")) == [
+        "cut.png", "folder.png", "garbage.png", "good.png", "rgba.png"
+    ]  # fmt: skip
+
+
+def test_cli_with_the_shipped_model(tmp_path: Path, capsys) -> None:
+    """``equilibria denoise IN --sigma 25 --output OUT`` right after install (shipped weights)."""
+    from equilibria.zoo.denoise_model import shipped_paths
+
+    if not all(p.is_file() for p in shipped_paths(False)):
+        pytest.fail("the shipped denoiser weights are not in equilibria/zoo/weights")
+    clean = _noisy(False, size=(32, 40), sigma255=0)
+    src = _save(tmp_path / "in.png", _noisy(False, size=(32, 40)), 8)
+    rc, out, err = _run(capsys, str(src), "--sigma", "25", "--output", str(tmp_path / "o.png"))
+    assert rc == 0, err
+    assert "solver:" in out and "sigma: 25.00" in out
+    result = read_image(tmp_path / "o.png").pixels
+    assert _psnr(result, clean) > _psnr(read_image(src).pixels, clean) + 3
