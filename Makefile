@@ -74,6 +74,7 @@ bench-all: bench
 	$(PY) benchmarks/broyden_scales.py
 	$(PY) benchmarks/scales.py
 	$(PY) benchmarks/porting.py
+	$(PY) benchmarks/colorize.py
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build site *.egg-info .pytest_cache .ruff_cache
