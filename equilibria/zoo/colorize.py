@@ -202,9 +202,7 @@ class ColorizeTask(Task):
         self.rng = rng
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
-        with torch.device("meta"):  # counts without drawing from the RNG
-            params = sum(p.numel() for p in self.build_model().parameters())
-        return {"attention": self.config.attention, "params": params}
+        return {"attention": self.config.attention}
 
     def describe(self, s: dict[str, Any]) -> list[str]:
         text = f"SSIM {s['ssim']:.4f}; copying the reference scores {s['reference_psnr']:.2f} dB"
