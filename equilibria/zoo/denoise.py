@@ -195,6 +195,7 @@ class DenoiseTask(Task):
         self.images = train_images(self.config.color)
         gen = torch.Generator().manual_seed(_TEST_NOISE_SEED)
         clean, noisy = [], []
+        self.test_names = list(test_images(self.config.color))
         for image in test_images(self.config.color).values():
             c = crop_center(image, self.config.test_crop)[None].to(device, dtype)
             sigma = torch.tensor([self.config.test_sigma / 255.0])
@@ -270,7 +271,7 @@ class DenoiseTask(Task):
                 residuals.append(float(sol.residual.max()))
         result: dict[str, Any] = {
             "test_psnr": statistics.fmean(values),
-            "test_psnr_images": values,
+            **{f"test_psnr_{name}": v for name, v in zip(self.test_names, values)},
             "params": sum(p.numel() for p in model.parameters()),
         }
         if iters:
@@ -295,5 +296,5 @@ class DenoiseTask(Task):
     def describe_eval(self, r: dict[str, Any]) -> list[str]:
         return [
             f"PSNR per held-out image at sigma {r['test_sigma']:g}: "
-            + ", ".join(f"{v:.2f}" for v in r["test_psnr_images"])
+            + ", ".join(f"{k[10:]} {v:.2f}" for k, v in r.items() if k.startswith("test_psnr_"))
         ]

@@ -1,0 +1,274 @@
+"""The denoise recipe: its three models on the engine, resume, the shipped weights (hash check,
+convergence, anytime behaviour), the implicit gradient in float64, and input validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import equilibria as eq
+from equilibria.zoo.checkpoint import load_checkpoint
+from equilibria.zoo.config import ConfigError
+from equilibria.zoo.denoise import DenoiseConfig, DenoiseTask, crop_center, psnr
+from equilibria.zoo.denoise_data import (
+    COLOR_TEST_IMAGES,
+    GRAY_TEST_IMAGES,
+    TRAIN_IMAGES,
+    add_noise,
+    load_image,
+    sample_patches,
+)
+from equilibria.zoo.denoise_model import (
+    CNNDenoiser,
+    DEQDenoiser,
+    ShippedWeightsError,
+    UnrolledDenoiser,
+    build_model,
+    load_shipped,
+    shipped_paths,
+)
+from equilibria.zoo.trainer import train
+
+pytestmark = pytest.mark.no_device_mode
+
+TINY = dict(
+    width=8, patch=16, batch_size=2, epochs=2, steps_per_epoch=2, warmup_steps=1, test_crop=24,
+    max_iter=6, eval_max_iter=8, implicit_max_iter=6, device="cpu", quiet=True, report=False,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"model": "deq", "backward": "implicit"},
+        {"model": "deq", "backward": "phantom"},
+        {"model": "deq", "backward": "implicit", "jac_reg": 0.1},
+        {"model": "cnn"},
+        {"model": "unrolled"},
+        {"model": "deq", "color": True},
+    ],
+)
+def test_each_model_trains_on_the_engine(tmp_path: Path, overrides: dict) -> None:
+    config = DenoiseConfig(**TINY, **overrides, run_dir=str(tmp_path / "run"))
+    summary = train(DenoiseTask(config))
+    assert summary["epochs"] == 2 and summary["model"] == overrides["model"]
+    assert 5.0 < summary["test_psnr"] < 60.0
+    names = COLOR_TEST_IMAGES if config.color else GRAY_TEST_IMAGES
+    assert all(5.0 < summary[f"test_psnr_{name}"] < 60.0 for name in names)
+    if config.model == "deq":
+        assert summary["fwd_iters_mean"] >= 1 and summary["eval_iters"] >= 1
+
+
+def test_equal_parameter_counts() -> None:
+    counts = {m: sum(p.numel() for p in build_model(DenoiseConfig(model=m)).parameters())
+              for m in ("deq", "cnn", "unrolled")}  # fmt: skip
+    assert counts["deq"] == counts["unrolled"]
+    assert abs(counts["cnn"] - counts["deq"]) / counts["deq"] < 0.01
+    assert 80_000 <= counts["deq"] <= 110_000
+
+
+class _Stop(BaseException):
+    pass
+
+
+def test_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    full = DenoiseConfig(**TINY, run_dir=str(tmp_path / "full"))
+    train(DenoiseTask(full))
+
+    def stop(epoch: int) -> None:
+        if epoch == 1:
+            raise _Stop
+
+    part = dataclasses.replace(full, run_dir=str(tmp_path / "part"))
+    with pytest.raises(_Stop):
+        train(DenoiseTask(part), on_epoch_end=stop)
+    assert load_checkpoint(part.run_dir).epoch == 1
+    train(DenoiseTask(dataclasses.replace(part, resume=True)))
+    a, b = load_checkpoint(full.run_dir).model, load_checkpoint(part.run_dir).model
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_held_out_images_are_not_trained_on() -> None:
+    assert not {*GRAY_TEST_IMAGES, *COLOR_TEST_IMAGES, "cat"} & set(TRAIN_IMAGES)
+    # skimage's cat is chelsea: held out with it
+    assert torch.equal(load_image("cat", color=True), load_image("chelsea", color=True))
+
+
+def test_patches_and_noise_are_reproducible() -> None:
+    images = [load_image("brick"), load_image("text")]
+    a = sample_patches(images, 5, 16, torch.Generator().manual_seed(1))
+    b = sample_patches(images, 5, 16, torch.Generator().manual_seed(1))
+    assert a.shape == (5, 1, 16, 16) and torch.equal(a, b)
+    sigma = torch.full((5,), 0.2)
+    noisy = add_noise(a, sigma, torch.Generator().manual_seed(2))
+    assert abs(float((noisy - a).std()) - 0.2) < 0.03
+
+
+# ----------------------------------------------------------------------------------------------
+# shipped weights
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_shipped_weights_load_and_hash_check(tmp_path: Path, color: bool) -> None:
+    weights, config = shipped_paths(color)
+    model = load_shipped(color)
+    assert not model.training and model.channels == (3 if color else 1)
+    assert sum(p.numel() for p in model.parameters()) < 200_000
+    assert weights.stat().st_size < 4 * 2**20
+    bad = tmp_path / weights.name
+    shutil.copy(weights, bad)
+    data = bytearray(bad.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShippedWeightsError, match="SHA-256"):
+        load_shipped(color, weights=bad, config=config)
+    with pytest.raises(ShippedWeightsError, match="missing"):
+        load_shipped(color, weights=tmp_path / "nothing.safetensors", config=config)
+
+
+def _noisy_crop(size: int = 48, sigma: float = 25 / 255) -> tuple[torch.Tensor, torch.Tensor]:
+    clean = crop_center(load_image("camera"), size)[None]
+    return clean, add_noise(clean, torch.tensor([sigma]), torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_shipped_deq_converges_and_denoises() -> None:
+    model = load_shipped(False)
+    clean, noisy = _noisy_crop()
+    out = model(noisy, torch.tensor([25 / 255]))
+    sol = model.deq.last_solution
+    assert bool(sol.converged.all()), f"residual {sol.residual} after {sol.nstep} iterations"
+    assert float(sol.residual.max()) <= model.deq.eval_tol
+    assert float(psnr(out, clean)) > float(psnr(noisy, clean)) + 5.0
+
+
+@torch.no_grad()
+def test_shipped_deq_more_iterations_do_not_hurt() -> None:
+    """Anytime behaviour: PSNR with 4, 8, 16, 32 iterations (tolerance 0) never drops by more
+    than 0.05 dB as the budget grows."""
+    model = load_shipped(False)
+    clean, noisy = _noisy_crop()
+    sigma = torch.tensor([25 / 255])
+    values = []
+    for k in (4, 8, 16, 32):
+        model.deq.eval_tol = 0.0
+        values.append(float(psnr(model(noisy, sigma, max_iter=k), clean)))
+    model.deq.eval_tol = None
+    assert all(b >= a - 0.05 for a, b in itertools.pairwise(values)), values
+
+
+@torch.no_grad()
+def test_blind_model_uses_the_sigma_estimate() -> None:
+    from equilibria.zoo.denoise_sigma import estimate_sigma
+
+    known, blind = load_shipped(False), load_shipped(False, blind=True)
+    _, noisy = _noisy_crop(64)
+    est = estimate_sigma(noisy[0, 0].double().numpy())
+    assert torch.allclose(blind(noisy, None), known(noisy, torch.tensor([est])), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients
+
+
+def _tiny_deq(backward: eq.Backward) -> DEQDenoiser:
+    torch.manual_seed(0)
+    model = DEQDenoiser(1, width=3, gain=0.4, solver=eq.Anderson(m=5), backward=backward,
+                        tol=1e-12, max_iter=200, eval_tol=1e-12, eval_max_iter=200)  # fmt: skip
+    return model.double()
+
+
+def test_implicit_gradient_matches_finite_differences() -> None:
+    model = _tiny_deq(eq.Implicit(tol=1e-12, max_iter=200))
+    gen = torch.Generator().manual_seed(3)
+    noisy = torch.rand(2, 1, 6, 6, generator=gen, dtype=torch.float64)
+    target = torch.rand(2, 1, 6, 6, generator=gen, dtype=torch.float64)
+    sigma = torch.tensor([0.1, 0.2], dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        return (model(noisy, sigma) - target).pow(2).sum()
+
+    loss().backward()
+    for param in (model.deq.cell.direction_a, model.deq.cell.bias_a, model.encode[0].weight):
+        flat, grad = param.data.view(-1), param.grad.view(-1)
+        for i in range(0, flat.numel(), max(1, flat.numel() // 4)):
+            old = float(flat[i])
+            with torch.no_grad():
+                flat[i] = old + 1e-6
+                up = float(loss())
+                flat[i] = old - 1e-6
+                down = float(loss())
+                flat[i] = old
+            fd = (up - down) / 2e-6
+            assert abs(fd - float(grad[i])) <= 1e-6 + 1e-5 * abs(fd), (param.shape, i)
+
+
+def test_implicit_gradient_matches_backprop_through_the_converged_solve() -> None:
+    implicit = _tiny_deq(eq.Implicit(tol=1e-12, max_iter=200))
+    reference = _tiny_deq(eq.Unrolled())
+    reference.deq.solver = eq.Picard()
+    reference.deq.max_iter = 150
+    gen = torch.Generator().manual_seed(4)
+    noisy = torch.rand(1, 1, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    sigma = torch.tensor([0.15], dtype=torch.float64)
+    grads = []
+    for model in (implicit, reference):
+        out = model(noisy, sigma).pow(2).sum()
+        grads.append(torch.autograd.grad(out, [noisy, *model.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sigma_min": 30.0, "sigma_max": 20.0}, "sigma_min must be <= sigma_max"),
+        ({"model": "cnn", "jac_reg": 0.1}, "jac_reg=0.1 needs model 'deq'"),
+        ({"model": "mlp"}, "model"),
+        ({"patch": 4}, "patch"),
+        ({"test_crop": 8}, "test_crop must be 0 or >= 16"),
+        ({"test_sigma": 0.0}, "test_sigma"),
+        ({"phantom_damping": 1.5}, "phantom_damping"),
+    ],
+)
+def test_config_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        DenoiseConfig(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [CNNDenoiser, UnrolledDenoiser])
+def test_model_input_errors(cls: type) -> None:
+    kwargs = {"layers": 1} if cls is CNNDenoiser else {"gain": 0.5, "steps": 2}
+    model = cls(1, width=4, **kwargs)
+    x = torch.rand(2, 1, 8, 8)
+    ok = model(x, torch.tensor([0.1, 0.1]))
+    assert ok.shape == x.shape
+    cases = [
+        (lambda: model(torch.rand(2, 3, 8, 8), torch.tensor([0.1, 0.1])), ValueError, "noisy"),
+        (lambda: model(x, torch.tensor([0.1])), ValueError, r"shape \(2,\)"),
+        (lambda: model(x, torch.tensor([0.1, 0.0])), ValueError, "> 0"),
+        (lambda: model(x, 0.1), TypeError, "sigma must be a tensor"),
+        (lambda: model(x, None), ValueError, "sigma is required"),
+        (lambda: model(x.clone().fill_(float("nan")), torch.tensor([0.1, 0.1])), ValueError,
+         "non-finite"),
+        (lambda: model(x, torch.tensor([0.1, 0.1]), max_iter=3), ValueError, "max_iter"),
+    ]  # fmt: skip
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    model.blind = True
+    with pytest.raises(ValueError, match="sigma must be None for a blind model"):
+        model(x, torch.tensor([0.1, 0.1]))
+    with pytest.raises(ValueError, match="channels must be 1"):
+        cls(2, width=4, **kwargs)
+    assert model.receptive_field == (7 if cls is CNNDenoiser else 17)
