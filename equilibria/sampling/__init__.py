@@ -24,6 +24,8 @@ Example:
     >>> sol.rounds, sol.nfe, bool(sol.converged.all())
 """
 
+from ._diffusers import UNetModel
+from ._inversion import InversionResult, invert
 from ._picard import Paradigms, Picard, Sequential, cumulative_picard
 from ._sample import SamplingSolution, sample
 from ._schedule import DDIM, Schedule, Thresholding
@@ -33,6 +35,7 @@ __all__ = [
     "DDIM",
     "SOLVERS",
     "Block",
+    "InversionResult",
     "Paradigms",
     "Picard",
     "SamplingSolution",
@@ -41,7 +44,9 @@ __all__ = [
     "Sequential",
     "System",
     "Thresholding",
+    "UNetModel",
     "cumulative_picard",
+    "invert",
     "register_solver",
     "sample",
 ]
