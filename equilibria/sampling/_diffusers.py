@@ -7,7 +7,8 @@ need diffusers.
 What is read from the scheduler (after ``scheduler.set_timesteps(T)``):
 
 * ``DDIMScheduler`` / ``DDIMParallelScheduler``: ``alphas_cumprod`` (so ``beta_schedule``,
-  ``trained_betas`` and ``rescale_betas_zero_snr`` are honoured through it), ``timesteps`` (so
+  ``trained_betas`` are honoured through it; ``rescale_betas_zero_snr`` is refused: it sets
+  ᾱ = 0 at the last training step, outside a DDIM schedule's (0, 1)), ``timesteps`` (so
   ``timestep_spacing`` and ``steps_offset`` are), ``final_alpha_cumprod`` (``set_alpha_to_one``),
   ``prediction_type``, ``clip_sample`` + ``clip_sample_range``, ``thresholding`` +
   ``dynamic_thresholding_ratio`` + ``sample_max_value``. diffusers' ``DDIMScheduler.step`` steps
@@ -111,6 +112,12 @@ def ddim_from_diffusers(scheduler: Any, *, eta: float | None = None) -> Any:
     timesteps = [int(t) for t in scheduler.timesteps.tolist()]
     prediction_type = _prediction_type(config, name)
     alphas_cumprod = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+    if getattr(config, "rescale_betas_zero_snr", False) and not (alphas_cumprod > 0).all():
+        raise ValueError(
+            f"{name}.config.rescale_betas_zero_snr=True is not supported: it makes "
+            "alphas_cumprod[-1] = 0 exactly (zero terminal SNR), where a DDIM step divides by "
+            "sqrt(alphas_cumprod) (x0 from epsilon) or by sqrt(1 - alphas_cumprod) at t = 0"
+        )
     if name in _DDPM:
         if eta not in (None, 1.0):
             raise ValueError(f"eta must be None or 1.0 for {name} (DDPM is DDIM with eta=1), "
