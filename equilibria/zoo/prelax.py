@@ -1,0 +1,200 @@
+"""The ``prelax`` recipe: residual relaxation for multi-view self-supervised learning on digits.
+
+Multi-view methods align two augmented views of an image exactly, so an augmentation that changes
+the semantics, such as a rotation, hurts them; Prelax lets the rotated view differ from its
+unrotated source by a residual in representation space and makes that residual predict the
+rotation (Wang, Geng, Jiang, Li, Wang, Yang & Lin, "Residual Relaxation for Multi-view
+Representation Learning", NeurIPS 2021, §3). The variants train the same small encoder for the
+same number of steps on scikit-learn's digits (:func:`equilibria.zoo.digits_model.load_data`:
+1437 training and 360 held-out images) with SimSiam, SimSiam with rotation as a plain
+augmentation, and Prelax; the headline is the accuracy of a linear probe on the held-out images.
+The model, views and losses are in :mod:`equilibria.zoo.prelax_model`.
+
+Usage::
+
+    equilibria train prelax --method prelax --seed 0
+    equilibria sweep prelax --seeds 0 1 2 3 4          # the three methods x 5 seeds
+    python benchmarks/prelax.py                        # the same, into benchmarks/results
+
+Reference: Wang et al., NeurIPS 2021 (arXiv 2110.15348); SimSiam: Chen & He, "Exploring Simple
+Siamese Representation Learning", CVPR 2021.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from . import trainer
+from .config import check_range, option
+from .digits_model import TRAIN_SIZE, load_data
+from .distributed import DistInfo
+from .prelax_model import (
+    ROTATIONS,
+    PrelaxNet,
+    features,
+    linear_probe,
+    prelax_loss,
+    rotate,
+    rotation_accuracy,
+    simsiam_loss,
+    standard_view,
+)
+from .sweep import SweepConfig, SweepResult, run_sweep
+from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
+
+__all__ = ["VARIANTS", "PrelaxConfig", "PrelaxTask", "compare", "train"]
+
+PROBE_ACC = Metric("probe_acc", "linear probe acc.", percent=True)
+ROTATION_ACC = Metric("rotation_acc", "rotation acc. from residual", percent=True)
+
+
+@dataclass(frozen=True)
+class PrelaxConfig(RunOptions):
+    """Options of the ``prelax`` recipe (each is a command-line option ``--name-with-dashes``)."""
+
+    method: Literal["simsiam", "simsiam_rotation", "prelax"] = option(
+        "prelax",
+        "'simsiam' (two standard views), 'simsiam_rotation' (the second view also rotated by "
+        "k*90 degrees, aligned exactly) or 'prelax' (a rotated third view, aligned up to a "
+        "residual that predicts the rotation)",
+    )
+    seed: int = option(0, "seed of the initialisation, the batches and the augmentations")
+    steps: int = option(600, "optimisation steps")
+    batch_size: int = option(256, "images per step")
+    lr: float = option(2e-3, "peak learning rate of AdamW (warm-up, then cosine decay)")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    width: int = option(32, "channels of the encoder's convolutions")
+    feat: int = option(128, "encoder feature size (what the linear probe sees)")
+    dim: int = option(64, "projection size (z, p and the residual)")
+    hidden: int = option(32, "hidden size of the predictor (a bottleneck, as in SimSiam)")
+    alpha: float = option(1.0, "Prelax: weight of the residual-relaxed alignment")
+    gamma: float = option(1.0, "Prelax: weight of the rotation prediction from the residual")
+    noise: float = option(0.2, "std of the Gaussian noise of a standard view (standardised pixels)")
+    erase: float = option(0.1, "probability that a standard view drops a pixel")
+    eval_every: int = option(100, "steps per epoch: the held-out metrics are measured after each")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("steps", "eval_every", "width", "feat", "dim", "hidden"):
+            check_range(self, name, low=1, high=10**7)
+        check_range(self, "batch_size", low=2, high=TRAIN_SIZE)
+        check_range(self, "seed", low=0, high=2**32 - 1)
+        check_range(self, "threads", low=0, high=256)
+        check_range(self, "lr", low=0, low_open=True)
+        for name in ("weight_decay", "alpha", "gamma", "noise"):
+            check_range(self, name, low=0)
+        check_range(self, "erase", low=0, high=0.9)
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "SimSiam": {"method": "simsiam"},
+    "SimSiam + rotation": {"method": "simsiam_rotation"},
+    "Prelax": {"method": "prelax"},
+}
+
+
+class PrelaxTask(Task):
+    """The prelax recipe for :func:`equilibria.zoo.trainer.train`: an epoch is ``eval_every``
+    steps, each on a batch drawn (with its augmentations) from a generator seeded by the seed
+    and the epoch."""
+
+    name = "prelax"
+    config_class = PrelaxConfig
+    headline = PROBE_ACC
+    table_metrics = (ROTATION_ACC, STEP_MS)
+    epoch_columns = (TRAIN_LOSS, PROBE_ACC, ROTATION_ACC, STEP_MS)
+    plots = (
+        Plot("loss", "training loss", "loss", (("train_loss", "train"),)),
+        Plot("accuracy", "held-out accuracy", "accuracy (fraction)",
+             (("probe_acc", "linear probe"), ("rotation_acc", "rotation from residual"))),
+    )  # fmt: skip
+    variants = VARIANTS
+    extras = ("sklearn", "safetensors")
+
+    def setup(self, device: torch.device) -> None:
+        self.data = load_data()  # CPU: the model is small
+
+    def build_model(self) -> nn.Module:
+        c = self.config
+        return PrelaxNet(c.width, c.feat, c.dim, c.hidden)
+
+    def schedule(self) -> Schedule:
+        c = self.config
+        epochs = -(-c.steps // c.eval_every)
+        return Schedule(epochs, c.eval_every, max(1, c.steps // 20), total=c.steps)
+
+    def batches(self, epoch: int, info: DistInfo) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        c, images = self.config, self.data[0]
+        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + epoch)
+        for _ in range(self.schedule().steps_in(epoch)):
+            idx = torch.randint(0, images.shape[0], (c.batch_size,), generator=gen)
+            x = images[idx]
+            x1 = standard_view(x, gen, noise=c.noise, erase=c.erase)
+            x2 = standard_view(x, gen, noise=c.noise, erase=c.erase)
+            k = torch.randint(0, ROTATIONS, (c.batch_size,), generator=gen)
+            yield x1, x2, k
+
+    def train_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:
+        x1, x2, k = batch
+        c = self.config
+        if c.method == "simsiam":
+            return StepOutput(simsiam_loss(net, x1, x2))
+        if c.method == "simsiam_rotation":
+            return StepOutput(simsiam_loss(net, x1, rotate(x2, k)))
+        loss, terms = prelax_loss(net, x1, x2, k, alpha=c.alpha, gamma=c.gamma)
+        return StepOutput(loss, terms)
+
+    def step_metrics(
+        self, model: nn.Module, batch: Any, out: StepOutput
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        values = {"train_loss": float(out.loss.detach())}
+        if out.outputs is not None:
+            values.update({f"train_{k}": v for k, v in out.outputs.items()})
+        return {}, values
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        x_train, y_train, x_test, y_test = self.data
+        probe = linear_probe(features(model, x_train), y_train, features(model, x_test), y_test)
+        return {"probe_acc": probe, "rotation_acc": rotation_accuracy(model, x_test)}
+
+    def describe(self, s: dict[str, Any]) -> list[str]:
+        return [
+            f"method {self.config.method}: linear probe {100 * s['probe_acc']:.2f}%, rotation "
+            f"from the residual {100 * s['rotation_acc']:.2f}% (held-out images)"
+        ]
+
+
+def train(
+    config: PrelaxConfig, *, on_epoch_end: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Train one model with :func:`equilibria.zoo.trainer.train` (see there)."""
+    return trainer.train(PrelaxTask(config), on_epoch_end=on_epoch_end)
+
+
+def compare(
+    out: Path | str,
+    *,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    variants: Sequence[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> SweepResult:
+    """Every variant for every seed on the sweep runner (``equilibria sweep prelax``); writes
+    ``sweep.md`` and ``sweep.json`` in ``out``.
+
+    Args:
+        out: the sweep's folder (new or empty, unless ``resume``).
+        seeds: seeds of the runs.
+        variants: names from :data:`VARIANTS` (default: all).
+        overrides: config fields applied to every run (e.g. ``{"steps": 100}``).
+        resume: continue an interrupted comparison in ``out``.
+    """
+    sweep = SweepConfig(seeds=tuple(seeds), variants=tuple(variants or ()), run_dir=str(out),
+                        resume=resume)  # fmt: skip
+    return run_sweep(PrelaxTask, sweep, overrides)
