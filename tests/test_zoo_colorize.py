@@ -12,6 +12,7 @@ import torch
 
 from equilibria.layers import StopGradientAttention
 from equilibria.zoo.checkpoint import load_checkpoint
+from equilibria.zoo.cli import main
 from equilibria.zoo.colorize import ColorizeConfig, ColorizeTask, train
 from equilibria.zoo.colorize_data import (
     TEST_IMAGES,
@@ -228,7 +229,9 @@ def test_equal_size_up_to_the_query_key_projections() -> None:
 
 
 @pytest.mark.parametrize("attention", ["standard", "sga", "learned_map"])
-def test_a_few_steps_of_each_variant_on_the_engine(tmp_path: Path, attention: str) -> None:
+def test_a_few_steps_of_each_variant_on_the_engine(
+    tmp_path: Path, attention: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     summary = train(ColorizeConfig(**TINY, attention=attention, run_dir=str(tmp_path)))
     assert summary["epochs"] == 2 and summary["attention"] == attention
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -239,6 +242,10 @@ def test_a_few_steps_of_each_variant_on_the_engine(tmp_path: Path, attention: st
             assert np.isfinite(row[key]), key
         assert -1 <= row["conflict_x"] <= 1 and 0 < row["ssim"] <= 1
         assert (row["conflict_x"] == 0.0) == (attention == "sga")
+    if attention == "sga":  # equilibria eval rebuilds the model and scores the same
+        assert main(["eval", str(tmp_path), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["psnr"] == rows[-1]["psnr"] and result["ssim"] == rows[-1]["ssim"]
 
 
 def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path) -> None:
@@ -279,6 +286,7 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path) -> None:
         ("jitter", 0.6, "jitter"),
         ("lr", 0.0, "lr"),
         ("batch_size", 0, "batch_size"),
+        ("test_samples", 4097, "test_samples must be <= 4096 for size=32"),
     ],
 )
 def test_bad_options_are_refused(field: str, value: object, fragment: str) -> None:

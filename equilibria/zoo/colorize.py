@@ -42,6 +42,7 @@ from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepO
 __all__ = ["VARIANTS", "ColorizeConfig", "ColorizeTask", "evaluate_samples", "train"]
 
 _TEST_SEED = 20_000  # the test crops are the same for every run
+_MAX_PIXELS = 2**22  # the most pixels of one draw (the test set or a batch): about 250 MB
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,13 @@ class ColorizeConfig(RunOptions):
             check_range(self, name, low=low, high=high)
         if self.size % 4:
             raise ConfigError(f"ColorizeConfig: size must be a multiple of 4, got {self.size}")
+        for name in ("test_samples", "batch_size"):  # drawn at once, ~60 bytes a pixel
+            most = _MAX_PIXELS // self.size**2
+            if getattr(self, name) > most:
+                raise ConfigError(
+                    f"ColorizeConfig: {name} must be <= {most} for size={self.size} (at most "
+                    f"{_MAX_PIXELS:,} pixels drawn at once), got {getattr(self, name)}"
+                )
         check_range(self, "lr", low=0, low_open=True)
         check_range(self, "weight_decay", low=0)
         check_range(self, "jitter", low=0, high=0.5)
