@@ -211,7 +211,17 @@ def test_window_gives_the_same_sample(window):
     torch.testing.assert_close(x0, ref, rtol=0, atol=1e-9)
     assert sol.window == window and bool(sol.converged.all())
     # the window bounds every round's batch
-    assert sol.nfe <= sol.rounds * window * x_T.shape[0]
+    seen = []
+
+    def spy(x, t):
+        seen.append(x.shape[0])
+        return model(x, t)
+
+    again, _ = sampling.sample(
+        spy, x_T, sched, solver="picard", tol=1e-12, noise=noise, window=window
+    )
+    assert torch.equal(again, x0) and max(seen) <= window * x_T.shape[0]
+    assert sol.nfe == sum(seen) <= sol.rounds * window * x_T.shape[0]
     if window == 1:
         assert sol.rounds == len(sched)
 
@@ -387,6 +397,7 @@ BAD_SAMPLE = [
     (dict(solver="picard", windw=3), TypeError, "unknown option"),
     (dict(solver=sampling.Picard(), window_size=3), TypeError, "by name"),
     (dict(generator=3), TypeError, "generator"),
+    (dict(process_group=object()), ValueError, "initialised"),
 ]
 
 

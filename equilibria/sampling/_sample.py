@@ -276,7 +276,7 @@ def sample(
         Rb = R[a:b]
         Rb.copy_(torch.where(keep, r, torch.where(exact, torch.zeros_like(r), Rb)))
         lo = torch.minimum(first + 1, hi)
-        traces.append(r.max() if bool(active.any()) else r.new_zeros(()))
+        traces.append(r.max())  # some sample is active while the loop runs
         if trace:
             full_r = torch.full((T, N), float("nan"), dtype=torch.float64, device=dev)
             full_r[a:b] = torch.where(active, r, torch.full_like(r, float("nan")))
