@@ -27,9 +27,11 @@ Example:
 from ._diffusers import UNetModel
 from ._inversion import InversionResult, invert
 from ._picard import Paradigms, Picard, Sequential, cumulative_picard
-from ._sample import SamplingSolution, sample
+from ._sample import SamplingSolution, _load_optional_solvers, sample
 from ._schedule import DDIM, Schedule, Thresholding
 from ._system import SOLVERS, Block, SamplingSolver, System, register_solver
+
+_load_optional_solvers()  # the Anderson family and the benchmarked default, when present
 
 __all__ = [
     "DDIM",
