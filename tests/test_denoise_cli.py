@@ -639,3 +639,16 @@ def test_cli_with_the_shipped_model(tmp_path: Path, capsys) -> None:
     assert "solver:" in out and "sigma: 25.00" in out
     result = read_image(tmp_path / "o.png").pixels
     assert _psnr(result, clean) > _psnr(read_image(src).pixels, clean) + 3
+
+
+def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
+    from PIL import Image
+
+    a = np.zeros((16, 24), np.uint8)
+    a[:, :12] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(a).save(tmp_path / "r.jpg", exif=exif.tobytes(), quality=100)
+    image = read_image(tmp_path / "r.jpg")
+    assert image.pixels.shape == (24, 16)  # as displayed: the white half on top
+    assert image.pixels[:12].mean() > 0.9 and image.pixels[12:].mean() < 0.1

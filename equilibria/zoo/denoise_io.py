@@ -15,6 +15,8 @@ format     reads                                            writes
 ``.npy``   uint8, uint16, float32/64; (H, W) or (H, W, C)   the same (``allow_pickle=False``)
 =========  ===============================================  ========================================
 
+A JPEG's EXIF orientation is applied when it is read (the output holds the pixels as displayed);
+colour profiles and other metadata are not copied to the output.
 ``C`` is 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA); an ``(H, W, 1)`` array is written back
 as ``(H, W, 1)`` to TIFF and NPY. Float files (bit depth 32) hold intensities in [0, 1]; values
 outside (noise) are read as they are and the written result is clipped to [0, 1]. Pillow (8-bit
@@ -209,10 +211,11 @@ def _read_png16(data: bytes) -> np.ndarray:
 
 
 def _read_pillow(path: Path) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
-    with Image.open(path) as im:
-        im.load()
+    with Image.open(path) as opened:
+        opened.load()
+        im = ImageOps.exif_transpose(opened)  # camera JPEGs: pixels as displayed, written so
         mode = im.mode
         if mode == "P":
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
