@@ -466,3 +466,24 @@ def test_readme_example_runs_and_prints_what_it_says(capsys):
     said = [line.split("# ", 1)[1] for line in code.splitlines() if "print(" in line]
     out = capsys.readouterr().out.splitlines()
     assert [o.strip() for o in out] == [s.split(":")[0].strip() for s in said]
+
+
+def test_thresholding_splits_rows_past_quantiles_limit(monkeypatch):
+    """torch.quantile refuses over 2**24 elements; the rows go through in pieces."""
+    from equilibria.sampling import _schedule
+
+    x0 = torch.randn(7, 3, 4, dtype=torch.float64) * 2
+    thr = sampling.Thresholding(ratio=0.8, max_value=2.5)
+    whole = thr(x0)
+    monkeypatch.setattr(_schedule, "_QUANTILE_MAX", 25)  # two rows of 12 per piece
+    torch.testing.assert_close(thr(x0), whole, rtol=0, atol=0)
+    s = torch.quantile(x0.reshape(7, -1).abs(), 0.8, dim=1).clamp(1, 2.5)[:, None, None]
+    torch.testing.assert_close(whole, x0.clamp(-s, s) / s, rtol=0, atol=1e-15)
+
+
+@pytest.mark.slow
+def test_thresholding_past_quantiles_real_limit():
+    x0 = torch.randn(17, 2**20 + 1) * 2
+    got = sampling.Thresholding(ratio=0.9, max_value=3.0)(x0)
+    s = torch.stack([torch.quantile(r.abs(), 0.9) for r in x0]).clamp(1, 3)[:, None]
+    torch.testing.assert_close(got, x0.clamp(-s, s) / s)

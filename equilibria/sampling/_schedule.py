@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 _PREDICTIONS = ("epsilon", "v_prediction", "sample")
+_QUANTILE_MAX = 1 << 24  # torch.quantile's input limit
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class Thresholding:
         flat = x0.reshape(x0.shape[0], -1)
         if flat.dtype not in (torch.float32, torch.float64):  # quantile needs float/double
             flat = flat.float()
-        s = torch.quantile(flat.abs(), self.ratio, dim=1)  # (M,)
+        # torch.quantile takes at most 2**24 elements: a round's rows go through in pieces
+        per = max(1, _QUANTILE_MAX // max(1, flat.shape[1]))
+        s = torch.cat([torch.quantile(p.abs(), self.ratio, dim=1) for p in flat.split(per)])
         s = torch.clamp(s, min=1, max=self.max_value).unsqueeze(1)
         flat = torch.clamp(flat, -s, s) / s
         return flat.reshape(x0.shape).to(dtype)
