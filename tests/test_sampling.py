@@ -487,3 +487,23 @@ def test_thresholding_past_quantiles_real_limit():
     got = sampling.Thresholding(ratio=0.9, max_value=3.0)(x0)
     s = torch.stack([torch.quantile(r.abs(), 0.9) for r in x0]).clamp(1, 3)[:, None]
     torch.testing.assert_close(got, x0.clamp(-s, s) / s)
+
+
+def test_paradigms_rule_with_alpha_ending_at_one():
+    """The last step's posterior variance is 0 when ᾱ ends at 1: it takes the smallest positive
+    one instead of dividing by zero (ParaDiGMS pads its inverse with 0)."""
+    sched, x_T, _, _ = _build(CASES[0])
+    assert float(sched.step_variance()[-1]) == 0.0
+    ref, _ = sampling.sample(_Model(), x_T, sched, solver="sequential")
+    x0, sol = sampling.sample(_Model(), x_T, sched, solver="paradigms", rule="paradigms", tol=1e-8)
+    assert bool(sol.converged.all()) and torch.isfinite(sol.residuals).all()
+    torch.testing.assert_close(x0, ref, rtol=0, atol=1e-6)
+
+
+def test_import_does_not_need_diffusers():
+    import subprocess
+    import sys
+
+    code = "import sys, equilibria.sampling; print('diffusers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
