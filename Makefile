@@ -75,6 +75,8 @@ bench-all: bench
 	$(PY) benchmarks/scales.py
 	$(PY) benchmarks/porting.py
 	$(PY) benchmarks/colorize.py
+	$(PY) benchmarks/prelax.py
+	$(PY) benchmarks/hamburger_jfb.py --runs $(wildcard runs/mosaic-jfb/runs/*)
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build site *.egg-info .pytest_cache .ruff_cache
