@@ -215,6 +215,8 @@ def test_probing_leaves_the_training_gradients_unchanged(fusion: str) -> None:
         assert conflict["conflict_x"] == conflict["probe_conflict_x"]
     with pytest.raises(RuntimeError, match="probed forward"):
         model.conflict()  # cleared
+    with torch.no_grad(), pytest.raises(ValueError, match="require grad"):
+        model(s.line, s.reference, probe=True)
 
 
 def test_equal_size_up_to_the_query_key_projections() -> None:

@@ -198,6 +198,11 @@ def probed_fusion(
     gradient reaching each copy in ``grads`` (keys ``x_map``, ``x_skip``, ``y_map``,
     ``y_value``; a copy that receives none is absent). With ``probe_map`` (for a stop-gradient
     map) the gradient the map would pass is stored too (``x_probe``, ``y_probe``)."""
+    if not (x.requires_grad and y.requires_grad):
+        raise ValueError(
+            "probed_fusion needs x and y that require grad (a training forward with autograd "
+            f"on), got requires_grad {x.requires_grad} and {y.requires_grad}"
+        )
     uses = {"x_map": x.clone(), "x_skip": x.clone(), "y_map": y.clone(), "y_value": y.clone()}
     probes = None
     if probe_map:
