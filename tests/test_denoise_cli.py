@@ -670,3 +670,23 @@ def test_tiling_the_shipped_model_changes_less_than_half_an_8_bit_level(color: b
         whole = model(x, sigma)
         tiled = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=16)
     assert (tiled - whole).abs().max() < 0.5 / 255
+
+
+def test_cli_damaged_shipped_weights_are_one_line_with_status_1(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from equilibria.zoo import denoise_model
+
+    weights, config = denoise_model.shipped_paths(False)
+    damaged = tmp_path / "w.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
+    (tmp_path / "w.json").write_bytes(config.read_bytes())
+    monkeypatch.setattr(
+        denoise_model, "shipped_paths", lambda color: (damaged, tmp_path / "w.json")
+    )
+    src = _save(tmp_path / "in.png", _noisy(False), 8)
+    rc, _, err = _run(capsys, str(src), "--sigma", "25", "-o", str(tmp_path / "o.png"))
+    assert rc == 1 and err.count("\n") == 1 and "SHA-256" in err
+    assert not (tmp_path / "o.png").exists()

@@ -28,7 +28,8 @@
 
 It prints σ (given or estimated), the solver's iterations and largest relative residual over
 the tiles, and the time. Errors (unreadable or missing file, unsupported extension, wrong shape
-or size, σ out of range, an existing output) are one line and exit status 2.
+or size, σ out of range, an existing output) are one line and exit status 2; shipped weights that
+are missing or fail their SHA-256 check, one line and status 1.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -195,7 +197,18 @@ def run_denoise(args: argparse.Namespace) -> int:
             sigma255 = _MIN_SIGMA_255
     else:
         sigma255, how = float(args.sigma), "given"
-    model = _load_model(image.color).to(device)
+    from .denoise_model import ShippedWeightsError
+
+    try:
+        model = _load_model(image.color).to(device)
+    except ShippedWeightsError as e:  # a damaged install: status 1, as for damaged checkpoints
+        print(f"equilibria: error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        raise ConfigError(
+            f"the denoise command needs the zoo extra ({e.name} is missing): "
+            'pip install "equilibria[zoo]"'
+        ) from None
     deq = getattr(model, "deq", None)
     if args.iters is not None and deq is None:
         raise ConfigError("--iters sets the equilibrium solver's budget; this model has no solver")
