@@ -88,7 +88,9 @@ class Paradigms(SamplingSolver):
             window's start and ``σ_k²`` the step's DDPM posterior variance (the last step, whose
             variance is 0 when ``ᾱ`` ends at 1, takes the smallest positive one), i.e. within a
             noise-relative tolerance of the sequential sample, not equal to it (``tol=0.1`` in
-            the paper).
+            its diffusers pipeline). Its code scales the state ``X_{k+1}`` by the variance of
+            step ``k+1`` instead and pads the last with an inverse variance of 0, so the final
+            state, the sample, is never checked; here every state is.
     """
 
     window: int = 10
