@@ -16,6 +16,12 @@ from equilibria import sampling
 pytestmark = pytest.mark.no_device_mode
 
 T, N, D = 12, 3, 5
+RUNS = (
+    ("sequential", {}),
+    ("picard", {}),
+    ("paradigms", {"window": 4}),
+    ("picard-chunked", {"chunk": 2}),
+)
 
 
 def _problem():
@@ -49,8 +55,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        for name, kw in (("sequential", {}), ("picard", {}), ("paradigms", {"window": 4})):
-            x0, sol, rows = _run(dist.group.WORLD, name, **kw)
+        for name, kw in RUNS:
+            x0, sol, rows = _run(dist.group.WORLD, name.split("-")[0], **kw)
             np.save(os.path.join(out_dir, f"{name}_{rank}.npy"), x0.numpy())
             np.save(
                 os.path.join(out_dir, f"{name}_{rank}_stats.npy"),
@@ -63,8 +69,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_processes_equal_one(tmp_path):
     world = 2
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world)
-    for name, kw in (("sequential", {}), ("picard", {}), ("paradigms", {"window": 4})):
-        x0, sol, rows = _run(None, name, **kw)
+    for name, kw in RUNS:
+        x0, sol, rows = _run(None, name.split("-")[0], **kw)
         for rank in range(world):
             got = torch.from_numpy(np.load(tmp_path / f"{name}_{rank}.npy"))
             torch.testing.assert_close(got, x0, rtol=0, atol=1e-13)
