@@ -20,6 +20,9 @@ schedule the recipe samples with::
     sched = ddim_schedule(alphas_cumprod, steps=100)                   # sampling.DDIM
     x0, sol = sampling.sample(model, torch.randn(16, 1, 8, 8), sched)
 
+:func:`trained_eps_model` does the same but trains the recipe in the folder first if it holds no
+finished run (``trained_eps_model("runs/diffusion/bench")``, as ``benchmarks/inversion.py`` does).
+
 Usage::
 
     equilibria train diffusion --seed 0
@@ -58,6 +61,7 @@ __all__ = [
     "load_eps_model",
     "sample_quality",
     "train",
+    "trained_eps_model",
 ]
 
 RECIPE = "diffusion"
@@ -77,13 +81,16 @@ class DiffusionConfig(RunOptions):
     depth: int = option(3, "residual blocks of the epsilon-MLP")
     emb: int = option(64, "size of the sinusoidal time embedding (even)")
     train_timesteps: int = option(1000, "diffusion steps of the training schedule (linear betas)")
-    steps: int = option(6000, "optimisation steps")
-    eval_every: int = option(2000, "optimisation steps per epoch (evaluated and checkpointed)")
+    steps: int = option(10_000, "optimisation steps")
+    eval_every: int = option(2500, "optimisation steps per epoch (evaluated and checkpointed)")
     batch_size: int = option(128, "training images per step")
     lr: float = option(2e-3, "peak learning rate of AdamW (warm-up, then cosine decay)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     seed: int = option(0, "seed of initialisation, data order, timesteps and noise")
     sample_steps: int = option(50, "DDIM sampling steps T in evaluation")
+    eta: float = option(
+        0.0, "DDIM eta in evaluation (0: deterministic; > 0: fixed pre-drawn noise)"
+    )
     eval_samples: int = option(360, "samples drawn in evaluation (FD reference: 360 test images)")
     solver: str = option("default", "parallel solver of the joint DDIM fixed point")
     tol: float = option(1e-3, "tolerance of the parallel solver")
@@ -109,6 +116,7 @@ class DiffusionConfig(RunOptions):
             check_range(self, name, low=low, high=high)
         check_range(self, "lr", low=0, low_open=True)
         check_range(self, "tol", low=0, low_open=True)
+        check_range(self, "eta", low=0, high=1)
         check_range(self, "weight_decay", low=0)
         if self.emb % 2:
             raise ConfigError(f"DiffusionConfig: emb must be even, got {self.emb}")
@@ -134,15 +142,19 @@ def build_model(config: DiffusionConfig) -> EpsMLP:
 def sample_quality(
     model: Callable[[Tensor, Tensor], Tensor],
     sched: Any,
-    noise: Tensor,
+    x_T: Tensor,
     features: nn.Module,
     reference: Tensor,
     *,
     solver: str = "default",
     tol: float = 1e-3,
     max_rounds: int | None = None,
+    noise: Tensor | None = None,
 ) -> tuple[dict[str, Any], Tensor]:
-    """Sample from ``noise`` sequentially and with ``solver``; FD of each to ``reference`` features.
+    """Sample from ``x_T`` sequentially and with ``solver``; FD of each to ``reference`` features.
+
+    The samples are clamped to the image range [-1, 1] before their features are taken (as
+    images are saved); ``noise`` is the pre-drawn noise of a stochastic schedule.
 
     Returns:
         (metrics, the parallel samples).
@@ -150,14 +162,15 @@ def sample_quality(
     from equilibria import sampling
 
     tic = time.process_time()
-    x_seq, sol_seq = sampling.sample(model, noise, sched, solver="sequential")
+    x_seq, sol_seq = sampling.sample(model, x_T, sched, solver="sequential", noise=noise)
     seq_cpu = time.process_time() - tic
     tic = time.process_time()
-    x_par, sol = sampling.sample(model, noise, sched, solver=solver, tol=tol, max_rounds=max_rounds)
+    x_par, sol = sampling.sample(model, x_T, sched, solver=solver, tol=tol, max_rounds=max_rounds,
+                                 noise=noise)  # fmt: skip
     par_cpu = time.process_time() - tic
     diff = (x_par - x_seq).flatten(1).norm(dim=1) / x_seq.flatten(1).norm(dim=1).clamp_min(1e-12)
-    fd_seq = frechet_distance(features.features(x_seq), reference)
-    fd_par = frechet_distance(features.features(x_par), reference)
+    fd_seq = frechet_distance(features.features(x_seq.clamp(-1, 1)), reference)
+    fd_par = frechet_distance(features.features(x_par.clamp(-1, 1)), reference)
     converged = torch.as_tensor(sol.converged)
     return {
         "fd_parallel": fd_par,
@@ -201,7 +214,7 @@ class DiffusionTask(Task):
         Plot("fd", "Fréchet distance to the test split", "FD",
              (("fd_sequential", "sequential"), ("fd_parallel", "parallel")), log=True),
     )  # fmt: skip
-    eval_options = ("solver", "tol", "max_rounds", "sample_steps", "eval_samples")
+    eval_options = ("solver", "tol", "max_rounds", "sample_steps", "eval_samples", "eta")
     max_params = 5_000_000
     extras = ("sklearn", "safetensors", "tqdm")
 
@@ -214,6 +227,10 @@ class DiffusionTask(Task):
         self.reference = self.features.features(x_test.double())
         gen = torch.Generator().manual_seed(_EVAL_NOISE_SEED)
         self.eval_noise = torch.randn(c.eval_samples, 1, 8, 8, generator=gen)
+        self.step_noise = None
+        if c.eta > 0:  # the same pre-drawn noise for both samplers
+            shape = (c.sample_steps, c.eval_samples, 1, 8, 8)
+            self.step_noise = torch.randn(shape, generator=gen)
         gen = torch.Generator().manual_seed(_TEST_LOSS_SEED)
         n = x_test.shape[0]
         self.test_t = torch.randint(0, c.train_timesteps, (n,), generator=gen)
@@ -251,10 +268,10 @@ class DiffusionTask(Task):
             model(self._noised(self.x_test, self.test_t, self.test_eps), self.test_t),
             self.test_eps,
         )
-        sched = ddim_schedule(self.alphas_cumprod, c.sample_steps)
+        sched = ddim_schedule(self.alphas_cumprod, c.sample_steps, eta=c.eta)
         metrics, samples = sample_quality(
             model, sched, self.eval_noise, self.features, self.reference,
-            solver=c.solver, tol=c.tol, max_rounds=c.max_rounds or None,
+            solver=c.solver, tol=c.tol, max_rounds=c.max_rounds or None, noise=self.step_noise,
         )  # fmt: skip
         if c.report and c.run_dir and Path(c.run_dir).is_dir():
             image_grid(samples[:128], Path(c.run_dir) / "samples.png")
@@ -295,3 +312,16 @@ def load_eps_model(
     config: DiffusionConfig = task.config  # type: ignore[assignment]
     model = model.to(dtype).eval().requires_grad_(False)
     return model, linear_alphas_cumprod(config.train_timesteps)  # type: ignore[return-value]
+
+
+def trained_eps_model(
+    run_dir: str | Path, *, dtype: torch.dtype = torch.float32, **config: Any
+) -> tuple[EpsMLP, Tensor]:
+    """:func:`load_eps_model` of ``run_dir``, training the recipe there first (the defaults,
+    updated by ``config``; CPU minutes) if the folder holds no finished run."""
+    run = Path(run_dir)
+    if not (run / "summary.json").is_file():
+        resume = (run / "config.json").is_file()
+        options = {"quiet": True, **config, "run_dir": str(run), "resume": resume}
+        train(DiffusionConfig(**options))
+    return load_eps_model(run, dtype=dtype)

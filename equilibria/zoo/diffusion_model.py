@@ -141,6 +141,14 @@ class FeatureNet(nn.Module):
 
 
 def _train_feature_net(steps: int = 400) -> FeatureNet:
+    net = FeatureNet().double()
+    net.load_state_dict(_feature_net_state(steps))
+    return net.eval().requires_grad_(False)
+
+
+@lru_cache(maxsize=1)
+def _feature_net_state(steps: int) -> dict[str, Tensor]:
+    """The trained classifier's weights (computed once per process; deterministic)."""
     x_train, y_train, _, _ = load_digits01(torch.float64)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same numbers whatever the caller's thread count
@@ -156,7 +164,7 @@ def _train_feature_net(steps: int = 400) -> FeatureNet:
                 opt.step()
     finally:
         torch.set_num_threads(threads)
-    return net.eval().requires_grad_(False)
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 def feature_net(run_dir: str | Path | None = None) -> FeatureNet:
