@@ -76,7 +76,9 @@ bench-all: bench
 	$(PY) benchmarks/porting.py
 	$(PY) benchmarks/colorize.py
 	$(PY) benchmarks/prelax.py
+	$(PY) benchmarks/denoise.py --color
 	$(PY) benchmarks/hamburger_jfb.py --runs $(wildcard runs/mosaic-jfb/runs/*)
+	$(PY) benchmarks/inversion.py
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build site *.egg-info .pytest_cache .ruff_cache
