@@ -528,3 +528,16 @@ def test_bfloat16_rounding_does_not_block_acceptance():
     err_seq = float((seq.double() - ref).norm() / ref.norm())
     err_par = float((x0.double() - ref).norm() / ref.norm())
     assert err_par <= 1.5 * err_seq
+
+
+def test_reprs_are_short():
+    sched = sampling.DDIM(_schedule("linear"), _timesteps(10), clip_sample=1.0)
+    assert repr(sched) == (
+        "DDIM(T=10, timesteps=[900, ..., 0], n_train=1000, eta=0, final_alpha_cumprod=1, "
+        "prediction_type='epsilon', clip_sample=1.0)"
+    )
+    _, sol = sampling.sample(_Model(), _x(), sched, solver="picard", tol=1e-6)
+    assert repr(sol) == (
+        f"SamplingSolution(solver='picard', rounds={sol.rounds}, nfe={sol.nfe}, converged=2/2, "
+        "T=10, window=10, tol=1e-06)"
+    )

@@ -62,6 +62,14 @@ class SamplingSolution:
     tol: float
     window: int
 
+    def __repr__(self) -> str:
+        T = self.trajectory.shape[0] - 1
+        return (
+            f"SamplingSolution(solver={self.solver!r}, rounds={self.rounds}, nfe={self.nfe}, "
+            f"converged={int(self.converged.sum())}/{self.converged.numel()}, T={T}, "
+            f"window={self.window}, tol={self.tol:g})"
+        )
+
 
 def _load_optional_solvers() -> None:
     """Register the solvers of ``_anderson.py`` and ``_default.py`` when present."""

@@ -237,6 +237,20 @@ class DDIM(Schedule):
         set_(self, "_std", std)
         set_(self, "_dir", (1 - ap - std**2).clamp(min=0).sqrt())
 
+    def __repr__(self) -> str:
+        t = self.timesteps
+        steps = f"[{int(t[0])}, ..., {int(t[-1])}]" if len(t) > 2 else str(t.tolist())
+        extra = "".join(
+            f", {k}={v!r}"
+            for k, v in (("clip_sample", self.clip_sample), ("thresholding", self.thresholding))
+            if v is not None
+        )
+        return (
+            f"DDIM(T={len(t)}, timesteps={steps}, n_train={self.alphas_cumprod.shape[0]}, "
+            f"eta={self.eta:g}, final_alpha_cumprod={self.final_alpha_cumprod:g}, "
+            f"prediction_type={self.prediction_type!r}{extra})"
+        )
+
     @classmethod
     def from_diffusers(cls, scheduler: Any) -> DDIM:
         """The DDIM of a configured ``diffusers.DDIMScheduler`` (after ``set_timesteps``).
