@@ -1,0 +1,285 @@
+"""Denoising benchmark: the shipped DEQ denoiser against its baselines on held-out images.
+
+Measured in one run, single-threaded, on the images no model was trained on (``camera``, ``coins``,
+``moon``; :mod:`equilibria.zoo.denoise_data`), with the same noise (seeded per image and σ) for
+every method:
+
+* PSNR / SSIM at σ ∈ {15, 25, 50} (0–255 units) per image and their mean, for the DEQ (known σ
+  and blind), the DnCNN-style CNN and the weight-tied unrolled network (same parameter count,
+  trained for the same CPU time by ``benchmarks/train_shipped_denoiser.py``), NL-means, TV
+  (Chambolle), wavelet (BayesShrink) and BM3D (:mod:`equilibria.zoo.denoise_classical`);
+* parameters, and time per 256 × 256 image (process CPU seconds and wall ms, median);
+* peak memory of one training step vs forward iterations: the DEQ's implicit and phantom
+  gradients against backpropagation through the same iterations;
+* PSNR vs test-time iterations (anytime behaviour): the DEQ with 1 … 48 iterations, and the
+  unrolled network run for other step counts than the K = 6 it was trained with;
+* with ``--color``: the colour DEQ against wavelet, TV and BM3D on ``astronaut`` and ``chelsea``.
+
+Writes ``benchmarks/results/denoise.json`` and ``denoise.png`` (noisy / DEQ / BM3D / clean
+crops of ``camera`` at σ = 25).
+
+Usage::
+
+    python benchmarks/denoise.py            # grayscale table, timing, memory, anytime, figure
+    python benchmarks/denoise.py --color    # and the colour table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import equilibria as eq
+from equilibria.zoo.denoise import DenoiseConfig
+from equilibria.zoo.denoise_classical import denoise_classical
+from equilibria.zoo.denoise_data import add_noise, test_images
+from equilibria.zoo.denoise_model import build_model, load_shipped, sha256_of, shipped_paths
+from equilibria.zoo.memory import PeakMemory
+
+from common import RESULTS, write_result
+
+SIGMAS = (15, 25, 50)
+NETS = ("deq", "deq_blind", "cnn", "unrolled")
+CLASSICAL = ("nlmeans", "tv", "wavelet", "bm3d")
+BASELINE_DIR = RESULTS / "denoise_models"
+
+
+def load_baseline(name: str, color: bool) -> torch.nn.Module:
+    """A baseline trained by train_shipped_denoiser.py (SHA-256 checked)."""
+    from safetensors.torch import load_file
+
+    path = BASELINE_DIR / f"{name}_{'color' if color else 'gray'}.safetensors"
+    record = json.loads(path.with_suffix(".json").read_text())
+    if sha256_of(path) != record["sha256"]:
+        raise RuntimeError(f"{path}: SHA-256 differs from the one recorded beside it")
+    model = build_model(DenoiseConfig(**record["config"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+def noisy_of(clean: torch.Tensor, sigma: int, index: int) -> torch.Tensor:
+    """The noisy image every method sees: seeded by the image's index and σ."""
+    gen = torch.Generator().manual_seed(1000 * index + sigma)
+    return add_noise(clean[None], torch.tensor([sigma / 255.0]), gen)[0]
+
+
+def to_hwc(x: torch.Tensor) -> np.ndarray:
+    a = x.detach().to(torch.float64).numpy()
+    return a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+
+
+def metrics(estimate: np.ndarray, clean: np.ndarray) -> tuple[float, float]:
+    from skimage.metrics import structural_similarity
+
+    est = np.clip(estimate, 0, 1)
+    mse = float(np.mean((est - clean) ** 2))
+    axis = -1 if clean.ndim == 3 else None
+    ssim = structural_similarity(clean, est, data_range=1.0, channel_axis=axis)
+    return 10 * np.log10(1.0 / mse), float(ssim)
+
+
+@torch.no_grad()
+def run_method(method: str, nets: dict[str, Any], noisy: torch.Tensor, sigma: int) -> np.ndarray:
+    if method in nets:
+        model = nets[method]
+        s = None if getattr(model, "blind", False) else torch.tensor([sigma / 255.0])
+        return to_hwc(model(noisy[None], s)[0])
+    return denoise_classical(method, to_hwc(noisy), sigma / 255.0)  # type: ignore[arg-type]
+
+
+def table(methods: list[str], nets: dict[str, Any], color: bool) -> dict[str, Any]:
+    """PSNR/SSIM per image, σ and method (and the mean over the images)."""
+    images = test_images(color)
+    rows: dict[str, Any] = {}
+    outputs = {}
+    for sigma in SIGMAS:
+        for index, (name, clean) in enumerate(images.items()):
+            noisy = noisy_of(clean, sigma, index)
+            ref = to_hwc(clean)
+            for method in methods:
+                tic = time.process_time()
+                out = run_method(method, nets, noisy, sigma)
+                cpu = time.process_time() - tic
+                p, s = metrics(out, ref)
+                rows.setdefault(method, {}).setdefault(str(sigma), {})[name] = {
+                    "psnr": p, "ssim": s, "cpu_s": cpu,
+                }  # fmt: skip
+                if name == "camera" and sigma == 25:
+                    outputs[method] = out
+                print(f"  sigma {sigma:2d} {name:9s} {method:10s} {p:6.2f} dB  SSIM {s:.4f}  "
+                      f"({cpu:.1f} CPU s)", flush=True)  # fmt: skip
+            if name == "camera" and sigma == 25:
+                outputs["noisy"], outputs["clean"] = to_hwc(noisy), ref
+    for per_sigma in rows.values():
+        for per_image in per_sigma.values():
+            per_image["mean"] = {
+                k: statistics.fmean(v[k] for v in per_image.values()) for k in ("psnr", "ssim")
+            }
+    return {"rows": rows, "outputs": outputs}
+
+
+@torch.no_grad()
+def timing(methods: list[str], nets: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Median process CPU seconds and wall ms per 256² image (camera's centre, σ = 25)."""
+    clean = test_images(False)["camera"][:, 128:384, 128:384]
+    noisy = noisy_of(clean, 25, 99)
+    out = {}
+    for method in methods:
+        cpu, wall = [], []
+        for _ in range(repeats if method in nets else max(1, repeats // 2)):
+            tic, tic_wall = time.process_time(), time.perf_counter()
+            run_method(method, nets, noisy, 25)
+            cpu.append(time.process_time() - tic)
+            wall.append(1e3 * (time.perf_counter() - tic_wall))
+        out[method] = {"cpu_s": statistics.median(cpu), "wall_ms": statistics.median(wall)}
+        print(f"  {method:10s} {out[method]['cpu_s']:.2f} CPU s per 256x256", flush=True)
+    if "deq" in nets:
+        sol = nets["deq"].deq.last_solution
+        out["deq"]["iterations"] = sol.nstep
+        out["deq"]["residual"] = float(sol.residual.max())
+    return out
+
+
+def memory_step(deq: Any, backward: eq.Backward, k: int, noisy, sigma, clean) -> float:  # type: ignore[no-untyped-def]
+    with deq.deq.using(backward), PeakMemory("cpu") as mem:
+        loss = (deq(noisy, sigma, max_iter=k) - clean).pow(2).mean()
+        loss.backward()
+    deq.zero_grad(set_to_none=True)
+    return mem.peak_bytes / 2**20
+
+
+def memory_table(deq: Any, iterations: tuple[int, ...]) -> dict[str, Any]:
+    """Peak MB of one training step (batch 4 of 40² patches) vs forward iterations, per
+    backward method (the forward solve runs its whole budget: tolerance 0)."""
+    gen = torch.Generator().manual_seed(5)
+    clean = torch.rand(4, 1, 40, 40, generator=gen)
+    sigma = torch.full((4,), 25 / 255)
+    noisy = add_noise(clean, sigma, gen)
+    deq.train()
+    tol, deq.deq.tol = deq.deq.tol, 0.0
+    backwards = {
+        "implicit": eq.Implicit(tol=1e-4, max_iter=12),
+        "phantom": eq.Phantom(steps=5, damping=0.5),
+        "backprop": eq.Unrolled(),
+    }
+    out = {name: {str(k): memory_step(deq, b, k, noisy, sigma, clean) for k in iterations}
+           for name, b in backwards.items()}  # fmt: skip
+    for name, row in out.items():
+        print(f"  {name:9s} peak MB by iterations: "
+              + ", ".join(f"{k}: {v:.1f}" for k, v in row.items()), flush=True)  # fmt: skip
+    deq.deq.tol = tol
+    deq.eval()
+    return out
+
+
+@torch.no_grad()
+def anytime(deq: Any, unrolled: Any, steps: tuple[int, ...]) -> dict[str, Any]:
+    """PSNR on camera (σ = 25) vs test-time iterations; tolerance 0 (the whole budget)."""
+    clean = test_images(False)["camera"]
+    noisy = noisy_of(clean, 25, 0)[None]
+    sigma = torch.tensor([25 / 255])
+    ref = to_hwc(clean)
+    deq.deq.eval_tol = 0.0
+    out: dict[str, Any] = {"deq": {}, "unrolled": {}}
+    for k in steps:
+        out["deq"][str(k)] = metrics(to_hwc(deq(noisy, sigma, max_iter=k)[0]), ref)[0]
+        out.setdefault("deq_residual", {})[str(k)] = float(deq.deq.last_solution.residual.max())
+    deq.deq.eval_tol = None
+    trained = unrolled.steps
+    for k in steps:
+        unrolled.steps = k
+        out["unrolled"][str(k)] = metrics(to_hwc(unrolled(noisy, sigma)[0]), ref)[0]
+    unrolled.steps = trained
+    for name in ("deq", "unrolled"):
+        print(f"  {name:9s} PSNR by iterations: "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in out[name].items()), flush=True)  # fmt: skip
+    return out
+
+
+def figure(outputs: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("noisy", "noisy, σ = 25"), ("deq", "DEQ (ours)"), ("bm3d", "BM3D"),
+              ("clean", "clean")]  # fmt: skip
+    panels = [(k, t) for k, t in panels if k in outputs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
+    ref = outputs["clean"]
+    for ax, (key, title) in zip(axes, panels):
+        crop = np.clip(outputs[key], 0, 1)[60:220, 180:340]
+        if key != "clean":
+            p, _ = metrics(outputs[key], ref)
+            title += f"\n{p:.2f} dB (whole image)"
+        ax.imshow(crop, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--color", action="store_true", help="also the colour table")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats (networks)")
+    parser.add_argument("--skip-table", action="store_true", help="timing/memory/anytime only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    nets: dict[str, Any] = {
+        "deq": load_shipped(False),
+        "deq_blind": load_shipped(False, blind=True),
+        "cnn": load_baseline("cnn", False),
+        "unrolled": load_baseline("unrolled", False),
+    }
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
+    result: dict[str, Any] = {
+        "command": "python benchmarks/denoise.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "sigmas": list(SIGMAS),
+        "params": params,
+        "training": {},
+    }
+    for name in ("cnn", "unrolled"):
+        rec = json.loads((BASELINE_DIR / f"{name}_gray.json").read_text())
+        result["training"][name] = {k: rec[k] for k in ("steps", "train_cpu_s", "budget_cpu_s")}
+    rec = json.loads(shipped_paths(False)[1].read_text())
+    result["training"]["deq"] = {k: rec[k] for k in ("steps", "train_cpu_s", "budget_cpu_s")}
+    methods = [*NETS, *CLASSICAL]
+    print("time per 256x256 image:", flush=True)
+    result["time_256"] = timing(methods, nets, args.repeats)
+    print("training-step memory:", flush=True)
+    result["memory_mb"] = memory_table(nets["deq"], (5, 10, 20, 40))
+    print("anytime:", flush=True)
+    result["anytime_camera_sigma25"] = anytime(
+        nets["deq"], nets["unrolled"], (1, 2, 4, 6, 8, 12, 16, 24, 32, 48)
+    )
+    if not args.skip_table:
+        print("held-out table (grayscale):", flush=True)
+        gray = table(methods, nets, color=False)
+        result["gray"] = gray["rows"]
+        figure(gray["outputs"], RESULTS / "denoise.png")
+    if args.color:
+        color_nets = {"deq": load_shipped(True)}
+        print("held-out table (colour):", flush=True)
+        result["color"] = table(["deq", "wavelet", "tv", "bm3d"], color_nets, color=True)["rows"]
+    path = write_result("denoise", result)
+    print(f"wrote {path}")
+    if "gray" in result:
+        print("mean PSNR (dB) over camera, coins, moon:")
+        for method in methods:
+            cells = [result["gray"][method][str(s)]["mean"]["psnr"] for s in SIGMAS]
+            print(f"  {method:10s} " + "  ".join(f"{c:6.2f}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
