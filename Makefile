@@ -77,6 +77,7 @@ bench-all: bench
 	$(PY) benchmarks/colorize.py
 	$(PY) benchmarks/prelax.py
 	$(PY) benchmarks/denoise.py --color
+	$(PY) benchmarks/denoise_tools.py --sweep
 	$(PY) benchmarks/hamburger_jfb.py --runs $(wildcard runs/mosaic-jfb/runs/*)
 	$(PY) benchmarks/inversion.py
 
