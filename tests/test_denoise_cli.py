@@ -424,6 +424,12 @@ def test_alpha_changes_depth_exactly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(back.alpha, image.alpha.astype(np.uint16) * 257)
     write_image(tmp_path / "y.png", back, bit_depth=8)
     np.testing.assert_array_equal(read_image(tmp_path / "y.png").alpha, image.alpha)
+    floats = _image(4, 32)  # float alpha in [0, 1] to 8 bits and 8 bits to float
+    write_image(tmp_path / "f.png", floats, bit_depth=8)
+    expected = np.round(floats.alpha.astype(np.float64) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(read_image(tmp_path / "f.png").alpha, expected)
+    write_image(tmp_path / "f.npy", image, bit_depth=32)
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy")[..., 3], image.alpha / 255, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------- the command line
