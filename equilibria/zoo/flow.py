@@ -61,17 +61,17 @@ class FlowConfig(RunOptions):
         "deq", "'raft' (unrolled updates, sequence loss) or 'deq' (DEQ-Flow: equilibrium)"
     )
     # data
-    size: int = option(32, "side of the square frames (multiple of 16)")
+    size: int = option(32, "side of the square frames (a multiple of 4 * 2^(levels - 1))")
     max_objects: int = option(2, "moving foreground objects per pair: 0..max_objects")
-    motion: float = option(1.0, "scale of the generated motion (1: ~2 px mean flow at size 32)")
+    motion: float = option(2.0, "scale of the generated motion (2: ~3.6 px mean flow at size 32)")
     test_pairs: int = option(256, "held-out test pairs (other source photographs)")
     # model (same for both)
-    width: int = option(32, "channels of the feature and context encoders")
-    hidden: int = option(32, "channels of the GRU hidden state")
-    context: int = option(32, "channels of the context features")
-    motion_channels: int = option(48, "channels of the motion encoder")
-    levels: int = option(3, "correlation pyramid levels")
-    radius: int = option(3, "correlation lookup radius")
+    width: int = option(16, "channels of the feature and context encoders")
+    hidden: int = option(16, "channels of the GRU hidden state")
+    context: int = option(16, "channels of the context features")
+    motion_channels: int = option(24, "channels of the motion encoder")
+    levels: int = option(2, "correlation pyramid levels")
+    radius: int = option(2, "correlation lookup radius")
     # RAFT
     iters: int = option(12, "RAFT: unrolled update iterations in training")
     gamma: float = option(
@@ -85,7 +85,7 @@ class FlowConfig(RunOptions):
     phantom_steps: int = option(1, "DEQ: differentiable steps of the phantom gradient")
     phantom_damping: float = option(1.0, "DEQ: damping lambda of the phantom gradient, (0, 1]")
     correction_states: int = option(
-        3, "DEQ: states supervised along the trajectory (fixed-point correction; 1 = off)"
+        2, "DEQ: states supervised along the trajectory (fixed-point correction; 1 = off)"
     )
     # test time
     eval_iters: int = option(
@@ -94,7 +94,7 @@ class FlowConfig(RunOptions):
     # optimisation
     steps: int = option(1500, "optimisation steps (each on freshly generated pairs)")
     batch_size: int = option(8, "pairs per step")
-    lr: float = option(1e-3, "peak learning rate of AdamW (cosine decay after a warm-up)")
+    lr: float = option(2e-3, "peak learning rate of AdamW (cosine decay after a warm-up)")
     weight_decay: float = option(1e-5, "AdamW weight decay")
     eval_every: int = option(
         250, "steps per epoch: the test pairs are evaluated and a checkpoint written after each"

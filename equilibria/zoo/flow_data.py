@@ -172,7 +172,7 @@ def make_sequences(
         frames: frames per sequence (2 = image pairs).
         size: S, the side of the square frames (a multiple of 4 in 16..128).
         max_objects: foreground objects per sequence are drawn from 0..max_objects.
-        motion: scale of all displacements (1.0: about 2.5 pixels of mean flow at S = 32, growing
+        motion: scale of all displacements (1.0: about 1.8 pixels of mean flow at S = 32, growing
             in proportion to S).
 
     Returns:

@@ -154,11 +154,14 @@ def forward_warp(flow: Tensor) -> Tensor:
 
 
 def _encoder(out: int, width: int) -> nn.Sequential:
-    """Grey (B, 1, H, W) -> (B, out, H/4, W/4)."""
+    """Grey (B, 1, H, W) -> (B, out, H/4, W/4); instance normalisation as RAFT's feature encoder
+    (per sample, so a sample's features do not depend on the batch, nor on train / eval mode)."""
     return nn.Sequential(
-        nn.Conv2d(1, width // 2, 5, stride=2, padding=2), nn.ReLU(inplace=True),
-        nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(1, width // 2, 5, stride=2, padding=2), nn.InstanceNorm2d(width // 2),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.InstanceNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, width, 3, padding=1), nn.InstanceNorm2d(width), nn.ReLU(inplace=True),
         nn.Conv2d(width, out, 1),
     )  # fmt: skip
 
