@@ -74,6 +74,7 @@ bench-all: bench
 	$(PY) benchmarks/broyden_scales.py
 	$(PY) benchmarks/scales.py
 	$(PY) benchmarks/porting.py
+	$(PY) benchmarks/flow.py
 	$(PY) benchmarks/colorize.py
 	$(PY) benchmarks/prelax.py
 	$(PY) benchmarks/denoise.py --color
