@@ -7,8 +7,8 @@ same encoder, batch and number of steps) and writes
   "probe_acc_std"}, "simsiam_rotation": {...}, "prelax": {"probe_acc_mean", "probe_acc_std",
   "rotation_acc"}}`` (held-out linear-probe accuracy, mean and sample std over seeds; Prelax's
   rotation accuracy from the residual, mean over seeds);
-* ``benchmarks/results/prelax_runs.json``: every run (probe and rotation accuracy, process CPU
-  seconds of the run), the options and the machine.
+* ``benchmarks/results/prelax_runs.json``: every run (probe accuracy with all labels and with 10
+  per class, rotation accuracy, process CPU seconds of the run), the options and the machine.
 
 The budget is equal in steps; Prelax encodes three views per step where the baselines encode two,
 so the CPU seconds of every run are recorded next to its accuracy.
@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         mean = summary[key]["probe_acc_mean"]  # type: ignore[index]
         std = summary[key]["probe_acc_std"]  # type: ignore[index]
         cpu = statistics.fmean(of(variant, "cpu_s"))
+        few, few_std = mean_std(of(variant, "probe10_acc"))
         print(f"{variant:>20}: {100 * mean:.2f} ± {100 * std:.2f}%  ({100 * (mean - simsiam):+.2f} "
-              f"points vs SimSiam; {cpu:.1f} CPU s per run)")  # fmt: skip
+              f"points vs SimSiam; 10 labels per class {100 * few:.2f} ± {100 * few_std:.2f}%; "
+              f"{cpu:.1f} CPU s per run)")  # fmt: skip
     rotation = summary["prelax"]["rotation_acc"]  # type: ignore[index]
     print(f"Prelax rotation accuracy from the residual: {100 * rotation:.2f}%")
     return 0

@@ -13,6 +13,7 @@ from equilibria.zoo.config import ConfigError
 from equilibria.zoo.prelax import VARIANTS, PrelaxConfig, compare, train
 from equilibria.zoo.prelax_model import (
     PrelaxNet,
+    few_label_indices,
     linear_probe,
     neg_cosine,
     prelax_loss,
@@ -119,6 +120,13 @@ def test_linear_probe_separable_and_chance():
     assert acc < 0.45
 
 
+def test_few_label_indices_pick_the_first_of_each_class():
+    labels = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0, 1])
+    idx = few_label_indices(labels, 2)
+    assert idx.tolist() == [1, 3, 2, 6, 0, 4]
+    assert few_label_indices(labels, 5).numel() == 9  # a class with fewer keeps all of its own
+
+
 def test_rotation_accuracy_reads_the_residual():
     """A head that reads the rotation off a residual built to encode it scores 1; an
     untrained head scores near chance."""
@@ -166,7 +174,8 @@ def test_tiny_runs_of_every_method(tmp_path):
     tiny = {"steps": 3, "batch_size": 16, "width": 4, "feat": 8, "dim": 6, "hidden": 4,
             "eval_every": 3}  # fmt: skip
     metrics = train(PrelaxConfig(**tiny, method="prelax", run_dir=str(tmp_path / "run")))
-    assert 0.0 <= metrics["probe_acc"] <= 1.0 and 0.0 <= metrics["rotation_acc"] <= 1.0
+    for key in ("probe_acc", "probe10_acc", "rotation_acc"):
+        assert 0.0 <= metrics[key] <= 1.0
     assert metrics["train_pal"] > 0 and "train_pra" in metrics
     result = compare(tmp_path / "sweep", seeds=[0], overrides=tiny)
     assert [row["variant"] for row in result.rows] == list(VARIANTS)
