@@ -81,6 +81,7 @@ bench-all: bench
 	$(PY) benchmarks/denoise_tools.py --sweep
 	$(PY) benchmarks/hamburger_jfb.py --runs $(wildcard runs/mosaic-jfb/runs/*)
 	$(PY) benchmarks/inversion.py
+	$(PY) benchmarks/sampling.py
 
 clean:
 	rm -rf $(VENV) .venv-torch-* build site *.egg-info .pytest_cache .ruff_cache
