@@ -12,7 +12,9 @@ holds to float rounding wherever the bilinear footprint of ``q + u_t(q)`` lies i
 on the same layer as ``q`` (the ``valid`` mask; elsewhere the pixel is occluded or leaves the view).
 The background moves by an affine map plus a random smooth field; each object by its own affine map
 (translation, small rotation and scaling), and its elliptical outline moves with it, so objects
-occlude and disoccl the background. Frames are rendered on a canvas with a margin around the view,
+occlude and disocclude the background. Each layer's motion is drawn once per sequence and jittered
+slightly at every step (motion coherent in time, so the flow of one pair predicts the next).
+Frames are rendered on a canvas with a margin around the view,
 so the view never samples outside what was rendered.
 
 Training and test sequences use disjoint source images (:data:`TRAIN_IMAGES`, :data:`TEST_IMAGES`).
@@ -139,6 +141,13 @@ def _affine(rng: np.random.Generator, scale: float, rot: float, shift: float) ->
     return np.concatenate([a, b[:, None]], axis=1)
 
 
+def _jitter(rng: np.random.Generator, affine: np.ndarray, shift: float) -> np.ndarray:
+    """``affine`` with its translation moved by up to ``shift`` pixels along each axis."""
+    out = affine.copy()
+    out[:, 2] += rng.uniform(-shift, shift, size=2)
+    return out
+
+
 def _apply(affine: np.ndarray, points: Tensor, centre: float) -> Tensor:
     """affine about ``centre``: (2, H, W) points -> (2, H, W) mapped points."""
     a = torch.as_tensor(affine[:, :2], dtype=points.dtype)
@@ -237,15 +246,20 @@ def _sequence(
     frame_next, label_next = composite(layers, [inside(s) for s in shapes])
     frames, flows, valids = [frame_next], [], []
     view = slice(margin, margin + size)
+    # the motion of each layer is drawn once per sequence (coherent in time, as in video) and
+    # jittered a little at every step: the background's affine map and smooth field, and each
+    # object's affine map about its own centre
+    bg_motion = _affine(rng, 0.05, 0.06, 2.0 * unit)
+    bg_field = _smooth_field(rng, ext, 0.8 * unit)
+    obj_motions = [_affine(rng, 0.06, 0.15, 3.0 * unit) for _ in range(n_obj)]
     for _ in range(n_frames - 1):
         # motions from this frame to the next, as the point each pixel is carried to
-        bg = _apply(_affine(rng, 0.05, 0.06, 2.0 * unit), grid, centre)
-        bg = bg + _smooth_field(rng, ext, 0.8 * unit)
+        bg = _apply(_jitter(rng, bg_motion, 0.2 * unit), grid, centre) + bg_field
         targets = [bg]
         for j in range(n_obj):
             to_obj = shapes[j][1]  # canvas point q -> object coordinates A q + c
             obj_centre = -np.linalg.solve(to_obj[:, :2], to_obj[:, 2])  # the object's origin
-            m = _affine(rng, 0.06, 0.15, 3.0 * unit)
+            m = _jitter(rng, obj_motions[j], 0.3 * unit)
             a, b = m[:, :2], m[:, 2] + obj_centre - m[:, :2] @ obj_centre
             targets.append(_apply(np.concatenate([a, b[:, None]], 1), grid, 0.0))
             # the outline moves with the object: canvas point q is inside at t when its image

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 import equilibria as eq
 
-from .flow_data import pixel_grid, sample
+from .flow_data import pixel_grid
 
 __all__ = [
     "RAFT",
@@ -202,7 +202,9 @@ class UpdateBlock(nn.Module):
             nn.Conv2d(hidden, 9 * FACTOR**2, 1),
         )  # fmt: skip
 
-    def forward(self, hidden: Tensor, context: Tensor, corr: Tensor, flow: Tensor) -> tuple:
+    def forward(
+        self, hidden: Tensor, context: Tensor, corr: Tensor, flow: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """(hidden, context, correlation window, flow) -> (new hidden, flow update)."""
         c = F.relu(self.corr(corr))
         f = F.relu(self.flow(flow))
@@ -368,9 +370,3 @@ class DEQFlow(_FlowBase):
         predictions = [self.cell.block.upsample(h, f) for h, f in states]
         last = tuple(s.detach() for s in states[-1])
         return FlowOutput(predictions, last, sol.nstep, sol.residuals)  # type: ignore[arg-type]
-
-
-def warp(image: Tensor, flow: Tensor) -> Tensor:
-    """``image`` (B, C, H, W) sampled at p + flow(p): frame 2 warped back to frame 1."""
-    grid = pixel_grid(*image.shape[-2:], image.dtype).to(image.device)
-    return sample(image, grid + flow)
