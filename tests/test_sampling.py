@@ -10,9 +10,7 @@ import pytest
 import torch
 
 from equilibria import NonFiniteError, sampling
-from equilibria.sampling._sample import _load_optional_solvers
 
-_load_optional_solvers()
 SOLVER_NAMES = [*sampling.SOLVERS.names(), "default"]
 PARALLEL = [n for n in SOLVER_NAMES if n != "sequential"]
 N_TRAIN = 1000

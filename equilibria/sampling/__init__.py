@@ -12,8 +12,9 @@ The pieces:
 * :func:`sample`: the driver loop (window, acceptance, counting, stopping) returning the sample
   and a :class:`SamplingSolution`;
 * the solvers, registered in :data:`SOLVERS`: ``"sequential"`` (the reference loop),
-  ``"picard"`` (cumulative Picard over all steps), ``"paradigms"`` (sliding-window Picard), and
-  those of ``_anderson.py``; ``"default"`` is the benchmarked default;
+  ``"picard"`` (cumulative Picard over all steps), ``"paradigms"`` (sliding-window Picard),
+  ``"anderson"`` and ``"triangular"`` (``_anderson.py``), ``"secant"``, and ``"default"``, the
+  benchmarked default (``_default.py``);
 * the interface for writing a solver: :class:`SamplingSolver`, :class:`Block`, :class:`System`
   and :func:`register_solver` (see ``equilibria/sampling/_system.py``).
 
@@ -24,28 +25,32 @@ Example:
     >>> sol.rounds, sol.nfe, bool(sol.converged.all())
 """
 
+from ._anderson import Anderson, Triangular
+from ._default import Default, Secant
 from ._diffusers import UNetModel
 from ._inversion import InversionResult, invert
 from ._picard import Paradigms, Picard, Sequential, cumulative_picard
-from ._sample import SamplingSolution, _load_optional_solvers, sample
+from ._sample import SamplingSolution, sample
 from ._schedule import DDIM, Schedule, Thresholding
 from ._system import SOLVERS, Block, SamplingSolver, System, register_solver
-
-_load_optional_solvers()  # the Anderson family and the benchmarked default, when present
 
 __all__ = [
     "DDIM",
     "SOLVERS",
+    "Anderson",
     "Block",
+    "Default",
     "InversionResult",
     "Paradigms",
     "Picard",
     "SamplingSolution",
     "SamplingSolver",
     "Schedule",
+    "Secant",
     "Sequential",
     "System",
     "Thresholding",
+    "Triangular",
     "UNetModel",
     "cumulative_picard",
     "invert",

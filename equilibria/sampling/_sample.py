@@ -7,7 +7,6 @@ The loop owns the sliding window, acceptance, counting, traces and stopping (see
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,18 +70,7 @@ class SamplingSolution:
         )
 
 
-def _load_optional_solvers() -> None:
-    """Register the solvers of ``_anderson.py`` and ``_default.py`` when present."""
-    for mod in ("_anderson", "_default"):
-        name = f"{__package__}.{mod}"
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
-
-
 def _resolve_solver(solver: Any, options: dict[str, Any]) -> SamplingSolver:
-    _load_optional_solvers()
-    if solver == "default" and "default" not in SOLVERS:
-        solver = "picard"  # until a benchmarked default is registered under "default"
     if options:
         if not isinstance(solver, str):
             raise TypeError(
