@@ -8,8 +8,9 @@ sequential loop (``solver="sequential"``) and by the parallel solver ``solver`` 
 library's default), and reports the Fréchet distance (FD) of each to the test split in the feature
 space of a fixed digits classifier (:mod:`equilibria.zoo.diffusion_model`), the parallel solver's
 rounds (sequential batched model calls) and NFE, and the largest relative difference between the
-two samples. Headline: FD of the parallel samples. A PNG grid of samples is written to the run
-folder (``samples.png``).
+two samples. Headline: FD of the parallel samples; ``fd_train_images`` (the 1437 training
+images against the same reference) is the floor a perfect model would reach. A PNG grid of
+samples is written to the run folder (``samples.png``).
 
 For other code (e.g. ``benchmarks/sampling.py``): :func:`load_eps_model` loads a trained model as
 ``model(x, t) -> eps`` with its training schedule ᾱ; :func:`ddim_schedule` makes the DDIM
@@ -198,6 +199,7 @@ class DiffusionTask(Task):
         Metric("rounds", "rounds", higher_is_better=False),
         Metric("nfe", "NFE", higher_is_better=False),
         Metric("max_rel_diff", "max rel. diff", higher_is_better=False, fmt=".1e"),
+        Metric("fd_train_images", "FD (training images)", higher_is_better=False, fmt=".2f"),
         STEP_MS,
     )
     epoch_columns = (
@@ -225,6 +227,8 @@ class DiffusionTask(Task):
         self.x_train, self.x_test = x_train.to(device), x_test.to(device)
         self.features = feature_net(c.run_dir or None)
         self.reference = self.features.features(x_test.double())
+        # the floor: real images (the training split) against the same reference
+        self.fd_real = frechet_distance(self.features.features(x_train.double()), self.reference)
         gen = torch.Generator().manual_seed(_EVAL_NOISE_SEED)
         self.eval_noise = torch.randn(c.eval_samples, 1, 8, 8, generator=gen)
         self.step_noise = None
@@ -275,7 +279,7 @@ class DiffusionTask(Task):
         )  # fmt: skip
         if c.report and c.run_dir and Path(c.run_dir).is_dir():
             image_grid(samples[:128], Path(c.run_dir) / "samples.png")
-        return {"test_loss": float(test_loss), **metrics}
+        return {"test_loss": float(test_loss), **metrics, "fd_train_images": self.fd_real}
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
         return {"samples_png": "samples.png", "sample_steps": self.config.sample_steps}
