@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     window = isinstance(solver, sampling.Paradigms)
                     r = measure(model, x_T, sched, solver, ref, T if window else cap)
                     if label == "picard" and r["rounds"]:
-                        cap = min(T, max(40, 4 * r["rounds"]))  # bounds the slow solvers' runs
+                        cap = min(T, max(60, 6 * r["rounds"]))  # bounds the slow solvers' runs
                     r.update(model=name, T=T, seed=seed, kind=kind, solver=label,
                              seq_cpu_s=seq_cpu, samples=args.samples)  # fmt: skip
                     records.append(r)
