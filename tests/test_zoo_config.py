@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from equilibria.zoo import RecipeError, get_recipe
+from equilibria.zoo import RECIPES, RecipeError, get_recipe
 from equilibria.zoo.cli import main
 from equilibria.zoo.compare import CompareConfig
 from equilibria.zoo.config import (
@@ -152,7 +152,8 @@ def test_cli_help_lists_recipes_and_options(capsys: pytest.CaptureFixture[str]) 
     assert main(["train"]) == 2  # no recipe: the same list, as an error
     captured = capsys.readouterr()
     assert "recipes:" in captured.out
-    assert captured.err == "equilibria: error: train needs a RECIPE: one of digits, mosaic\n"
+    names = ", ".join(RECIPES)  # every registered recipe, in registration order
+    assert captured.err == f"equilibria: error: train needs a RECIPE: one of {names}\n"
     assert main(["eval"]) == 2  # no checkpoint: the usage line and an error line
     captured = capsys.readouterr()
     assert captured.out.startswith("usage: equilibria eval CHECKPOINT")
