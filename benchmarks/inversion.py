@@ -3,7 +3,8 @@
 Find x_T whose DDIM sample (T = 100 steps) reconstructs held-out digits, with the trained ε-model
 of the ``diffusion`` recipe, by Adam on x_T from the DDIM encoding, with three gradients:
 ``implicit`` (joint fixed-point forward, warm-started, + adjoint sweep), ``phantom`` (same forward
-+ one damped step) and ``bptt`` (the baseline). Every method gets the same budget of process CPU
++ one damped step) and ``bptt`` (the baseline), each at every Adam learning rate of a small grid
+and reported at its best. Every run gets the same budget of process CPU
 time (``time.process_time``; the machine's cores are shared, so wall-clock is not a fair budget);
 the reconstruction error is the per-image MSE of the *sequential* sample of the final x_T, and
 the curve is each iteration's forward sample error against the CPU time spent. Peak memory of one
@@ -37,21 +38,22 @@ from common import RESULTS, write_result
 METHODS = ("implicit", "phantom", "bptt")
 
 
-def run_method(model, target, sched, method: str, budget: float, args) -> dict[str, Any]:
+def run_method(model, target, sched, method: str, lr: float, args) -> dict[str, Any]:
     curve: list[tuple[float, float]] = []
     start = time.process_time()
 
     def record(step: int, x_T: torch.Tensor, per: torch.Tensor) -> bool:
         spent = time.process_time() - start
         curve.append((spent, float(per.mean())))
-        return spent >= budget
+        return spent >= args.budget
 
     _, res = sampling.invert(
-        model, target, sched, gradient=method, steps=10**6, lr=args.lr, solver=args.solver,
+        model, target, sched, gradient=method, steps=10**6, lr=lr, solver=args.solver,
         tol=args.tol, damping=0.1, callback=record,
     )  # fmt: skip
     return {
         "method": method,
+        "lr": lr,
         "iterations": res.steps,
         "cpu_s": res.cpu_s,
         "rounds": res.rounds,
@@ -88,7 +90,7 @@ def plot(results: list[dict[str, Any]], memory: dict[str, dict[int, int]], path:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
     for r in results:
         t, e = zip(*r["curve"])
-        ax.plot(t, e, label=f"{r['method']} ({r['iterations']} it.)")
+        ax.plot(t, e, label=f"{r['method']} (lr {r['lr']:g}, {r['iterations']} it.)")
     ax.set(xlabel="process CPU time (s)", ylabel="reconstruction MSE (forward sample)",
            yscale="log", title="inversion at T = 100, equal CPU budget")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
@@ -113,8 +115,14 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=100, help="DDIM steps T")
     parser.add_argument("--images", type=int, default=8, help="test images to invert")
-    parser.add_argument("--budget", type=float, default=40.0, help="CPU seconds per method")
-    parser.add_argument("--lr", type=float, default=0.02, help="Adam learning rate")
+    parser.add_argument("--budget", type=float, default=30.0, help="CPU seconds per run")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        default=[0.002, 0.005, 0.02],
+        help="Adam learning rates; each method is reported at its best",
+    )
     parser.add_argument("--solver", default="default", help="forward solver (implicit, phantom)")
     parser.add_argument("--tol", type=float, default=1e-3, help="forward tolerance")
     parser.add_argument("--memory-steps", type=int, nargs="+", default=[10, 25, 50, 100])
@@ -126,17 +134,23 @@ def main() -> None:
     _, _, x_test, _ = load_digits01(torch.float32)
     target = x_test[: args.images]
     sched = ddim_schedule(alphas, args.steps)
-    results = []
+    grid, results = [], []
     for method in METHODS:
-        r = run_method(model, target, sched, method, args.budget, args)
-        results.append(r)
-        print(f"{method:>8}: {r['iterations']:4d} iterations in {r['cpu_s']:.1f} CPU s, "
-              f"MSE {r['error_start']:.4f} -> {r['error_final']:.5f} (rounds {r['rounds']}, "
-              f"NFE {r['nfe']})", flush=True)  # fmt: skip
+        for lr in args.lr:
+            r = run_method(model, target, sched, method, lr, args)
+            grid.append(r)
+            print(f"{method:>8} lr {lr:g}: {r['iterations']:4d} iterations in {r['cpu_s']:.1f} "
+                  f"CPU s, MSE {r['error_start']:.2e} -> {r['error_final']:.2e} (rounds "
+                  f"{r['rounds']}, NFE {r['nfe']})", flush=True)  # fmt: skip
+        results.append(min((r for r in grid if r["method"] == method),
+                           key=lambda r: r["error_final"]))  # fmt: skip
     base = results[-1]["error_final"]
-    for r in results[:-1]:
+    for r in results:
         r["error_vs_bptt"] = r["error_final"] / base
-        print(f"{r['method']}: final error {r['error_vs_bptt']:.2f}x BPTT's at equal CPU time")
+        print(
+            f"{r['method']:>8} (best lr {r['lr']:g}): final MSE {r['error_final']:.2e}, "
+            f"{r['error_vs_bptt']:.2f}x BPTT's at equal CPU time"
+        )
     memory: dict[str, dict[int, int]] = {}
     for method in METHODS:
         memory[method] = {T: gradient_peak(model, target, method, T, alphas)
@@ -146,10 +160,11 @@ def main() -> None:
     out = Path(args.out)
     payload = {
         "command": "python benchmarks/inversion.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("out", "memory_steps")),
-        "T": args.steps, "images": args.images, "budget_cpu_s": args.budget, "lr": args.lr,
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if k not in ("out", "memory_steps")),
+        "T": args.steps, "images": args.images, "budget_cpu_s": args.budget, "lr_grid": args.lr,
         "solver": args.solver, "tol": args.tol, "results": results,
+        "grid": [{k: v for k, v in r.items() if k != "curve"} for r in grid],
         "peak_bytes": {m: {str(T): b for T, b in p.items()} for m, p in memory.items()},
         "memory_method": "tensor-storages",
     }  # fmt: skip
