@@ -2,7 +2,7 @@
 
 Minimise ℓ(x_T) = Σ_n ‖Φ(x_T)_n − x*_n‖² / D (Φ: the deterministic sampler, D: pixels per sample)
 with Adam, starting from the DDIM encoding of the target (the sampler run backwards). Three ways
-to get ∇ℓ (Pokle, Geng & Kolter 2022, "Deep Equilibrium Approaches to Diffusion Models", §4.2):
+to get ∇ℓ (Pokle, Geng & Kolter 2022, "Deep Equilibrium Approaches to Diffusion Models"):
 
 * ``"implicit"``: the forward is the joint fixed point, solved without gradients by any sampling
   solver (warm-started from the previous iterate's trajectory); the gradient solves the adjoint of
@@ -13,14 +13,14 @@ to get ∇ℓ (Pokle, Geng & Kolter 2022, "Deep Equilibrium Approaches to Diffus
 * ``"phantom"``: the same forward, then one damped differentiable step of the joint map in its
   cumulative form from the detached solution, X̃_T = (1−τ) X*_T + τ (P x_T + Σ_j Q_j h_j(X*_j)),
   where step_k(x) = A_k x + h_k(x) splits each DDIM step into its linear part and the model's
-  term, P = Π_k A_k and Q_j = Π_{k>j} A_k (ALGORITHMS.md §6's telescoped DDIM). Only the first
+  term, P = Π_k A_k and Q_j = Π_{k>j} A_k (DDIM telescoped as in Pokle et al.). Only the first
   row X_0 = x_T is not detached, so the gradient is τ (P g + J_{h_0}(x_T)ᵀ Q_0 g): one VJP of one
   model call per iteration (it treats the later model terms as constants). τ only scales the
   gradient (Adam is invariant to that); it is kept as the method's parameter.
 * ``"bptt"`` (the baseline): backpropagation through the sequential sampler; its memory holds
   every step's activations, linear in T.
 
-Reference: Song, Meng & Ermon 2021 (DDIM encoding, §5.4); Pokle, Geng & Kolter, NeurIPS 2022.
+Reference: Song, Meng & Ermon 2021 (DDIM encoding); Pokle, Geng & Kolter, NeurIPS 2022.
 """
 
 from __future__ import annotations
@@ -98,9 +98,9 @@ def _t(sched: Schedule, k: int, x: Tensor) -> Tensor:
 
 
 def encode(model: Model, x0: Tensor, sched: DDIM) -> Tensor:
-    """DDIM encoding: the deterministic sampler run backwards from ``x0`` (Song et al. 2021,
-    §5.4), using the model at step k's timestep on the state after step k; the inverse of the
-    sampler up to how much ε changes over one step."""
+    """DDIM encoding: the deterministic sampler run backwards from ``x0`` (Song et al. 2021),
+    using the model at step k's timestep on the state after step k; the inverse of the sampler
+    up to how much ε changes over one step."""
     at, ap = _at_ap(sched)
     x = x0
     with torch.no_grad():
