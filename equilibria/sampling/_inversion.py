@@ -207,8 +207,12 @@ def invert(
         steps: Adam iterations (≥ 0).
         lr: Adam's learning rate (> 0).
         init: (N, *shape) the starting ``x_T``; None: the DDIM encoding of the target.
-        solver, tol, max_rounds, window, chunk: the forward solve (see ``sample``); not used by
-            ``"bptt"``.
+        solver: the forward solve's solver (see :func:`sample`; as are the next four); not
+            used by ``"bptt"``.
+        tol: the forward solve's tolerance.
+        max_rounds: the forward solve's round budget.
+        window: the forward solve's active window.
+        chunk: the forward solve's rows per model call.
         warm_start: start each forward solve from the previous iterate's trajectory.
         damping: τ of the phantom step, in (0, 1].
         callback: called as ``callback(step, x_T, per_sample_mse)`` after each iteration's
