@@ -20,7 +20,7 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
   cell applied exactly K times from z = 0 and trained by backpropagation through the K steps.
 * :class:`CNNDenoiser`: DnCNN-style plain network ``conv → (relu conv)×L → relu conv`` without
   batch normalisation (which would make the output depend on the batch and the tile); with
-  L = 4 and the same width it has exactly the DEQ's parameter count.
+  L = 4 and the same width it has the DEQ's parameter count to 0.1 % (84,481 vs 84,433).
 
 :func:`load_shipped` loads the trained models shipped in ``equilibria/zoo/weights``
 (``denoise_gray`` / ``denoise_color``: safetensors weights, their config and SHA-256 in the
