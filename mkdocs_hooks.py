@@ -1,7 +1,7 @@
 """mkdocs hook: the benchmark figures are published under ``results/`` of the site.
 
 The figures live in ``benchmarks/results/`` (where the scripts that make them write them); pages
-refer to them as ``results/NAME.png`` relative to the site root, so the site needs no copies that
+refer to them as ``results/...png`` relative to the site root, so the site needs no copies that
 could go stale."""
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ RESULTS = Path(__file__).resolve().parent / "benchmarks" / "results"
 
 
 def on_files(files, config):
-    """Add every PNG of ``benchmarks/results`` to the site as ``results/<name>.png``."""
-    for png in sorted(RESULTS.glob("*.png")):
+    """Add every PNG under ``benchmarks/results`` to the site under ``results/`` (same
+    relative path)."""
+    for png in sorted(RESULTS.rglob("*.png")):
         files.append(
             File(
-                f"results/{png.name}",
+                f"results/{png.relative_to(RESULTS).as_posix()}",
                 src_dir=str(RESULTS.parent),
                 dest_dir=config["site_dir"],
                 use_directory_urls=config["use_directory_urls"],

@@ -1,4 +1,5 @@
-"""The README's Python examples run as written and give what their comments say."""
+"""The README's Python examples run as written and give what their comments say; the recipe
+engine sketch of docs/recipes/index.md names the real interface."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 
 import equilibria as eq
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RECIPES = ROOT / "docs" / "recipes" / "index.md"
 
 
 def _python_blocks() -> list[str]:
@@ -42,18 +45,12 @@ def _check_quickstart(ns: dict) -> None:
     assert err < 1e-3
 
 
-def _check_hamburger(ns: dict) -> None:
-    assert ns["y"].shape == (2, 256, 32, 32) and bool(torch.isfinite(ns["y"]).all())
-    assert ns["x_hat"].shape == (2, 64, 500) and bool(torch.isfinite(ns["x_hat"]).all())
-    assert ns["z"].shape == (2, 100, 64) and bool(torch.isfinite(ns["z"]).all())
-
-
-CHECKS = {"layer = eq.DEQ(": _check_quickstart, "Hamburger(": _check_hamburger}
+CHECKS = {"layer = eq.DEQ(": _check_quickstart}
 
 
 def test_the_readme_has_python_examples():
     blocks = _python_blocks()
-    assert len(blocks) >= 2
+    assert len(blocks) >= 1
     # every check below has its example
     for marker in CHECKS:
         assert any(marker in code for code in blocks), marker
@@ -72,13 +69,13 @@ def test_readme_example_runs(index, capsys):
 
 
 def test_the_engine_sketch_names_the_real_interface():
-    """The "adding a recipe" sketch uses the Task interface as it is: its base classes, helpers
-    and methods exist, and every method it defines is one the trainer calls."""
+    """The "recipe engine" sketch of the recipes page uses the Task interface as it is: its base
+    classes, helpers and methods exist, and every method it defines is one the trainer calls."""
     from equilibria.zoo import registry, task
 
-    text = README.read_text()
-    assert "### The recipe engine: adding a recipe" in text
-    sketch = text.split("### The recipe engine: adding a recipe", 1)[1].split("```text\n", 1)[1]
+    text = RECIPES.read_text()
+    assert "## The recipe engine" in text
+    sketch = text.split("## The recipe engine", 1)[1].split("```text\n", 1)[1]
     sketch = sketch.split("```", 1)[0]
     for name in ("RunOptions", "Task", "Metric", "Schedule", "StepOutput"):
         assert re.search(rf"\b{name}\b", sketch) and hasattr(task, name), name
