@@ -37,7 +37,7 @@ from . import trainer
 from .config import ConfigError, check_range, option
 from .distributed import DistInfo
 from .mosaic_data import _DIGIT, Canvases, _digit_pools, make_canvases
-from .sweep import SweepConfig, SweepResult, run_sweep
+from .sweep import SweepResult, sweep_folder
 from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
 
 __all__ = [
@@ -407,6 +407,6 @@ def compare(
         overrides: config fields applied to every run (e.g. ``{"steps": 500}``).
         resume: continue an interrupted comparison in ``out``.
     """
-    sweep = SweepConfig(seeds=tuple(seeds), variants=tuple(variants or ()), run_dir=str(out),
-                        resume=resume)  # fmt: skip
-    return run_sweep(MosaicTask, sweep, overrides)
+    return sweep_folder(
+        MosaicTask, out, seeds=seeds, variants=variants, overrides=overrides, resume=resume
+    )

@@ -46,7 +46,7 @@ from .prelax_model import (
     simsiam_loss,
     standard_view,
 )
-from .sweep import SweepConfig, SweepResult, run_sweep
+from .sweep import SweepResult, sweep_folder
 from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
 
 __all__ = ["VARIANTS", "PrelaxConfig", "PrelaxTask", "compare", "train"]
@@ -203,6 +203,6 @@ def compare(
         overrides: config fields applied to every run (e.g. ``{"steps": 100}``).
         resume: continue an interrupted comparison in ``out``.
     """
-    sweep = SweepConfig(seeds=tuple(seeds), variants=tuple(variants or ()), run_dir=str(out),
-                        resume=resume)  # fmt: skip
-    return run_sweep(PrelaxTask, sweep, overrides)
+    return sweep_folder(
+        PrelaxTask, out, seeds=seeds, variants=variants, overrides=overrides, resume=resume
+    )

@@ -242,6 +242,32 @@ def run_sweep(
     return SweepResult(root, runs, rows, markdown, elapsed, metrics)
 
 
+def sweep_folder(
+    task_cls: type[Task],
+    out: Path | str,
+    *,
+    seeds: Sequence[int],
+    variants: Sequence[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    resume: bool = False,
+) -> SweepResult:
+    """Every variant of ``task_cls`` for every seed into the folder ``out`` (``sweep.md`` and
+    ``sweep.json`` there): the recipes' ``compare`` functions.
+
+    Args:
+        task_cls: the recipe.
+        out: the sweep's folder (new or empty, unless ``resume``).
+        seeds: seeds of the runs.
+        variants: names of the recipe's variants (default: all).
+        overrides: config fields applied to every run (e.g. ``{"steps": 100}``).
+        resume: continue an interrupted sweep in ``out``.
+    """
+    sweep = SweepConfig(
+        seeds=tuple(seeds), variants=tuple(variants or ()), run_dir=str(out), resume=resume
+    )
+    return run_sweep(task_cls, sweep, overrides)
+
+
 def _check_folder(root: Path, resume: bool, record: str) -> None:
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--run-dir {root} is a file, not a folder; choose a folder")
