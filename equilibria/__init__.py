@@ -8,7 +8,7 @@ Example:
     >>> z, sol = eq.fixed_point(f, z0, solver="anderson", backward="implicit")
 """
 
-from . import layers
+from . import layers, sampling
 from ._backward import (
     BACKWARDS,
     JFB,
@@ -77,6 +77,7 @@ __all__ = [
     "register_solver",
     "remove_norm",
     "reset_dropout",
+    "sampling",
     "solve",
     "spectral_radius",
     "torchdeq_state_dict",

@@ -21,7 +21,10 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 API_MODULES = ("equilibria", "equilibria.layers", "equilibria.sampling")
 # names documented by a page of their own rather than a ``:::`` entry
-OWN_PAGE = {"equilibria.layers": DOCS / "api" / "layers.md"}
+OWN_PAGE = {
+    "equilibria.layers": DOCS / "api" / "layers.md",
+    "equilibria.sampling": DOCS / "api" / "sampling.md",
+}
 
 pytestmark = pytest.mark.no_device_mode
 
