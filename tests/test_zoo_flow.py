@@ -270,3 +270,12 @@ def test_sequence_reuse_counts_iterations_cold_and_warm() -> None:
 def test_config_rejects_bad_values(field: str, value: object, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         FlowConfig(**{**TINY, field: value})
+
+
+def test_task_evaluates_raft_with_eval_iters_not_its_training_iters() -> None:
+    from equilibria.zoo.flow import FlowTask
+
+    torch.manual_seed(0)
+    task = FlowTask(FlowConfig(**{**TINY, "model": "raft", "iters": 3, "eval_iters": 5}))
+    task.setup(torch.device("cpu"))
+    assert task.evaluate(task.build_model())["eval_iters"] == 5

@@ -321,7 +321,8 @@ class FlowTask(Task):
         }
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
-        return evaluate_flow(model, self.test)
+        # RAFT's own ``iters`` is its training unroll: test time unrolls ``eval_iters``
+        return evaluate_flow(model, self.test, iters=self.config.eval_iters)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.rng.bit_generator.state}
