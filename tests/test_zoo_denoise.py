@@ -110,6 +110,16 @@ def test_patches_and_noise_are_reproducible() -> None:
     assert abs(float((noisy - a).std()) - 0.2) < 0.03
 
 
+def test_patch_larger_than_a_training_image_is_refused(tmp_path: Path) -> None:
+    # "text" is 172 pixels high: a 200 patch from it used to crash torch.stack
+    images = [load_image("brick"), load_image("text")]
+    with pytest.raises(ValueError, match=r"size must be at most .* got 200 .*\(172, 448\)"):
+        sample_patches(images, 4, 200, torch.Generator().manual_seed(0))
+    config = DenoiseConfig(**{**TINY, "patch": 200}, run_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="patch must be <= 172"):
+        train(DenoiseTask(config))
+
+
 # ----------------------------------------------------------------------------------------------
 # shipped weights
 

@@ -193,6 +193,12 @@ class DenoiseTask(Task):
         dtype = torch.float64 if self.config.dtype == "float64" else torch.float32
         self.device, self.dtype = device, dtype
         self.images = train_images(self.config.color)
+        smallest = min(min(im.shape[1:]) for im in self.images)
+        if self.config.patch > smallest:
+            raise ConfigError(
+                f"DenoiseConfig: patch must be <= {smallest} (the smallest side of a training "
+                f"image), got {self.config.patch}"
+            )
         gen = torch.Generator().manual_seed(_TEST_NOISE_SEED)
         clean, noisy = [], []
         self.test_names = list(test_images(self.config.color))

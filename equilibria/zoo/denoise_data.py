@@ -104,6 +104,12 @@ def sample_patches(
         size: patch side.
         generator: the CPU generator every draw comes from (reproducible batches).
     """
+    small = [tuple(im.shape[1:]) for im in images if min(im.shape[1:]) < size]
+    if small:
+        raise ValueError(
+            f"size must be at most every image's height and width, got {size} for images of "
+            f"(H, W) {small}"
+        )
     areas = torch.tensor([float(im.shape[1] * im.shape[2]) for im in images])
     which = torch.multinomial(areas, count, replacement=True, generator=generator)
     corner = torch.rand(count, 2, generator=generator)
