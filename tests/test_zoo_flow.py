@@ -255,6 +255,9 @@ def test_sequence_reuse_counts_iterations_cold_and_warm() -> None:
     with pytest.raises(TypeError, match="model must be a DEQFlow, got RAFT"):
         sequence_reuse(build_model(FlowConfig(**{**TINY, "model": "raft"})), seq, tol=0.1,
                        max_iter=2)  # fmt: skip
+    pairs = make_sequences(np.random.default_rng(1), "test", 2, frames=2, size=32)
+    with pytest.raises(ValueError, match=r"sequences of >= 3 frames .* got 2 frames"):
+        sequence_reuse(model, pairs, tol=1e-2, max_iter=8)
 
 
 @pytest.mark.parametrize(

@@ -207,6 +207,11 @@ def sequence_reuse(
     """
     if not isinstance(model, DEQFlow):
         raise TypeError(f"model must be a DEQFlow, got {type(model).__name__}")
+    if data.frames.shape[1] < 3:
+        raise ValueError(
+            f"data must hold sequences of >= 3 frames (reuse starts at the second pair), got "
+            f"{data.frames.shape[1]} frames"
+        )
     model.eval()
     frames, flows = data.frames, data.flows
     cold_its, warm_its, cold_epe, warm_epe = [], [], [], []
