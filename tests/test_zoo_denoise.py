@@ -142,6 +142,14 @@ def test_shipped_weights_load_and_hash_check(tmp_path: Path, color: bool) -> Non
         load_shipped(color, weights=tmp_path / "nothing.safetensors", config=config)
 
 
+def test_load_shipped_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.randn(4)
+    torch.manual_seed(123)
+    load_shipped()
+    assert torch.equal(torch.randn(4), expected)
+
+
 def _noisy_crop(size: int = 48, sigma: float = 25 / 255) -> tuple[torch.Tensor, torch.Tensor]:
     clean = crop_center(load_image("camera"), size)[None]
     return clean, add_noise(clean, torch.tensor([sigma]), torch.Generator().manual_seed(0))

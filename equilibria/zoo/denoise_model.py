@@ -399,7 +399,8 @@ def load_shipped(
     cfg = DenoiseConfig(**record["config"])
     if cfg.color != bool(color):
         raise ShippedWeightsError(f"{config_path} holds a model with color={cfg.color}")
-    model = build_model(cfg)
+    with torch.random.fork_rng(devices=[]):  # build_model seeds; leave the caller's RNG be
+        model = build_model(cfg)
     state = load_file(str(weights_path))
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     model.blind = bool(blind)
