@@ -411,6 +411,9 @@ def test_sample_rejects_bad_inputs():
         sampling.sample(_Model(), torch.zeros(6), sched)
     with pytest.raises(NonFiniteError, match="x_T"):
         sampling.sample(_Model(), torch.full((2, 6), float("nan")), sched)
+    for empty in (torch.zeros(0, 6, dtype=torch.float64), torch.zeros(2, 0, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=r"x_T must hold at least one sample.*got shape"):
+            sampling.sample(_Model(), empty, sched)
     with pytest.raises(TypeError, match="sched"):
         sampling.sample(_Model(), _x(), "ddim")
     with pytest.raises(TypeError, match="model"):

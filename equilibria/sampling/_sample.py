@@ -176,6 +176,11 @@ def sample(
             else type(x_T).__name__
         )
         raise ValueError(f"x_T must be a floating-point tensor (N, *sample_shape), got {got}")
+    if x_T.numel() == 0:
+        raise ValueError(
+            f"x_T must hold at least one sample of at least one element, got shape "
+            f"{tuple(x_T.shape)}"
+        )
     if not torch.isfinite(x_T).all():
         raise NonFiniteError("x_T contains NaN or infinity")
     sol_obj = _resolve_solver(solver, solver_options)
