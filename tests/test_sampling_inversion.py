@@ -214,6 +214,10 @@ BAD = [
     ({"sched": "ddim"}, TypeError, "sched must be a sampling.DDIM"),
     ({"target": torch.tensor([1, 2])}, ValueError, "x0_target must be a floating-point tensor"),
     ({"target": torch.full((2, D), float("nan"))}, NonFiniteError, "x0_target contains NaN"),
+    ({"target": torch.zeros(0, D, dtype=torch.float64)}, ValueError, "non-empty, got shape (0,"),
+    ({"steps": 0, "tol": -1.0}, ValueError, "tol must be in (0.0, inf), got -1.0"),
+    ({"steps": 0, "window": 0}, ValueError, "window must be an int >= 1"),
+    ({"steps": 0, "solver": "nope"}, ValueError, "unknown solver 'nope'"),
 ]  # fmt: skip
 
 

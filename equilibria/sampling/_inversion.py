@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .._errors import NonFiniteError
 from .._validate import check_bool, check_choice, check_float, check_int
-from ._sample import SamplingSolution, sample
+from ._sample import SamplingSolution, _resolve_solver, sample
 from ._schedule import DDIM, Schedule
 
 __all__ = ["InversionResult", "invert"]
@@ -232,14 +232,33 @@ def invert(
         raise ValueError(
             f"invert needs a deterministic sampler (sched.eta == 0), got eta={sched.eta}"
         )
-    if not isinstance(x0_target, Tensor) or not x0_target.is_floating_point() or x0_target.ndim < 2:
-        raise ValueError("x0_target must be a floating-point tensor (N, *sample_shape)")
+    if (
+        not isinstance(x0_target, Tensor)
+        or not x0_target.is_floating_point()
+        or x0_target.ndim < 2
+        or x0_target.numel() == 0
+    ):
+        got = (
+            f"shape {tuple(x0_target.shape)} {x0_target.dtype}"
+            if isinstance(x0_target, Tensor)
+            else type(x0_target).__name__
+        )
+        raise ValueError(
+            f"x0_target must be a floating-point tensor (N, *sample_shape), non-empty, got {got}"
+        )
     if not torch.isfinite(x0_target).all():
         raise NonFiniteError("x0_target contains NaN or infinity")
     steps = check_int("steps", steps, minimum=0)
     lr = check_float("lr", lr, low=0.0)
     damping = check_float("damping", damping, low=0.0, high=1.0)
     warm_start = check_bool("warm_start", warm_start)
+    # the forward solve's options, checked here too: with steps=0 no forward solve runs
+    tol = check_float("tol", tol, low=0.0)
+    for option, value in (("max_rounds", max_rounds), ("window", window), ("chunk", chunk)):
+        if value is not None:
+            check_int(option, value, minimum=1)
+    if gradient != "bptt":
+        _resolve_solver(solver, {})
     target = x0_target.detach()
     if init is None:
         x_T = encode(model, target, sched)
