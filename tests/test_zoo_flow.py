@@ -282,3 +282,14 @@ def test_task_evaluates_raft_with_eval_iters_not_its_training_iters() -> None:
     task = FlowTask(FlowConfig(**{**TINY, "model": "raft", "iters": 3, "eval_iters": 5}))
     task.setup(torch.device("cpu"))
     assert task.evaluate(task.build_model())["eval_iters"] == 5
+
+
+def test_raft_refuses_iteration_counts_below_one() -> None:
+    from equilibria.zoo.flow_model import RAFT
+
+    sizes = {"width": 8, "hidden": 8, "context": 8, "motion": 8, "levels": 2, "radius": 1}
+    with pytest.raises(ValueError, match="iters must be an int >= 1, got 0"):
+        RAFT(iters=0, **sizes)
+    frames = torch.rand(1, 1, 32, 32)
+    with pytest.raises(ValueError, match="iters must be an int >= 1, got -3"):
+        RAFT(iters=2, **sizes).eval()(frames, frames, iters=-3)

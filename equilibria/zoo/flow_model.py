@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import equilibria as eq
+from equilibria._validate import check_int
 
 from .flow_data import pixel_grid
 
@@ -299,7 +300,7 @@ class RAFT(_FlowBase):
                  motion: int = 48, levels: int = 3, radius: int = 3) -> None:  # fmt: skip
         super().__init__(width=width, hidden=hidden, context=context, motion=motion,
                          levels=levels, radius=radius)  # fmt: skip
-        self.iters = iters
+        self.iters = check_int("iters", iters, minimum=1)
 
     def forward(self, frame1: Tensor, frame2: Tensor, *, iters: int | None = None,
                 init: tuple[Tensor, Tensor] | None = None) -> FlowOutput:  # fmt: skip
@@ -308,7 +309,7 @@ class RAFT(_FlowBase):
         flow = torch.zeros_like(x[1])
         if init is not None:
             hidden, flow = init
-        n = self.iters if iters is None else iters
+        n = self.iters if iters is None else check_int("iters", iters, minimum=1)
         predictions = []
         for _ in range(n):
             hidden, flow = self.cell((hidden, flow), x)
