@@ -76,9 +76,7 @@ CASES = {
 def test_from_diffusers_matches_diffusers_step_loop(unet, case: str, eta: float) -> None:
     scheduler = diffusers.DDIMScheduler(**CASES[case])
     scheduler.set_timesteps(10)
-    sched = sampling.DDIM.from_diffusers(scheduler)
-    if eta:
-        sched = sampling._diffusers.ddim_from_diffusers(scheduler, eta=eta)
+    sched = sampling.DDIM.from_diffusers(scheduler, eta=eta)  # η: a step() argument in diffusers
     assert sched.eta == eta and len(sched) == 10
     assert torch.equal(sched.timesteps, scheduler.timesteps)
     assert sched.prediction_type == scheduler.config.prediction_type

@@ -252,15 +252,17 @@ class DDIM(Schedule):
         )
 
     @classmethod
-    def from_diffusers(cls, scheduler: Any) -> DDIM:
+    def from_diffusers(cls, scheduler: Any, *, eta: float | None = None) -> DDIM:
         """The DDIM of a configured ``diffusers.DDIMScheduler`` (after ``set_timesteps``).
 
-        Options the library cannot reproduce exactly are refused by name (see
-        ``equilibria/sampling/_diffusers.py``). Needs ``diffusers`` (the ``diffusion`` extra).
+        ``eta`` is the η of diffusers' ``DDIMScheduler.step`` (a ``step`` argument there, not a
+        config entry; default 0.0; DDPM schedulers are η = 1). Options the library cannot
+        reproduce exactly are refused by name (see ``equilibria/sampling/_diffusers.py``).
+        Needs ``diffusers`` (the ``diffusion`` extra).
         """
         from ._diffusers import ddim_from_diffusers
 
-        return ddim_from_diffusers(scheduler)
+        return ddim_from_diffusers(scheduler, eta=eta)
 
     @property
     def stochastic(self) -> bool:
