@@ -5,6 +5,7 @@ shipped one where its weights are in the package)."""
 from __future__ import annotations
 
 import itertools
+import os
 import struct
 import sys
 import zlib
@@ -579,6 +580,18 @@ def test_cli_writes_the_bit_depth_asked(tmp_path: Path, capsys, models) -> None:
     rc, out, _ = _run(capsys, str(src16), "--sigma", "5", "-o", str(tmp_path / "o.jpg"))
     assert rc == 0 and "note: JPEG has no 16-bit samples; writing 8-bit" in out
     assert read_image(tmp_path / "o.jpg").bit_depth == 8
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_cli_output_has_the_usual_file_mode(tmp_path: Path, capsys, models) -> None:
+    # the temporary file (mkstemp: 0600) used to keep its mode after the rename
+    src = _save(tmp_path / "in.png", _noisy(False), 8)
+    umask = os.umask(0o022)
+    try:
+        assert _run(capsys, str(src), "--sigma", "25", "-o", str(tmp_path / "o.png"))[0] == 0
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "o.png").stat().st_mode & 0o777 == 0o644
 
 
 def test_cli_overwrites_only_when_asked(tmp_path: Path, capsys, models) -> None:

@@ -233,8 +233,11 @@ def run_denoise(args: argparse.Namespace) -> int:
     out = replace(image, pixels=pixels)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}-", suffix=dst.suffix, dir=dst.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write_image(tmp, out, bit_depth=depth)  # type: ignore[arg-type]
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a new file's usual mode
         os.replace(tmp, dst)
     except ImageError as e:
         raise ConfigError(str(e).replace(tmp, str(dst))) from None
