@@ -83,6 +83,21 @@ def test_reference_without_warp_or_jitter_is_the_target() -> None:
     torch.testing.assert_close(s.reference, s.target, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"size": 84}, "size must be <= 80 .* got 84"),
+        ({"size": 32, "jitter": -0.2}, r"jitter must be in \[0.0, 0.5\], got -0.2"),
+        ({"size": 32, "jitter": 2.0}, r"jitter must be in \[0.0, 0.5\], got 2.0"),
+        ({"size": 32, "count": 0}, "count must be an int >= 1, got 0"),
+    ],
+)
+def test_make_samples_refuses_bad_arguments(kwargs: dict, fragment: str) -> None:
+    kwargs = {"count": 2, **kwargs}
+    with pytest.raises(ValueError, match=fragment):
+        make_samples(np.random.default_rng(0), load_images(TEST_IMAGES), **kwargs)
+
+
 def test_train_and_test_photographs_are_disjoint_and_line_art_is_in_range() -> None:
     assert not set(TRAIN_IMAGES) & set(TEST_IMAGES)
     for image, line in load_images(TEST_IMAGES):

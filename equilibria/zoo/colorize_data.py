@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from equilibria._validate import check_float, check_int
+
 TRAIN_IMAGES = ("astronaut", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
                 "colorwheel")  # fmt: skip
 TEST_IMAGES = ("chelsea", "coffee")  # held out: no crop of them is seen in training
@@ -124,9 +126,17 @@ def make_samples(
         count: samples to draw.
         size: side of a crop.
         jitter: largest relative change of brightness and of each channel's gain in the
-            reference.
+            reference, in [0, 0.5].
     """
-    window = size + 2 * round(_MARGIN * size)
+    check_int("count", count, minimum=1)
+    window = 2 * round(_MARGIN * check_int("size", size, minimum=1)) + size
+    smallest = min(min(image.shape[:2]) for image, _ in images)
+    if window > smallest:
+        raise ValueError(
+            f"size must be <= {smallest // 2} (the reference's window, 2 x size, must fit the "
+            f"smallest image, {smallest} pixels), got {size}"
+        )
+    check_float("jitter", jitter, low=0.0, high=0.5, low_open=False)
     half = (window - size) // 2
     which = rng.integers(0, len(images), count)
     colour_windows = np.empty((count, window, window, 3), np.float32)
