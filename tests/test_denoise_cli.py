@@ -398,6 +398,16 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+def test_planar_rgb_tiff_is_read_channels_last(tmp_path: Path) -> None:
+    import tifffile
+
+    a = _array(3, 16, seed=5)
+    tifffile.imwrite(tmp_path / "p.tif", np.moveaxis(a, 2, 0), photometric="rgb",
+                     planarconfig="separate")  # fmt: skip
+    image = read_image(tmp_path / "p.tif")
+    np.testing.assert_array_equal(image.pixels, a / 65535.0)
+
+
 def test_unreadable_files_raise_image_errors(tmp_path: Path) -> None:
     for case, (path, message) in _bad_files(tmp_path).items():
         with pytest.raises(ImageError, match=None) as info:

@@ -260,7 +260,11 @@ def read_image(path: str | Path) -> LoadedImage:
         elif fmt == "tiff":
             import tifffile
 
-            a = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                a = series.asarray()
+                if series.axes.endswith("SYX"):  # planar (separate) samples: channels last
+                    a = np.moveaxis(a, -3, -1)
         else:
             with open(path, "rb") as fh:
                 head = fh.read(29)
