@@ -159,6 +159,14 @@ def test_eta_must_be_one_for_ddpm() -> None:
         sampling._diffusers.ddim_from_diffusers(scheduler, eta=0.5)
 
 
+@pytest.mark.parametrize("eta, error", [(True, TypeError), ("0.5", TypeError), (1.5, ValueError)])
+def test_eta_is_checked_not_converted(eta, error) -> None:
+    scheduler = diffusers.DDIMScheduler()
+    scheduler.set_timesteps(10)
+    with pytest.raises(error, match=r"eta must be (a real number )?in"):
+        sampling.DDIM.from_diffusers(scheduler, eta=eta)
+
+
 def test_unet_adapter_checks_its_input() -> None:
     with pytest.raises(TypeError, match=re.escape("unet must be a torch.nn.Module")):
         sampling.UNetModel("unet")  # type: ignore[arg-type]

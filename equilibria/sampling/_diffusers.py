@@ -149,7 +149,7 @@ def ddim_from_diffusers(scheduler: Any, *, eta: float | None = None) -> Any:
     return DDIM(
         alphas_cumprod,
         torch.tensor(timesteps, dtype=torch.int64),
-        eta=0.0 if eta is None else float(eta),
+        eta=0.0 if eta is None else eta,  # DDIM checks it (a real number in [0, 1])
         final_alpha_cumprod=final,
         prediction_type=prediction_type,
         clip_sample=clip_sample,
