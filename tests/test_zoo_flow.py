@@ -89,6 +89,16 @@ def test_make_sequences_rejects_bad_arguments(kwargs: dict, fragment: str) -> No
         make_sequences(np.random.default_rng(0), "train", count, **args)
 
 
+def test_large_frames_draw_only_from_images_that_hold_the_canvas() -> None:
+    # size 128 at motion 2 needs a 184-pixel canvas: the 'text' test image (172 pixels high)
+    # cannot hold it and is skipped (it crashed the draw before)
+    seq = make_sequences(np.random.default_rng(0), "test", 12, size=128, motion=2.0)
+    assert seq.frames.shape == (12, 2, 1, 128, 128)
+    # a canvas larger than every image is refused, naming the arguments
+    with pytest.raises(ValueError, match=r"size=128, frames=16 and motion=4\.0 need a 1576-pixel"):
+        make_sequences(np.random.default_rng(0), "train", 1, size=128, frames=16, motion=4.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # model parts
 

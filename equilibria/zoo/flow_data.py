@@ -117,8 +117,10 @@ def pixel_grid(h: int, w: int, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def _crop(rng: np.random.Generator, pool: tuple[Tensor, ...], size: int) -> Tensor:
-    """A random (size, size) texture crop, average-pooled by a random factor."""
-    image = pool[int(rng.integers(len(pool)))]
+    """A random (size, size) texture crop, average-pooled by a random factor, from the images
+    of ``pool`` that hold one (all of them at the usual sizes: the same draws)."""
+    fits = [image for image in pool if min(image.shape) >= size]
+    image = fits[int(rng.integers(len(fits)))]
     factors = [k for k in _POOL if k * size <= min(image.shape)]
     k = factors[int(rng.integers(len(factors)))]
     y = int(rng.integers(image.shape[0] - k * size + 1))
@@ -179,7 +181,9 @@ def make_sequences(
         split: ``"train"`` or ``"test"`` source images (disjoint).
         count: number of sequences.
         frames: frames per sequence (2 = image pairs).
-        size: S, the side of the square frames (a multiple of 4 in 16..128).
+        size: S, the side of the square frames (a multiple of 4 in 16..128). Frames are
+            rendered on a larger canvas (S plus the reach of the motion on each side); textures
+            come from the images that hold it, and a ValueError is raised if none does.
         max_objects: foreground objects per sequence are drawn from 0..max_objects.
         motion: scale of all displacements (1.0: about 1.8 pixels of mean flow at S = 32, growing
             in proportion to S).
@@ -203,8 +207,21 @@ def make_sequences(
     if not (isinstance(motion, (int, float)) and 0.0 < motion <= 4.0):
         raise ValueError(f"motion must be in (0, 4], got {motion!r}")
     pool = textures(split)
+    canvas = size + 2 * _margin(size, frames, float(motion))
+    largest = max(min(image.shape) for image in pool)
+    if canvas > largest:
+        raise ValueError(
+            f"size={size}, frames={frames} and motion={motion} need a {canvas}-pixel canvas, "
+            f"larger than every {split!r} image (the largest shorter side is {largest}); use a "
+            f"smaller size or motion, or fewer frames"
+        )
     out = [_sequence(rng, pool, frames, size, max_objects, float(motion)) for _ in range(count)]
     return FlowSequences(*(torch.stack(parts) for parts in zip(*out)))
+
+
+def _margin(size: int, n_frames: int, motion: float) -> int:
+    """Pixels rendered around the view on each side: the farthest the motion can reach."""
+    return int(np.ceil(3 * (motion * size / 32) * (n_frames - 1))) + 4
 
 
 def _sequence(
@@ -216,7 +233,7 @@ def _sequence(
     motion: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     unit = motion * size / 32  # displacement scale in pixels
-    margin = int(np.ceil(3 * unit * (n_frames - 1))) + 4
+    margin = _margin(size, n_frames, motion)
     ext = size + 2 * margin  # the rendered canvas: the view plus a margin on each side
     centre = (ext - 1) / 2
     grid = pixel_grid(ext, ext)[0]  # (2, E, E)
