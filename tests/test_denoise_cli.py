@@ -408,6 +408,14 @@ def test_planar_rgb_tiff_is_read_channels_last(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image.pixels, a / 65535.0)
 
 
+def test_big_endian_npy_is_read(tmp_path: Path) -> None:
+    a = _array(3, 16, seed=6)
+    np.save(tmp_path / "be.npy", a.astype(">u2"))
+    image = read_image(tmp_path / "be.npy")
+    assert image.bit_depth == 16
+    np.testing.assert_array_equal(image.pixels, a / 65535.0)
+
+
 def test_unreadable_files_raise_image_errors(tmp_path: Path) -> None:
     for case, (path, message) in _bad_files(tmp_path).items():
         with pytest.raises(ImageError, match=None) as info:

@@ -114,6 +114,8 @@ def _from_array(path: Path, a: np.ndarray, channel_axis_ok: bool) -> LoadedImage
         )
     if min(a.shape[:2]) < 8:
         raise ImageError(f"{path}: too small, {a.shape[0]} × {a.shape[1]} (at least 8 × 8)")
+    if not a.dtype.isnative:  # e.g. a big-endian '>u2' NPY
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype == np.uint8:
         depth = 8
     elif a.dtype == np.uint16:
