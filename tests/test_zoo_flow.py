@@ -142,6 +142,17 @@ def test_correlation_lookup_matches_direct_computation() -> None:
     torch.testing.assert_close(got, _direct_lookup(f1, f2, coords, 2, 1), rtol=1e-10, atol=1e-10)
 
 
+def test_correlation_lookup_on_a_one_pixel_level_reads_zero_outside() -> None:
+    # 4 x 4 features, 3 levels: the last is 1 x 1 (a size-16 frame with levels=3 reaches it)
+    gen = torch.Generator().manual_seed(0)
+    f1 = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
+    f2 = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
+    coords = pixel_grid(4, 4, torch.float64) + 3 * torch.randn(2, 2, 4, 4, generator=gen,
+                                                                 dtype=torch.float64)  # fmt: skip
+    got = lookup(correlation_pyramid(f1, f2, 3), coords, 1)
+    torch.testing.assert_close(got, _direct_lookup(f1, f2, coords, 3, 1), rtol=1e-10, atol=1e-10)
+
+
 def test_lookup_and_upsampling_gradients_pass_gradcheck() -> None:
     gen = torch.Generator().manual_seed(1)
     f1 = torch.randn(1, 3, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)

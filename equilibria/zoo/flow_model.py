@@ -96,11 +96,18 @@ def lookup(pyramid: list[Tensor], coords: Tensor, radius: int) -> Tensor:
     for level, corr in enumerate(pyramid):
         hl, wl = corr.shape[-2:]
         pts = centre / 2**level + delta  # (Bhw, 2, k)
-        gx = 2.0 * pts[:, 0] / max(wl - 1, 1) - 1.0
-        gy = 2.0 * pts[:, 1] / max(hl - 1, 1) - 1.0
+        # pixel centres at -1 and 1 (align_corners) cannot place points on a one-pixel axis,
+        # where every point would read that pixel: such a level uses the other convention
+        corners = hl > 1 and wl > 1
+        if corners:
+            gx = 2.0 * pts[:, 0] / (wl - 1) - 1.0
+            gy = 2.0 * pts[:, 1] / (hl - 1) - 1.0
+        else:
+            gx = (2.0 * pts[:, 0] + 1.0) / wl - 1.0
+            gy = (2.0 * pts[:, 1] + 1.0) / hl - 1.0
         grid = torch.stack([gx, gy], dim=-1)[:, None]  # (Bhw, 1, k, 2)
         window = F.grid_sample(corr, grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=True)  # fmt: skip
+                               align_corners=corners)  # fmt: skip
         out.append(window.reshape(b, h, w, -1))
     return torch.cat(out, dim=-1).permute(0, 3, 1, 2).contiguous()
 
