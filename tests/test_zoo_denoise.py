@@ -140,6 +140,10 @@ def test_shipped_weights_load_and_hash_check(tmp_path: Path, color: bool) -> Non
         load_shipped(color, weights=bad, config=config)
     with pytest.raises(ShippedWeightsError, match="missing"):
         load_shipped(color, weights=tmp_path / "nothing.safetensors", config=config)
+    for text in ("{", '{"config": {}}', "[]"):  # raised JSONDecodeError / KeyError / TypeError
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ShippedWeightsError, match="is damaged"):
+            load_shipped(color, weights=weights, config=tmp_path / "bad.json")
 
 
 def test_load_shipped_leaves_the_global_rng_alone() -> None:

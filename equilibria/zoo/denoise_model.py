@@ -389,14 +389,21 @@ def load_shipped(
     for path in (weights_path, config_path):
         if not path.is_file():
             raise ShippedWeightsError(f"shipped denoiser file {path} is missing")
-    record = json.loads(config_path.read_text())
-    digest = sha256_of(weights_path)
-    if digest != record["sha256"]:
+    try:
+        record = json.loads(config_path.read_text())
+        expected, saved = str(record["sha256"]), dict(record["config"])
+    except (ValueError, KeyError, TypeError) as e:
         raise ShippedWeightsError(
-            f"{weights_path} has SHA-256 {digest}, expected {record['sha256']} (recorded in "
+            f"shipped denoiser config {config_path} is damaged (not JSON with 'sha256' and "
+            f"'config'): {e!r}"
+        ) from None
+    digest = sha256_of(weights_path)
+    if digest != expected:
+        raise ShippedWeightsError(
+            f"{weights_path} has SHA-256 {digest}, expected {expected} (recorded in "
             f"{config_path.name}): the file is damaged or was replaced"
         )
-    cfg = DenoiseConfig(**record["config"])
+    cfg = DenoiseConfig(**saved)
     if cfg.color != bool(color):
         raise ShippedWeightsError(f"{config_path} holds a model with color={cfg.color}")
     with torch.random.fork_rng(devices=[]):  # build_model seeds; leave the caller's RNG be
