@@ -408,6 +408,19 @@ def test_planar_rgb_tiff_is_read_channels_last(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image.pixels, a / 65535.0)
 
 
+def test_png_colour_key_transparency_becomes_alpha(tmp_path: Path) -> None:
+    from PIL import Image
+
+    a = _array(3, 8, seed=7)
+    a[:4, :4] = (1, 2, 3)
+    Image.fromarray(a).save(tmp_path / "rgb.png", transparency=(1, 2, 3))
+    Image.fromarray(a[..., 0]).save(tmp_path / "l.png", transparency=1)
+    for name, key in (("rgb.png", (a == (1, 2, 3)).all(axis=2)), ("l.png", a[..., 0] == 1)):
+        image = read_image(tmp_path / name)
+        assert image.alpha is not None, name
+        np.testing.assert_array_equal(image.alpha, np.where(key, 0, 255).astype(np.uint8))
+
+
 def test_big_endian_npy_is_read(tmp_path: Path) -> None:
     a = _array(3, 16, seed=6)
     np.save(tmp_path / "be.npy", a.astype(">u2"))

@@ -15,6 +15,7 @@ format     reads                                            writes
 ``.npy``   uint8, uint16, float32/64; (H, W) or (H, W, C)   the same (``allow_pickle=False``)
 =========  ===============================================  ========================================
 
+An 8-bit PNG's colour-key transparency (tRNS) is read as an alpha channel.
 A JPEG's EXIF orientation is applied when it is read (the output holds the pixels as displayed);
 colour profiles and other metadata are not copied to the output.
 ``C`` is 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA); an ``(H, W, 1)`` array is written back
@@ -223,6 +224,8 @@ def _read_pillow(path: Path) -> np.ndarray:
             im = im.convert("RGBA" if "transparency" in im.info else "RGB")
         elif mode == "PA":
             im = im.convert("RGBA")
+        elif mode in ("L", "RGB") and "transparency" in im.info:  # a PNG colour key (tRNS)
+            im = im.convert(mode[0] + "A" if mode == "L" else "RGBA")
         elif mode == "1":
             im = im.convert("L")
         elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
