@@ -260,8 +260,11 @@ def sample(
         block = block._replace(residual=r)
         proposal, state = sol_obj.update(system, block, state)
         # acceptance: leading active steps with r <= tol keep their state; the first failing
-        # step k is exact (X[k+1] = f_k, its input being accepted); later ones take the proposal
-        bad = active & (r > tol_eff)
+        # step k is exact (X[k+1] = f_k, its input being accepted); later ones take the proposal.
+        # A state that entered this round as a copy of an earlier one was never computed: it is
+        # not accepted whatever its residual (with tol >= 1 or a solver's own rule, the copies
+        # X[k+1] = X[k] would pass and x_T would come back as the sample)
+        bad = active & ((r > tol_eff) | fresh[1:])
         first = torch.where(bad.any(0), bad.double().argmax(0) + a, hi)  # (N,) absolute
         k_rows = rows[:-1]
         keep = active & (k_rows < first)
