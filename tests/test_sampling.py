@@ -347,6 +347,11 @@ BAD_DDIM = [
     (dict(timesteps=torch.tensor([5.0, 1.0])), TypeError, "int"),
     (dict(eta=1.5), ValueError, "eta"),
     (dict(final_alpha_cumprod=0.0), ValueError, "final_alpha_cumprod"),
+    (
+        dict(final_alpha_cumprod=0.5),
+        ValueError,
+        "final_alpha_cumprod must be in \\[alphas_cumprod\\[0\\]",
+    ),
     (dict(prediction_type="noise"), ValueError, "prediction_type"),
     (dict(clip_sample=-1.0), ValueError, "clip_sample"),
     (dict(thresholding=0.9), TypeError, "thresholding"),

@@ -172,8 +172,8 @@ class DDIM(Schedule):
             (kept in float64 on the CPU).
         timesteps: (T,) int64 sampling timesteps, strictly decreasing, in ``[0, n_train)``.
         eta: the noise scale in [0, 1] (0: deterministic DDIM; 1: DDPM's posterior variance).
-        final_alpha_cumprod: ``ᾱ`` after the last step, in (0, 1] (diffusers: 1 when
-            ``set_alpha_to_one`` else ``alphas_cumprod[0]``).
+        final_alpha_cumprod: ``ᾱ`` after the last step, in ``[alphas_cumprod[timesteps[-1]], 1]``
+            (diffusers: 1 when ``set_alpha_to_one`` else ``alphas_cumprod[0]``).
         prediction_type: what the model predicts: ``"epsilon"``, ``"v_prediction"`` or
             ``"sample"``.
         clip_sample: None, or the range ``r > 0``: the predicted ``x_0`` is clamped to [-r, r].
@@ -222,6 +222,12 @@ class DDIM(Schedule):
                 "clip_sample and thresholding exclude each other (diffusers applies only "
                 f"thresholding when both are set), got clip_sample={self.clip_sample} and "
                 f"thresholding={self.thresholding}"
+            )
+        if self.final_alpha_cumprod < float(a[t[-1]]):
+            raise ValueError(
+                f"final_alpha_cumprod must be in [alphas_cumprod[{int(t[-1])}], 1] = "
+                f"[{float(a[t[-1]])}, 1] (the last step may not add noise: its variance would be "
+                f"negative), got {self.final_alpha_cumprod}"
             )
         at = a[t]  # (T,) ᾱ at each step's timestep
         ap = torch.cat([a[t[1:]], torch.tensor([self.final_alpha_cumprod], dtype=torch.float64)])
