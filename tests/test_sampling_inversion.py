@@ -203,6 +203,19 @@ def test_callback_stops_the_iterations(net) -> None:
     assert seen == [0, 1, 2] and res.steps == 3 and res.losses.shape == (3,)
 
 
+def test_callback_gets_each_iterate_not_the_optimised_storage(net) -> None:
+    """The x_T a callback keeps stays that iteration's x_T (it was Adam's parameter storage,
+    changed in place by every later update)."""
+    sched = _sched(5)
+    target = torch.randn(2, D, dtype=torch.float64)
+    init = torch.randn(2, D, dtype=torch.float64)
+    kept = []
+    x_T, _ = sampling.invert(net, target, sched, steps=3, init=init,
+                             callback=lambda step, x, per: kept.append(x))  # fmt: skip
+    torch.testing.assert_close(kept[0], init, rtol=0, atol=0)
+    assert not torch.equal(kept[0], x_T) and not torch.equal(kept[1], kept[2])
+
+
 BAD = [
     ({"gradient": "adjoint"}, ValueError, "gradient must be one of 'implicit', 'phantom', 'bptt'"),
     ({"steps": -1}, ValueError, "steps must be an int >= 0"),

@@ -299,7 +299,7 @@ def invert(
                 nfe += N
         losses.append(float(per.mean()))
         done = step + 1
-        if callback is not None and callback(step, x_T, per):
+        if callback is not None and callback(step, x_T.clone(), per):  # x_T: Adam's storage
             break
         param.grad = grad.to(param.dtype)
         opt.step()
