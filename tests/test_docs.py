@@ -77,10 +77,7 @@ def _entries() -> dict[str, str]:
 
 
 def _public(module_name: str) -> list[str]:
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:  # a subpackage that does not exist yet has nothing to document
-        return []
+    module = importlib.import_module(module_name)
     return [f"{module_name}.{name}" for name in module.__all__]
 
 
