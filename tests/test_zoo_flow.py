@@ -131,26 +131,18 @@ def _direct_lookup(f1: torch.Tensor, f2: torch.Tensor, coords: torch.Tensor, lev
     return out
 
 
-def test_correlation_lookup_matches_direct_computation() -> None:
-    gen = torch.Generator().manual_seed(0)
-    f1 = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
-    f2 = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
-    # matches inside, between pixels and outside the map (zeros there)
-    coords = pixel_grid(4, 4, torch.float64) + 3 * torch.randn(2, 2, 4, 4, generator=gen,
-                                                                 dtype=torch.float64)  # fmt: skip
-    got = lookup(correlation_pyramid(f1, f2, 2), coords, 1)
-    torch.testing.assert_close(got, _direct_lookup(f1, f2, coords, 2, 1), rtol=1e-10, atol=1e-10)
-
-
-def test_correlation_lookup_on_a_one_pixel_level_reads_zero_outside() -> None:
-    # 4 x 4 features, 3 levels: the last is 1 x 1 (a size-16 frame with levels=3 reaches it)
+@pytest.mark.parametrize("levels", [2, 3])
+def test_correlation_lookup_matches_direct_computation(levels: int) -> None:
+    # matches inside, between pixels and outside the map (zeros there); 4 x 4 features with
+    # levels=3 reach a 1 x 1 last level (a size-16 frame), which reads zero outside its pixel
     gen = torch.Generator().manual_seed(0)
     f1 = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
     f2 = torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)
     coords = pixel_grid(4, 4, torch.float64) + 3 * torch.randn(2, 2, 4, 4, generator=gen,
                                                                  dtype=torch.float64)  # fmt: skip
-    got = lookup(correlation_pyramid(f1, f2, 3), coords, 1)
-    torch.testing.assert_close(got, _direct_lookup(f1, f2, coords, 3, 1), rtol=1e-10, atol=1e-10)
+    got = lookup(correlation_pyramid(f1, f2, levels), coords, 1)
+    want = _direct_lookup(f1, f2, coords, levels, 1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def test_lookup_and_upsampling_gradients_pass_gradcheck() -> None:
