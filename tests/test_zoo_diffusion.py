@@ -60,6 +60,21 @@ def test_frechet_distance_checks_its_input() -> None:
         frechet_distance(torch.zeros(4, 3), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="features must be finite"):
         frechet_distance(torch.full((4, 2), float("nan")), torch.zeros(4, 2))
+    with pytest.raises(
+        ValueError, match=re.escape("at least 2 rows each (a covariance), got 1 and 4")
+    ):
+        frechet_distance(torch.zeros(1, 2), torch.zeros(4, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [({"emb": 7}, "emb must be even"), ({"width": 0}, "width must be a positive int, got 0"),
+     ({"depth": 2.0}, "depth must be a positive int, got 2.0"),
+     ({"emb": True}, "emb must be a positive int, got True")],
+)  # fmt: skip
+def test_eps_mlp_refuses_bad_sizes(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        EpsMLP(**kwargs)
 
 
 def test_feature_net_is_cached_in_the_run_folder_and_retrained_identically(tmp_path) -> None:

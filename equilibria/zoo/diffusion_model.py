@@ -6,7 +6,7 @@ training, 360 test images, ``random_state=0``), scaled from [0, 16] to [-1, 1].
 ε-model (:class:`EpsMLP`): an MLP on the 64 pixels with a sinusoidal time embedding (Ho et al.,
 "Denoising Diffusion Probabilistic Models", NeurIPS 2020, use the same embedding in a U-Net): input
 projection, ``depth`` pre-norm residual blocks each adding a projection of the time embedding,
-output projection; about 210k parameters at the default width 160.
+output projection; 264,224 parameters at the defaults (width 160, depth 3, emb 64).
 
 Quality score (:func:`frechet_distance` on :class:`FeatureNet` features): the Fréchet distance
 between Gaussians fitted to the penultimate-layer features of a small digits classifier (Heusel et
@@ -108,6 +108,11 @@ class EpsMLP(nn.Module):
 
     def __init__(self, width: int = 160, depth: int = 3, emb: int = 64) -> None:
         super().__init__()
+        for name, value in (("width", width), ("depth", depth), ("emb", emb)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EpsMLP: {name} must be a positive int, got {value!r}")
+        if emb % 2:
+            raise ValueError(f"EpsMLP: emb must be even (sin and cos halves), got {emb}")
         self.emb = emb
         self.time_mlp = nn.Sequential(nn.Linear(emb, width), nn.SiLU())
         self.inp = nn.Linear(64, width)
@@ -200,6 +205,10 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(
             f"features must be (N, D) with one D, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    if min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(
+            f"features need at least 2 rows each (a covariance), got {a.shape[0]} and {b.shape[0]}"
         )
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise ValueError("features must be finite (a sample diverged?)")
