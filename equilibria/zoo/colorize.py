@@ -37,7 +37,16 @@ from .colorize_data import TEST_IMAGES, TRAIN_IMAGES, Samples, load_images, make
 from .colorize_model import Colorizer, psnr, ssim
 from .config import ConfigError, check_range, option
 from .distributed import DistInfo
-from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
+from .task import (
+    STEP_MS,
+    TRAIN_LOSS,
+    Metric,
+    NumpyStreamTask,
+    Plot,
+    RunOptions,
+    Schedule,
+    StepOutput,
+)
 
 __all__ = ["VARIANTS", "ColorizeConfig", "ColorizeTask", "evaluate_samples", "train"]
 
@@ -127,7 +136,7 @@ def evaluate_samples(model: nn.Module, samples: Samples, batch_size: int = 128) 
     }
 
 
-class ColorizeTask(Task):
+class ColorizeTask(NumpyStreamTask):
     """The colorize recipe for :func:`equilibria.zoo.trainer.train`: an epoch is ``eval_every``
     steps, each on a fresh batch drawn from one seeded stream (its state is checkpointed)."""
 
@@ -200,14 +209,6 @@ class ColorizeTask(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         return {**evaluate_samples(model, self.test), "reference_psnr": self.reference_psnr}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]  # a malformed state raises here
-        self.rng = rng
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
         return {"attention": self.config.attention}

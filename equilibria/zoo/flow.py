@@ -37,7 +37,16 @@ from . import trainer
 from .config import ConfigError, check_range, option
 from .flow_data import FlowSequences, make_sequences
 from .flow_model import RAFT, DEQFlow, end_point_error, forward_warp, sequence_loss
-from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
+from .task import (
+    STEP_MS,
+    TRAIN_LOSS,
+    Metric,
+    NumpyStreamTask,
+    Plot,
+    RunOptions,
+    Schedule,
+    StepOutput,
+)
 
 __all__ = [
     "FlowConfig",
@@ -259,7 +268,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-class FlowTask(Task):
+class FlowTask(NumpyStreamTask):
     """The flow recipe for :func:`equilibria.zoo.trainer.train`: an epoch is ``eval_every``
     steps, each on a fresh batch of pairs drawn from one seeded stream (checkpointed)."""
 
@@ -328,14 +337,6 @@ class FlowTask(Task):
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         # RAFT's own ``iters`` is its training unroll: test time unrolls ``eval_iters``
         return evaluate_flow(model, self.test, iters=self.config.eval_iters)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]  # a malformed state raises here
-        self.rng = rng
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
         return {"model": self.config.model, "ms_per_step": last.get("step_ms")}

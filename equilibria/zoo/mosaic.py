@@ -38,7 +38,16 @@ from .config import ConfigError, check_range, option
 from .distributed import DistInfo
 from .mosaic_data import _DIGIT, Canvases, _digit_pools, make_canvases
 from .sweep import SweepResult, sweep_folder
-from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
+from .task import (
+    STEP_MS,
+    TRAIN_LOSS,
+    Metric,
+    NumpyStreamTask,
+    Plot,
+    RunOptions,
+    Schedule,
+    StepOutput,
+)
 
 __all__ = [
     "VARIANTS",
@@ -288,7 +297,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-class MosaicTask(Task):
+class MosaicTask(NumpyStreamTask):
     """The mosaic recipe for :func:`equilibria.zoo.trainer.train`: an epoch is ``eval_every``
     steps, each on a fresh batch drawn from one seeded stream (its state is checkpointed)."""
 
@@ -356,14 +365,6 @@ class MosaicTask(Task):
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         return segmentation_metrics(model, *self.test)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        rng = np.random.default_rng()
-        rng.bit_generator.state = state["rng"]  # a malformed state raises here
-        self.rng = rng
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
         return {

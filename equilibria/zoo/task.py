@@ -276,3 +276,21 @@ class Task:
     def describe_eval(self, result: dict[str, Any]) -> list[str]:
         """Lines printed by ``equilibria eval``, below the headline (default: none)."""
         return []
+
+
+class NumpyStreamTask(Task):
+    """A task whose training batches are drawn fresh from a NumPy generator ``self.rng`` (set in
+    :meth:`~Task.setup`), not from the seed and the epoch: the checkpoint keeps the generator's
+    state, so a resumed run draws the batches an uninterrupted run would have drawn."""
+
+    rng: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import numpy as np
+
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]  # a malformed state raises here
+        self.rng = rng
