@@ -154,6 +154,11 @@ def test_trained_eps_model_trains_only_when_needed(tmp_path: Path) -> None:
     assert (run / "checkpoint.safetensors").stat().st_mtime_ns == stamp
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  again.state_dict().values()))  # fmt: skip
+    # the same options again are fine; other ones would silently return the wrong model
+    trained_eps_model(run, **{**TINY, "steps": 2})
+    with pytest.raises(ConfigError, match=re.escape("width: saved 16, asked 32")):
+        trained_eps_model(run, **{**TINY, "steps": 2, "width": 32})
+    assert (run / "checkpoint.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_ddim_schedule_uses_leading_spacing() -> None:

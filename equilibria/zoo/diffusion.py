@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import evaluation, trainer
-from .config import ConfigError, check_range, option
+from .config import ConfigError, check_range, differences, option, to_dict
 from .diffusion_model import (
     EpsMLP,
     feature_net,
@@ -53,6 +53,7 @@ from .diffusion_model import (
     load_digits01,
 )
 from .distributed import DistInfo
+from .runs import read_json
 from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
 
 __all__ = [
@@ -322,8 +323,23 @@ def trained_eps_model(
     run_dir: str | Path, *, dtype: torch.dtype = torch.float32, **config: Any
 ) -> tuple[EpsMLP, Tensor]:
     """:func:`load_eps_model` of ``run_dir``, training the recipe there first (the defaults,
-    updated by ``config``; CPU minutes) if the folder holds no finished run."""
+    updated by ``config``; CPU minutes) if the folder holds no finished run.
+
+    Raises:
+        ConfigError: if the folder holds a finished run whose saved ``config.json`` differs from
+            an option given in ``config`` (that model was not trained with it).
+    """
     run = Path(run_dir)
+    if config and (run / "summary.json").is_file() and (run / "config.json").is_file():
+        wanted = to_dict(DiffusionConfig(**config))
+        saved = read_json(run / "config.json").get("config", {})
+        diff = [d for d in differences(saved, wanted, DiffusionConfig) if d[0] in config]
+        if diff:
+            lines = "; ".join(f"{k}: saved {a!r}, asked {b!r}" for k, a, b in diff)
+            raise ConfigError(
+                f"trained_eps_model: {run} holds a finished run trained with other options "
+                f"({lines}); pass the saved options or another run_dir"
+            )
     if not (run / "summary.json").is_file():
         resume = (run / "config.json").is_file()
         options = {"quiet": True, **config, "run_dir": str(run), "resume": resume}
