@@ -182,8 +182,12 @@ def test_every_solver_reaches_the_sequential_trajectory(name, case):
 @pytest.mark.parametrize("name", PARALLEL)
 def test_parallel_solvers_take_fewer_rounds(name):
     sched, x_T, _noise, _ = _build(CASES[1])
-    _x0, sol = sampling.sample(_Model(), x_T, sched, solver=name, tol=1e-6)
-    assert sol.rounds < len(sched)
+    ref, _ = sampling.sample(_Model(), x_T, sched, solver="sequential")
+    x0, sol = sampling.sample(_Model(), x_T, sched, solver=name, tol=1e-6)
+    # fewer rounds for a sample that is still the sequential one (10 to 21 of 50 rounds measured,
+    # all within 3e-7 of it): stopping early without converging does not count
+    assert bool(sol.converged.all()) and sol.rounds <= len(sched) // 2
+    assert float((x0 - ref).abs().max()) < 1e-5
     assert sol.trace.shape == (sol.rounds,)
 
 
