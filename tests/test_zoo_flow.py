@@ -253,6 +253,19 @@ def test_resume_via_the_engine_is_bitwise_identical(tmp_path: Path) -> None:
     assert a.model.keys() == b.model.keys()
     for key in a.model:
         assert torch.equal(a.model[key], b.model[key]), key
+    # and every recorded metric but the timings is the same, epoch by epoch
+    rows = {
+        run: [
+            json.loads(line)
+            for line in (tmp_path / run / "metrics.jsonl").read_text().split("\n")
+            if line
+        ]
+        for run in ("full", "part")
+    }
+    for row in (*rows["full"], *rows["part"]):
+        for key in ("epoch_time_s", "time_s", "step_ms"):
+            row.pop(key, None)
+    assert rows["full"] == rows["part"] and len(rows["full"]) == 2
 
 
 def test_sequence_reuse_counts_iterations_cold_and_warm() -> None:
