@@ -165,8 +165,16 @@ def test_ddim_schedule_uses_leading_spacing() -> None:
     alphas = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
     sched = ddim_schedule(alphas, 4)
     assert sched.timesteps.tolist() == [750, 500, 250, 0] and sched.final_alpha_cumprod == 1.0
-    with pytest.raises(ValueError, match=re.escape("steps must be in [1, 1000]")):
+    with pytest.raises(ValueError, match=re.escape("steps must be an int in [1, 1000]")):
         ddim_schedule(alphas, 0)
+    with pytest.raises(
+        ValueError, match=re.escape("in [1, 1000] (the training schedule's length), got 2.5")
+    ):
+        ddim_schedule(alphas, 2.5)
+    with pytest.raises(
+        ValueError, match=re.escape("alphas_cumprod must be a 1-d tensor (N,), got (2, 500)")
+    ):
+        ddim_schedule(alphas.view(2, 500), 4)
 
 
 @pytest.mark.parametrize(

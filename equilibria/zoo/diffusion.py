@@ -129,9 +129,14 @@ def ddim_schedule(alphas_cumprod: Tensor, steps: int, eta: float = 0.0) -> Any:
     (diffusers' "leading" spacing: t_k = k·⌊N/T⌋, decreasing; ᾱ after the last step = 1)."""
     from equilibria import sampling
 
+    if not isinstance(alphas_cumprod, Tensor) or alphas_cumprod.dim() != 1:
+        got = tuple(alphas_cumprod.shape) if isinstance(alphas_cumprod, Tensor) else alphas_cumprod
+        raise ValueError(f"alphas_cumprod must be a 1-d tensor (N,), got {got!r}")
     n = alphas_cumprod.shape[0]
-    if not 1 <= steps <= n:
-        raise ValueError(f"steps must be in [1, {n}] (the training schedule's length), got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
+        raise ValueError(
+            f"steps must be an int in [1, {n}] (the training schedule's length), got {steps!r}"
+        )
     timesteps = torch.arange(steps, dtype=torch.int64).flip(0) * (n // steps)
     return sampling.DDIM(alphas_cumprod, timesteps, eta=eta, final_alpha_cumprod=1.0)
 
