@@ -128,6 +128,17 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    # refused before the recipe is trained (CPU minutes), naming the option and what is allowed
+    if not 1 <= args.images <= 360:
+        parser.error(f"--images must be in [1, 360] (the test split), got {args.images}")
+    for name in ("budget", "tol"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not all(lr > 0 for lr in args.lr):
+        parser.error(f"--lr values must be > 0, got {args.lr}")
+    for T in [args.steps, *args.memory_steps]:
+        if not 1 <= T <= 1000:
+            parser.error(f"--steps/--memory-steps must be in [1, 1000] (the schedule), got {T}")
     torch.set_num_threads(1)
 
     model, alphas = trained_eps_model(args.run)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -240,6 +242,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="samples per seed")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    # an explicit 0 was silently replaced by the default; refused by name instead
+    for name in ("seeds", "samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.steps is not None and not all(1 <= T <= 1000 for T in args.steps):
+        parser.error(f"--steps must be in [1, 1000] (the schedule), got {args.steps}")
     args.steps = args.steps or ([25, 100] if args.quick else [25, 100, 1000])
     args.seeds = args.seeds or (1 if args.quick else 2)
     args.samples = args.samples or (4 if args.quick else 8)
@@ -253,7 +261,7 @@ def main() -> None:
               f"more than published: {row['default_never_more_rounds_than_published']}; best "
               f"{row['best_overall']}")  # fmt: skip
     out = Path(args.out)
-    cmd = "python benchmarks/sampling.py" + (" --quick" if args.quick else "")
+    cmd = shlex.join(["python", "benchmarks/sampling.py", *sys.argv[1:]])  # as it was run
     payload = {"command": cmd, "target": TARGET, "solve_tol": SOLVE_TOL, "steps": args.steps,
                "seeds": args.seeds, "samples": args.samples, **result}  # fmt: skip
     print(write_result("sampling", payload, out))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +187,16 @@ def test_ddim_schedule_uses_leading_spacing() -> None:
 def test_bad_config_is_refused(bad: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         DiffusionConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [(["benchmarks/inversion.py", "--images", "0"], "--images must be in [1, 360]"),
+     (["benchmarks/inversion.py", "--budget", "-1"], "--budget must be > 0, got -1.0"),
+     (["benchmarks/sampling.py", "--seeds", "0"], "--seeds must be >= 1, got 0")],
+)  # fmt: skip
+def test_benchmarks_refuse_bad_options_before_training(argv: list, fragment: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, *argv, "--out", "/nonexistent"], cwd=root,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and fragment in done.stderr, done.stderr
