@@ -11,12 +11,20 @@ early). NFE are the (sample, step) model evaluations up to that round; CPU time 
 time of a second run stopped at that round (``time.process_time``: the cores are shared, so
 wall-clock is not meaningful), next to the sequential loop's.
 
+With ``--recipe-runs RUN [RUN ...]`` it does something else: the ``diffusion`` recipe's own
+evaluation (what ``equilibria eval RUN --solver S --eta E`` prints) of trained runs, for each
+sampler variant of :data:`RECIPE_VARIANTS` (FD of the parallel and sequential samples, rounds, NFE,
+largest relative difference, from the recipe's fixed noise), with the mean ± sample std over the
+runs; these are the rows of ``docs/recipes/diffusion.md`` beside the sweep's.
+
 Usage::
 
     python benchmarks/sampling.py                 # full: T = 25, 100, 1000, 2 seeds
     python benchmarks/sampling.py --quick         # T = 25, 100, 1 seed, fewer samples
+    python benchmarks/sampling.py --recipe-runs runs/diffusion-sweep/runs/default-seed{0,1,2}
 
-Writes ``benchmarks/results/sampling.json`` and ``sampling.png`` (error vs rounds, T = 100).
+Writes ``benchmarks/results/sampling.json`` and ``sampling.png`` (error vs rounds, T = 100); with
+``--recipe-runs``, ``benchmarks/results/diffusion_eval.json`` only.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +47,11 @@ from equilibria.sampling._default import Default, Secant
 
 from common import RESULTS, write_result
 
+# (solver, eta) of the recipe evaluations of --recipe-runs: the sweep's own row first (it must come
+# out as the sweep recorded it), then cumulative Picard, then the stochastic sampler (eta = 1,
+# pre-drawn noise shared by both samplers)
+RECIPE_VARIANTS: tuple[tuple[str, float], ...] = (("default", 0.0), ("picard", 0.0),
+                                                   ("default", 1.0))  # fmt: skip
 TARGET = 1e-3  # max relative error of the final sample against the sequential one
 SOLVE_TOL = 1e-10  # the driver's tolerance: far below TARGET, so no solver stops before it
 
@@ -228,6 +242,41 @@ def plot(records: list[dict[str, Any]], path: Path, T: int) -> None:
     plt.close(fig)
 
 
+def recipe_eval(runs: list[str]) -> dict[str, Any]:
+    """``equilibria eval RUN --solver S --eta E`` (``evaluate_checkpoint``) of every run for every
+    variant of :data:`RECIPE_VARIANTS`; per variant the mean and sample std over the runs."""
+    from equilibria.zoo.diffusion import DiffusionTask
+    from equilibria.zoo.evaluation import evaluate_checkpoint
+
+    keys = ("fd_parallel", "fd_sequential", "rounds", "nfe", "max_rel_diff", "par_cpu_s",
+            "seq_cpu_s", "fd_train_images")  # fmt: skip
+    records: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for solver, eta in RECIPE_VARIANTS:
+        got = []
+        for run_dir in runs:
+            tic = time.process_time()
+            r = evaluate_checkpoint(DiffusionTask, run_dir, solver=solver, eta=eta)
+            r.update(run=run_dir, variant_solver=solver, variant_eta=eta,
+                     cpu_s=time.process_time() - tic)  # fmt: skip
+            got.append(r)
+            print(f"{run_dir} solver={solver} eta={eta:g}: FD parallel {r['fd_parallel']:.2f}, "
+                  f"sequential {r['fd_sequential']:.2f}, rounds {r['rounds']}, NFE {r['nfe']}, "
+                  f"max rel. diff {r['max_rel_diff']:.1e}, converged {r['converged']:.3f} "
+                  f"({r['cpu_s']:.1f} CPU s)", flush=True)  # fmt: skip
+        row: dict[str, Any] = {"solver": solver, "eta": eta, "runs": len(got)}
+        for k in keys:
+            values = [float(r[k]) for r in got]
+            row[f"{k}_mean"] = statistics.fmean(values)
+            row[f"{k}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        row["max_rel_diff_max"] = max(float(r["max_rel_diff"]) for r in got)
+        row["all_converged"] = all(r["converged"] == 1.0 for r in got)
+        rows.append(row)
+        records.extend(got)
+    return {"variants": [list(v) for v in RECIPE_VARIANTS], "runs": runs, "rows": rows,
+            "records": records}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="T = 25, 100; 1 seed; 4 samples")
@@ -240,8 +289,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=None)
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--samples", type=int, default=None, help="samples per seed")
+    parser.add_argument(
+        "--recipe-runs",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="instead: the diffusion recipe's evaluation of these finished runs with each "
+        "sampler variant (writes diffusion_eval.json)",
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    cmd = shlex.join(["python", "benchmarks/sampling.py", *sys.argv[1:]])  # as it was run
+    if args.recipe_runs is not None:
+        given = [o for o in ("quick", "no_digits", "steps", "seeds", "samples") if
+                 getattr(args, o) not in (None, False)]  # fmt: skip
+        if given:
+            opts = ", ".join("--" + o.replace("_", "-") for o in given)
+            parser.error(f"--recipe-runs takes no solver-benchmark options, got {opts}")
+        missing = [r for r in args.recipe_runs if not (Path(r) / "summary.json").is_file()]
+        if missing:
+            parser.error(f"--recipe-runs must be finished diffusion runs, no summary.json in "
+                         f"{', '.join(missing)}")  # fmt: skip
+        torch.set_num_threads(1)
+        result = recipe_eval(args.recipe_runs)
+        for row in result["rows"]:
+            fd = {k: f"{row[k + '_mean']:.2f} ± {row[k + '_std']:.2f}"
+                  for k in ("fd_parallel", "fd_sequential")}  # fmt: skip
+            print(f"{row['solver']} eta={row['eta']:g}: FD parallel {fd['fd_parallel']}, "
+                  f"sequential {fd['fd_sequential']}, rounds {row['rounds_mean']:.1f}, NFE "
+                  f"{row['nfe_mean']:.0f}, largest rel. diff "
+                  f"{row['max_rel_diff_max']:.1e}")  # fmt: skip
+        print(write_result("diffusion_eval", {"command": cmd, **result}, Path(args.out)))
+        return
     # an explicit 0 was silently replaced by the default; refused by name instead
     for name in ("seeds", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -261,7 +340,6 @@ def main() -> None:
               f"more than published: {row['default_never_more_rounds_than_published']}; best "
               f"{row['best_overall']}")  # fmt: skip
     out = Path(args.out)
-    cmd = shlex.join(["python", "benchmarks/sampling.py", *sys.argv[1:]])  # as it was run
     payload = {"command": cmd, "target": TARGET, "solve_tol": SOLVE_TOL, "steps": args.steps,
                "seeds": args.seeds, "samples": args.samples, **result}  # fmt: skip
     print(write_result("sampling", payload, out))

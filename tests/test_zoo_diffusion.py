@@ -193,7 +193,11 @@ def test_bad_config_is_refused(bad: dict, fragment: str) -> None:
     "argv, fragment",
     [(["benchmarks/inversion.py", "--images", "0"], "--images must be in [1, 360]"),
      (["benchmarks/inversion.py", "--budget", "-1"], "--budget must be > 0, got -1.0"),
-     (["benchmarks/sampling.py", "--seeds", "0"], "--seeds must be >= 1, got 0")],
+     (["benchmarks/sampling.py", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+     (["benchmarks/sampling.py", "--recipe-runs", "runs/none", "--quick"],
+      "--recipe-runs takes no solver-benchmark options, got --quick"),
+     (["benchmarks/sampling.py", "--recipe-runs", "/nonexistent/run"],
+      "--recipe-runs must be finished diffusion runs, no summary.json in /nonexistent/run")],
 )  # fmt: skip
 def test_benchmarks_refuse_bad_options_before_training(argv: list, fragment: str) -> None:
     root = Path(__file__).resolve().parents[1]
