@@ -808,7 +808,7 @@ BAD_CALLS = [
     (
         lambda: nmf(X, 2, grad="full"),
         ValueError,
-        "grad must be one of 'one_step', 'jfb', 'unrolled', 'bptt', got 'full'",
+        "grad must be one of 'one_step', 'jfb', 'phantom', 'unrolled', 'bptt', got 'full'",
     ),
     (lambda: nmf(X, 2, eps=0.0), ValueError, "eps must be in (0.0, inf), got 0.0"),
     (lambda: vq(X, 2, inv_t=0.0), ValueError, "inv_t must be in (0.0, inf), got 0.0"),

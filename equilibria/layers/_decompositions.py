@@ -11,8 +11,20 @@ one final update of C. Three gradients (``grad=``), named like the core's backwa
   without gradient and the last full update of both factors (C, then D) and the final C update are
   differentiated from that detached iterate, so the gradient also flows through the bases; memory
   is still independent of ``steps``.
+* ``"phantom"`` (like :class:`equilibria.Phantom` with ``damping=1``): the last ``grad_steps``
+  full updates and the final C update are differentiated from the detached iterate before them;
+  memory grows with ``grad_steps``, not with ``steps``. ``"jfb"`` is ``"phantom"`` with
+  ``grad_steps=1``.
 * ``"unrolled"`` (like :class:`equilibria.Unrolled`; ``"bptt"`` is an alias): autograd records
   every update, memory grows with ``steps``.
+
+NMF's "detached" iterate can keep its dependence on the initialisation (``grad_init=True``). The
+multiplicative updates make C_k = C_0 ⊙ R_k with R_k the product of the update ratios, so the
+dependence of the initial C_0 = softmax(inv_t · XᵀD_0) on x survives every update; BPTT keeps
+it. With ``grad_init`` the iterate the recorded updates start from is C_0 ⊙ sg(R) (its value
+unchanged; sg: stop-gradient), i.e. the ratios of the no-grad updates are held constant, as the
+paper's one-step gradient holds D constant. It costs one (B, n, r) product, and memory stays
+independent of ``steps``.
 
 Reference: Z. Geng, M.-H. Guo, H. Chen, X. Li, K. Wei, Z. Lin, "Is Attention Better Than Matrix
 Decomposition?", ICLR 2021, §2.2 (NMF, VQ, CD) and §2.3 (one-step gradient); S. W. Fung et al.,
@@ -28,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .._random import check_generator, draw
-from .._validate import check_choice, check_float, check_int
+from .._validate import check_bool, check_choice, check_float, check_int
 
 __all__ = [
     "DECOMPOSITIONS",
@@ -41,8 +53,8 @@ __all__ = [
     "vq",
 ]
 
-GradMode = Literal["one_step", "jfb", "unrolled", "bptt"]
-_GRAD_MODES = ("one_step", "jfb", "unrolled", "bptt")
+GradMode = Literal["one_step", "jfb", "phantom", "unrolled", "bptt"]
+_GRAD_MODES = ("one_step", "jfb", "phantom", "unrolled", "bptt")
 _GRAD_ALIASES = {"bptt": "unrolled"}  # the name before the core's vocabulary; kept, documented
 
 
@@ -128,6 +140,29 @@ class _Problem(NamedTuple):
     eps: float
     generator: torch.Generator | None = None
     iter_dtype: torch.dtype | None = None
+    grad_steps: int = 1  # recorded full updates of "jfb" (1) and "phantom"
+    grad_init: bool = False  # NMF: keep the initialisation's gradient through the iterate
+
+
+def _grad_options(grad: str, grad_steps: object, grad_init: object) -> tuple[int, bool]:
+    """Validates ``grad_steps`` and ``grad_init`` for a canonical ``grad`` mode.
+
+    Returns the number of recorded full updates (1 for ``"jfb"``, ``grad_steps`` for
+    ``"phantom"``; unused otherwise) and ``grad_init``.
+    """
+    check_int("grad_steps", grad_steps, minimum=1)
+    check_bool("grad_init", grad_init)
+    if grad == "jfb" and grad_steps != 1:
+        raise ValueError(
+            f"grad='jfb' records exactly one full update; grad_steps={grad_steps} needs "
+            f"grad='phantom'"
+        )
+    if grad_init and grad not in ("jfb", "phantom"):
+        raise ValueError(
+            f"grad_init=True applies to grad='jfb' or 'phantom' (grad='unrolled' keeps that "
+            f"gradient anyway, 'one_step' none), got grad={grad!r}"
+        )
+    return grad_steps, grad_init  # type: ignore[return-value]
 
 
 def _problem(
@@ -141,6 +176,8 @@ def _problem(
     eps: object,
     generator: object,
     iter_dtype: object,
+    grad_steps: object = 1,
+    grad_init: object = False,
 ) -> _Problem:
     """Validates the arguments every decomposition takes."""
     if not isinstance(x, Tensor):
@@ -154,6 +191,7 @@ def _problem(
     _check_finite(f"{fn}: x", x)
     check_int("steps", steps, minimum=0)
     mode = _grad_mode(grad)
+    grad_steps, grad_init = _grad_options(mode, grad_steps, grad_init)
     eps = check_float("eps", eps, low=0.0)
     inv_t = check_float("inv_t", inv_t, low=0.0)
     check_generator(generator)
@@ -189,7 +227,8 @@ def _problem(
             f"{tuple(x.shape)}, got {rank}"
         )
     iter_dtype = _check_iter_dtype(iter_dtype, x, grad)  # names the grad as given
-    return _Problem(x, rank, steps, bases, inv_t, mode, eps, generator, iter_dtype)  # type: ignore[arg-type]
+    return _Problem(x, rank, steps, bases, inv_t, mode, eps, generator, iter_dtype, grad_steps,  # type: ignore[arg-type]
+                    grad_init)  # fmt: skip
 
 
 def _normalize_columns(d: Tensor, eps: float = 1e-12) -> Tensor:
@@ -336,6 +375,8 @@ def nmf(
     eps: float = 1e-6,
     generator: torch.Generator | None = None,
     iter_dtype: torch.dtype | None = None,
+    grad_steps: int = 1,
+    grad_init: bool = False,
 ) -> Decomposition:
     """Non-negative matrix factorisation X ≈ D Cᵀ by multiplicative updates.
 
@@ -354,14 +395,20 @@ def nmf(
             the final C update, with D and the previous C held constant (memory independent of
             ``steps``); ``"jfb"`` differentiates the last (C, D) update and the final C update
             from the detached iterate before them (memory independent of ``steps``, gradient
-            through the bases too); ``"unrolled"`` (alias ``"bptt"``) differentiates through
-            every update.
+            through the bases too); ``"phantom"`` the last ``grad_steps`` (C, D) updates and the
+            final C update; ``"unrolled"`` (alias ``"bptt"``) differentiates through every
+            update.
         eps: added to every denominator.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
             ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
             their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
             differentiated steps stay in x.dtype.
+        grad_steps: recorded (C, D) updates of ``grad="phantom"``, ≥ 1 (``"jfb"``: 1); more
+            than ``steps`` records them all (BPTT but for the initialisation, see ``grad_init``).
+        grad_init: with ``"jfb"`` or ``"phantom"``, let the iterate the recorded updates start
+            from keep the gradient of the softmax initialisation, the no-grad updates' ratios held
+            constant (see the module docstring); with ``grad_steps >= steps`` this is BPTT.
 
     Returns:
         :class:`Decomposition` with bases (B, d, r) and coef (B, n, r).
@@ -374,7 +421,8 @@ def nmf(
 
     Reference: Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021, §2.2.
     """
-    p = _problem("nmf", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
+    p = _problem("nmf", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype,
+                 grad_steps, grad_init)  # fmt: skip
     x, bases = p.x, p.bases
     if bool((x < 0).any()):
         raise ValueError(
@@ -388,7 +436,7 @@ def nmf(
 
 def _nmf(p: _Problem) -> Decomposition:
     """NMF without input validation; see :func:`nmf`."""
-    x, rank, steps, bases, inv_t, grad, eps, generator, _ = p
+    x, rank, steps, bases, inv_t, grad, eps, generator, *_ = p
     device_type = x.device.type
     float16_autocast = (
         torch.is_autocast_enabled(device_type)
@@ -408,9 +456,11 @@ def _nmf(p: _Problem) -> Decomposition:
             c = _nmf_coef_update(x, d, c, eps)
             d = _nmf_bases_update(x, d, c, eps)
         return Decomposition(d, _nmf_coef_update(x, d, c, eps))
-    if grad == "jfb":
-        d, c = _nmf_iterate(p._replace(steps=max(steps - 1, 0)))  # detached (C, D) iterate
-        if steps:  # the last full update, recorded: gradient through the bases as well
+    if grad in ("jfb", "phantom"):
+        recorded = min(p.grad_steps, steps)
+        # the detached (C, D) iterate; with grad_init, C keeps the initialisation's gradient
+        d, c = _nmf_iterate(p._replace(steps=steps - recorded))
+        for _ in range(recorded):  # the last full updates, recorded: through the bases as well
             c = _nmf_coef_update(x, d, c, eps)
             d = _nmf_bases_update(x, d, c, eps)
         return Decomposition(d, _nmf_coef_update(x, d, c, eps))
@@ -424,16 +474,30 @@ def _nmf(p: _Problem) -> Decomposition:
 
 def _nmf_iterate(p: _Problem) -> tuple[Tensor, Tensor]:
     """D (B, d, r) and C (B, n, r) after ``p.steps`` no-grad (C, D) updates from the softmax
-    initialisation, in x's dtype (the big products in ``p.iter_dtype`` when given)."""
-    x, rank, steps, bases, inv_t, _, eps, generator, iter_dtype = p
+    initialisation, in x's dtype (the big products in ``p.iter_dtype`` when given).
+
+    With ``p.grad_init`` (and x recorded by autograd) C carries the gradient of the initial
+    C_0 = softmax(inv_t · XᵀD_0) through the updates, whose ratios R = C / C_0 are held constant:
+    C + (C_0 - sg(C_0)) ⊙ sg(R), the value of C exactly, the gradient R ⊙ dC_0.
+    """
+    x, rank, steps, bases, inv_t, _, eps, generator, iter_dtype, _, grad_init = p
+    grad_init = grad_init and not _no_graph(x)  # checked before no_grad turns recording off
     with torch.no_grad():
         xd = x.detach()
         d = _initial_bases(xd, rank, bases, True, generator)
+        d0 = d.clone() if grad_init else None
         xs = xd if iter_dtype is None else xd.to(iter_dtype)  # operand of the big products
         dtx = torch.bmm(d.to(xs.dtype).mT, xs)  # DᵀX, (B, r, n)
         ct = torch.softmax(dtx if inv_t == 1.0 else dtx * inv_t, dim=1, dtype=x.dtype)
+        c0 = ct.clone() if d0 is not None else None
         _nmf_updates_(xs, d, ct, dtx, steps, eps)
-    return d, ct.mT
+    if d0 is None or c0 is None:
+        return d, ct.mT
+    # the initialisation recorded: softmax over the r bases of inv_t · XᵀD_0, (B, n, r)
+    init = torch.softmax(inv_t * _x_transpose_times(x, d0), dim=-1)
+    with torch.no_grad():  # R = C / C_0; a softmax that underflowed to 0 has kept C at 0
+        ratio = torch.where(c0 > 0, ct / c0, 0.0).mT
+    return d, ct.mT + (init - init.detach()) * ratio
 
 
 def _nmf_solve(p: _Problem) -> tuple[Tensor, Tensor]:
@@ -506,11 +570,11 @@ def _run_clusters(p: _Problem, unit_bases: bool) -> Tensor:
     """Returns the bases after ``steps`` cluster updates: every update recorded for
     ``grad="unrolled"``, the last one for ``"jfb"`` (from the detached iterate), none for
     ``"one_step"``."""
-    x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype = p
+    x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype, _, _ = p
     if grad == "unrolled":
         d = _initial_bases(x, rank, bases, False, generator)
         return _cluster_updates(x, d, steps, inv_t, eps, unit_bases)
-    recorded = 1 if grad == "jfb" and steps else 0
+    recorded = min(p.grad_steps, steps) if grad in ("jfb", "phantom") else 0
     with torch.no_grad():
         xd = x.detach()
         d = _initial_bases(xd, rank, bases, False, generator)
@@ -530,6 +594,7 @@ def vq(
     eps: float = 1e-6,
     generator: torch.Generator | None = None,
     iter_dtype: torch.dtype | None = None,
+    grad_steps: int = 1,
 ) -> Decomposition:
     """Vector quantisation by soft k-means with cosine similarity.
 
@@ -546,20 +611,23 @@ def vq(
         inv_t: inverse temperature of the assignment softmax.
         grad: ``"one_step"`` (differentiate only the final assignment, D held constant),
             ``"jfb"`` (the last (C, D) update and the final assignment, from the detached
-            iterate before them) or ``"unrolled"`` (alias ``"bptt"``: every step).
+            iterate before them), ``"phantom"`` (the last ``grad_steps`` updates) or
+            ``"unrolled"`` (alias ``"bptt"``: every step).
         eps: added to norms and column sums.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
             ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
             their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
             differentiated steps stay in x.dtype.
+        grad_steps: recorded (C, D) updates of ``grad="phantom"``, ≥ 1 (``"jfb"``: 1).
 
     Returns:
         :class:`Decomposition` with bases (B, d, r) and coef (B, n, r) whose rows sum to one.
 
     Reference: Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021, §2.2.
     """
-    return _vq(_problem("vq", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype))
+    return _vq(_problem("vq", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype,
+                        grad_steps))  # fmt: skip
 
 
 def _vq(p: _Problem) -> Decomposition:
@@ -580,6 +648,7 @@ def cd(
     eps: float = 1e-6,
     generator: torch.Generator | None = None,
     iter_dtype: torch.dtype | None = None,
+    grad_steps: int = 1,
 ) -> Decomposition:
     """Concept decomposition: spherical soft k-means bases, ridge-regression coefficients.
 
@@ -596,14 +665,16 @@ def cd(
         inv_t: inverse temperature of the assignment softmax.
         beta: ridge weight β > 0.
         grad: ``"one_step"`` (differentiate only the ridge solve, D held constant), ``"jfb"``
-            (the last (C, D) update and the ridge solve, from the detached iterate before them)
-            or ``"unrolled"`` (alias ``"bptt"``: every step).
+            (the last (C, D) update and the ridge solve, from the detached iterate before them),
+            ``"phantom"`` (the last ``grad_steps`` updates) or ``"unrolled"`` (alias ``"bptt"``:
+            every step).
         eps: added to norms and column sums.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
             ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
             their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
             differentiated steps stay in x.dtype.
+        grad_steps: recorded (C, D) updates of ``grad="phantom"``, ≥ 1 (``"jfb"``: 1).
 
     Returns:
         :class:`Decomposition` with bases (B, d, r) and coef (B, n, r).
@@ -611,7 +682,8 @@ def cd(
     Reference: Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021, §2.2;
     Dhillon & Modha, "Concept decompositions for large sparse text data", 2001.
     """
-    p = _problem("cd", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype)
+    p = _problem("cd", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype,
+                 grad_steps)  # fmt: skip
     return _cd(p, check_float("beta", beta, low=0.0))
 
 

@@ -34,6 +34,7 @@ from ._decompositions import (
     _check_finite,
     _check_float_dtype,
     _grad_mode,
+    _grad_options,
     _nmf,
     _nmf_solve,
     _Problem,
@@ -202,6 +203,8 @@ class _HamburgerBase(nn.Module):
         inv_t: float | None = None,
         beta: float = 0.1,
         grad: GradMode = "one_step",
+        grad_steps: int = 1,
+        grad_init: bool = False,
         init: InitKind = "random",
         momentum: float = 0.9,
         norm: NormKind = "batch",
@@ -223,6 +226,12 @@ class _HamburgerBase(nn.Module):
         inv_t = _DEFAULT_INV_T[ham] if inv_t is None else check_float("inv_t", inv_t, low=0.0)
         beta = check_float("beta", beta, low=0.0)
         given_grad, grad = grad, _grad_mode(grad)  # "bptt" is stored as "unrolled"
+        grad_steps, grad_init = _grad_options(grad, grad_steps, grad_init)
+        if grad_init and ham != "nmf":
+            raise ValueError(
+                f"grad_init=True applies to ham='nmf' (whose initial coefficients depend on the "
+                f"input), got ham={ham!r}"
+            )
         check_choice("init", init, _INITS)
         momentum = check_momentum(momentum)
         check_choice("norm", norm, _NORMS)
@@ -247,6 +256,7 @@ class _HamburgerBase(nn.Module):
         self.channels, self.ham, self.dim, self.rank = channels, ham, dim, rank
         self.train_steps, self.eval_steps = train_steps, eval_steps
         self.inv_t, self.beta, self.grad, self.init = inv_t, beta, grad, init
+        self.grad_steps, self.grad_init = grad_steps, grad_init
         self.momentum, self.norm, self.eps = momentum, norm, eps
         self.lower_bread = lower_bread
 
@@ -298,7 +308,8 @@ class _HamburgerBase(nn.Module):
         return (
             f"{self.channels}, ham={self.ham!r}, dim={self.dim}, rank={self.rank}, "
             f"train_steps={self.train_steps}, eval_steps={self.eval_steps}, inv_t={self.inv_t}, "
-            f"grad={self.grad!r}, init={self.init!r}, norm={self.norm!r}, "
+            f"grad={self.grad!r}, grad_steps={self.grad_steps}, grad_init={self.grad_init}, "
+            f"init={self.init!r}, norm={self.norm!r}, "
             f"iter_dtype={self.iter_dtype}"
         )
 
@@ -354,7 +365,9 @@ class _HamburgerBase(nn.Module):
         steps = self.train_steps if self.training else self.eval_steps
         no_grad_iterations = self.grad != "unrolled" and self.iter_dtype != x.dtype
         low = self.iter_dtype if no_grad_iterations else None
-        return _Problem(x, self.rank, steps, self.bases, self.inv_t, self.grad, self.eps, None, low)
+        grad_init = self.grad_init and self.grad in ("jfb", "phantom")  # grad may be reassigned
+        return _Problem(x, self.rank, steps, self.bases, self.inv_t, self.grad, self.eps, None, low,
+                        self.grad_steps if self.grad == "phantom" else 1, grad_init)  # fmt: skip
 
     def _solve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """No-grad part of the one-step NMF or CD: (D, P, W) with C = XᵀP ⊙ W (W None for CD)."""
@@ -439,7 +452,13 @@ class Hamburger(_HamburgerBase):
             coefficients, from the detached iterate before it; Jacobian-free like
             :class:`equilibria.JFB`) or ``"unrolled"`` (alias ``"bptt"``: every step). The first
             two keep memory independent of the steps; ``"jfb"`` also lets the gradient reach the
-            bases, through which a position sees the others.
+            bases, through which a position sees the others. ``"phantom"`` records the last
+            ``grad_steps`` updates (the core's :class:`equilibria.Phantom` with damping 1;
+            ``"jfb"`` is its ``grad_steps=1``), memory growing with ``grad_steps`` only.
+        grad_steps: recorded full updates of ``grad="phantom"``, ≥ 1.
+        grad_init: NMF with ``grad="jfb"`` or ``"phantom"``: the detached iterate keeps the
+            gradient of the initial coefficients softmax(inv_t · XᵀD_0), the no-grad updates'
+            multiplicative ratios held constant (see :func:`~equilibria.layers.nmf`).
         init: ``"random"`` bases drawn per sample at every call, or ``"online"`` bases kept in the
             buffer ``bases`` (d, r): used as the initial bases at every call and, in training,
             updated after each call by :func:`~equilibria.layers.moving_average_bases`.

@@ -89,11 +89,17 @@ class MosaicConfig(RunOptions):
         "'attention' (single-head SDPA self-attention) or 'ham' (Hamburger)",
     )
     ham: Literal["nmf", "vq", "cd"] = option("nmf", "decomposition of the Hamburger (block 'ham')")
-    grad: Literal["one_step", "jfb", "unrolled", "bptt"] = option(
+    grad: Literal["one_step", "jfb", "phantom", "unrolled", "bptt"] = option(
         "one_step",
         "gradient of the Hamburger: 'one_step' (the paper's: last coefficient update, bases held "
-        "constant), 'jfb' (last update of bases and coefficients from the detached iterate) or "
-        "'unrolled' (every step; 'bptt' is an alias)",
+        "constant), 'jfb' (last update of bases and coefficients from the detached iterate), "
+        "'phantom' (the last --grad-steps updates) or 'unrolled' (every step; 'bptt' is an alias)",
+    )
+    grad_steps: int = option(1, "recorded decomposition updates of --grad phantom")
+    grad_init: bool = option(
+        False,
+        "NMF with --grad jfb or phantom: keep the gradient of the initial coefficients through "
+        "the no-grad updates (their multiplicative ratios held constant)",
     )
     ham_init: Literal["random", "online"] = option(
         "random", "initial bases of the Hamburger: random per sample or online"
@@ -136,6 +142,7 @@ class MosaicConfig(RunOptions):
             "rank": (1, self.channels),
             "ham_train_steps": (0, 100),
             "ham_eval_steps": (0, 100),
+            "grad_steps": (1, 100),
             "steps": (1, 10**7),
             "batch_size": (2, 4096),
             "test_canvases": (1, 10**6),
@@ -156,6 +163,20 @@ class MosaicConfig(RunOptions):
             raise ConfigError(
                 f"MosaicConfig: rank must be <= {positions} (the positions of the context block "
                 f"for grid={self.grid}), got {self.rank}"
+            )
+        if (
+            self.block == "ham"
+            and self.grad_init
+            and (self.ham != "nmf" or self.grad not in ("jfb", "phantom"))
+        ):
+            raise ConfigError(
+                f"MosaicConfig: grad_init applies to ham 'nmf' with grad 'jfb' or 'phantom', got "
+                f"ham={self.ham!r}, grad={self.grad!r}"
+            )
+        if self.block == "ham" and self.grad_steps != 1 and self.grad != "phantom":
+            raise ConfigError(
+                f"MosaicConfig: grad_steps applies to grad 'phantom', got grad={self.grad!r} "
+                f"with grad_steps={self.grad_steps}"
             )
         check_range(self, "lr", low=0, low_open=True)
         check_range(self, "weight_decay", low=0)
@@ -221,6 +242,8 @@ class MosaicNet(nn.Module):
                 train_steps=config.ham_train_steps,
                 eval_steps=config.ham_eval_steps,
                 grad=config.grad,
+                grad_steps=config.grad_steps,
+                grad_init=config.grad_init,
                 init=config.ham_init,
             )
         self.head = _conv_bn_relu(width, width)
@@ -292,6 +315,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+ Ham NMF, one-step": {"block": "ham", "ham": "nmf", "grad": "one_step"},
     "+ Ham NMF, BPTT": {"block": "ham", "ham": "nmf", "grad": "unrolled"},
     "+ Ham NMF, JFB": {"block": "ham", "ham": "nmf", "grad": "jfb"},
+    "+ Ham NMF, phantom(2) + init": {
+        "block": "ham",
+        "ham": "nmf",
+        "grad": "phantom",
+        "grad_steps": 2,
+        "grad_init": True,
+    },
     "+ Ham VQ, one-step": {"block": "ham", "ham": "vq", "grad": "one_step"},
     "+ Ham CD, one-step": {"block": "ham", "ham": "cd", "grad": "one_step"},
 }
