@@ -216,13 +216,68 @@ def test_callback_gets_each_iterate_not_the_optimised_storage(net) -> None:
     assert not torch.equal(kept[0], x_T) and not torch.equal(kept[1], kept[2])
 
 
+def test_invert_reports_unconverged_forward_solves_instead_of_raising(net) -> None:
+    """A forward solve that runs out of max_rounds is reported per sample (converged, the count
+    of such iterations, the last solve's residuals), as SamplingSolution reports it."""
+    sched = _sched(10)
+    target = torch.randn(3, D, dtype=torch.float64)
+    _, capped = sampling.invert(net, target, sched, steps=4, solver="picard", tol=1e-12,
+                                max_rounds=1)  # fmt: skip
+    assert capped.steps == 4 and capped.unconverged == 4
+    assert capped.converged.dtype == torch.bool and capped.converged.device.type == "cpu"
+    assert capped.converged.shape == (3,) and not bool(capped.converged.any())
+    assert capped.residuals is not None and capped.residuals.shape == (3, 10)
+    assert (capped.residuals[:, 0] == 0).all() and capped.residuals[:, 1:].isnan().all()
+    _, full = sampling.invert(net, target, sched, steps=4, solver="picard", tol=1e-6)
+    assert bool(full.converged.all()) and full.unconverged == 0
+    assert full.residuals is not None and bool((full.residuals <= 1e-6).all())
+    _, exact = sampling.invert(net, target, sched, steps=2, gradient="bptt")
+    assert bool(exact.converged.all()) and exact.unconverged == 0
+    assert exact.residuals is not None and bool((exact.residuals == 0).all())
+    _, none = sampling.invert(net, target, sched, steps=0)
+    assert bool(none.converged.all()) and none.unconverged == 0 and none.residuals is None
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_invert_moves_init_to_the_targets_device_and_dtype(device: str) -> None:
+    """init (float32, on the CPU) goes to x0_target's device and dtype, as sample() moves init
+    and noise to x_T's (it kept its device: on a GPU target Adam's parameter stayed on the CPU
+    and the first forward failed; the cuda case runs only where a GPU is present)."""
+    torch.manual_seed(0)
+    model = Net().double().to(device)
+    sched = _sched(5)
+    target = torch.randn(2, D, dtype=torch.float64).to(device)
+    init = torch.randn(2, D, dtype=torch.float32, device="cpu")
+    x_T, res = sampling.invert(model, target, sched, steps=2, init=init, solver="picard")
+    assert x_T.device == target.device and x_T.dtype == torch.float64
+    assert res.sample.device == target.device
+    moved, _ = sampling.invert(model, target, sched, steps=2, solver="picard",
+                               init=init.to(device, torch.float64))  # fmt: skip
+    torch.testing.assert_close(x_T, moved, rtol=0, atol=0)
+
+
 BAD = [
     ({"gradient": "adjoint"}, ValueError, "gradient must be one of 'implicit', 'phantom', 'bptt'"),
     ({"steps": -1}, ValueError, "steps must be an int >= 0"),
     ({"lr": 0.0}, ValueError, "lr must be in (0.0, inf)"),
     ({"damping": 1.5}, ValueError, "damping must be in (0.0, 1.0]"),
     ({"warm_start": 1}, TypeError, "warm_start must be a bool"),
-    ({"init": torch.zeros(3, D)}, ValueError, "init must be a tensor shaped like x0_target"),
+    ({"init": torch.zeros(3, D)}, ValueError,
+     "init must be a floating-point tensor shaped like x0_target (2, 6), got shape (3, 6)"),
+    ({"init": torch.zeros(2, D, dtype=torch.int64)}, ValueError,
+     "init must be a floating-point tensor shaped like x0_target (2, 6), got shape (2, 6) "
+     "torch.int64"),
+    ({"init": [[0.0] * D] * 2}, ValueError, "init must be a floating-point tensor shaped like "
+     "x0_target (2, 6), got list"),
+    ({"init": torch.full((2, D), float("nan"), dtype=torch.float64)}, NonFiniteError,
+     "init contains NaN or infinity"),
+    ({"init": torch.full((2, D), float("inf"), dtype=torch.float64), "gradient": "bptt"},
+     NonFiniteError, "init contains NaN or infinity"),
+    ({"callback": 3}, TypeError, "callback must be None or callable"),
+    ({"model": None}, TypeError, "model must be callable as model(x, t), got NoneType"),
     ({"sched": _sched(5, eta=0.5)}, ValueError, "deterministic sampler (sched.eta == 0)"),
     ({"sched": "ddim"}, TypeError, "sched must be a sampling.DDIM"),
     ({"target": torch.tensor([1, 2])}, ValueError, "x0_target must be a floating-point tensor"),
@@ -239,5 +294,6 @@ def test_bad_arguments_are_refused(net, bad, error, fragment) -> None:
     kwargs = dict(bad)
     sched = kwargs.pop("sched", _sched(5))
     target = kwargs.pop("target", torch.randn(2, D, dtype=torch.float64))
+    model = kwargs.pop("model", net)
     with pytest.raises(error, match=re.escape(fragment)):
-        sampling.invert(net, target, sched, steps=kwargs.pop("steps", 1), **kwargs)
+        sampling.invert(model, target, sched, steps=kwargs.pop("steps", 1), **kwargs)

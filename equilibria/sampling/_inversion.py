@@ -61,6 +61,15 @@ class InversionResult:
         nfe: model evaluations of single samples (forward and backward) over all iterations.
         cpu_s: process CPU time of the iterations (``time.process_time``).
         gradient: the method.
+        converged: (N,) bool on the CPU, whether every iteration's forward solve accepted every
+            step of the sample (:attr:`SamplingSolution.converged`; a forward that ran out of
+            ``max_rounds`` is reported here, not raised, and its gradient was taken on the
+            unconverged trajectory). True for ``"bptt"`` (the sequential loop) and when no
+            iteration ran.
+        unconverged: iterations whose forward solve left some sample unconverged.
+        residuals: (N, T) float64 on the CPU, the last iteration's forward solve's per-step
+            residuals (:attr:`SamplingSolution.residuals`: NaN for steps not accepted; zeros for
+            ``"bptt"``, whose forward is exact); None when no iteration ran.
     """
 
     x_T: Tensor
@@ -72,6 +81,9 @@ class InversionResult:
     nfe: int
     cpu_s: float
     gradient: str
+    converged: Tensor
+    unconverged: int
+    residuals: Tensor | None
 
 
 def _at_ap(sched: Schedule) -> tuple[Tensor, Tensor]:
@@ -206,7 +218,9 @@ def invert(
             backprop through the sequential loop, memory linear in T).
         steps: Adam iterations (≥ 0).
         lr: Adam's learning rate (> 0).
-        init: (N, *shape) the starting ``x_T``; None: the DDIM encoding of the target.
+        init: (N, *shape) the starting ``x_T``, floating point and finite, converted to
+            ``x0_target``'s device and dtype (as :func:`sample` converts ``init`` and ``noise`` to
+            ``x_T``'s); None: the DDIM encoding of the target.
         solver: the forward solve's solver (see :func:`sample`; as are the next four); not
             used by ``"bptt"``.
         tol: the forward solve's tolerance.
@@ -218,6 +232,11 @@ def invert(
         callback: called as ``callback(step, x_T, per_sample_mse)`` after each iteration's
             forward (before the update); returning True stops (e.g. a time budget).
 
+    Raises:
+        NonFiniteError: if ``x0_target`` or ``init`` holds NaN or infinity, or the encoding, a
+            forward solve or a gradient becomes non-finite. A forward solve that runs out of
+            ``max_rounds`` is not an error: :attr:`InversionResult.converged` reports it.
+
     Returns:
         ``(x_T, result)``: the optimised noise and an :class:`InversionResult`.
 
@@ -225,6 +244,8 @@ def invert(
         >>> x_T, res = sampling.invert(model, images, sched, gradient="implicit", steps=100)
         >>> res.error  # per-sample MSE of the sequential sample of x_T
     """
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
     gradient = check_choice("gradient", gradient, _GRADIENTS)  # type: ignore[assignment]
     if not isinstance(sched, DDIM):
         raise TypeError(f"sched must be a sampling.DDIM, got {type(sched).__name__}")
@@ -259,21 +280,41 @@ def invert(
             check_int(option, value, minimum=1)
     if gradient != "bptt":
         _resolve_solver(solver, {})
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            "callback must be None or callable as callback(step, x_T, per_sample_mse), got "
+            f"{type(callback).__name__}"
+        )
     target = x0_target.detach()
     if init is None:
         x_T = encode(model, target, sched)
     else:
-        if not isinstance(init, Tensor) or init.shape != target.shape:
-            got = tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__
-            raise ValueError(f"init must be a tensor shaped like x0_target {tuple(target.shape)}, "
-                             f"got {got}")  # fmt: skip
-        x_T = init.detach().to(target.dtype).clone()
+        if (
+            not isinstance(init, Tensor)
+            or not init.is_floating_point()
+            or init.shape != target.shape
+        ):
+            got = (
+                f"shape {tuple(init.shape)} {init.dtype}"
+                if isinstance(init, Tensor)
+                else type(init).__name__
+            )
+            raise ValueError(
+                f"init must be a floating-point tensor shaped like x0_target "
+                f"{tuple(target.shape)}, got {got}"
+            )
+        if not torch.isfinite(init).all():
+            raise NonFiniteError("init contains NaN or infinity")
+        # on x0_target's device and dtype, as sample() moves init and noise to x_T's
+        x_T = init.detach().to(target.device, target.dtype).clone()
     param = torch.nn.Parameter(x_T)
     opt = torch.optim.Adam([param], lr=lr)
     losses: list[float] = []
-    rounds = nfe = 0
+    rounds = nfe = unconverged = 0
     T, N = len(sched), target.shape[0]
     trajectory: Tensor | None = None
+    converged = torch.ones(N, dtype=torch.bool, device="cpu")  # as SamplingSolution's
+    residuals: Tensor | None = None
     tic = time.process_time()
     done = 0
     for step in range(steps):
@@ -282,6 +323,7 @@ def invert(
             _, per, grad = bptt(model, sched, x_T, target)
             rounds += T
             nfe += 2 * T * N
+            residuals = torch.zeros(N, T, dtype=torch.float64, device="cpu")  # exact loop
         else:
             sol: SamplingSolution
             x0, sol = sample(model, x_T, sched, solver=solver, tol=tol, max_rounds=max_rounds,
@@ -290,6 +332,9 @@ def invert(
             trajectory = sol.trajectory
             rounds += sol.rounds
             nfe += sol.nfe
+            converged &= sol.converged
+            unconverged += int(not bool(sol.converged.all()))
+            residuals = sol.residuals
             per, g0 = _loss_grad(x0, target)
             if gradient == "implicit":
                 grad = implicit_sweep(model, sched, sol.trajectory, g0)
@@ -309,6 +354,7 @@ def invert(
     error, _ = _loss_grad(x0, target)
     result = InversionResult(
         x_T=x_T, sample=x0, error=error.double(), losses=torch.tensor(losses, dtype=torch.float64),
-        steps=done, rounds=rounds, nfe=nfe, cpu_s=cpu_s, gradient=gradient,
+        steps=done, rounds=rounds, nfe=nfe, cpu_s=cpu_s, gradient=gradient, converged=converged,
+        unconverged=unconverged, residuals=residuals,
     )  # fmt: skip
     return x_T, result
