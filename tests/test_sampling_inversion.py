@@ -88,7 +88,11 @@ def test_implicit_gradient_on_the_parallel_solution(net) -> None:
                                rtol=1e-7, atol=1e-10)  # fmt: skip
 
 
-@pytest.mark.parametrize("options", PREDICTIONS[:3])
+@pytest.mark.parametrize(
+    "options",
+    [*PREDICTIONS[:2],
+     {"prediction_type": "sample", "final_alpha_cumprod": 0.9999}],  # not 1: see the next test
+)  # fmt: skip
 def test_phantom_gradient_is_exact_when_the_model_ignores_x(options) -> None:
     """With a model output independent of x every step is affine, x_0 = P x_T + const, so the
     undamped phantom step's gradient is the exact one."""
@@ -104,6 +108,28 @@ def test_phantom_gradient_is_exact_when_the_model_ignores_x(options) -> None:
     exact = inv.bptt(model, sched, x_T, target)[2]
     torch.testing.assert_close(inv.phantom_gradient(model, sched, x_T, g0, 1.0), exact,
                                rtol=1e-12, atol=1e-14)  # fmt: skip
+
+
+def test_phantom_is_refused_where_it_is_identically_zero(net) -> None:
+    """With prediction_type "sample" and final ᾱ = 1 the last step returns the model's output:
+    its linear part is 0, so P = Q_0 = 0 and the phantom gradient is 0 whatever x_T (invert
+    returned init unchanged, every loss equal); the exact gradient is not 0."""
+    sched = _sched(5, prediction_type="sample")
+    x_T, target = torch.randn(2, D, dtype=torch.float64), torch.randn(2, D, dtype=torch.float64)
+    x0, _ = sampling.sample(net, x_T, sched, solver="sequential")
+    _, g0 = inv._loss_grad(x0, target)
+    assert not bool((inv.phantom_gradient(net, sched, x_T, g0, 1.0) != 0).any())
+    assert bool((inv.bptt(net, sched, x_T, target)[2] != 0).any())
+    with pytest.raises(ValueError, match=re.escape("gradient='phantom' is identically zero for "
+                                                   "this schedule: step 4's output")):  # fmt: skip
+        sampling.invert(net, target, sched, gradient="phantom", steps=3, init=x_T)
+    for gradient in ("implicit", "bptt"):  # the exact gradients move it
+        found, _ = sampling.invert(net, target, sched, gradient=gradient, steps=3, init=x_T)
+        assert not torch.equal(found, x_T)
+    # below 1 the last step keeps a linear part and the phantom gradient is not 0
+    below = _sched(5, prediction_type="sample", final_alpha_cumprod=0.9999)
+    found, _ = sampling.invert(net, target, below, gradient="phantom", steps=3, init=x_T)
+    assert not torch.equal(found, x_T)
 
 
 def test_phantom_gradient_formula(net) -> None:

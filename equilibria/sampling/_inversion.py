@@ -228,7 +228,9 @@ def invert(
         window: the forward solve's active window.
         chunk: the forward solve's rows per model call.
         warm_start: start each forward solve from the previous iterate's trajectory.
-        damping: τ of the phantom step, in (0, 1].
+        damping: τ of the phantom step, in (0, 1]. ``"phantom"`` is refused where it is
+            identically zero: a step after the first whose output depends on its input only
+            through the model (``prediction_type="sample"`` with ``final_alpha_cumprod=1``).
         callback: called as ``callback(step, x_T, per_sample_mse)`` after each iteration's
             forward (before the update); returning True stops (e.g. a time budget).
 
@@ -280,6 +282,16 @@ def invert(
             check_int(option, value, minimum=1)
     if gradient != "bptt":
         _resolve_solver(solver, {})
+    if gradient == "phantom":
+        A = _linear_parts(sched)
+        if zero := [k for k in range(1, len(sched)) if float(A[k]) == 0.0]:
+            raise ValueError(
+                f"gradient='phantom' is identically zero for this schedule: step {zero[0]}'s "
+                "output depends on its input only through the model (its linear part is 0: "
+                f"prediction_type={sched.prediction_type!r} with final_alpha_cumprod="
+                f"{sched.final_alpha_cumprod}), and the phantom step treats the later model "
+                "terms as constants; use gradient='implicit' or 'bptt', or final_alpha_cumprod < 1"
+            )
     if callback is not None and not callable(callback):
         raise TypeError(
             "callback must be None or callable as callback(step, x_T, per_sample_mse), got "
