@@ -4,6 +4,7 @@ sequential trajectory, windows, chunks, warm starts, budgets and bad inputs (flo
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -437,6 +438,19 @@ def test_sample_rejects_bad_inputs():
                         generator=torch.Generator())  # fmt: skip
     with pytest.raises(ValueError, match="step index"):
         sched.step(_x(), _x(), 10)
+
+
+def test_ddim_step_refuses_tensor_indices_out_of_range():
+    """A per-row k outside [0, T) is refused by name: a negative one wrapped around to the last
+    steps' coefficients (k = -1 silently took step T-1), a float one failed in indexing."""
+    sched, x = _ok_sched(), _x()
+    for k in (torch.tensor([-1, 0]), torch.tensor([0, 10])):
+        with pytest.raises(ValueError, match=re.escape("k must hold step indices in [0, 10), got")):
+            sched.step(x, x, k)
+    with pytest.raises(TypeError, match="k must hold integer step indices"):
+        sched.step(x, x, torch.tensor([0.0, 1.0]))
+    ok = sched.step(x, x, torch.tensor([9, 0]))
+    torch.testing.assert_close(ok[0], sched.step(x[:1], x[:1], 9)[0], rtol=0, atol=0)
 
 
 def test_register_solver_by_name():

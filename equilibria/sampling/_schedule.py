@@ -296,6 +296,14 @@ class DDIM(Schedule):
                     f"k must be an int or one step index per row of x ({x.shape[0]}), got "
                     f"shape {tuple(k.shape)}"
                 )
+            if k.is_floating_point() or k.is_complex() or k.dtype == torch.bool:
+                raise TypeError(f"k must hold integer step indices (int64), got {k.dtype}")
+            # a negative index would wrap around to the last steps' coefficients
+            if k.numel() and bool(((k < 0) | (k >= T)).any()):
+                raise ValueError(
+                    f"k must hold step indices in [0, {T}), got min {int(k.min())}, max "
+                    f"{int(k.max())}"
+                )
         elif isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < T:
             raise ValueError(f"k must be a step index in [0, {T}), got {k!r}")
         if model_output.shape != x.shape:
