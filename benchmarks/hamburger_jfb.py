@@ -1,19 +1,20 @@
-"""How close the Hamburger's one-step gradients come to BPTT on the mosaic recipe, and their memory.
+"""How close the Hamburger's one-step-style gradients come to BPTT on the mosaic recipe, and memory.
 
 For mosaic models (freshly initialised, and the checkpoints of trained runs given by --runs), the
-training loss of a few batches is differentiated three ways: ``grad="one_step"`` (the paper's:
-last coefficient update, bases constant), ``grad="jfb"`` (the last update of both factors from the
-detached iterate) and ``grad="unrolled"`` (BPTT, the reference). The forward passes are identical
-(same random initial bases, drawn after the same seed). Reported per model: the cosine between
-each one-step gradient and BPTT's, over all parameters and over the stem's (which only receive
-context through the block), and the bytes autograd saves inside the block for K = 6 and K = 24
-steps (memory flat in K for one_step and jfb, growing for BPTT).
+training loss of a few training batches is differentiated with each ``grad`` of :data:`MODES`:
+``one_step`` (the paper's: last coefficient update, bases constant), ``jfb`` (the last update of
+both factors from the detached iterate), ``phantom`` with 2 or 3 recorded updates, each of the
+last two also with ``grad_init`` (NMF's initialisation gradient kept through the no-grad updates),
+and ``unrolled`` (BPTT, the reference). The forward passes are identical (same random initial
+bases, drawn after the same seed). Reported per model: the cosine between each gradient and BPTT's,
+over all parameters and over the stem's (which only receive context through the block), and the
+bytes autograd saves inside the block for K = 6 and K = 24 steps (flat in K for all but BPTT).
 
 Writes ``benchmarks/results/hamburger_jfb.json``.
 
 Usage::
 
-    python benchmarks/hamburger_jfb.py --runs runs/mosaic-jfb/runs/*
+    python benchmarks/hamburger_jfb.py --runs runs/mosaic-jfb/runs/* runs/mosaic-phantom/runs/*
 """
 
 from __future__ import annotations
@@ -34,7 +35,21 @@ from equilibria.zoo.mosaic import MosaicConfig, MosaicNet, MosaicTask, make_canv
 
 from common import write_result
 
-MODES = ("one_step", "jfb", "unrolled")
+# name -> (grad, grad_steps, grad_init) of the Hamburger; "unrolled" (BPTT) is the reference
+MODES = {
+    "one_step": ("one_step", 1, False),
+    "jfb": ("jfb", 1, False),
+    "jfb_init": ("jfb", 1, True),
+    "phantom2": ("phantom", 2, False),
+    "phantom2_init": ("phantom", 2, True),
+    "phantom3": ("phantom", 3, False),
+    "unrolled": ("unrolled", 1, False),
+}
+COMPARED = [m for m in MODES if m != "unrolled"]
+
+
+def set_mode(block: torch.nn.Module, mode: str) -> None:
+    block.grad, block.grad_steps, block.grad_init = MODES[mode]
 
 
 @contextlib.contextmanager
@@ -60,30 +75,32 @@ def measure(model: torch.nn.Module, task: MosaicTask, batches: int) -> dict[str,
     block = model.context
     params = [p for p in model.parameters() if p.requires_grad]
     stem = [i for i, p in enumerate(params) if any(p is q for q in model.stem.parameters())]
-    cos: dict[str, list[float]] = {f"{m}_{part}": [] for m in MODES[:2] for part in ("all", "stem")}
+    cos: dict[str, list[float]] = {f"{m}_{part}": [] for m in COMPARED for part in ("all", "stem")}
     for b in range(batches):
         canvas = make_canvases(np.random.default_rng(5000 + b), *task.pool, 16, **task.canvas)
         batch = tuple(torch.from_numpy(a) for a in (canvas.inputs, canvas.targets, canvas.digits))
         grads = {}
         for mode in MODES:
-            block.grad = mode
+            set_mode(block, mode)
             torch.manual_seed(b)  # the same random initial bases for every mode
             loss = task.train_step(model, model, batch).loss
             grads[mode] = torch.autograd.grad(loss, params)
-        for mode in MODES[:2]:
+        for mode in COMPARED:
             cos[f"{mode}_all"].append(cosine(list(grads[mode]), list(grads["unrolled"])))
             cos[f"{mode}_stem"].append(cosine([grads[mode][i] for i in stem],
                                               [grads["unrolled"][i] for i in stem]))  # fmt: skip
     memory = {}
     stem_out = model.stem(batch[0]).detach().requires_grad_()
     for mode in MODES:
-        block.grad = mode
+        set_mode(block, mode)
         for steps in (6, 24):
             block.train_steps = steps
             with saved_bytes() as seen:
                 block(stem_out)
             memory[f"{mode}_K{steps}"] = sum(seen.values())
     block.train_steps = task.config.ham_train_steps
+    c = task.config
+    block.grad, block.grad_steps, block.grad_init = c.grad, c.grad_steps, c.grad_init
     return {"cosine_vs_bptt": {k: statistics.fmean(v) for k, v in cos.items()},
             "cosine_vs_bptt_per_batch": cos, "saved_bytes": memory}  # fmt: skip
 
@@ -106,14 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         results[f"trained: {Path(run).name}"] = measure(model, run_task, args.batches)
     for name, r in results.items():
         c, m = r["cosine_vs_bptt"], r["saved_bytes"]
-        print(f"{name}: cos(one_step, bptt) all {c['one_step_all']:.3f} stem "
-              f"{c['one_step_stem']:.3f}; cos(jfb, bptt) all {c['jfb_all']:.3f} stem "
-              f"{c['jfb_stem']:.3f}; saved KiB K=6/24: "
+        print(f"{name}: cos with bptt (all/stem) "
+              + ", ".join(f"{mode} {c[f'{mode}_all']:.3f}/{c[f'{mode}_stem']:.3f}"
+                          for mode in COMPARED)
+              + "; saved KiB K=6/24: "
               + ", ".join(f"{mode} {m[f'{mode}_K6'] / 1024:.0f}/{m[f'{mode}_K24'] / 1024:.0f}"
                           for mode in MODES))  # fmt: skip
+    modes = {m: dict(zip(("grad", "grad_steps", "grad_init"), v)) for m, v in MODES.items()}
     write_result("hamburger_jfb", {"command": "python benchmarks/hamburger_jfb.py "
                                    + " ".join(sys.argv[1:] if argv is None else argv),
-                                   "batches": args.batches, "models": results})  # fmt: skip
+                                   "batches": args.batches, "modes": modes,
+                                   "models": results})  # fmt: skip
     return 0
 
 

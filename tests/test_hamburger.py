@@ -28,7 +28,13 @@ from equilibria.layers._hamburger import _fold_batch_norm
 
 F64 = torch.float64
 HAMS = tuple(DECOMPOSITIONS)  # the registry drives the tables
-GRADS = ("one_step", "jfb", "unrolled", "bptt")  # "bptt": the documented alias of "unrolled"
+GRADS = (
+    "one_step",
+    "jfb",
+    "phantom",
+    "unrolled",
+    "bptt",
+)  # "bptt": the documented alias of "unrolled"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +355,185 @@ def test_one_step_memory_does_not_grow_with_steps(ham):
         assert counts[grad, 1] == counts[grad, 4] == counts[grad, 16]
     assert saved["unrolled", 1] < saved["unrolled", 4] < saved["unrolled", 16]
     assert saved["one_step", 16] < saved["jfb", 16] <= saved["unrolled", 1]
+
+
+@pytest.mark.parametrize("ham", HAMS)
+@pytest.mark.parametrize("steps, grad_steps", [(3, 2), (4, 3), (2, 5)])
+def test_phantom_gradient_is_the_last_recorded_steps_from_the_detached_iterate(
+    ham, steps, grad_steps
+):
+    """grad="phantom": autograd through the last grad_steps full updates and the final C update,
+    from the iterate after steps - grad_steps updates computed without gradient, by hand; with
+    grad_steps=1 it is "jfb"."""
+    x = make_input(ham, batch=2, dim=6, n=9, requires_grad=True)
+    d0 = init_bases(ham, 2, 6, 3)
+    inv_t = 1.0 if ham == "nmf" else 5.0
+    weight = torch.randn(2, 6, 9, dtype=F64)
+    fn = DECOMPOSITIONS[ham]
+    dec = fn(x, bases=d0, steps=steps, inv_t=inv_t, grad="phantom", grad_steps=grad_steps)
+    (grad,) = torch.autograd.grad((dec.reconstruct() * weight).sum(), x)
+    iterate, final = REFERENCE[ham]
+    recorded = min(steps, grad_steps)
+    with torch.no_grad():
+        d, c = iterate(x, d0, steps - recorded, inv_t=inv_t)
+    for _ in range(recorded):
+        d, c = ref_one_recorded_step(ham, x, d, c, inv_t)
+    ref = d @ final(x, d, c, inv_t=inv_t).mT
+    torch.testing.assert_close(dec.reconstruct(), ref)
+    (grad_ref,) = torch.autograd.grad((ref * weight).sum(), x)
+    torch.testing.assert_close(grad, grad_ref)
+    jfb = fn(x, bases=d0, steps=steps, inv_t=inv_t, grad="jfb")
+    (grad_jfb,) = torch.autograd.grad((jfb.reconstruct() * weight).sum(), x)
+    assert not torch.allclose(grad, grad_jfb)
+    one = fn(x, bases=d0, steps=steps, inv_t=inv_t, grad="phantom", grad_steps=1)
+    (grad_one,) = torch.autograd.grad((one.reconstruct() * weight).sum(), x)
+    torch.testing.assert_close(grad_one, grad_jfb)
+
+
+@pytest.mark.parametrize("grad, grad_steps", [("jfb", 1), ("phantom", 2), ("phantom", 4)])
+def test_nmf_grad_init_keeps_the_initialisation_gradient(grad, grad_steps):
+    """grad_init: the iterate the recorded updates start from is C_0(x) ⊙ R with the ratio
+    R = C / C_0 of the no-grad updates held constant (written out by hand); the forward value is
+    unchanged, and recording every update this way is BPTT exactly."""
+    steps = 4
+    x = make_input("nmf", batch=2, dim=6, n=9, requires_grad=True)
+    d0 = init_bases("nmf", 2, 6, 3)
+    weight = torch.randn(2, 6, 9, dtype=F64)
+    options = {"bases": d0, "steps": steps, "inv_t": 2.0, "grad": grad}
+    if grad == "phantom":
+        options["grad_steps"] = grad_steps
+    dec = nmf(x, grad_init=True, **options)
+    plain = nmf(x, **options)
+    assert torch.equal(dec.coef, plain.coef) and torch.equal(dec.bases, plain.bases)
+    (grad_x,) = torch.autograd.grad((dec.reconstruct() * weight).sum(), x)
+    c0 = torch.softmax(2.0 * x.mT @ d0, dim=-1)  # recorded
+    with torch.no_grad():
+        d, c = ref_nmf_iterate(x, d0, steps - grad_steps, inv_t=2.0)
+    c = c0 * (c / c0).detach()
+    for _ in range(grad_steps):
+        d, c = ref_one_recorded_step("nmf", x, d, c, 2.0)
+    (grad_ref,) = torch.autograd.grad((d @ ref_nmf_final(x, d, c).mT * weight).sum(), x)
+    torch.testing.assert_close(grad_x, grad_ref)
+    (grad_plain,) = torch.autograd.grad((plain.reconstruct() * weight).sum(), x)
+    assert not torch.allclose(grad_x, grad_plain)
+    bptt = nmf(x, bases=d0, steps=steps, inv_t=2.0, grad="bptt")
+    (grad_bptt,) = torch.autograd.grad((bptt.reconstruct() * weight).sum(), x)
+    if grad_steps >= steps:
+        torch.testing.assert_close(grad_x, grad_bptt)
+    else:
+        assert not torch.allclose(grad_x, grad_bptt)
+
+
+@pytest.mark.parametrize("ham", HAMS)
+def test_phantom_memory_does_not_grow_with_steps(ham):
+    """Saved bytes and tensors of grad="phantom" (and NMF's grad_init) are the same for every
+    steps >= grad_steps, and grow with grad_steps."""
+    x = make_input(ham, batch=2, dim=16, n=64, requires_grad=True)
+    d0 = init_bases(ham, 2, 16, 8)
+    init = [False, True] if ham == "nmf" else [False]
+    for grad_init, grad_steps in itertools.product(init, (2, 3)):
+        saved = set()
+        for steps in (grad_steps, 8, 32):
+            with count_saved_bytes() as seen:
+                DECOMPOSITIONS[ham](
+                    x, bases=d0, steps=steps, grad="phantom", grad_steps=grad_steps,
+                    **({"grad_init": True} if grad_init else {}),
+                ).reconstruct()  # fmt: skip
+            saved.add((sum(seen.values()), len(seen)))
+        assert len(saved) == 1, (grad_init, grad_steps, saved)
+    with count_saved_bytes() as two:
+        DECOMPOSITIONS[ham](x, bases=d0, steps=8, grad="phantom", grad_steps=2).reconstruct()
+    with count_saved_bytes() as three:
+        DECOMPOSITIONS[ham](x, bases=d0, steps=8, grad="phantom", grad_steps=3).reconstruct()
+    assert sum(two.values()) < sum(three.values())
+
+
+def test_hamburger_phantom_with_grad_init_matches_the_functional_form():
+    """The block passes grad_steps and grad_init to the decomposition: its input gradient is the
+    one of the same block whose ham is the functional nmf with those options."""
+    torch.manual_seed(4)
+    block = Hamburger(8, ham="nmf", dim=8, rank=2, grad="phantom", grad_steps=2, grad_init=True)
+    block = block.double()
+    assert "grad_steps=2, grad_init=True" in repr(block)
+    x = torch.randn(2, 8, 4, 4, dtype=F64, requires_grad=True)
+    torch.manual_seed(1)
+    (g,) = torch.autograd.grad(block(x).square().sum(), x)
+    for grad_steps, grad_init in ((2, False), (1, True)):  # each option changes the gradient
+        other = copy.deepcopy(block)
+        other.grad = "phantom"
+        other.grad_steps, other.grad_init = grad_steps, grad_init
+        torch.manual_seed(1)
+        (g_other,) = torch.autograd.grad(other(x).square().sum(), x)
+        assert not torch.allclose(g, g_other)
+    full = copy.deepcopy(block)
+    full.grad_steps = block.train_steps  # every update recorded, with the init: BPTT
+    bptt = copy.deepcopy(block)
+    bptt.grad = "unrolled"
+    grads = []
+    for b in (full, bptt):
+        torch.manual_seed(1)
+        grads.append(torch.autograd.grad(b(x).square().sum(), x)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda x: nmf(x, 2, grad="jfb", grad_steps=2), "grad_steps=2 applies to grad='phantom'"),
+        (lambda x: nmf(x, 2, grad="phantom", grad_steps=0), "grad_steps"),
+        (lambda x: nmf(x, 2, grad="one_step", grad_init=True), "grad_init=True applies to"),
+        (lambda x: nmf(x, 2, grad="bptt", grad_init=True), "grad_init=True applies to"),
+        (lambda x: nmf(x, 2, grad="jfb", grad_init=1), "grad_init"),
+        (lambda x: Hamburger(6, ham="vq", dim=6, rank=2, grad="jfb", grad_init=True), "ham='nmf'"),
+        (
+            lambda x: Hamburger(6, dim=6, rank=2, grad="unrolled", grad_steps=3),
+            "grad_steps=3 applies",
+        ),
+    ],
+)
+def test_grad_option_errors(call, message):
+    x = make_input("nmf", batch=1, dim=6, n=9)
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(x)
+
+
+@pytest.mark.parametrize(
+    "ham, grad, inv_t, seed",
+    [("vq", "unrolled", 100.0, 0), ("vq", "jfb", 100.0, 2), ("cd", "unrolled", 1.0, 2),
+     ("cd", "unrolled", 100.0, 0), ("cd", "jfb", 1.0, 2), ("vq", "phantom", 100.0, 2)],
+)  # fmt: skip
+def test_vq_cd_recorded_updates_of_float16_input_have_finite_gradients(ham, grad, inv_t, seed):
+    """float16 input with recorded updates: the derivatives of the assignments' column sums and
+    softmax overflowed float16 and x's gradient came out non-finite (these seeds, at |x| ~ 100);
+    the updates are now recorded in float32 and the gradient follows float32's."""
+    torch.manual_seed(seed)
+    x = 100 * torch.randn(2, 16, 64)
+    weight = torch.randn(2, 16, 64)
+    d0 = init_bases(ham, 2, 16, 4, dtype=torch.float32)
+    grads = []
+    for dtype in (torch.float16, torch.float32):
+        xs = x.to(dtype).requires_grad_()
+        dec = DECOMPOSITIONS[ham](
+            xs, bases=d0.to(dtype), steps=6, grad=grad, inv_t=inv_t,
+            **({"grad_steps": 2} if grad == "phantom" else {}),
+        )  # fmt: skip
+        assert dec.coef.dtype == dec.bases.dtype == dtype
+        grads.append(torch.autograd.grad((dec.reconstruct().float() * weight).sum(), xs)[0])
+    assert grads[0].dtype == torch.float16 and torch.isfinite(grads[0]).all()
+    cos = F.cosine_similarity(grads[0].double().flatten(), grads[1].double().flatten(), dim=0)
+    assert cos > 0.9, float(cos)
+
+
+@pytest.mark.parametrize("ham, seed", [("vq", 0), ("cd", 4)])
+def test_hamburger_under_float16_autocast_has_finite_gradients(ham, seed):
+    """float16 autocast, VQ/CD at inv_t = 1 (near-uniform assignments, so near-constant output
+    channels): the folded batch norm's products ran in float16 under autocast and the gradient of
+    rsqrt(var + eps) overflowed there (these seeds); it now runs with autocast off."""
+    torch.manual_seed(seed)
+    block = Hamburger(8, ham=ham, dim=8, rank=2, grad="unrolled", inv_t=1.0)
+    x = torch.randn(2, 8, 4, 4)
+    _, grads = _forward_backward(copy.deepcopy(block), x, autocast=True, dtype=torch.float16)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.parametrize("ham", HAMS)

@@ -152,10 +152,10 @@ def _grad_options(grad: str, grad_steps: object, grad_init: object) -> tuple[int
     """
     check_int("grad_steps", grad_steps, minimum=1)
     check_bool("grad_init", grad_init)
-    if grad == "jfb" and grad_steps != 1:
+    if grad != "phantom" and grad_steps != 1:
         raise ValueError(
-            f"grad='jfb' records exactly one full update; grad_steps={grad_steps} needs "
-            f"grad='phantom'"
+            f"grad_steps={grad_steps} applies to grad='phantom' ('jfb' records exactly one full "
+            f"update), got grad={grad!r}"
         )
     if grad_init and grad not in ("jfb", "phantom"):
         raise ValueError(
@@ -437,18 +437,10 @@ def nmf(
 def _nmf(p: _Problem) -> Decomposition:
     """NMF without input validation; see :func:`nmf`."""
     x, rank, steps, bases, inv_t, grad, eps, generator, *_ = p
-    device_type = x.device.type
-    float16_autocast = (
-        torch.is_autocast_enabled(device_type)
-        and torch.get_autocast_dtype(device_type) == torch.float16
-    )
-    if grad != "one_step" and (x.dtype == torch.float16 or float16_autocast):
+    if _float16_recorded(p):
         # differentiating the divisions by C DᵀD + ε overflows float16 (1/den² with den near
-        # ε after the ReLU's zeros): record the updates in float32 (autocast off, or its
-        # products would be float16 again), hand back factors in x's dtype
-        with torch.autocast(device_type, enabled=False):
-            up = _nmf(p._replace(x=x.float(), bases=None if bases is None else bases.float()))
-        return Decomposition(up.bases.to(x.dtype), up.coef.to(x.dtype))
+        # ε after the ReLU's zeros)
+        return _in_float32(p, _nmf)
     if grad == "unrolled":
         d = _initial_bases(x, rank, bases, True, generator)
         c = torch.softmax(inv_t * torch.bmm(x.mT, d), dim=-1)
@@ -470,6 +462,31 @@ def _nmf(p: _Problem) -> Decomposition:
     product = _x_transpose_times(x, d)  # XᵀD, (B, n, r)
     coef = product.mul_(weight) if _no_graph(x) else product * weight
     return Decomposition(d, coef)
+
+
+def _float16_recorded(p: _Problem) -> bool:
+    """Whether updates would be recorded by autograd in float16 (input or autocast dtype)."""
+    device_type = p.x.device.type
+    float16_autocast = (
+        torch.is_autocast_enabled(device_type)
+        and torch.get_autocast_dtype(device_type) == torch.float16
+    )
+    return p.grad != "one_step" and (p.x.dtype == torch.float16 or float16_autocast)
+
+
+def _in_float32(p: _Problem, solve: Callable[[_Problem], Decomposition]) -> Decomposition:
+    """Runs ``solve`` on a float32 copy of the problem with autocast off (or its products would
+    be float16 again) and hands back the factors in x's dtype.
+
+    The recorded updates of every decomposition divide by quantities that can be small (NMF's
+    C DᵀD + ε, VQ/CD's column sums of the assignments + ε, and their softmax at inv_t = 100):
+    their derivatives, of order 1/den², overflow float16's range (65504) and the gradient of x
+    came out non-finite. bfloat16 has float32's range and is kept.
+    """
+    x, bases = p.x, p.bases
+    with torch.autocast(x.device.type, enabled=False):
+        up = solve(p._replace(x=x.float(), bases=None if bases is None else bases.float()))
+    return Decomposition(up.bases.to(x.dtype), up.coef.to(x.dtype))
 
 
 def _nmf_iterate(p: _Problem) -> tuple[Tensor, Tensor]:
@@ -632,6 +649,8 @@ def vq(
 
 def _vq(p: _Problem) -> Decomposition:
     """VQ without input validation; see :func:`vq`."""
+    if _float16_recorded(p):  # the column sums' and softmax's derivatives overflow float16
+        return _in_float32(p, _vq)
     d = _run_clusters(p, unit_bases=False)
     return Decomposition(d, _cosine_coef(p.x, d, p.inv_t, p.eps))
 
@@ -689,6 +708,8 @@ def cd(
 
 def _cd(p: _Problem, beta: float) -> Decomposition:
     """CD without input validation; see :func:`cd`."""
+    if _float16_recorded(p):  # the column sums' and softmax's derivatives overflow float16
+        return _in_float32(p, lambda q: _cd(q, beta))
     if p.grad != "one_step":
         d = _run_clusters(p, unit_bases=True)
         return Decomposition(d, _x_transpose_times(p.x, _ridge_projector(d, beta)))

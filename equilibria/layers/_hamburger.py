@@ -83,8 +83,27 @@ def _fold_batch_norm(
 
     Half-precision inputs are normalised in float32 (as torch's batch norm kernels do): the
     gradient of rsqrt(var + eps) is of order var^-1.5, which overflows float16 for a channel of
-    near-constant output. A' and s come back in the dtype of ``a * weight``.
+    near-constant output. A' and s come back in the dtype of ``a * weight``. Autocast is turned
+    off inside: under float16 autocast its products (A m_b, A Σ_b) were float16 again, and the
+    gradient of a near-constant channel overflowed there.
     """
+    with torch.autocast(a.device.type, enabled=False):
+        return _fold_batch_norm_float(
+            a, coef, weight, bias, running_mean, running_var, training=training
+        )
+
+
+def _fold_batch_norm_float(
+    a: Tensor,
+    coef: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    *,
+    training: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`_fold_batch_norm` with autocast off."""
     out_dtype = torch.promote_types(a.dtype, weight.dtype)
     if a.dtype in (torch.float16, torch.bfloat16):
         a, coef = a.float(), coef.float()

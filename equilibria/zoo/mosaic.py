@@ -6,8 +6,9 @@ Each pixel is labelled 0 (background), 1 (stroke of a digit of the key's class) 
 digit of another class). A convolutional network sees only a neighbourhood, so it cannot tell 1
 from 2 when the key is far away; a global-context block (self-attention or a Hamburger) can. The
 variants compare a conv-only network with the same network plus SDPA self-attention or a
-Hamburger (NMF with the paper's one-step gradient, with the JFB gradient through both factors and
-with BPTT; VQ, CD) by mIoU.
+Hamburger (NMF with the paper's one-step gradient, with the JFB gradient through both factors, with
+the phantom gradient through the last two updates plus the initialisation's gradient, and with
+BPTT; VQ, CD) by mIoU.
 
 Usage::
 
@@ -315,6 +316,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "+ Ham NMF, one-step": {"block": "ham", "ham": "nmf", "grad": "one_step"},
     "+ Ham NMF, BPTT": {"block": "ham", "ham": "nmf", "grad": "unrolled"},
     "+ Ham NMF, JFB": {"block": "ham", "ham": "nmf", "grad": "jfb"},
+    "+ Ham NMF, JFB + init": {"block": "ham", "ham": "nmf", "grad": "jfb", "grad_init": True},
+    "+ Ham NMF, phantom(2)": {"block": "ham", "ham": "nmf", "grad": "phantom", "grad_steps": 2},
     "+ Ham NMF, phantom(2) + init": {
         "block": "ham",
         "ham": "nmf",
