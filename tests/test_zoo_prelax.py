@@ -10,14 +10,20 @@ import torch.nn.functional as F
 pytest.importorskip("sklearn")
 
 from equilibria.zoo.config import ConfigError
-from equilibria.zoo.prelax import VARIANTS, PrelaxConfig, compare, train
+from equilibria.zoo.digits_model import load_data
+from equilibria.zoo.prelax import VARIANTS, PrelaxConfig, PrelaxTask, compare, train
 from equilibria.zoo.prelax_model import (
     PrelaxNet,
     few_label_indices,
+    few_label_probe,
+    knn_accuracy,
     linear_probe,
     neg_cosine,
+    orientation_probe,
     prelax_loss,
+    random_label_subsets,
     rotate,
+    rotated_probe,
     rotation_accuracy,
     simsiam_loss,
     standard_view,
@@ -51,6 +57,22 @@ def test_standard_view_is_reproducible_and_keeps_shape():
     assert torch.isfinite(a).all()
 
 
+def test_shifted_views_are_padded_with_the_background_not_zero():
+    """The digits are standardised (background about -0.81): a pixel shifted in must take the
+    background value, not 0, which is a grey stroke. With no noise, no erasing and contrast
+    about the background, a view of a blank image stays blank, and every view of a digit keeps
+    the background at the border it was shifted away from."""
+    background = float(load_data()[0].min())
+    assert background == pytest.approx(-0.8119, abs=1e-3)
+    blank = torch.full((32, 1, 8, 8), background)
+    view = standard_view(blank, torch.Generator().manual_seed(0), noise=0.0, erase=0.0)
+    torch.testing.assert_close(view, blank)
+    digits = load_data()[0][:64]
+    views = standard_view(digits, torch.Generator().manual_seed(1), noise=0.0, erase=0.0)
+    assert views.min() >= background - 1e-6  # nothing below the background: no 0 padding
+    assert (views == 0).sum() <= (digits == 0).sum()
+
+
 def _ref_d(p, z):
     """-cos(p, z) with z a constant, written out."""
     z = z.detach()
@@ -69,6 +91,22 @@ def _ref_prelax(net, x1, x2, k, alpha, gamma):
     logits = net.rotation_head(r)
     pal = -logits.log_softmax(-1)[torch.arange(len(k)), k].mean()
     return sim + alpha * pra + gamma * pal
+
+
+def test_views_take_batch_norm_statistics_of_their_own():
+    """In training mode (batch statistics) each view goes through the network on its own, as in
+    SimSiam's reference code: the loss equals the written-out reference that encodes the views
+    one at a time, and the rotated view does not change the statistics of the standard ones."""
+    net = tiny_net().train()
+    gen = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(2, 12, 1, 8, 8, dtype=F64, generator=gen)
+    k = torch.randint(0, 4, (12,), generator=gen)
+    loss, _ = prelax_loss(net, x1, x2, k, alpha=0.7, gamma=1.3)
+    torch.testing.assert_close(loss, _ref_prelax(net, x1, x2, k, 0.7, 1.3))
+    z1, p1 = net.project(x1)
+    z2, p2 = net.project(x2)
+    ref = 0.5 * (_ref_d(p1, z2) + _ref_d(p2, z1))
+    torch.testing.assert_close(simsiam_loss(net, x1, x2), ref)
 
 
 def test_prelax_loss_and_gradients_match_a_written_out_reference():
@@ -127,6 +165,81 @@ def test_few_label_indices_pick_the_first_of_each_class():
     assert few_label_indices(labels, 5).numel() == 9  # a class with fewer keeps all of its own
 
 
+def test_knn_accuracy_reads_neighbours():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(120) % 3
+    centres = torch.eye(3, 5, dtype=F64) * 4
+    feats = centres[labels] + 0.3 * torch.randn(120, 5, dtype=F64, generator=gen)
+    assert knn_accuracy(feats[:60], labels[:60], feats[60:], labels[60:], k=5) == 1.0
+    noise = torch.randn(400, 5, generator=gen)
+    random_labels = torch.randint(0, 4, (400,), generator=gen)
+    acc = knn_accuracy(noise[:200], random_labels[:200], noise[200:], random_labels[200:], k=5)
+    assert acc < 0.45
+    # k = 1 is the nearest training image's label
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert knn_accuracy(a, torch.tensor([0, 1]), torch.tensor([[0.9, 0.2]]), torch.tensor([0]), k=1)
+
+
+def test_random_label_subsets_and_few_label_probe():
+    labels = torch.arange(90) % 3
+    subsets = random_label_subsets(labels, 4, draws=5, seed=1)
+    assert len(subsets) == 5
+    for s in subsets:
+        assert s.unique().numel() == 12 and torch.bincount(labels[s]).tolist() == [4, 4, 4]
+    again = random_label_subsets(labels, 4, draws=5, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(subsets, again))
+    assert not all(torch.equal(subsets[0], s) for s in subsets[1:])
+    gen = torch.Generator().manual_seed(2)
+    centres = 5 * torch.randn(3, 6, generator=gen)
+    feats = centres[labels] + 0.1 * torch.randn(90, 6, generator=gen)
+    acc = few_label_probe(feats, labels, feats, labels, per_class=2, draws=3)
+    assert acc == 1.0
+
+
+class _Pixels(torch.nn.Module):
+    """Features = the raw pixels (keep the orientation)."""
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+class _Invariant(torch.nn.Module):
+    """Features = sorted pixel values (the same for every rotation of an image)."""
+
+    def forward(self, x):
+        return x.flatten(1).sort(dim=1).values
+
+
+def test_orientation_and_rotated_probes_tell_invariant_from_oriented_features():
+    x_train, y_train, x_test, y_test = load_data()
+    x_train, y_train, x_test, y_test = x_train[:300], y_train[:300], x_test[:100], y_test[:100]
+    pixels, invariant = _Pixels(), _Invariant()
+    assert orientation_probe(pixels, x_train, x_test) > 0.6  # chance 0.25; 0.74 measured
+    # identical features for the four rotations: the probe can only guess one of them
+    assert orientation_probe(invariant, x_train, x_test) == pytest.approx(0.25)
+    # the digit probe transfers to rotated images only for invariant features
+    upright = linear_probe(invariant(x_train), y_train, invariant(x_test), y_test)
+    assert rotated_probe(invariant, x_train, y_train, x_test, y_test) == pytest.approx(upright)
+    assert rotated_probe(pixels, x_train, y_train, x_test, y_test) < 0.5
+
+
+def test_validation_split_is_carved_from_the_training_images():
+    task = PrelaxTask(PrelaxConfig(eval_split="val"))
+    task.setup(torch.device("cpu"))
+    fit_x, fit_y, val_x, val_y = task.probe_data
+    x_train, _, x_test, _ = task.data
+    assert (len(fit_y), len(val_y)) == (1150, 287)
+    joined = torch.cat([fit_x, val_x]).flatten(1)
+    # every probe image is a training image, each used once, and no test image is among them
+    assert torch.equal(joined.unique(dim=0), x_train.flatten(1).unique(dim=0))
+    test_rows = {tuple(r.tolist()) for r in x_test.flatten(1)}
+    assert not any(tuple(r.tolist()) in test_rows for r in val_x.flatten(1))
+    assert torch.bincount(val_y).min() >= 27  # stratified
+    test_task = PrelaxTask(PrelaxConfig())
+    test_task.setup(torch.device("cpu"))
+    assert test_task.probe_data is test_task.data
+
+
 def test_rotation_accuracy_reads_the_residual():
     """A head that reads the rotation off a residual built to encode it scores 1; an
     untrained head scores near chance."""
@@ -162,6 +275,8 @@ def test_rotation_accuracy_reads_the_residual():
         ({"erase": 1.0}, "erase must be in [0, 0.9], got 1"),
         ({"gamma": -1.0}, "gamma must be in [0, inf), got -1"),
         ({"lr": 0}, "lr must be in (0, inf), got 0"),
+        ({"few_labels": 0}, "few_labels must be in [1, 10000000], got 0"),
+        ({"eval_split": "train"}, "eval_split must be one of"),
     ],
 )
 def test_config_errors_name_option_value_and_allowed(options, message):
@@ -174,7 +289,8 @@ def test_tiny_runs_of_every_method(tmp_path):
     tiny = {"steps": 3, "batch_size": 16, "width": 4, "feat": 8, "dim": 6, "hidden": 4,
             "eval_every": 3}  # fmt: skip
     metrics = train(PrelaxConfig(**tiny, method="prelax", run_dir=str(tmp_path / "run")))
-    for key in ("probe_acc", "probe10_acc", "rotation_acc"):
+    for key in ("probe_acc", "probe10_acc", "few_acc", "knn_acc", "orientation_acc",
+                "rotated_acc", "rotation_acc"):  # fmt: skip
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["train_pal"] > 0 and "train_pra" in metrics
     result = compare(tmp_path / "sweep", seeds=[0], overrides=tiny)
