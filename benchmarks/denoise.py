@@ -8,6 +8,9 @@ every method:
   and blind), the DnCNN-style CNN and the weight-tied unrolled network (same parameter count,
   trained for the same CPU time by ``benchmarks/train_shipped_denoiser.py``), NL-means, TV
   (Chambolle), wavelet (BayesShrink) and BM3D (:mod:`equilibria.zoo.denoise_classical`);
+  and a second set of learned rows trained on the same number of patches (``*_patches``: the
+  ``{model}_gray_patches`` models of ``benchmarks/results/denoise_models``, where a model's
+  equal-CPU run already saw that many patches it stands for itself);
 * parameters, and time per 256 × 256 image (process CPU seconds and wall ms, median);
 * peak memory of one training step vs forward iterations: the DEQ's implicit and phantom
   gradients against backpropagation through the same iterations;
@@ -53,17 +56,49 @@ CLASSICAL = ("nlmeans", "tv", "wavelet", "bm3d")
 BASELINE_DIR = RESULTS / "denoise_models"
 
 
-def load_baseline(name: str, color: bool) -> torch.nn.Module:
+def load_baseline(name: str, color: bool, tag: str = "") -> torch.nn.Module:
     """A baseline trained by train_shipped_denoiser.py (SHA-256 checked)."""
     from safetensors.torch import load_file
 
-    path = BASELINE_DIR / f"{name}_{'color' if color else 'gray'}.safetensors"
+    suffix = f"_{tag}" if tag else ""
+    path = BASELINE_DIR / f"{name}_{'color' if color else 'gray'}{suffix}.safetensors"
     record = json.loads(path.with_suffix(".json").read_text())
     if sha256_of(path) != record["sha256"]:
         raise RuntimeError(f"{path}: SHA-256 differs from the one recorded beside it")
     model = build_model(DenoiseConfig(**record["config"]))
     model.load_state_dict(load_file(str(path)))
     return model.eval()
+
+
+def training_record(name: str, tag: str = "") -> dict[str, Any]:
+    """Steps, patches and CPU seconds of a trained model (``name``: deq, cnn, unrolled)."""
+    if name == "deq" and not tag:
+        path = shipped_paths(False)[1]
+    else:
+        path = BASELINE_DIR / f"{name}_gray{'_' + tag if tag else ''}.json"
+    rec = json.loads(path.read_text())
+    keys = ("steps", "patches", "train_cpu_s", "budget_cpu_s")
+    return {k: rec.get(k, rec["steps"] * rec["config"]["batch_size"]) for k in keys}
+
+
+def patch_matched(nets: dict[str, Any]) -> dict[str, Any]:
+    """The equal-patches row set: ``{model}_gray_patches`` where it was trained (all with the
+    same step count), else the equal-CPU model itself."""
+    out, steps = {}, set()
+    for name in ("deq", "cnn", "unrolled"):
+        if (BASELINE_DIR / f"{name}_gray_patches.json").exists():
+            out[f"{name}_patches"] = load_baseline(f"{name}", False, tag="patches")
+            steps.add(training_record(name, "patches")["steps"])
+    if not out:
+        return {}
+    for name in ("deq", "cnn", "unrolled"):
+        if f"{name}_patches" not in out:
+            if {training_record(name)["steps"]} != steps:
+                raise RuntimeError(f"no {name}_gray_patches model and {name} saw another count")
+            out[f"{name}_patches"] = nets[name]
+    if len(steps) != 1:
+        raise RuntimeError(f"the *_patches models have different step counts {sorted(steps)}")
+    return out
 
 
 def noisy_of(clean: torch.Tensor, sigma: int, index: int) -> torch.Tensor:
@@ -259,11 +294,13 @@ def main(argv: list[str] | None = None) -> None:
         "params": params,
         "training": {},
     }
-    for name in ("cnn", "unrolled"):
-        rec = json.loads((BASELINE_DIR / f"{name}_gray.json").read_text())
-        result["training"][name] = {k: rec[k] for k in ("steps", "train_cpu_s", "budget_cpu_s")}
-    rec = json.loads(shipped_paths(False)[1].read_text())
-    result["training"]["deq"] = {k: rec[k] for k in ("steps", "train_cpu_s", "budget_cpu_s")}
+    for name in ("deq", "cnn", "unrolled"):
+        result["training"][name] = training_record(name)
+    matched = patch_matched(nets)
+    for name in ("deq", "cnn", "unrolled"):
+        if f"{name}_patches" in matched:
+            own = (BASELINE_DIR / f"{name}_gray_patches.json").exists()
+            result["training"][f"{name}_patches"] = training_record(name, "patches" if own else "")
     methods = [*NETS, *CLASSICAL]
     print("time per 256x256 image:", flush=True)
     result["time_256"] = timing(methods, nets, args.repeats)
@@ -275,19 +312,26 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not args.skip_table:
         print("held-out table (grayscale):", flush=True)
-        gray = table(methods, nets, color=False, crop=args.crop)
+        gray = table([*methods, *matched], {**nets, **matched}, color=False, crop=args.crop)
         result["gray"] = gray["rows"]
         figure(gray["outputs"], RESULTS / "denoise.png")
     if args.color:
         color_nets = {"deq": load_shipped(True)}
         print("held-out table (colour):", flush=True)
-        rows = table(["deq", "wavelet", "tv", "bm3d"], color_nets, color=True, crop=args.crop)
+        rows = table(["deq", "nlmeans", "tv", "wavelet", "bm3d"], color_nets, color=True,
+                     crop=args.crop)  # fmt: skip
         result["color"] = rows["rows"]
+        rec = json.loads(shipped_paths(True)[1].read_text())
+        result["training"]["deq_color"] = {k: rec[k] for k in ("steps", "train_cpu_s")}
+        print("mean PSNR (dB) over astronaut, chelsea:")
+        for method in result["color"]:
+            cells = [result["color"][method][str(s)]["mean"]["psnr"] for s in SIGMAS]
+            print(f"  {method:10s} " + "  ".join(f"{c:6.2f}" for c in cells))
     path = write_result("denoise", result)
     print(f"wrote {path}")
     if "gray" in result:
         print("mean PSNR (dB) over camera, coins, moon:")
-        for method in methods:
+        for method in result["gray"]:
             cells = [result["gray"][method][str(s)]["mean"]["psnr"] for s in SIGMAS]
             print(f"  {method:10s} " + "  ".join(f"{c:6.2f}" for c in cells))
     print("CPU s per 256x256 image: " + ", ".join(

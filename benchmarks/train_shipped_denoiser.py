@@ -4,9 +4,10 @@ Each model (the DEQ denoiser, the DnCNN-style CNN and the weight-tied unrolled n
 same parameter count) trains on the ``denoise`` recipe (:mod:`equilibria.zoo.denoise`) for a
 number of steps calibrated so that it spends about ``--budget-cpu-s`` seconds of *process CPU
 time* (``time.process_time()``, one thread): wall-clock time is unreliable on a machine shared
-with other jobs. The calibration times a few steps of the freshly built model; the CPU time the
-training really took is recorded beside the weights (DEQ steps get dearer as its solve needs more
-iterations while it trains, so its budget is a lower bound).
+with other jobs. The calibration times a few steps of the freshly built model, a DEQ with its
+solver running its whole iteration budget (so that its steps, which get dearer as its solve
+needs more iterations while it trains, stay within the budget); the CPU time the training really
+took is recorded beside the weights.
 
 Outputs:
 
@@ -15,16 +16,30 @@ Outputs:
 * the baselines: ``benchmarks/results/denoise_models/{cnn,unrolled}_{gray,color}.safetensors``
   + ``.json`` of the same form, read by ``benchmarks/denoise.py``.
 
+* with ``--tag T``: ``benchmarks/results/denoise_models/{model}_{gray,color}_T.*`` instead
+  (e.g. the equal-patch baselines, trained for a fixed ``--steps``);
+* with ``--validation``: no weights; the model trains without the validation images
+  (``coffee``, ``rocket``; :data:`equilibria.zoo.denoise_data.VALIDATION_IMAGES`) and its PSNR
+  on their central 256² crops at σ = 15, 25, 50 is added under ``--name`` to
+  ``benchmarks/results/denoise_variants.json`` (how the design was chosen; the test images are
+  never looked at).
+
+``--options "..."`` passes recipe options (``equilibria train denoise --help``) to every model,
+e.g. ``--options "--backward phantom --phantom-steps 1"``.
+
 Usage (the shipped grayscale model and its baselines, then the colour model)::
 
     python benchmarks/train_shipped_denoiser.py --models deq,cnn,unrolled --budget-cpu-s 720
     python benchmarks/train_shipped_denoiser.py --color --models deq --budget-cpu-s 480
+    python benchmarks/train_shipped_denoiser.py --validation --models deq --budget-cpu-s 150 \
+        --name deq-jfb --options "--backward phantom --phantom-steps 1 --phantom-damping 1"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import tempfile
@@ -34,8 +49,9 @@ from pathlib import Path
 
 import torch
 
-from equilibria.zoo.config import to_dict
-from equilibria.zoo.denoise import DenoiseConfig, DenoiseTask
+from equilibria.zoo.config import parse_options, to_dict
+from equilibria.zoo.denoise import DenoiseConfig, DenoiseTask, crop_center, psnr
+from equilibria.zoo.denoise_data import add_noise, validation_images
 from equilibria.zoo.denoise_model import WEIGHTS_DIR, build_model, sha256_of
 from equilibria.zoo.evaluation import load_model
 from equilibria.zoo.trainer import train
@@ -43,10 +59,20 @@ from equilibria.zoo.trainer import train
 ROOT = Path(__file__).resolve().parent
 BASELINE_DIR = ROOT / "results" / "denoise_models"
 STEPS_PER_EPOCH = 100
+VARIANTS = ROOT / "results" / "denoise_variants.json"
+VAL_SIGMAS = (15, 25, 50)
 
 
 def calibrate(config: DenoiseConfig, steps: int = 4) -> float:
-    """Process CPU seconds of one training step of a fresh model (median of ``steps``)."""
+    """Process CPU seconds of one training step of a fresh model (median of ``steps``).
+
+    A DEQ is timed with its solves running their whole iteration budgets (tolerance 1e-12):
+    a fresh model converges in fewer iterations than a trained one, so timing it as it is
+    would give it more steps than the budget pays for; timed this way its real CPU time is
+    at most the budget (the ``train_cpu_s`` recorded beside the weights says by how much).
+    """
+    if config.model == "deq":
+        config = replace(config, tol=1e-12, implicit_tol=1e-12)
     task = DenoiseTask(config)
     task.setup(torch.device("cpu"))
     model = build_model(config)
@@ -63,6 +89,23 @@ def calibrate(config: DenoiseConfig, steps: int = 4) -> float:
         times.append(time.process_time() - tic)
     times = sorted(times[1:])  # the first step warms up
     return times[len(times) // 2]
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, color: bool) -> dict[str, float]:
+    """Mean PSNR over the validation images' central 256² crops per σ (noise seeded per image
+    and σ, the same for every model)."""
+    model.eval()
+    out = {}
+    for sigma in VAL_SIGMAS:
+        values = []
+        for index, clean in enumerate(validation_images(color).values()):
+            clean = crop_center(clean, 256)[None]
+            gen = torch.Generator().manual_seed(7000 + 100 * index + sigma)
+            s = torch.tensor([sigma / 255.0])
+            values.append(float(psnr(model(add_noise(clean, s, gen), s), clean)))
+        out[str(sigma)] = sum(values) / len(values)
+    return out
 
 
 def save(model: torch.nn.Module, config: DenoiseConfig, path: Path, record: dict) -> None:
@@ -84,18 +127,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-cpu-s", type=float, default=720.0, help="CPU s per model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--run-root", default="", help="keep the run folders here")
+    parser.add_argument("--options", default="", help="recipe options for every model")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="train this many steps (multiple of 100) instead"
+    )
+    parser.add_argument("--tag", default="", help="save as denoise_models/{model}_{kind}_TAG")
+    parser.add_argument(
+        "--validation", action="store_true", help="validation split; no weights written"
+    )
+    parser.add_argument("--name", default="", help="the variant's name (--validation)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     models = args.models.split(",")
     for name in models:
         if name not in ("deq", "cnn", "unrolled"):
             parser.error(f"--models: unknown model {name!r}; choose from deq, cnn, unrolled")
+    if args.steps < 0 or args.steps % STEPS_PER_EPOCH:
+        parser.error(f"--steps must be a positive multiple of {STEPS_PER_EPOCH}, got {args.steps}")
+    if args.validation and not args.name:
+        parser.error("--validation needs --name (the variant's key in denoise_variants.json)")
+    if args.tag and not args.tag.replace("_", "").isalnum():
+        parser.error(f"--tag must be letters, digits and _, got {args.tag!r}")
     kind = "color" if args.color else "gray"
     root = Path(args.run_root) if args.run_root else Path(tempfile.mkdtemp(prefix="denoise-"))
     for name in models:
-        base = DenoiseConfig(model=name, color=args.color, seed=args.seed, device="cpu")
+        base = replace(
+            parse_options(DenoiseConfig, shlex.split(args.options), prog="--options"),
+            model=name, color=args.color, seed=args.seed, device="cpu",
+            validation=args.validation,
+        )  # fmt: skip
         per_step = calibrate(base)
-        steps = max(STEPS_PER_EPOCH, round(args.budget_cpu_s / per_step))
+        steps = args.steps or max(STEPS_PER_EPOCH, round(args.budget_cpu_s / per_step))
         epochs = max(1, round(steps / STEPS_PER_EPOCH))
         run_dir = root / f"{name}_{kind}"
         if run_dir.exists():
@@ -111,18 +173,32 @@ def main(argv: list[str] | None = None) -> None:
         cpu_s = time.process_time() - tic
         model, _ = load_model(DenoiseTask, run_dir)
         record = {
-            "command": "python benchmarks/train_shipped_denoiser.py " + " ".join(sys.argv[1:]),
+            "command": "python benchmarks/train_shipped_denoiser.py "
+            + shlex.join(sys.argv[1:] if argv is None else argv),
             "steps": epochs * STEPS_PER_EPOCH,
-            "budget_cpu_s": args.budget_cpu_s,
+            "patches": epochs * STEPS_PER_EPOCH * config.batch_size,
+            "budget_cpu_s": None if args.steps else args.budget_cpu_s,
             "calibrated_step_cpu_s": per_step,
             "train_cpu_s": cpu_s,  # training + per-epoch evaluation, this process
             "held_out_psnr_sigma25_crops": summary["test_psnr"],
             "params": summary["params"],
         }
-        if name == "deq":
+        if args.validation:
+            del record["held_out_psnr_sigma25_crops"]  # here: validation, at σ 25 on 128² crops
+            record["validation_psnr"] = validate(model, args.color)
+            record["options"] = args.options
+            table = json.loads(VARIANTS.read_text()) if VARIANTS.exists() else {}
+            table[f"{args.name}/{name}_{kind}"] = record
+            VARIANTS.write_text(json.dumps(table, indent=2) + "\n")
+            cells = " / ".join(f"{v:.2f}" for v in record["validation_psnr"].values())
+            print(f"{name} {kind} {args.name}: {cpu_s:.0f} CPU s, {record['steps']} steps, "
+                  f"validation PSNR {cells}", flush=True)  # fmt: skip
+            continue
+        if name == "deq" and not args.tag:
             path = WEIGHTS_DIR / f"denoise_{kind}.safetensors"
         else:
-            path = BASELINE_DIR / f"{name}_{kind}.safetensors"
+            suffix = f"_{args.tag}" if args.tag else ""
+            path = BASELINE_DIR / f"{name}_{kind}{suffix}.safetensors"
         save(model, config, path, record)
         print(f"{name} {kind}: {cpu_s:.0f} CPU s, held-out PSNR {summary['test_psnr']:.2f} dB "
               f"-> {path}", flush=True)  # fmt: skip

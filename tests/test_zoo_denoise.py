@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import shutil
 from pathlib import Path
 
@@ -64,12 +65,39 @@ def test_each_model_trains_on_the_engine(tmp_path: Path, overrides: dict) -> Non
         assert summary["fwd_iters_mean"] >= 1 and summary["eval_iters"] >= 1
 
 
+@pytest.mark.parametrize("model", ["deq", "unrolled"])
+@pytest.mark.parametrize("color", [False, True])
+def test_half_resolution_models_are_exact_pixel_shuffles(model: str, color: bool) -> None:
+    # scale 2: the network sees the 4 sub-images (plus σ) of pixel_unshuffle and its noise
+    # estimate is reassembled by pixel_shuffle; odd sizes are padded by a replicated row/column
+    config = DenoiseConfig(**{**TINY, "model": model, "color": color, "scale": 2})
+    net = build_model(config).eval()
+    c = 3 if color else 1
+    x, sigma = torch.rand(2, c, 10, 12), torch.tensor([0.1, 0.2])
+    with torch.no_grad():
+        out = net(x, sigma)
+        level = sigma.view(-1, 1, 1, 1).expand(-1, 1, 5, 6)
+        noise = net._noise(torch.cat([torch.nn.functional.pixel_unshuffle(x, 2), level], 1), None)
+        torch.testing.assert_close(out, x - torch.nn.functional.pixel_shuffle(noise, 2))
+        odd = torch.rand(1, c, 9, 11)
+        padded = torch.nn.functional.pad(odd, (0, 1, 0, 1), mode="replicate")
+        torch.testing.assert_close(net(odd, sigma[:1]), net(padded, sigma[:1])[..., :9, :11])
+    assert net.encode[0].in_channels == 4 * c + 1 and net.decode[-1].out_channels == 4 * c
+    with pytest.raises(ValueError, match="scale must be 1 or 2"):
+        UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=3)
+
+
 def test_equal_parameter_counts() -> None:
     counts = {m: sum(p.numel() for p in build_model(DenoiseConfig(model=m)).parameters())
               for m in ("deq", "cnn", "unrolled")}  # fmt: skip
     assert counts["deq"] == counts["unrolled"]
     assert abs(counts["cnn"] - counts["deq"]) / counts["deq"] < 0.01
     assert 80_000 <= counts["deq"] <= 110_000
+    # the half-resolution design, at width 47: 1.1 % fewer parameters than the CNN
+    half = {m: sum(p.numel() for p in build_model(DenoiseConfig(model=m, scale=2, width=47))
+                   .parameters()) for m in ("deq", "unrolled")}  # fmt: skip
+    assert half["deq"] == half["unrolled"] == 83_523 < counts["cnn"]
+    assert (counts["cnn"] - half["deq"]) / counts["cnn"] < 0.012
 
 
 class _Stop(BaseException):
@@ -92,12 +120,44 @@ def test_resume_is_bitwise_identical(tmp_path: Path) -> None:
     a, b = load_checkpoint(full.run_dir).model, load_checkpoint(part.run_dir).model
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # and every recorded metric but the timings is the same, epoch by epoch
+    rows = {}
+    for run in ("full", "part"):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().split("\n")
+        rows[run] = [json.loads(line) for line in lines if line]
+    for row in (*rows["full"], *rows["part"]):
+        for key in ("epoch_time_s", "time_s", "step_ms"):
+            row.pop(key, None)
+    assert rows["full"] == rows["part"] and len(rows["full"]) == 2
+    assert all("test_psnr" in row and "fwd_iters_mean" in row for row in rows["full"])
 
 
 def test_held_out_images_are_not_trained_on() -> None:
     assert not {*GRAY_TEST_IMAGES, *COLOR_TEST_IMAGES, "cat"} & set(TRAIN_IMAGES)
     # skimage's cat is chelsea: held out with it
     assert torch.equal(load_image("cat", color=True), load_image("chelsea", color=True))
+
+
+def test_validation_split_leaves_the_validation_images_out(tmp_path: Path) -> None:
+    from equilibria.zoo.denoise_data import VALIDATION_IMAGES, train_images
+
+    assert set(VALIDATION_IMAGES) <= set(TRAIN_IMAGES)
+    shapes = {tuple(im.shape) for im in train_images(False, validation=True)}
+    assert len(train_images(False, validation=True)) == len(TRAIN_IMAGES) - len(VALIDATION_IMAGES)
+    assert tuple(load_image("coffee").shape) not in shapes  # 400 x 600: only coffee has it
+    config = DenoiseConfig(**TINY, validation=True, run_dir=str(tmp_path / "run"))
+    summary = train(DenoiseTask(config))
+    assert {k for k in summary if k.startswith("test_psnr_")} == {
+        f"test_psnr_{name}" for name in VALIDATION_IMAGES
+    }
+
+
+@pytest.mark.parametrize("name", ["brain", "cells3d", "kidney", "lily", "skin", "data_dir", "x"])
+def test_load_image_refuses_images_that_download(name: str) -> None:
+    # skimage.data.brain & co. fetch their file from the network on first use; data_dir is not an
+    # image at all
+    with pytest.raises(ValueError, match=rf"bundled with scikit-image .* got '{name}'"):
+        load_image(name)
 
 
 def test_patches_and_noise_are_reproducible() -> None:
@@ -203,6 +263,22 @@ def test_blind_model_uses_the_sigma_estimate() -> None:
     assert torch.allclose(blind(noisy, None), known(noisy, torch.tensor([est])), atol=1e-5)
 
 
+@torch.no_grad()
+def test_blind_model_floors_a_zero_sigma_estimate() -> None:
+    from equilibria.zoo.denoise_cli import _MIN_SIGMA_255
+    from equilibria.zoo.denoise_model import MIN_BLIND_SIGMA_255
+    from equilibria.zoo.denoise_sigma import estimate_sigma
+
+    assert MIN_BLIND_SIGMA_255 == _MIN_SIGMA_255 > 0  # the command floors at the same level
+    known, blind = load_shipped(False), load_shipped(False, blind=True)
+    flat = torch.full((1, 1, 32, 32), 0.4)
+    assert estimate_sigma(flat[0, 0].double().numpy()) == 0.0
+    out = blind(flat, None)  # was: σ = 0 went into the network unchecked
+    floor = torch.tensor([MIN_BLIND_SIGMA_255 / 255.0])
+    assert torch.allclose(out, known(flat, floor), atol=1e-6)
+    assert bool(torch.isfinite(out).all())
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients
 
@@ -269,6 +345,8 @@ def test_implicit_gradient_matches_backprop_through_the_converged_solve() -> Non
         ({"test_crop": 8}, "test_crop must be 0 or >= 16"),
         ({"test_sigma": 0.0}, "test_sigma"),
         ({"phantom_damping": 1.5}, "phantom_damping"),
+        ({"scale": 3}, "scale"),
+        ({"model": "cnn", "scale": 2}, "scale=2 is an option of the DEQ and the unrolled"),
     ],
 )
 def test_config_errors(kwargs: dict, match: str) -> None:

@@ -38,7 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ConfigError, check_range, option
-from .denoise_data import add_noise, sample_patches, test_images, train_images
+from .denoise_data import (
+    add_noise,
+    sample_patches,
+    test_images,
+    train_images,
+    validation_images,
+)
 from .denoise_model import DEQDenoiser, build_model
 from .distributed import DistInfo
 from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepOutput, Task
@@ -66,6 +72,11 @@ class DenoiseConfig(RunOptions):
         0.6, "filter norm of the DEQ / unrolled cell's convolutions (smaller: more contractive)"
     )
     cnn_layers: int = option(4, "hidden width x width convolutions of the CNN (4: DEQ's size)")
+    scale: int = option(
+        1,
+        "DEQ / unrolled: 2 runs them on the four half-resolution sub-images (pixel_unshuffle, "
+        "as FFDNet), a quarter of the cost per iteration; 1: full resolution",
+    )
     unroll_steps: int = option(6, "cell applications K of the unrolled network")
     # DEQ solve
     solver: Literal["anderson", "picard"] = option("anderson", "forward solver of the DEQ")
@@ -96,6 +107,11 @@ class DenoiseConfig(RunOptions):
     weight_decay: float = option(0.0, "weight decay")
     test_sigma: float = option(25.0, "noise level of the held-out metric (0-255 units)")
     test_crop: int = option(128, "side of the central crop of each test image (0 = whole)")
+    validation: bool = option(
+        False,
+        "train without the validation images (coffee, rocket) and report the held-out metric on "
+        "them instead of the test images (to compare designs without touching the test set)",
+    )
     seed: int = option(0, "seed of initialisation, patches and noise")
     dtype: Literal["float32", "float64"] = option("float32", "floating-point precision")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "device (auto: CUDA if available)")
@@ -109,6 +125,12 @@ class DenoiseConfig(RunOptions):
         for field in ("epochs", "steps_per_epoch"):
             check_range(self, field, low=1)
         check_range(self, "patch", low=8, high=512)
+        check_range(self, "scale", low=1, high=2)
+        if self.scale != 1 and self.model == "cnn":
+            raise ConfigError(
+                f"DenoiseConfig: scale={self.scale} is an option of the DEQ and the unrolled "
+                "network (the CNN baseline is DnCNN-style, at full resolution)"
+            )
         check_range(self, "warmup_steps", low=0)
         check_range(self, "threads", low=0)
         check_range(self, "test_crop", low=0)
@@ -192,7 +214,7 @@ class DenoiseTask(Task):
     def setup(self, device: torch.device) -> None:
         dtype = torch.float64 if self.config.dtype == "float64" else torch.float32
         self.device, self.dtype = device, dtype
-        self.images = train_images(self.config.color)
+        self.images = train_images(self.config.color, validation=self.config.validation)
         smallest = min(min(im.shape[1:]) for im in self.images)
         if self.config.patch > smallest:
             raise ConfigError(
@@ -201,8 +223,9 @@ class DenoiseTask(Task):
             )
         gen = torch.Generator().manual_seed(_TEST_NOISE_SEED)
         clean, noisy = [], []
-        self.test_names = list(test_images(self.config.color))
-        for image in test_images(self.config.color).values():
+        held_out = (validation_images if self.config.validation else test_images)(self.config.color)
+        self.test_names = list(held_out)
+        for image in held_out.values():
             c = crop_center(image, self.config.test_crop)[None].to(device, dtype)
             sigma = torch.tensor([self.config.test_sigma / 255.0])
             clean.append(c)

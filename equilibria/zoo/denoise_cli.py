@@ -48,7 +48,10 @@ from .config import ConfigError
 
 __all__ = ["add_denoise_parser", "run_denoise"]
 
-_MIN_SIGMA_255 = 0.5  # an estimate below this (a clean image) is raised to it
+# an estimate below this (a clean image) is raised to it; the same as
+# denoise_model.MIN_BLIND_SIGMA_255 (load_shipped(blind=True)), kept here so that the command does
+# not import torch before it needs it
+_MIN_SIGMA_255 = 0.5
 
 
 def add_denoise_parser(sub: Any) -> None:

@@ -7,6 +7,11 @@ from :data:`TRAIN_IMAGES`; the test images are never trained on:
 * colour: ``astronaut`` and ``chelsea`` (:data:`COLOR_TEST_IMAGES`; ``skimage.data.cat`` is the
   same photograph as ``chelsea`` and is left out too).
 
+Design choices are compared on a validation split carved from the training images
+(:data:`VALIDATION_IMAGES`: ``coffee`` and ``rocket``, two photographs like the test images):
+``train_images(color, validation=True)`` leaves them out, and a run with the recipe's
+``--validation`` option reports its held-out metric on them instead of the test images.
+
 Colour training images are converted to luminance for the grayscale models (ITU-R 601 weights,
 as ``skimage.color.rgb2gray``); the colour models train on the colour images only
 (:data:`COLOR_TRAIN_IMAGES`). Noise is additive white Gaussian noise of standard deviation σ in
@@ -23,15 +28,18 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "BUNDLED_IMAGES",
     "COLOR_TEST_IMAGES",
     "COLOR_TRAIN_IMAGES",
     "GRAY_TEST_IMAGES",
     "TRAIN_IMAGES",
+    "VALIDATION_IMAGES",
     "add_noise",
     "load_image",
     "sample_patches",
     "test_images",
     "train_images",
+    "validation_images",
 ]
 
 # the training set: every bundled photograph or micrograph except the held-out ones
@@ -42,8 +50,16 @@ TRAIN_IMAGES = (
 COLOR_TRAIN_IMAGES = ("coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
 GRAY_TEST_IMAGES = ("camera", "coins", "moon")
 COLOR_TEST_IMAGES = ("astronaut", "chelsea")
+VALIDATION_IMAGES = ("coffee", "rocket")
 _HELD_OUT = {*GRAY_TEST_IMAGES, *COLOR_TEST_IMAGES, "cat"}
 assert not _HELD_OUT & set(TRAIN_IMAGES)
+assert set(VALIDATION_IMAGES) <= set(TRAIN_IMAGES) & set(COLOR_TRAIN_IMAGES)
+# the photographs and micrographs stored inside the scikit-image package: loading them never
+# downloads (other skimage.data functions fetch their image from the network on first use)
+BUNDLED_IMAGES = (
+    *TRAIN_IMAGES, *GRAY_TEST_IMAGES, *COLOR_TEST_IMAGES, "cat", "horse", "logo",
+    "microaneurysms",
+)  # fmt: skip
 
 
 @lru_cache(maxsize=32)
@@ -68,22 +84,31 @@ def load_image(name: str, *, color: bool = False) -> Tensor:
     ``color`` else 1).
 
     Args:
-        name: a function name of ``skimage.data`` (e.g. ``"camera"``).
+        name: one of :data:`BUNDLED_IMAGES` (e.g. ``"camera"``), the ``skimage.data`` images
+            stored in the package; the ones it would download at run time are refused.
         color: RGB (the image must be a colour image) or luminance.
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    import skimage.data
-
-    if not callable(getattr(skimage.data, name, None)):
-        raise ValueError(f"name must be an image of skimage.data, got {name!r}")
+    if name not in BUNDLED_IMAGES:
+        raise ValueError(
+            f"name must be one of the images bundled with scikit-image {sorted(BUNDLED_IMAGES)} "
+            f"(others download at run time), got {name!r}"
+        )
     return torch.from_numpy(_load(name, bool(color)).copy())
 
 
-def train_images(color: bool) -> list[Tensor]:
-    """The training images, ``(C, H, W)`` tensors in [0, 1]."""
+def train_images(color: bool, validation: bool = False) -> list[Tensor]:
+    """The training images, ``(C, H, W)`` tensors in [0, 1] (without
+    :data:`VALIDATION_IMAGES` if ``validation``)."""
     names = COLOR_TRAIN_IMAGES if color else TRAIN_IMAGES
-    return [load_image(name, color=color) for name in names]
+    skip = set(VALIDATION_IMAGES) if validation else set()
+    return [load_image(name, color=color) for name in names if name not in skip]
+
+
+def validation_images(color: bool) -> dict[str, Tensor]:
+    """The validation images by name (training images that ``validation=True`` leaves out)."""
+    return {name: load_image(name, color=color) for name in VALIDATION_IMAGES}
 
 
 def test_images(color: bool) -> dict[str, Tensor]:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .denoise import DenoiseConfig
 
 __all__ = [
+    "MIN_BLIND_SIGMA_255",
     "WEIGHTS_DIR",
     "CNNDenoiser",
     "DEQDenoiser",
@@ -60,6 +61,9 @@ __all__ = [
 ]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
+# a blind model's σ estimate below this (0-255 units; a clean or flat image can give 0) is raised
+# to it: the networks take σ > 0, and were trained on σ >= 5
+MIN_BLIND_SIGMA_255 = 0.5
 
 
 def _conv(cin: int, cout: int) -> nn.Conv2d:
@@ -110,11 +114,14 @@ class _Denoiser(nn.Module):
         self.channels = channels
         # blind: the model estimates σ itself (sigma must be None); see load_shipped
         self.blind = False
+        # the network runs on the scale² sub-images of pixel_unshuffle (FFDNet); see DEQDenoiser
+        self.scale = 1
 
     @property
     def receptive_field(self) -> int:
-        """Side in pixels of the square of input pixels that one output pixel depends on."""
-        return 1 + 2 * self._radius()
+        """Side in pixels of the square of input pixels that one output pixel depends on (a
+        bound)."""
+        return 1 + 2 * (self.scale * self._radius() + self.scale - 1)
 
     def _radius(self) -> int:
         raise NotImplementedError
@@ -134,6 +141,8 @@ class _Denoiser(nn.Module):
 
             images = noisy.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()
             est = [estimate_sigma(im if im.shape[2] > 1 else im[..., 0]) for im in images]
+            floor = MIN_BLIND_SIGMA_255 / 255.0
+            est = [max(e, floor) for e in est]  # a noiseless image is estimated as σ = 0
             return torch.tensor(est, dtype=noisy.dtype, device=noisy.device)
         if self.blind:
             raise ValueError(
@@ -169,8 +178,16 @@ class _Denoiser(nn.Module):
         if not bool(torch.isfinite(noisy).all()):
             raise ValueError("noisy has non-finite values (nan or inf)")
         s = self._sigma(noisy, sigma)
-        level = s.view(-1, 1, 1, 1).expand(-1, 1, *noisy.shape[2:])  # (N, 1, H, W)
-        return noisy - self._noise(torch.cat([noisy, level], dim=1), max_iter)
+        k = self.scale
+        if k == 1:
+            level = s.view(-1, 1, 1, 1).expand(-1, 1, *noisy.shape[2:])  # (N, 1, H, W)
+            return noisy - self._noise(torch.cat([noisy, level], dim=1), max_iter)
+        h, w = noisy.shape[2:]
+        padded = F.pad(noisy, (0, -w % k, 0, -h % k), mode="replicate")
+        low = F.pixel_unshuffle(padded, k)  # (N, C k², H / k, W / k): the k² sub-images
+        level = s.view(-1, 1, 1, 1).expand(-1, 1, *low.shape[2:])
+        noise = F.pixel_shuffle(self._noise(torch.cat([low, level], dim=1), max_iter), k)
+        return noisy - noise[..., :h, :w]
 
 
 class DEQDenoiser(_Denoiser):
@@ -184,6 +201,11 @@ class DEQDenoiser(_Denoiser):
         backward: backward method object.
         tol: training tolerance (relative residual); max_iter: training budget.
         eval_tol, eval_max_iter: the same in eval mode.
+        scale: 1, or 2 to run encoder, equilibrium and decoder on the four half-resolution
+            sub-images of ``pixel_unshuffle`` (with σ as a fifth channel) and reassemble the
+            noise with ``pixel_shuffle``, as FFDNet does (Zhang, Zuo & Zhang, IEEE TIP 2018):
+            each solver iteration then costs a quarter. Odd sizes are padded by one replicated
+            row / column, cropped from the output.
 
     Example:
         >>> model = DEQDenoiser(1, width=48, gain=0.5, solver=eq.Anderson(), backward=eq.Implicit())
@@ -203,9 +225,12 @@ class DEQDenoiser(_Denoiser):
         max_iter: int,
         eval_tol: float,
         eval_max_iter: int,
+        scale: int = 1,
     ) -> None:
         super().__init__(channels)
-        self.encode = nn.Sequential(_conv(channels + 1, width), nn.ReLU(), _conv(width, width))
+        self.scale = _check_scale(scale)
+        sub = channels * scale**2
+        self.encode = nn.Sequential(_conv(sub + 1, width), nn.ReLU(), _conv(width, width))
         self.deq = eq.DEQ(
             DenoiserCell(width, gain),
             solver=solver,
@@ -216,7 +241,7 @@ class DEQDenoiser(_Denoiser):
             eval_max_iter=eval_max_iter,
             init=_zeros_like_injection,
         )
-        self.decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, channels))
+        self.decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, sub))
 
     def _radius(self) -> int:
         # 2 encoder convs, 2 per solver iteration (eval budget), 2 decoder convs; Anderson mixes
@@ -240,13 +265,18 @@ class UnrolledDenoiser(_Denoiser):
         width: feature channels F.
         gain: filter norm of the cell's convolutions.
         steps: K, the number of cell applications.
+        scale: as the DEQ's (1, or 2: half-resolution sub-images).
     """
 
-    def __init__(self, channels: int, *, width: int, gain: float, steps: int) -> None:
+    def __init__(
+        self, channels: int, *, width: int, gain: float, steps: int, scale: int = 1
+    ) -> None:
         super().__init__(channels)
-        self.encode = nn.Sequential(_conv(channels + 1, width), nn.ReLU(), _conv(width, width))
+        self.scale = _check_scale(scale)
+        sub = channels * scale**2
+        self.encode = nn.Sequential(_conv(sub + 1, width), nn.ReLU(), _conv(width, width))
         self.cell = DenoiserCell(width, gain)
-        self.decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, channels))
+        self.decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, sub))
         self.steps = steps
 
     def _radius(self) -> int:
@@ -289,6 +319,12 @@ class CNNDenoiser(_Denoiser):
         return self.net(inputs)
 
 
+def _check_scale(scale: int) -> int:
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale not in (1, 2):
+        raise ValueError(f"scale must be 1 or 2 (pixel_unshuffle factor), got {scale!r}")
+    return scale
+
+
 def _zeros_like_injection(x: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     return torch.zeros_like(x[0])
 
@@ -325,10 +361,15 @@ def build_model(config: DenoiseConfig) -> _Denoiser:
             max_iter=config.max_iter,
             eval_tol=config.eval_tol,
             eval_max_iter=config.eval_max_iter,
+            scale=config.scale,
         )
     elif config.model == "unrolled":
         model = UnrolledDenoiser(
-            channels, width=config.width, gain=config.gain, steps=config.unroll_steps
+            channels,
+            width=config.width,
+            gain=config.gain,
+            steps=config.unroll_steps,
+            scale=config.scale,
         )
     else:
         model = CNNDenoiser(channels, width=config.width, layers=config.cnn_layers)
@@ -371,7 +412,9 @@ def load_shipped(
     Args:
         color: the RGB model (3 channels) instead of the grayscale one.
         blind: the model estimates σ itself (:func:`equilibria.zoo.denoise_sigma.estimate_sigma`)
-            and is called as ``model(noisy, None)``; otherwise ``model(noisy, sigma)``.
+            and is called as ``model(noisy, None)``; otherwise ``model(noisy, sigma)``. An
+            estimate below :data:`MIN_BLIND_SIGMA_255` / 255 (e.g. 0 for a noiseless image) is
+            raised to it, as ``equilibria denoise`` does.
         weights, config: other files than the shipped ones (tests).
 
     Raises:
