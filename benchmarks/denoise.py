@@ -83,21 +83,20 @@ def training_record(name: str, tag: str = "") -> dict[str, Any]:
 
 def patch_matched(nets: dict[str, Any]) -> dict[str, Any]:
     """The equal-patches row set: ``{model}_gray_patches`` where it was trained (all with the
-    same step count), else the equal-CPU model itself."""
-    out, steps = {}, set()
-    for name in ("deq", "cnn", "unrolled"):
-        if (BASELINE_DIR / f"{name}_gray_patches.json").exists():
-            out[f"{name}_patches"] = load_baseline(f"{name}", False, tag="patches")
-            steps.add(training_record(name, "patches")["steps"])
-    if not out:
+    same step count), and the equal-CPU model of the same step count (if any) standing for
+    itself; a model with neither is left out."""
+    tagged = [
+        n for n in ("deq", "cnn", "unrolled") if (BASELINE_DIR / f"{n}_gray_patches.json").exists()
+    ]
+    if not tagged:
         return {}
-    for name in ("deq", "cnn", "unrolled"):
-        if f"{name}_patches" not in out:
-            if {training_record(name)["steps"]} != steps:
-                raise RuntimeError(f"no {name}_gray_patches model and {name} saw another count")
-            out[f"{name}_patches"] = nets[name]
+    steps = {training_record(n, "patches")["steps"] for n in tagged}
     if len(steps) != 1:
         raise RuntimeError(f"the *_patches models have different step counts {sorted(steps)}")
+    out = {f"{n}_patches": load_baseline(n, False, tag="patches") for n in tagged}
+    for name in ("deq", "cnn", "unrolled"):
+        if name not in tagged and {training_record(name)["steps"]} == steps:
+            out[f"{name}_patches"] = nets[name]
     return out
 
 
