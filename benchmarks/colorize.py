@@ -1,28 +1,32 @@
 """SCFT attention vs stop-gradient attention (SGA) on the colorize recipe: quality and conflict.
 
 Trains the ``colorize`` recipe (:mod:`equilibria.zoo.colorize`) on the engine with each fusion
-block and several seeds, at equal size (the blocks differ by SCFT's query/key projections, about
-1 % of the parameters; SCFT has more) and equal budget (the same optimisation steps on the same
-seeded stream of crops; the CPU seconds of each run are recorded), and evaluates PSNR and SSIM
-on crops of the held-out photographs. The gradient conflict is the mean over training steps of
-the per-step token-mean cosine between the gradient reaching the fusion block's input X through
-the attention map and through the skip path (see :mod:`equilibria.zoo.colorize_model`).
+(SCFT's one block; SGA's cross and self blocks; the same two blocks with learned maps) and
+several seeds, at nearly equal size (the fusions differ by under 2 % of the parameters; SGA has
+1,184 more than SCFT) and equal budget (the same optimisation steps on the same seeded stream of
+crops; the CPU seconds of each run are recorded), and evaluates PSNR, SSIM and how uniform the
+cross-attention map is on crops of the held-out photographs. The gradient conflict is the mean
+over training steps of the per-step token-mean cosine between the gradient reaching the fusion's
+input X through the attention map and through the skip path (see
+:mod:`equilibria.zoo.colorize_model`).
 
 Writes ``results/colorization.json`` (the issue's keys: seeds; PSNR mean/std and SSIM mean per
 block; the conflict per block), ``results/colorization-details.json`` (per-seed numbers, SSIM
-std, the probe of SGA's unstopped map gradient, the Y-side conflict, the third block ``SGA block
-with a learned map``, CPU seconds, configuration) and ``results/colorization.png`` (line art /
-reference / standard / SGA / ground truth on held-out crops, and the conflict during training).
+std, the map entropy, the probe of SGA's unstopped map gradient, the Y-side conflict, the third
+fusion ``learned_map`` when run, CPU seconds, configuration) and ``results/colorization.png``
+(line art / reference / standard / SGA / ground truth on held-out crops, and the conflict during
+training).
 
 Usage::
 
-    python benchmarks/colorize.py                 # 3 seeds x 3 blocks, about 10 CPU minutes
+    python benchmarks/colorize.py                 # 3 seeds x 3 blocks, about 12 CPU minutes
     python benchmarks/colorize.py --quick --out /tmp/colorize   # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -64,13 +68,15 @@ def run_one(attention: str, seed: int, root: Path, overrides: dict[str, Any]) ->
     steps = [r["step"] - (rows[i - 1]["step"] if i else 0) for i, r in enumerate(rows)]
     conflict = {key: sum(n * r[key] for n, r in zip(steps, rows)) / sum(steps) for key in CONFLICT}
     print(f"{attention:12s} seed {seed}: PSNR {summary['psnr']:.2f} dB, SSIM "
-          f"{summary['ssim']:.4f}, cos(map, skip) {conflict['conflict_x']:+.3f} (probe "
-          f"{conflict['probe_conflict_x']:+.3f}), {cpu_s:.0f} CPU s", flush=True)  # fmt: skip
+          f"{summary['ssim']:.4f}, map entropy {summary['map_entropy']:.3f}, cos(map, skip) "
+          f"{conflict['conflict_x']:+.3f} (probe {conflict['probe_conflict_x']:+.3f}), "
+          f"{cpu_s:.0f} CPU s", flush=True)  # fmt: skip
     return {
         "seed": seed,
         "psnr": summary["psnr"],
         "ssim": summary["ssim"],
         "test_l1": summary["test_l1"],
+        "map_entropy": summary["map_entropy"],
         "reference_psnr": summary["reference_psnr"],
         "params": summary["params"],
         "cpu_s": cpu_s,
@@ -141,7 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=BLOCKS)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=ColorizeConfig.steps)
+    parser.add_argument("--lr", type=float, default=ColorizeConfig.lr)
     parser.add_argument("--quick", action="store_true", help="a few steps, small test set")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "colorize-bench",
                         help="run folders (a finished run is reused)")  # fmt: skip
@@ -150,7 +157,7 @@ def main() -> None:
     if not {"standard", "sga"} <= set(args.blocks):
         parser.error("--blocks must include standard and sga")
     torch.set_num_threads(1)
-    overrides: dict[str, Any] = {"steps": args.steps, "threads": 1}
+    overrides: dict[str, Any] = {"steps": args.steps, "lr": args.lr, "threads": 1}
     if args.quick:
         overrides.update(steps=20, eval_every=10, test_samples=32)
         args.work_dir = args.out / "runs"
@@ -172,7 +179,7 @@ def main() -> None:
     summary: dict[str, Any] = {}
     for attention, seeds in runs.items():
         entry: dict[str, Any] = {}
-        for key in ("psnr", "ssim", "test_l1", *CONFLICT, "cpu_s"):
+        for key in ("psnr", "ssim", "test_l1", "map_entropy", *CONFLICT, "cpu_s"):
             entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([r[key] for r in seeds])
         entry["params"] = seeds[0]["params"]
         summary[attention] = entry
@@ -188,8 +195,13 @@ def main() -> None:
         "ssim": float(ssim(task.test.reference, task.test.target).mean()),
     }
     details = {
-        "command": "python benchmarks/colorize.py" + (" --quick" if args.quick else ""),
-        "config": {**overrides, "defaults": "ColorizeConfig"},
+        "command": " ".join(["python benchmarks/colorize.py", *sys.argv[1:]]),
+        "config": {
+            k: v
+            for k, v in dataclasses.asdict(task.config).items()
+            if k
+            not in ("attention", "seed", "run_dir", "quiet", "report", "measure_memory", "resume")
+        },
         "train_images": TRAIN_IMAGES,
         "test_images": TEST_IMAGES,
         "copy_reference": copy,

@@ -17,6 +17,8 @@ from equilibria.zoo.colorize import ColorizeConfig, ColorizeTask, train
 from equilibria.zoo.colorize_data import (
     TEST_IMAGES,
     TRAIN_IMAGES,
+    VALIDATION_IMAGES,
+    hue_rotation,
     load_images,
     make_samples,
     xdog,
@@ -81,6 +83,35 @@ def test_reference_without_warp_or_jitter_is_the_target() -> None:
     rng = Middle(np.random.default_rng(0))
     s = make_samples(rng, load_images(TRAIN_IMAGES), 3, size=16)  # type: ignore[arg-type]
     torch.testing.assert_close(s.reference, s.target, atol=1e-5, rtol=0)
+    # recolouring rotates the hue of target and reference alike (here by the middle angle, π)
+    rng = Middle(np.random.default_rng(0))
+    r = make_samples(rng, load_images(TRAIN_IMAGES), 3, size=16, recolour=True)  # type: ignore[arg-type]
+    torch.testing.assert_close(r.reference, r.target, atol=1e-5, rtol=0)
+    assert torch.equal(r.line, s.line)  # the same crops
+    rotation = torch.from_numpy(hue_rotation(np.array([np.pi]))[0]).float()
+    expected = torch.einsum("ij,kjhw->kihw", rotation, s.target).clamp(0, 1)
+    torch.testing.assert_close(r.target, expected, atol=1e-6, rtol=0)
+    assert (r.target - s.target).abs().max() > 0.1
+
+
+def test_hue_rotation_keeps_grey_and_a_third_of_a_turn_cycles_the_channels() -> None:
+    r = hue_rotation(np.array([0.0, 2 * np.pi / 3, 1.234]))
+    np.testing.assert_allclose(r[0], np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(r[1], np.roll(np.eye(3), 1, axis=0), atol=1e-12)  # G<-R, B<-G
+    np.testing.assert_allclose(r[2] @ r[2].T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(r[2] @ np.ones(3), np.ones(3), atol=1e-12)  # grey is kept
+
+
+def test_recolouring_makes_the_colours_unpredictable_from_the_line_art() -> None:
+    """The same crop (same line art) gets different colours in different draws, and the
+    test draws (``recolour=False``) keep each photograph's colours."""
+    images = load_images(TRAIN_IMAGES)
+    a = make_samples(np.random.default_rng(5), images, 64, size=16, recolour=True)
+    b = make_samples(np.random.default_rng(5), images, 64, size=16)
+    assert torch.equal(a.line, b.line)
+    mean_a, mean_b = a.target.mean((2, 3)), b.target.mean((2, 3))
+    torch.testing.assert_close(mean_a.mean(1), mean_b.mean(1), atol=0.02, rtol=0)  # brightness
+    assert (mean_a - mean_b).abs().amax(1).median() > 0.03  # the hue moved
 
 
 @pytest.mark.parametrize(
@@ -143,8 +174,36 @@ def test_sga_fusion_reproduces_the_layer(attention: str) -> None:
     fusion = SGAFusion(6, attention)  # type: ignore[arg-type]
     x, y = torch.randn(2, 5, 6), torch.randn(2, 7, 6)
     assert isinstance(fusion.block, StopGradientAttention)
-    assert torch.equal(fusion(x, y), fusion.block(x, y))
-    assert torch.equal(fusion.branches(x, x, y, y), fusion.block(x, y))
+    assert isinstance(fusion.self_block, StopGradientAttention)
+    expected = fusion.self_block(fusion.block(x, y))  # cross-SGA, then self-SGA
+    assert torch.equal(fusion(x, y), expected)
+    assert torch.equal(fusion.branches(x, x, y, y), expected)
+
+
+def _paper_sga(block: StopGradientAttention, src: torch.Tensor, msg: torch.Tensor) -> torch.Tensor:
+    """One block of SGA's released code (``GNN.build_graph`` + ``Gconv`` + the residual),
+    written out: A = l1-normalise over the queries(softmax over the keys(X Yᵀ)), no scaling."""
+    a = torch.softmax(src @ msg.mT, dim=-1)
+    a = a / a.sum(dim=-2, keepdim=True)
+    act = torch.nn.functional.leaky_relu
+    msg_v = act(msg @ block.value.weight.T + block.value.bias, 0.2)
+    src_x = act(src @ block.skip.weight.T + block.skip.bias, 0.2)
+    return block.norm(a @ msg_v + src_x) + src
+
+
+def test_sga_fusion_is_the_papers_cross_then_self_block_with_an_unscaled_map() -> None:
+    """SGA's code applies a cross block (sketch, reference) and then a self block (Z, Z), each
+    with the map softmax(X Yᵀ) unscaled; one block with a 1/√C map is not the paper's SGA."""
+    torch.manual_seed(3)
+    fusion = SGAFusion(8, "stop_gradient").double()
+    for block in (fusion.block, fusion.self_block):  # a non-trivial LayerNorm
+        block.norm.weight.data.uniform_(0.5, 1.5), block.norm.bias.data.normal_()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    y = torch.randn(2, 9, 8, dtype=torch.float64)
+    z = _paper_sga(fusion.block, x, y)
+    expected = _paper_sga(fusion.self_block, z, z)
+    # up to the layer's 1e-9 added to the column sums (a 1/√C map or no self block: O(0.1))
+    torch.testing.assert_close(fusion(x, y), expected, rtol=1e-6, atol=1e-6)
 
 
 def _hand_scft_map_gradient(block: SCFTFusion, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor):
@@ -185,25 +244,26 @@ def test_sga_passes_no_map_gradient_and_its_probe_is_the_unstopped_one() -> None
     w = torch.randn(2, 3, 4, dtype=torch.float64)
     grads: dict[str, torch.Tensor] = {}
     z = probed_fusion(fusion, x, y, grads, probe_map=True)
-    assert torch.equal(z, fusion.block(x, y))  # the probe adds an exact zero
+    assert torch.equal(z, fusion(x, y))  # the probe adds an exact zero
     (z * w).sum().backward()
     assert "x_map" not in grads and "y_map" not in grads
     got = conflict_cosines(grads)
     assert got["conflict_x"] == 0.0 and got["conflict_y"] == 0.0
-    # the probe: the same block with the map differentiated (an independent re-implementation)
+    # the probe: the same blocks with the cross map differentiated (an independent
+    # re-implementation); the self block after it is part of the path
     b = fusion.block
     xm, ym = x.detach().requires_grad_(), y.detach().requires_grad_()
-    a = torch.softmax(b.scale * xm @ ym.mT, -1)
+    a = torch.softmax(xm @ ym.mT, -1)  # unscaled, as SGA's code
     a = a / (a.sum(1, keepdim=True) + 1e-9)
     value = b.act(b.value(y.detach()))
-    out = b.norm(a @ value + b.act(b.skip(x.detach()))) + x.detach()
+    out = fusion.self_block(b.norm(a @ value + b.act(b.skip(x.detach()))) + x.detach())
     gx, gy = torch.autograd.grad((out * w).sum(), (xm, ym))
     torch.testing.assert_close(grads["x_probe"], gx)
     torch.testing.assert_close(grads["y_probe"], gy)
     assert got["probe_conflict_x"] == pytest.approx(token_cosine(gx, grads["x_skip"]))
     # the parts add up to the gradient of the unprobed block
     x.grad = None
-    (fusion.block(x, y) * w).sum().backward()
+    (fusion(x, y) * w).sum().backward()
     torch.testing.assert_close(grads["x_skip"], x.grad)
 
 
@@ -234,12 +294,40 @@ def test_probing_leaves_the_training_gradients_unchanged(fusion: str) -> None:
         model(s.line, s.reference, probe=True)
 
 
-def test_equal_size_up_to_the_query_key_projections() -> None:
+def test_equal_size_up_to_the_fusion_blocks() -> None:
     sizes = {f: sum(p.numel() for p in Colorizer(f, 32, 16).parameters())
              for f in ("standard", "sga", "learned_map")}  # type: ignore[arg-type]  # fmt: skip
-    # SCFT has W_q, W_k, W_v; SGA W_v, W_x and a LayerNorm; the learned map adds W_q, W_k
-    assert sizes["standard"] - sizes["sga"] == 32 * 33 - 64
-    assert sizes["learned_map"] - sizes["sga"] == 2 * 32 * 33
+    # SCFT has one block (W_q, W_k, W_v); SGA two, each W_v, W_x and a LayerNorm; the learned
+    # map adds W_q, W_k to both
+    assert sizes["sga"] - sizes["standard"] == 2 * (2 * 32 * 33 + 64) - 3 * 32 * 33
+    assert sizes["learned_map"] - sizes["sga"] == 2 * 2 * 32 * 33
+
+
+def test_map_entropy_against_hand_computations() -> None:
+    torch.manual_seed(4)
+    model = Colorizer("standard", channels=8, width=4).eval()
+    s = make_samples(np.random.default_rng(0), load_images(TRAIN_IMAGES), 3, size=16)
+    model.fusion.query.weight.data.zero_(), model.fusion.query.bias.data.zero_()
+    torch.testing.assert_close(model.map_entropy(s.line, s.reference), torch.ones(3))  # uniform
+    sga = Colorizer("sga", channels=8, width=4).eval()
+    with torch.no_grad():
+        x = sga.line3(sga.line2(sga.line1(s.line))).flatten(2).mT
+        y = sga.ref(s.reference).flatten(2).mT
+        a = torch.softmax(x @ y.mT, -1)  # SGA's row softmax, unscaled
+        expected = -(a * a.log()).sum(-1).mean(-1) / np.log(16)
+        torch.testing.assert_close(sga.map_entropy(s.line, s.reference), expected)
+
+
+def test_the_sga_map_is_not_uniform_at_initialisation() -> None:
+    """The encoders end in BatchNorm + LeakyReLU (as SCFT's and SGA's) and SGA's map is
+    unscaled, so the parameter-free map can select at the start of training: with a bare last
+    convolution and a 1/√C map the trained models' maps were uniform (row entropy 4.16 of
+    log 64 = 4.16 on the test crops) and SGA read only the reference's mean."""
+    s = make_samples(np.random.default_rng(0), load_images(TRAIN_IMAGES), 16, size=32)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        with torch.no_grad():  # training mode: the batch's BatchNorm statistics
+            assert float(Colorizer("sga").map_entropy(s.line, s.reference).mean()) < 0.9
 
 
 # --- the recipe on the engine ----------------------------------------------------------------
@@ -255,9 +343,11 @@ def test_a_few_steps_of_each_variant_on_the_engine(
     assert len(rows) == 2
     for row in rows:
         for key in ("train_loss", "psnr", "ssim", "test_l1", "reference_psnr", "conflict_x",
-                    "conflict_y", "probe_conflict_x", "probe_conflict_y"):  # fmt: skip
+                    "conflict_y", "probe_conflict_x", "probe_conflict_y",
+                    "map_entropy"):  # fmt: skip
             assert np.isfinite(row[key]), key
         assert -1 <= row["conflict_x"] <= 1 and 0 < row["ssim"] <= 1
+        assert 0 <= row["map_entropy"] <= 1 + 1e-6
         assert (row["conflict_x"] == 0.0) == (attention == "sga")
     if attention == "sga":  # equilibria eval rebuilds the model and scores the same
         assert main(["eval", str(tmp_path), "--json"]) == 0
@@ -309,6 +399,25 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path) -> None:
 def test_bad_options_are_refused(field: str, value: object, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         ColorizeConfig(**{field: value})
+
+
+def test_validation_split_holds_a_training_photograph_out_of_training() -> None:
+    assert set(VALIDATION_IMAGES) < set(TRAIN_IMAGES)
+    held_out = load_images(VALIDATION_IMAGES)
+    task = ColorizeTask(ColorizeConfig(**TINY, validation=True))
+    task.setup(torch.device("cpu"))
+    assert len(task.train_images) == len(TRAIN_IMAGES) - len(VALIDATION_IMAGES)
+    for image, _ in task.train_images:
+        assert all(image.shape != v.shape or not np.array_equal(image, v) for v, _ in held_out)
+    test = ColorizeTask(ColorizeConfig(**TINY))
+    test.setup(torch.device("cpu"))
+    assert len(test.train_images) == len(TRAIN_IMAGES)
+    assert not torch.equal(task.test.target, test.test.target)  # scored on other crops
+    # the validation crops are crops of the held-out photograph
+    line = torch.from_numpy(np.array(held_out[0][1]))
+    windows = line.unfold(0, 16, 1).unfold(1, 16, 1)  # (H', W', 16, 16)
+    for crop in task.test.line[:2, 0]:
+        assert (windows - crop).abs().amax(dim=(2, 3)).min() == 0
 
 
 def test_registered() -> None:

@@ -3,10 +3,12 @@
 A sample is the line art of a crop of one of scikit-image's bundled photographs, a colour
 reference (the same crop, colour-jittered and warped) and the colour crop as the target (see
 :mod:`equilibria.zoo.colorize_data`; the test crops come from photographs never seen in
-training). A small encoder–decoder fuses line-art and reference features with a cross-attention
-block (:mod:`equilibria.zoo.colorize_model`): SCFT's standard attention, SGA, or the SGA block
-with a learned, differentiable map. The loss is L1 reconstruction only: the paper's perceptual
-and style losses (and its GAN loss) need pretrained VGG-19 weights, not available here. Every
+training). A small encoder–decoder fuses line-art and reference features with cross-attention
+(:mod:`equilibria.zoo.colorize_model`): SCFT's standard attention block, SGA's cross and self
+blocks, or those blocks with learned, differentiable maps. Training crops are recoloured (a
+random hue rotation of target and reference alike), so the colours must come from the reference.
+The loss is L1 reconstruction only: the paper's perceptual and style losses (and its GAN loss)
+need pretrained VGG-19 weights, not available here. Every
 step logs the gradient conflict at the fusion block (cosine between the gradient reaching the
 block's input through the attention map and through the skip path; see
 :mod:`equilibria.zoo.colorize_model`).
@@ -33,7 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import trainer
-from .colorize_data import TEST_IMAGES, TRAIN_IMAGES, Samples, load_images, make_samples
+from .colorize_data import (
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    VALIDATION_IMAGES,
+    Samples,
+    load_images,
+    make_samples,
+)
 from .colorize_model import Colorizer, psnr, ssim
 from .config import ConfigError, check_range, option
 from .distributed import DistInfo
@@ -61,8 +70,9 @@ class ColorizeConfig(RunOptions):
 
     attention: Literal["standard", "sga", "learned_map"] = option(
         "sga",
-        "fusion block: 'standard' (SCFT: learned Q/K/V, softmax, residual), 'sga' (stop-gradient "
-        "attention) or 'learned_map' (the SGA block with learned Q/K and the map's gradient)",
+        "fusion: 'standard' (SCFT's block: learned Q/K/V, softmax, residual), 'sga' (stop-gradient "
+        "attention: a cross and a self block, as the paper's code) or 'learned_map' (SGA's blocks "
+        "with learned Q/K and the maps' gradient)",
     )
     seed: int = option(0, "seed of the initialisation and of the training crops")
     size: int = option(32, "side of a crop in pixels (a multiple of 4)")
@@ -75,11 +85,21 @@ class ColorizeConfig(RunOptions):
     jitter: float = option(
         0.1, "largest relative change of the reference's brightness and channel gains"
     )
+    recolour: bool = option(
+        True,
+        "rotate the hue of each training crop (target and reference alike) by a random angle, "
+        "so that colours must be read from the reference (the test crops keep their colours)",
+    )
     test_samples: int = option(256, "crops of the held-out photographs in the test set")
     eval_every: int = option(
         200, "optimisation steps per epoch: the test set is evaluated and a checkpoint written"
     )
     probe: bool = option(True, "log the gradient conflict at the fusion block every step")
+    validation: bool = option(
+        False,
+        "tuning split: train without the photographs VALIDATION_IMAGES ('rocket') and score "
+        "crops of them instead of the held-out test photographs",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,14 +133,17 @@ class ColorizeConfig(RunOptions):
 VARIANTS: dict[str, dict[str, Any]] = {
     "standard (SCFT)": {"attention": "standard"},
     "SGA": {"attention": "sga"},
-    "SGA block, learned map": {"attention": "learned_map"},
+    "SGA blocks, learned map": {"attention": "learned_map"},
 }
 
 
 def evaluate_samples(model: nn.Module, samples: Samples, batch_size: int = 128) -> dict[str, Any]:
-    """Mean PSNR (dB), SSIM and L1 of ``model``'s colorizations of ``samples`` (eval mode)."""
+    """Mean PSNR (dB), SSIM and L1 of ``model``'s colorizations of ``samples`` (eval mode), and
+    the entropy of its cross-attention rows relative to a uniform map (1: every line-art token
+    reads the reference's mean; see :meth:`~equilibria.zoo.colorize_model.Colorizer.map_entropy`).
+    """
     model.eval()
-    p, s, l1 = [], [], []
+    p, s, l1, h = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(samples.target), batch_size):
             part = slice(start, start + batch_size)
@@ -129,10 +152,12 @@ def evaluate_samples(model: nn.Module, samples: Samples, batch_size: int = 128) 
             p.append(psnr(out, target))
             s.append(ssim(out, target))
             l1.append((out - target).abs().flatten(1).mean(1))
+            h.append(model.map_entropy(samples.line[part], samples.reference[part]))
     return {
         "psnr": float(torch.cat(p).mean()),
         "ssim": float(torch.cat(s).mean()),
         "test_l1": float(torch.cat(l1).mean()),
+        "map_entropy": float(torch.cat(h).mean()),
     }
 
 
@@ -145,6 +170,7 @@ class ColorizeTask(NumpyStreamTask):
     headline = Metric("psnr", "PSNR (dB)", fmt=".2f")
     table_metrics = (
         Metric("ssim", "SSIM", fmt=".4f"),
+        Metric("map_entropy", "map entropy / log M", higher_is_better=False, fmt=".3f"),
         Metric("conflict_x", "cos(map, skip) on X", higher_is_better=True, fmt=".3f"),
         Metric("probe_conflict_x", "cos(map*, skip) on X", higher_is_better=True, fmt=".3f"),
         STEP_MS,
@@ -173,8 +199,13 @@ class ColorizeTask(NumpyStreamTask):
 
     def setup(self, device: torch.device) -> None:
         c = self.config
-        self.train_images = load_images(TRAIN_IMAGES)
-        test_images = load_images(TEST_IMAGES)
+        if c.validation:  # tuning: a training photograph is held out and scored instead
+            train_names = tuple(n for n in TRAIN_IMAGES if n not in VALIDATION_IMAGES)
+            test_names = VALIDATION_IMAGES
+        else:
+            train_names, test_names = TRAIN_IMAGES, TEST_IMAGES
+        self.train_images = load_images(train_names)
+        test_images = load_images(test_names)
         self.test = make_samples(np.random.default_rng(_TEST_SEED), test_images,
                                  c.test_samples, size=c.size, jitter=c.jitter)  # fmt: skip
         self.reference_psnr = float(psnr(self.test.reference, self.test.target).mean())
@@ -193,7 +224,7 @@ class ColorizeTask(NumpyStreamTask):
         c = self.config
         for _ in range(self.schedule().steps_in(epoch)):
             yield make_samples(self.rng, self.train_images, c.batch_size, size=c.size,
-                               jitter=c.jitter)  # fmt: skip
+                               jitter=c.jitter, recolour=c.recolour)  # fmt: skip
 
     def train_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:
         out = net(batch.line, batch.reference, probe=self.config.probe)

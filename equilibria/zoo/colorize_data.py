@@ -11,7 +11,9 @@ Augmented-Self Reference and Dense Semantic Correspondence", CVPR 2020). The mod
 where each colour went: the reference is the same picture, moved.
 
 Training and test use different photographs (:data:`TRAIN_IMAGES`, :data:`TEST_IMAGES`), so the
-test crops are held out at the image level. Every draw comes from one ``numpy`` generator, so a
+test crops are held out at the image level. Options are tuned on a validation split carved from
+the training photographs (:data:`VALIDATION_IMAGES`, left out of training when it is used), never
+on the test photographs. Every draw comes from one ``numpy`` generator, so a
 seed fixes the samples bitwise.
 """
 
@@ -25,11 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from equilibria._validate import check_float, check_int
+from equilibria._validate import check_bool, check_float, check_int
 
 TRAIN_IMAGES = ("astronaut", "rocket", "immunohistochemistry", "retina", "hubble_deep_field",
                 "colorwheel")  # fmt: skip
 TEST_IMAGES = ("chelsea", "coffee")  # held out: no crop of them is seen in training
+# tuning: a training photograph held out of training and scored instead of the test set
+VALIDATION_IMAGES = ("rocket",)
 IMAGE_SIDE = 160  # shorter side of each photograph after downscaling
 _MARGIN = 0.5  # the reference is warped from a window this fraction of ``size`` larger per side
 
@@ -92,6 +96,16 @@ def load_images(names: tuple[str, ...]) -> tuple[tuple[np.ndarray, np.ndarray], 
     return tuple(out)
 
 
+def hue_rotation(angle: np.ndarray) -> np.ndarray:
+    """RGB matrices (k, 3, 3) rotating colours by ``angle`` (k,) radians about the grey axis
+    (1, 1, 1): a hue rotation that keeps each pixel's channel mean and its distance from grey
+    (Rodrigues' formula)."""
+    u = np.full(3, 1.0 / math.sqrt(3.0))
+    cross = np.array([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    return cos * np.eye(3) + sin * cross + (1.0 - cos) * np.outer(u, u)
+
+
 def _warp_grids(rng: np.random.Generator, count: int, size: int, window: int) -> torch.Tensor:
     """Sampling grids (count, size, size, 2) of a random similarity transform with a random
     horizontal flip, from output pixels into the ``window``-sized crop around the target."""
@@ -117,6 +131,7 @@ def make_samples(
     *,
     size: int,
     jitter: float = 0.1,
+    recolour: bool = False,
 ) -> Samples:
     """Draws ``count`` samples of side ``size`` from ``images`` (see :func:`load_images`).
 
@@ -127,6 +142,11 @@ def make_samples(
         size: side of a crop.
         jitter: largest relative change of brightness and of each channel's gain in the
             reference, in [0, 0.5].
+        recolour: rotate the hue of each sample's colour window (target and reference alike)
+            by a random angle (:func:`hue_rotation`), so that the colours cannot be told from
+            the line art and must be read from the reference. Training uses it: with a handful
+            of photographs a network otherwise learns each photograph's colours from its line
+            art and ignores the reference. ``False`` draws exactly what it drew before.
     """
     check_int("count", count, minimum=1)
     window = 2 * round(_MARGIN * check_int("size", size, minimum=1)) + size
@@ -137,6 +157,7 @@ def make_samples(
             f"smallest image, {smallest} pixels), got {size}"
         )
     check_float("jitter", jitter, low=0.0, high=0.5, low_open=False)
+    check_bool("recolour", recolour)
     half = (window - size) // 2
     which = rng.integers(0, len(images), count)
     colour_windows = np.empty((count, window, window, 3), np.float32)
@@ -147,6 +168,10 @@ def make_samples(
         left = int(rng.integers(0, image.shape[1] - window + 1))
         colour_windows[i] = image[top : top + window, left : left + window]
         lines[i, 0] = line[top + half : top + half + size, left + half : left + half + size]
+    if recolour:
+        rotation = hue_rotation(rng.uniform(0.0, 2.0 * math.pi, count))  # (count, 3, 3)
+        colour_windows = np.clip(np.einsum("kij,khwj->khwi", rotation, colour_windows), 0.0, 1.0)
+        colour_windows = colour_windows.astype(np.float32)
     windows = torch.from_numpy(colour_windows).permute(0, 3, 1, 2)  # (count, 3, window, window)
     target = windows[:, :, half : half + size, half : half + size].contiguous()
     gains = (

@@ -1,21 +1,25 @@
 """The colorize recipe's model, its fusion blocks, the gradient-conflict probe and image metrics.
 
-The network follows SCFT's layout at a CPU scale (Lee et al., CVPR 2020): a line-art encoder
-and a reference encoder map their images to ``C × H/4 × W/4`` feature grids, a cross-attention
-*fusion block* lets every line-art token X (query) read colour from the reference tokens Y
-(keys and values), and a decoder with skip connections from the line-art encoder paints the
-image. The fusion block is one of
+The network follows the layout of SCFT (Lee et al., CVPR 2020) and of SGA's released code at a
+CPU scale: a line-art encoder and a reference encoder (conv–BatchNorm–LeakyReLU blocks, as in
+both papers' encoders) map their images to ``C × H/4 × W/4`` feature grids, a cross-attention
+*fusion* lets every line-art token X (query) read colour from the reference tokens Y (keys and
+values), and a decoder with skip connections from the line-art encoder paints the image. The
+fusion is one of
 
 * ``standard``: SCFT's block, ``Z = softmax((W_q X)(W_k Y)ᵀ/√C) W_v Y + X`` (learned Q/K/V,
-  the gradient flows through the map);
-* ``sga``: stop-gradient attention (:class:`equilibria.layers.StopGradientAttention`),
-  ``Z = Norm(A σ(W_v Y) + σ(W_x X)) + X`` with ``A = colnorm(softmax(X Yᵀ/√C))`` computed
-  without gradient (Li et al., "Eliminating Gradient Conflict in Reference-based Line-Art
-  Colorization", ECCV 2022);
-* ``learned_map``: the SGA block with learned Q/K and the gradient through the map (the layer's
-  ``attention="standard"``): the same block as ``sga`` but for the stop-gradient.
+  the gradient flows through the map; one block, as SCFT and the paper's SCFT baseline);
+* ``sga``: stop-gradient attention (:class:`equilibria.layers.StopGradientAttention`) as in
+  the paper and its code (Li et al., "Eliminating Gradient Conflict in Reference-based Line-Art
+  Colorization", ECCV 2022): a *cross*-SGA block ``Z = Norm(A σ(W_v Y) + σ(W_x X)) + X`` with
+  ``A = colnorm(softmax(X Yᵀ))`` computed without gradient, followed by a *self*-SGA block on Z
+  (the same with Y = X = Z). The map is unscaled, as in the released code
+  (``softmax(X Yᵀ)`` then an L1 normalisation over the queries);
+* ``learned_map``: the same two SGA blocks with learned Q/K and the gradient through the maps
+  (the layer's ``attention="standard"``): ``sga`` but for the stop-gradient.
 
-Gradient conflict (the paper's diagnosis, section 3). The block uses its input X twice: in the
+Gradient conflict (the paper's diagnosis, section 3), measured at the block where X and Y
+enter (SCFT's block, or the cross-SGA block). The block uses its input X twice: in the
 attention map (as queries) and in the skip path (``σ(W_x X) + X``, or ``+ X`` for SCFT); and Y
 twice: in the map (keys) and as values. During training the model feeds each use its own copy
 (``X_map``, ``X_skip``, ``Y_map``, ``Y_value``; the same numbers, so the loss and every
@@ -25,11 +29,13 @@ separately: ``∂L/∂X = ∂L/∂X_map + ∂L/∂X_skip``. The logged conflict 
     conflict_x = cos(∂L/∂X_map[b, n, :], ∂L/∂X_skip[b, n, :]),
     conflict_y = cos(∂L/∂Y_map[b, m, :], ∂L/∂Y_value[b, m, :]),
 
-with the cosine of a zero vector taken as 0. SGA's map passes no gradient, so its applied
-``∂L/∂X_map`` is zero and its conflict 0. ``probe_conflict_x/y`` measure for SGA the gradient
-its map *would* pass at the same weights and inputs (the map recomputed with gradient from
-detached copies of X and Y and added as an exact zero, ``(A − stopgrad(A)) · stopgrad(V)``,
-so training is bitwise unchanged); for the other blocks they equal the applied conflict.
+with the cosine of a zero vector taken as 0 (the paper's code logs each branch against the
+total gradient instead; the issue asks for branch against branch). SGA's map passes no
+gradient, so its applied ``∂L/∂X_map`` is zero and its conflict 0. ``probe_conflict_x/y``
+measure for SGA the gradient its map *would* pass at the same weights and inputs (the map
+recomputed with gradient from detached copies of X and Y and added as an exact zero,
+``(A − stopgrad(A)) · stopgrad(V)``, so training is bitwise unchanged); for the other blocks
+they equal the applied conflict.
 """
 
 from __future__ import annotations
@@ -49,8 +55,13 @@ FUSIONS = ("standard", "sga", "learned_map")
 CONFLICT_KEYS = ("conflict_x", "conflict_y", "probe_conflict_x", "probe_conflict_y")
 
 
+SGA_SCALE = 1.0  # SGA's code builds its map as softmax(X Yᵀ), without a 1/√C
+
+
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.LeakyReLU(0.2))
+    """SCFT's and SGA's ConvBlock: 3×3 convolution, BatchNorm, LeakyReLU(0.2)."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out),
+                         nn.LeakyReLU(0.2))  # fmt: skip
 
 
 class SCFTFusion(nn.Module):
@@ -79,14 +90,34 @@ class SCFTFusion(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         return self.branches(x, x, y, y)
 
+    def row_map(self, x: Tensor, y: Tensor) -> Tensor:
+        """The block's attention map, (B, N, M), each row a distribution over the M keys."""
+        return attention_map(self.query(x), self.key(y), scale=self.scale, column_norm=False)
+
 
 class SGAFusion(nn.Module):
-    """The SGA block (:class:`~equilibria.layers.StopGradientAttention`, which holds the
-    parameters and whose ``forward`` this reproduces) with each use of X and Y separable."""
+    """SGA's fusion: a cross-attention block, then a self-attention block on its output, each a
+    :class:`~equilibria.layers.StopGradientAttention` (which holds the parameters), as in the
+    paper's code (its ``GNN``: ``gcn3`` on (sketch, reference), then ``gcn4`` on (Z, Z)).
 
-    def __init__(self, channels: int, attention: Literal["stop_gradient", "standard"]) -> None:
+    ``branches`` reproduces the cross block's ``forward`` with each use of X and Y separable.
+
+    Args:
+        channels: C.
+        attention: the layer's ``attention``: ``"stop_gradient"`` (SGA) or ``"standard"``
+            (learned Q/K, the gradient through the map).
+        scale: the maps' logit scale (SGA's code: 1, no scaling).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        attention: Literal["stop_gradient", "standard"],
+        scale: float = SGA_SCALE,
+    ) -> None:
         super().__init__()
-        self.block = StopGradientAttention(channels, attention=attention)
+        self.block = StopGradientAttention(channels, attention=attention, scale=scale)  # cross
+        self.self_block = StopGradientAttention(channels, attention=attention, scale=scale)
 
     def branches(
         self,
@@ -96,11 +127,12 @@ class SGAFusion(nn.Module):
         y_value: Tensor,
         probe: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """``Norm(A σ(W_v Y_value) + σ(W_x X_skip)) + X_skip`` with A from (X_map, Y_map).
+        """The self block on ``Norm(A σ(W_v Y_value) + σ(W_x X_skip)) + X_skip``, A from
+        (X_map, Y_map).
 
         ``probe``: detached (X, Y) copies that require grad; with the stop-gradient map, the
-        map is recomputed from them with gradient and added as an exact zero, so their ``.grad``
-        is the gradient the map would pass."""
+        cross block's map is recomputed from them with gradient and added as an exact zero, so
+        their ``.grad`` is the gradient that map would pass."""
         b = self.block
         value = b.act(b.value(y_value))  # σ(W_v Y), (B, M, C)
         if b.query is None:
@@ -114,10 +146,17 @@ class SGAFusion(nn.Module):
             a = attention_map(b.query(x_map), b.key(y_map), scale=b.scale,
                               column_norm=b.column_norm)  # fmt: skip
             attended = torch.bmm(a, value)
-        return b.norm(attended + b.act(b.skip(x_skip))) + x_skip
+        return self.self_block(b.norm(attended + b.act(b.skip(x_skip))) + x_skip)
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.branches(x, x, y, y)
+        return self.self_block(self.block(x, y))
+
+    def row_map(self, x: Tensor, y: Tensor) -> Tensor:
+        """The cross block's row softmax, (B, N, M) (before SGA's normalisation over the
+        queries), each row a distribution over the M keys."""
+        b = self.block
+        q, k = (x, y) if b.query is None else (b.query(x), b.key(y))
+        return attention_map(q, k, scale=b.scale, column_norm=False)
 
 
 def make_fusion(name: FusionName, channels: int) -> nn.Module:
@@ -151,9 +190,13 @@ class Colorizer(nn.Module):
         super().__init__()
         c, w = channels, width
         self.line1, self.line2 = _conv(1, w), _conv(w, 2 * w, 2)  # H, H/2
-        self.line3 = nn.Sequential(_conv(2 * w, c, 2), nn.Conv2d(c, c, 3, 1, 1))  # H/4
+        self.line3 = nn.Sequential(_conv(2 * w, c, 2), _conv(c, c))  # H/4
+        # the same layout for the reference; like SCFT's and SGA's encoders, every stage ends
+        # in BatchNorm and LeakyReLU, so the tokens entering the parameter-free SGA map have a
+        # trained, normalised scale (a bare last convolution gave tokens of norm about 2 and a
+        # uniform map: row entropy log M at 1/√C)
         self.ref = nn.Sequential(_conv(3, w), _conv(w, 2 * w, 2), _conv(2 * w, c, 2),
-                                 nn.Conv2d(c, c, 3, 1, 1))  # fmt: skip
+                                 _conv(c, c))  # fmt: skip
         self.fusion = make_fusion(fusion, c)
         self.fusion_name = fusion
         self.mid = _conv(c, c)
@@ -182,6 +225,16 @@ class Colorizer(nn.Module):
         h = self.up2(torch.cat([h, f2], 1))
         h = F.interpolate(h, size=f1.shape[-2:], mode="bilinear", align_corners=False)
         return torch.sigmoid(self.out(self.up1(torch.cat([h, f1], 1))))
+
+    def map_entropy(self, line: Tensor, reference: Tensor) -> Tensor:
+        """Per-image mean over queries of the entropy of the fusion's (cross) attention row,
+        divided by log M: 1 for a uniform map (every token reads the reference's mean colour),
+        0 for one key per query. (B,)"""
+        x = self.line3(self.line2(self.line1(line))).flatten(2).mT
+        y = self.ref(reference).flatten(2).mT
+        a = self.fusion.row_map(x, y)  # type: ignore[operator]
+        entropy = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(-1).mean(-1)
+        return entropy / math.log(a.shape[-1])
 
     def conflict(self) -> dict[str, float]:
         """:func:`conflict_cosines` of the gradients kept by the last probed forward and
