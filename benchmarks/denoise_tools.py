@@ -15,12 +15,15 @@ tiling.
 ``--sweep`` adds the parameter sweep that chose the classical settings (grey 256² crops of the
 training images ``coffee``, ``rocket``, ``clock``; a few CPU minutes).
 
-Run: ``python benchmarks/denoise_tools.py [--sweep]`` → ``benchmarks/results/denoise_tools.json``.
+Run: ``python benchmarks/denoise_tools.py [--sweep]`` → ``benchmarks/results/denoise_tools.json``
+(``--tiling-only``: part 3 alone, after the shipped model changed; the rest of the file is kept).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
 
 import numpy as np
@@ -29,7 +32,7 @@ import torch
 from equilibria.zoo.denoise_classical import CLASSICAL, denoise_classical
 from equilibria.zoo.denoise_sigma import estimate_sigma
 
-from common import write_result
+from common import RESULTS, write_result
 
 SIGMAS_EST = (5, 15, 25, 50)
 SIGMAS = (15, 25, 50)
@@ -185,15 +188,27 @@ def sweep_table() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also the classical parameter sweep")
+    parser.add_argument(
+        "--tiling-only",
+        action="store_true",
+        help="rerun only part 3 (after the shipped model changed); the other parts are kept",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    result = {
-        "sigma_estimate": sigma_table(),
-        "classical_camera": classical_table(),
-        "tiling": tiling_table(),
-    }
-    if args.sweep:
-        result["sweep"] = sweep_table()
+    command = "python benchmarks/denoise_tools.py " + " ".join(sys.argv[1:])
+    if args.tiling_only:
+        result = json.loads((RESULTS / "denoise_tools.json").read_text())
+        result.pop("machine", None)
+        result["tiling"] = {"command": command, **tiling_table()}
+    else:
+        result = {
+            "command": command,
+            "sigma_estimate": sigma_table(),
+            "classical_camera": classical_table(),
+            "tiling": tiling_table(),
+        }
+        if args.sweep:
+            result["sweep"] = sweep_table()
     print(f"written: {write_result('denoise_tools', result)}")
 
 

@@ -12,6 +12,8 @@ with fixed noise.
 Usage::
 
     equilibria train denoise                                 # DEQ, implicit gradient
+    equilibria train denoise --scale 2 --width 47 --backward phantom --phantom-steps 1 \
+        --phantom-damping 1 --max-iter 8                     # the shipped design (JFB)
     equilibria train denoise --backward phantom              # DEQ, phantom gradient
     equilibria train denoise --model cnn                     # DnCNN-style baseline
     equilibria train denoise --model unrolled                # weight-tied, K = 6

@@ -19,6 +19,10 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
   a fixed point; Gilton, Ongie & Willett, "Deep Equilibrium Architectures for Inverse Problems
   in Imaging", IEEE TCI 2021). More solver iterations at test time refine the same fixed point
   (anytime behaviour).
+  With ``scale=2`` (the shipped models) encoder, equilibrium and decoder run on the four
+  half-resolution sub-images of ``pixel_unshuffle`` with σ as a fifth channel, and the noise
+  is reassembled with ``pixel_shuffle`` (FFDNet's trick): a solver iteration costs a quarter,
+  so at an equal CPU budget the DEQ trains on more patches (``docs/recipes/denoise.md``).
 * :class:`UnrolledDenoiser`: the same encoder, cell and decoder (the same parameters), the
   cell applied exactly K times from z = 0 and trained by backpropagation through the K steps.
 * :class:`CNNDenoiser`: DnCNN-style plain network ``conv → (relu conv)×L → relu conv`` without
