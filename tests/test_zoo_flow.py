@@ -310,6 +310,71 @@ def test_task_evaluates_raft_with_eval_iters_not_its_training_iters() -> None:
     assert task.evaluate(task.build_model())["eval_iters"] == 5
 
 
+def test_training_clips_the_gradient_norm_as_raft() -> None:
+    from equilibria.zoo.flow import ClippedAdamW, FlowTask
+
+    torch.manual_seed(0)
+    model = build_model(FlowConfig(**{**TINY, "model": "raft"}))
+    reference = build_model(FlowConfig(**{**TINY, "model": "raft"}))
+    reference.load_state_dict(model.state_dict())
+    opt = FlowTask(FlowConfig(**{**TINY, "clip": 0.5})).make_optimizer(model)
+    assert isinstance(opt, ClippedAdamW) and opt.max_norm == 0.5
+    group = opt.param_groups[0]
+    plain = torch.optim.AdamW(reference.parameters(), lr=group["lr"],
+                              weight_decay=group["weight_decay"])  # fmt: skip
+    for step in range(3):  # gradients of norm >> 0.5, unequal across steps
+        grads = [torch.randn_like(p) * (10.0 + 40 * step) for p in model.parameters()]
+        norm = torch.cat([g.flatten() for g in grads]).norm()
+        for p, q, g in zip(model.parameters(), reference.parameters(), grads):
+            p.grad, q.grad = g.clone(), g * (0.5 / norm)  # the reference: clipped by hand
+        opt.step()
+        plain.step()
+        clipped = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        assert float(clipped) == pytest.approx(0.5, rel=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    off = FlowTask(FlowConfig(**{**TINY, "clip": 0.0})).make_optimizer(model)
+    assert type(off) is torch.optim.AdamW
+    with pytest.raises(ConfigError, match="clip"):
+        FlowConfig(**{**TINY, "clip": -1.0})
+    with pytest.raises(ValueError, match="max_norm must be a finite number > 0, got 0"):
+        ClippedAdamW(model.parameters(), max_norm=0)
+
+
+def test_jacobian_penalty_is_weighted_into_the_deq_training_loss() -> None:
+    from equilibria.zoo.flow import FlowTask
+
+    seq = make_sequences(np.random.default_rng(0), "train", 2, size=32)
+    off = FlowTask(FlowConfig(**{**TINY, "model": "deq"})).build_model()
+    assert isinstance(off, DEQFlow) and off.jacobian_samples == 0
+    assert off.train()(seq.frames[:, 0], seq.frames[:, 1]).jacobian is None
+    task = FlowTask(FlowConfig(**{**TINY, "model": "deq", "jacobian_weight": 0.5}))
+    torch.manual_seed(0)
+    model = task.build_model()
+    assert isinstance(model, DEQFlow) and model.jacobian_samples == 1
+    model.train()
+    torch.manual_seed(2)  # the probe (the forward solve draws nothing)
+    loss = task.train_step(model, model, seq).loss
+    torch.manual_seed(2)
+    out = model(seq.frames[:, 0], seq.frames[:, 1])
+    assert out.jacobian is not None and float(out.jacobian.detach()) > 0
+    expected = sequence_loss(out.predictions, seq.flows[:, 0], task.config.gamma)
+    torch.testing.assert_close(loss, expected + 0.5 * out.jacobian)
+    # the penalty: Hutchinson's estimate at the solver's last iterate, by the library
+    sol = model.deq.last_solution
+    assert sol is not None
+    x, _ = model.prepare(seq.frames[:, 0], seq.frames[:, 1])
+    torch.manual_seed(2)
+    torch.testing.assert_close(out.jacobian, eq.jacobian_penalty(lambda z: model.cell(z, x),
+                                                                  sol.value))  # fmt: skip
+    out.jacobian.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.cell.parameters())
+    with pytest.raises(ConfigError, match="jacobian_weight"):
+        FlowConfig(**{**TINY, "jacobian_weight": -0.1})
+    with pytest.raises(ValueError, match="jacobian_samples must be an int >= 0, got -1"):
+        DEQFlow(jacobian_samples=-1)
+
+
 def test_raft_refuses_iteration_counts_below_one() -> None:
     from equilibria.zoo.flow_model import RAFT
 

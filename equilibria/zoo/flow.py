@@ -49,6 +49,7 @@ from .task import (
 )
 
 __all__ = [
+    "ClippedAdamW",
     "FlowConfig",
     "FlowTask",
     "build_model",
@@ -70,9 +71,9 @@ class FlowConfig(RunOptions):
         "deq", "'raft' (unrolled updates, sequence loss) or 'deq' (DEQ-Flow: equilibrium)"
     )
     # data
-    size: int = option(32, "side of the square frames (a multiple of 4 * 2^(levels - 1))")
+    size: int = option(64, "side of the square frames (a multiple of 4 * 2^(levels - 1))")
     max_objects: int = option(2, "moving foreground objects per pair: 0..max_objects")
-    motion: float = option(2.0, "scale of the generated motion (2: ~3.6 px mean flow at size 32)")
+    motion: float = option(2.0, "scale of the generated motion (2: ~7 px mean flow at size 64)")
     test_pairs: int = option(256, "held-out test pairs (other source photographs)")
     # model (same for both)
     width: int = option(16, "channels of the feature and context encoders")
@@ -88,13 +89,16 @@ class FlowConfig(RunOptions):
     )
     # DEQ-Flow
     solver: Literal["anderson", "broyden", "picard"] = option("anderson", "DEQ forward solver")
-    max_iter: int = option(24, "DEQ: solver budget in training")
+    max_iter: int = option(12, "DEQ: solver budget in training")
     tol: float = option(1e-3, "DEQ: relative tolerance of the solve (training and test)")
     backward: Literal["phantom", "implicit"] = option("phantom", "DEQ: gradient method")
     phantom_steps: int = option(1, "DEQ: differentiable steps of the phantom gradient")
     phantom_damping: float = option(1.0, "DEQ: damping lambda of the phantom gradient, (0, 1]")
     correction_states: int = option(
         2, "DEQ: states supervised along the trajectory (fixed-point correction; 1 = off)"
+    )
+    jacobian_weight: float = option(
+        0.0, "DEQ: weight of the Jacobian penalty ||J||_F^2 / D at the equilibrium (0 = off)"
     )
     # test time
     eval_iters: int = option(
@@ -105,6 +109,7 @@ class FlowConfig(RunOptions):
     batch_size: int = option(8, "pairs per step")
     lr: float = option(2e-3, "peak learning rate of AdamW (cosine decay after a warm-up)")
     weight_decay: float = option(1e-5, "AdamW weight decay")
+    clip: float = option(1.0, "clip the gradient's global norm to this (RAFT's 1.0; 0 = off)")
     eval_every: int = option(
         250, "steps per epoch: the test pairs are evaluated and a checkpoint written after each"
     )
@@ -128,6 +133,8 @@ class FlowConfig(RunOptions):
         check_range(self, "tol", low=0)
         check_range(self, "lr", low=0, low_open=True)
         check_range(self, "weight_decay", low=0)
+        check_range(self, "clip", low=0)
+        check_range(self, "jacobian_weight", low=0)
         multiple = 4 * 2 ** (self.levels - 1)
         if self.size % multiple:
             raise ConfigError(
@@ -152,7 +159,8 @@ def build_model(config: FlowConfig) -> RAFT | DEQFlow:
     if config.backward == "implicit":
         backward = eq.Implicit()
     return DEQFlow(solver=config.solver, backward=backward,
-                   correction_states=config.correction_states, max_iter=config.max_iter,
+                   correction_states=config.correction_states,
+                   jacobian_samples=1 if config.jacobian_weight else 0, max_iter=config.max_iter,
                    tol=config.tol, eval_max_iter=config.eval_iters, eval_tol=config.tol,
                    **sizes)  # fmt: skip
 
@@ -261,6 +269,26 @@ def sequence_reuse(
 # ---------------------------------------------------------------------------------------------
 # The recipe on the trainer.
 
+
+class ClippedAdamW(torch.optim.AdamW):
+    """AdamW whose :meth:`step` first scales the gradients of all its parameters so that their
+    global L2 norm is at most ``max_norm`` (``torch.nn.utils.clip_grad_norm_``), as RAFT and
+    DEQ-Flow train (Teed & Deng, ECCV 2020: clip 1.0). Its state dict is AdamW's."""
+
+    def __init__(self, params: Any, *, max_norm: float, **kwargs: Any) -> None:
+        if not (isinstance(max_norm, (int, float)) and 0 < max_norm < float("inf")):
+            raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+        super().__init__(params, **kwargs)
+        self.max_norm = float(max_norm)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch.nn.utils.clip_grad_norm_(grads, self.max_norm)
+        return super().step(closure)
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "RAFT (12 unrolled)": {"model": "raft"},
     "DEQ-Flow (phantom + correction)": {"model": "deq"},
@@ -308,6 +336,15 @@ class FlowTask(NumpyStreamTask):
     def build_model(self) -> nn.Module:
         return build_model(self.config)
 
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW that clips the gradient's global norm to ``clip`` before each step (RAFT's
+        training; no clipping with ``clip=0``)."""
+        c = self.config
+        if not c.clip:
+            return super().make_optimizer(model)
+        return ClippedAdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                            max_norm=c.clip)  # fmt: skip
+
     def schedule(self) -> Schedule:
         c = self.config
         epochs = -(-c.steps // c.eval_every)
@@ -321,6 +358,8 @@ class FlowTask(NumpyStreamTask):
     def train_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:
         out = net(batch.frames[:, 0], batch.frames[:, 1])
         loss = sequence_loss(out.predictions, batch.flows[:, 0], self.config.gamma)
+        if out.jacobian is not None:
+            loss = loss + self.config.jacobian_weight * out.jacobian
         return StepOutput(loss, out.iterations)
 
     def step_metrics(

@@ -254,12 +254,16 @@ class FlowOutput:
         iterations: update-block evaluations of the forward pass (per sample of the solve).
         residuals: DEQ only: (iterations, B) relative residual of every sample at every
             iteration (None for RAFT).
+        jacobian: DEQ only, in training with ``jacobian_samples > 0``: the Hutchinson estimate
+            of ||df/dz||_F^2 / D at the solver's last iterate
+            (:func:`equilibria.jacobian_penalty`), differentiable in the parameters (else None).
     """
 
     predictions: list[Tensor]
     state: tuple[Tensor, Tensor]
     iterations: int
     residuals: Tensor | None = None
+    jacobian: Tensor | None = None
 
 
 class _FlowBase(nn.Module):
@@ -336,6 +340,11 @@ class DEQFlow(_FlowBase):
             ``eq.Implicit(...)``.
         correction_states: n >= 1 states along the trajectory are supervised in training
             (1 = only the equilibrium).
+        jacobian_samples: probes of the Jacobian penalty computed in training (0 = none;
+            Bai, Koltun & Kolter, "Stabilizing Equilibrium Models by Jacobian Regularization",
+            ICML 2021); the caller weights it into the loss (:attr:`FlowOutput.jacobian`). The
+            correlation lookup is detached in the cell, so the penalty covers the rest of the
+            map.
         max_iter, tol: training solve budget and relative tolerance.
         eval_max_iter, eval_tol: test-time budget and tolerance.
         width, hidden, context, motion, levels, radius: as :class:`RAFT`.
@@ -343,7 +352,8 @@ class DEQFlow(_FlowBase):
 
     def __init__(self, *, solver: str | eq.Solver = "anderson",
                  backward: str | eq.Backward = _PHANTOM,
-                 correction_states: int = 3, max_iter: int = 24, tol: float = 1e-3,
+                 correction_states: int = 3, jacobian_samples: int = 0, max_iter: int = 24,
+                 tol: float = 1e-3,
                  eval_max_iter: int = 32, eval_tol: float = 1e-3, width: int = 32,
                  hidden: int = 32, context: int = 32, motion: int = 48, levels: int = 3,
                  radius: int = 3) -> None:  # fmt: skip
@@ -352,6 +362,7 @@ class DEQFlow(_FlowBase):
         if not isinstance(correction_states, int) or correction_states < 1:
             raise ValueError(f"correction_states must be an int >= 1, got {correction_states!r}")
         self.correction_states = correction_states
+        self.jacobian_samples = check_int("jacobian_samples", jacobian_samples, minimum=0)
         self.deq = eq.DEQ(self.cell, solver=solver, backward=backward, tol=tol,
                           max_iter=max_iter, eval_tol=eval_tol,
                           eval_max_iter=eval_max_iter)  # fmt: skip
@@ -377,4 +388,9 @@ class DEQFlow(_FlowBase):
         assert sol is not None
         predictions = [self.cell.block.upsample(h, f) for h, f in states]
         last = tuple(s.detach() for s in states[-1])
-        return FlowOutput(predictions, last, sol.nstep, sol.residuals)  # type: ignore[arg-type]
+        jacobian = None
+        if self.training and self.jacobian_samples:
+            jacobian = eq.jacobian_penalty(lambda z: self.cell(z, x), sol.value,
+                                           samples=self.jacobian_samples)  # fmt: skip
+        return FlowOutput(predictions, last, sol.nstep, sol.residuals,  # type: ignore[arg-type]
+                          jacobian)  # fmt: skip
