@@ -497,6 +497,24 @@ def test_grad_option_errors(call, message):
         call(x)
 
 
+def test_mosaic_passes_and_checks_the_grad_options():
+    """The mosaic recipe builds its Hamburger with grad_steps and grad_init, and refuses them by
+    name where they do not apply."""
+    from equilibria.zoo.config import ConfigError
+    from equilibria.zoo.mosaic import VARIANTS, MosaicConfig, MosaicNet
+
+    config = MosaicConfig(**VARIANTS["+ Ham NMF, phantom(2) + init"])
+    block = MosaicNet(config).context
+    assert (block.grad, block.grad_steps, block.grad_init) == ("phantom", 2, True)
+    for bad, message in (
+        ({"grad": "one_step", "grad_init": True}, "grad_init applies"),
+        ({"ham": "vq", "grad": "jfb", "grad_init": True}, "grad_init applies"),
+        ({"grad": "jfb", "grad_steps": 2}, "grad_steps applies"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            MosaicConfig(block="ham", **bad)
+
+
 @pytest.mark.parametrize(
     "ham, grad, inv_t, seed",
     [("vq", "unrolled", 100.0, 0), ("vq", "jfb", 100.0, 2), ("cd", "unrolled", 1.0, 2),
