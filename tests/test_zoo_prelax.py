@@ -196,6 +196,24 @@ def test_random_label_subsets_and_few_label_probe():
     assert acc == 1.0
 
 
+def test_few_labels_beyond_the_smallest_class_are_refused():
+    """More labels per class than the smallest class holds: the subsets silently took the whole
+    class (the "few-label" probe became the full probe for it); now refused by name, by the
+    function and, before training, by the task (the val split's smallest class has 111)."""
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 6)
+    assert torch.bincount(labels[random_label_subsets(labels, 3, draws=1)[0]]).tolist() == [3] * 3
+    with pytest.raises(ValueError, match=r"per_class must be <= 3, .* class \(1\), got 4"):
+        random_label_subsets(labels, 4, draws=1)
+    with pytest.raises(ValueError, match="per_class must be <= 3"):
+        few_label_probe(torch.randn(14, 2), labels, torch.randn(4, 2), labels[:4], per_class=4,
+                        draws=2)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"few_labels must be <= 111, .*'val', got 112"):
+        PrelaxTask(PrelaxConfig(eval_split="val", few_labels=112)).setup(torch.device("cpu"))
+    PrelaxTask(PrelaxConfig(eval_split="test", few_labels=112)).setup(torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"few_labels must be <= 139, .*'test', got 140"):
+        PrelaxTask(PrelaxConfig(few_labels=140)).setup(torch.device("cpu"))
+
+
 class _Pixels(torch.nn.Module):
     """Features = the raw pixels (keep the orientation)."""
 

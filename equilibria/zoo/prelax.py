@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import trainer
-from .config import check_range, option
+from .config import ConfigError, check_range, option
 from .digits_model import TRAIN_SIZE, load_data
 from .distributed import DistInfo
 from .prelax_model import (
@@ -163,6 +163,13 @@ class PrelaxTask(Task):
             self.probe_data = (x_train[fit], y_train[fit], x_train[val], y_train[val])
         else:
             self.probe_data = self.data
+        smallest = int(torch.bincount(self.probe_data[1]).min())
+        if self.config.few_labels > smallest:  # refused before training, not at the first epoch
+            raise ConfigError(
+                f"PrelaxConfig: few_labels must be <= {smallest}, the smallest class of the "
+                f"probes' training images with eval_split={self.config.eval_split!r}, got "
+                f"{self.config.few_labels}"
+            )
 
     def build_model(self) -> nn.Module:
         c = self.config

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_int
 from .digits_model import shift_images
 
 Method = Literal["simsiam", "simsiam_rotation", "prelax"]
@@ -242,7 +243,21 @@ def knn_accuracy(
 
 def random_label_subsets(labels: Tensor, per_class: int, draws: int, seed: int = 0) -> list[Tensor]:
     """``draws`` labelled subsets of ``per_class`` images of every class, drawn without
-    replacement from a generator seeded by ``seed`` (the same subsets for every model)."""
+    replacement from a generator seeded by ``seed`` (the same subsets for every model).
+
+    Raises:
+        ValueError: if a class has fewer than ``per_class`` images (the subset would silently
+            hold all of them, and the "few-label" probe become the full one for that class).
+    """
+    check_int("per_class", per_class, minimum=1)
+    check_int("draws", draws, minimum=1)
+    classes, counts = labels.unique(return_counts=True)
+    if per_class > int(counts.min()):
+        smallest = int(counts.argmin())
+        raise ValueError(
+            f"per_class must be <= {int(counts.min())}, the images of the smallest class "
+            f"({int(classes[smallest])}), got {per_class}"
+        )
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(draws):
