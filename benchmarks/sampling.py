@@ -301,8 +301,9 @@ def main() -> None:
     args = parser.parse_args()
     cmd = shlex.join(["python", "benchmarks/sampling.py", *sys.argv[1:]])  # as it was run
     if args.recipe_runs is not None:
-        given = [o for o in ("quick", "no_digits", "steps", "seeds", "samples") if
-                 getattr(args, o) not in (None, False)]  # fmt: skip
+        # "is not": an explicit 0 (--seeds 0) equals False and slipped through "not in"
+        given = [o for o in ("quick", "no_digits", "steps", "seeds", "samples")
+                 if getattr(args, o) is not None and getattr(args, o) is not False]  # fmt: skip
         if given:
             opts = ", ".join("--" + o.replace("_", "-") for o in given)
             parser.error(f"--recipe-runs takes no solver-benchmark options, got {opts}")

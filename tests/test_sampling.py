@@ -579,3 +579,19 @@ def test_reprs_are_short():
         f"SamplingSolution(solver='picard', rounds={sol.rounds}, nfe={sol.nfe}, converged=2/2, "
         "T=10, window=10, tol=1e-06)"
     )
+
+
+@pytest.mark.parametrize("option", [["--seeds", "0"], ["--samples", "0"]])
+def test_recipe_runs_refuses_every_solver_benchmark_option(option):
+    """benchmarks/sampling.py --recipe-runs takes none of the solver benchmark's options; an
+    explicit 0 (--seeds 0, --samples 0) equals False and was ignored silently."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    argv = ["benchmarks/sampling.py", "--recipe-runs", "/nonexistent/run", *option]
+    done = subprocess.run([sys.executable, *argv, "--out", "/nonexistent"], cwd=root,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    expected = f"--recipe-runs takes no solver-benchmark options, got {option[0]}"
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
