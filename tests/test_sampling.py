@@ -453,6 +453,16 @@ def test_ddim_step_refuses_tensor_indices_out_of_range():
     torch.testing.assert_close(ok[0], sched.step(x[:1], x[:1], 9)[0], rtol=0, atol=0)
 
 
+def test_ddim_step_takes_uint8_indices_as_indices_not_as_a_mask():
+    """A uint8 k indexed the coefficients as a boolean mask: with M = T rows of k = 3 every row
+    got a different step's coefficients (c[0], ..., c[T-1]) instead of step 3's, silently."""
+    sched, x = _ok_sched(), _x(10)
+    expected = sched.step(x, x, 3)
+    for dtype in (torch.uint8, torch.int8, torch.int32, torch.int64):
+        got = sched.step(x, x, torch.full((10,), 3, dtype=dtype))
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_register_solver_by_name():
     from dataclasses import dataclass
     from typing import ClassVar

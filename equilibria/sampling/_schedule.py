@@ -286,7 +286,7 @@ class DDIM(Schedule):
         Args:
             x: (M, *shape) the states at step ``k``.
             model_output: (M, *shape) the model's prediction at ``(x, timesteps[k])``.
-            k: the step index, an int in [0, T) or an (M,) int64 tensor (one per row).
+            k: the step index, an int in [0, T) or an (M,) integer tensor (one per row).
             noise: (M, *shape) standard normal noise, required when ``eta > 0``.
         """
         T = len(self)
@@ -304,6 +304,8 @@ class DDIM(Schedule):
                     f"k must hold step indices in [0, {T}), got min {int(k.min())}, max "
                     f"{int(k.max())}"
                 )
+            # as indices: a uint8 tensor would index as a mask (all rows' coefficients)
+            k = k.long()
         elif isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < T:
             raise ValueError(f"k must be a step index in [0, {T}), got {k!r}")
         if model_output.shape != x.shape:
