@@ -33,6 +33,7 @@ Decomposition?", ICLR 2021, §2.2 (NMF, VQ, CD) and §2.3 (one-step gradient); S
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -431,7 +432,8 @@ def nmf(
         )
     if bases is not None and bool((bases < 0).any()):
         raise ValueError("nmf: initial bases must be non-negative")
-    return _nmf(p)
+    with _keep_dtype(x):
+        return _nmf(p)
 
 
 def _nmf(p: _Problem) -> Decomposition:
@@ -462,6 +464,22 @@ def _nmf(p: _Problem) -> Decomposition:
     product = _x_transpose_times(x, d)  # XᵀD, (B, n, r)
     coef = product.mul_(weight) if _no_graph(x) else product * weight
     return Decomposition(d, coef)
+
+
+def _keep_dtype(x: Tensor) -> contextlib.AbstractContextManager[object]:
+    """Autocast off for the functional forms where it would run x's products in another dtype.
+
+    Under autocast a float32 x had its products in float16 or bfloat16 against float32 iterates:
+    one-step NMF failed in place (``bmm(..., out=)`` of mixed dtypes), and CD (and bfloat16 BPTT
+    NMF) returned float16/bfloat16 coefficients with float32 bases, on which ``reconstruct()``
+    failed. The factors now come back in x's dtype, as without autocast; the functional forms'
+    lower precision is ``iter_dtype``. The Hamburger, whose lower bread already gives autocast's
+    dtype, calls the solvers directly and is unaffected.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) != x.dtype:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _float16_recorded(p: _Problem) -> bool:
@@ -643,8 +661,10 @@ def vq(
 
     Reference: Geng et al., "Is Attention Better Than Matrix Decomposition?", ICLR 2021, §2.2.
     """
-    return _vq(_problem("vq", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype,
-                        grad_steps))  # fmt: skip
+    p = _problem("vq", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype,
+                 grad_steps)  # fmt: skip
+    with _keep_dtype(x):
+        return _vq(p)
 
 
 def _vq(p: _Problem) -> Decomposition:
@@ -703,7 +723,9 @@ def cd(
     """
     p = _problem("cd", x, rank, steps, bases, inv_t, grad, eps, generator, iter_dtype,
                  grad_steps)  # fmt: skip
-    return _cd(p, check_float("beta", beta, low=0.0))
+    beta = check_float("beta", beta, low=0.0)
+    with _keep_dtype(x):
+        return _cd(p, beta)
 
 
 def _cd(p: _Problem, beta: float) -> Decomposition:
