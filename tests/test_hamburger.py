@@ -483,6 +483,9 @@ def test_hamburger_phantom_with_grad_init_matches_the_functional_form():
         (lambda x: nmf(x, 2, grad="phantom", grad_steps=0), "grad_steps"),
         (lambda x: nmf(x, 2, grad="one_step", grad_init=True), "grad_init=True applies to"),
         (lambda x: nmf(x, 2, grad="bptt", grad_init=True), "grad_init=True applies to"),
+        # the grad as given, not its canonical name 'unrolled'
+        (lambda x: nmf(x, 2, grad="bptt", grad_init=True), "got grad='bptt'"),
+        (lambda x: Hamburger(6, dim=6, rank=2, grad="bptt", grad_steps=3), "got grad='bptt'"),
         (lambda x: nmf(x, 2, grad="jfb", grad_init=1), "grad_init"),
         (lambda x: Hamburger(6, ham="vq", dim=6, rank=2, grad="jfb", grad_init=True), "ham='nmf'"),
         (

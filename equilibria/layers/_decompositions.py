@@ -146,7 +146,8 @@ class _Problem(NamedTuple):
 
 
 def _grad_options(grad: str, grad_steps: object, grad_init: object) -> tuple[int, bool]:
-    """Validates ``grad_steps`` and ``grad_init`` for a canonical ``grad`` mode.
+    """Validates ``grad_steps`` and ``grad_init`` for a ``grad`` already checked by
+    :func:`_grad_mode`, as given so that the errors name it (``"bptt"`` is ``"unrolled"`` here).
 
     Returns the number of recorded full updates (1 for ``"jfb"``, ``grad_steps`` for
     ``"phantom"``; unused otherwise) and ``grad_init``.
@@ -192,7 +193,7 @@ def _problem(
     _check_finite(f"{fn}: x", x)
     check_int("steps", steps, minimum=0)
     mode = _grad_mode(grad)
-    grad_steps, grad_init = _grad_options(mode, grad_steps, grad_init)
+    grad_steps, grad_init = _grad_options(grad, grad_steps, grad_init)  # names the grad as given
     eps = check_float("eps", eps, low=0.0)
     inv_t = check_float("inv_t", inv_t, low=0.0)
     check_generator(generator)

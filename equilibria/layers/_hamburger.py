@@ -245,7 +245,7 @@ class _HamburgerBase(nn.Module):
         inv_t = _DEFAULT_INV_T[ham] if inv_t is None else check_float("inv_t", inv_t, low=0.0)
         beta = check_float("beta", beta, low=0.0)
         given_grad, grad = grad, _grad_mode(grad)  # "bptt" is stored as "unrolled"
-        grad_steps, grad_init = _grad_options(grad, grad_steps, grad_init)
+        grad_steps, grad_init = _grad_options(given_grad, grad_steps, grad_init)
         if grad_init and ham != "nmf":
             raise ValueError(
                 f"grad_init=True applies to ham='nmf' (whose initial coefficients depend on the "
