@@ -1080,13 +1080,13 @@ BAD_CALLS = [
     (
         lambda: cd(X, 2, grad="bptt", iter_dtype=torch.bfloat16),
         ValueError,
-        "applies to the no-grad iterations of grad='one_step'",
+        "applies to the no-grad iterations of grad='one_step', 'jfb' or 'phantom', got grad='bptt'",
     ),
     (
         lambda: Hamburger(8, grad="bptt", iter_dtype=torch.bfloat16),
         ValueError,
-        "iter_dtype=torch.bfloat16 applies to grad='one_step' or 'jfb' only (or must equal the "
-        "parameter dtype torch.float32), got grad='bptt'",
+        "iter_dtype=torch.bfloat16 applies to grad='one_step', 'jfb' or 'phantom' only (or must "
+        "equal the parameter dtype torch.float32), got grad='bptt'",
     ),
     (lambda: nmf(X_NAN, 2), ValueError, "nmf: x must be finite (no NaN or Inf), got 1 non-finite"),
     (lambda: nmf(X_NAN, 2), ValueError, "the first nan at index (1, 2, 3)"),

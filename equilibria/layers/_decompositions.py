@@ -116,15 +116,15 @@ def _check_float_dtype(name: str, dtype: object) -> None:
 
 
 def _check_iter_dtype(iter_dtype: object, x: Tensor, grad: str) -> torch.dtype | None:
-    """None (work in x.dtype) or a floating dtype for the no-grad iterations of ``one_step``
-    and ``jfb``."""
+    """None (work in x.dtype) or a floating dtype for the no-grad iterations of ``one_step``,
+    ``jfb`` and ``phantom``."""
     if iter_dtype is None or iter_dtype == x.dtype:
         return None
     _check_float_dtype("iter_dtype", iter_dtype)
     if _grad_mode(grad) == "unrolled":
         raise ValueError(
-            f"iter_dtype={iter_dtype} applies to the no-grad iterations of grad='one_step' or "
-            f"'jfb', got grad={grad!r}"
+            f"iter_dtype={iter_dtype} applies to the no-grad iterations of grad='one_step', "
+            f"'jfb' or 'phantom', got grad={grad!r}"
         )
     return iter_dtype
 
@@ -403,14 +403,15 @@ def nmf(
         eps: added to every denominator.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
-            ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
-            their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
-            differentiated steps stay in x.dtype.
+            ``grad="one_step"``, ``"jfb"`` or ``"phantom"`` (``None``: x.dtype).
+            ``torch.bfloat16`` halves their cost on CPUs with AVX512-BF16 or AMX and on recent
+            GPUs; the iterates and the differentiated steps stay in x.dtype.
         grad_steps: recorded (C, D) updates of ``grad="phantom"``, ≥ 1 (``"jfb"``: 1); more
             than ``steps`` records them all (BPTT but for the initialisation, see ``grad_init``).
         grad_init: with ``"jfb"`` or ``"phantom"``, let the iterate the recorded updates start
             from keep the gradient of the softmax initialisation, the no-grad updates' ratios held
-            constant (see the module docstring); with ``grad_steps >= steps`` this is BPTT.
+            constant (see the module docstring); with ``grad_steps >= steps`` this is BPTT's
+            gradient in x (given ``bases`` get none from ``"jfb"`` or ``"phantom"``).
 
     Returns:
         :class:`Decomposition` with bases (B, d, r) and coef (B, n, r).
@@ -652,9 +653,9 @@ def vq(
         eps: added to norms and column sums.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
-            ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
-            their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
-            differentiated steps stay in x.dtype.
+            ``grad="one_step"``, ``"jfb"`` or ``"phantom"`` (``None``: x.dtype).
+            ``torch.bfloat16`` halves their cost on CPUs with AVX512-BF16 or AMX and on recent
+            GPUs; the iterates and the differentiated steps stay in x.dtype.
         grad_steps: recorded (C, D) updates of ``grad="phantom"``, ≥ 1 (``"jfb"``: 1).
 
     Returns:
@@ -711,9 +712,9 @@ def cd(
         eps: added to norms and column sums.
         generator: random generator for the initial bases (a CPU one also serves CUDA data).
         iter_dtype: dtype of the big matrix products of the no-grad iterations of
-            ``grad="one_step"`` or ``"jfb"`` (``None``: x.dtype). ``torch.bfloat16`` halves
-            their cost on CPUs with AVX512-BF16 or AMX and on recent GPUs; the iterates and the
-            differentiated steps stay in x.dtype.
+            ``grad="one_step"``, ``"jfb"`` or ``"phantom"`` (``None``: x.dtype).
+            ``torch.bfloat16`` halves their cost on CPUs with AVX512-BF16 or AMX and on recent
+            GPUs; the iterates and the differentiated steps stay in x.dtype.
         grad_steps: recorded (C, D) updates of ``grad="phantom"``, ≥ 1 (``"jfb"``: 1).
 
     Returns:

@@ -268,8 +268,8 @@ class _HamburgerBase(nn.Module):
             # the functional rule (_check_iter_dtype): iter_dtype equal to the working dtype is
             # a no-op and allowed with any grad
             raise ValueError(
-                f"iter_dtype={iter_dtype} applies to grad='one_step' or 'jfb' only (or must "
-                f"equal the parameter dtype {param_dtype}), got grad={given_grad!r}"
+                f"iter_dtype={iter_dtype} applies to grad='one_step', 'jfb' or 'phantom' only "
+                f"(or must equal the parameter dtype {param_dtype}), got grad={given_grad!r}"
             )
         self.iter_dtype = iter_dtype
         self.channels, self.ham, self.dim, self.rank = channels, ham, dim, rank
@@ -489,10 +489,10 @@ class Hamburger(_HamburgerBase):
         lower_bread: apply the C → d projection; when False the ham works on x itself (dim must
             equal channels, and NMF requires x ≥ 0).
         eps: added to the decompositions' denominators.
-        iter_dtype: dtype of the big products of the no-grad iterations (``grad="one_step"``
-            or ``"jfb"``); ``None`` uses the input's dtype, ``torch.bfloat16`` about halves
-            their cost on CPUs with AVX512-BF16/AMX and on recent GPUs. The differentiated
-            steps keep the input dtype.
+        iter_dtype: dtype of the big products of the no-grad iterations (``grad="one_step"``,
+            ``"jfb"`` or ``"phantom"``); ``None`` uses the input's dtype, ``torch.bfloat16``
+            about halves their cost on CPUs with AVX512-BF16/AMX and on recent GPUs. The
+            differentiated steps keep the input dtype.
         device: device of the parameters.
         dtype: dtype of the parameters.
 
