@@ -705,12 +705,13 @@ def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("color", [False, True])
-def test_tiling_the_shipped_model_changes_less_than_one_8_bit_level(color: bool) -> None:
-    """The shipped DEQ's receptive field exceeds the margin and each tile's solve stops at its own
-    relative residual (tol 1e-3), so tiled and whole-image results differ, by less than one 8-bit
-    level: measured 0.52 / 255 on the 512² camera with the command's tiles (256, overlap 32),
-    largest inside a tile where both overlapping tiles have weight 1, i.e. from the solver's stop,
-    not the seams (without overlap the seams reach 43 / 255; benchmarks/denoise_tools.py)."""
+def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool) -> None:
+    """The shipped DEQ's receptive field exceeds the margin (every solver iteration widens it, by
+    4 pixels at half resolution), so tiled and whole-image results differ near the seams. Measured
+    here (tiles 48, overlap 16): 0.72 / 255 grey, 2.05 / 255 colour, the same with the solver's
+    tolerance at 1e-5 instead of 1e-3 (so from the tiles' borders, not the solver's stop); on the
+    512² camera with the command's tiles (256, overlap 32) 1.54 / 255 at the same PSNR to 0.001 dB
+    (without overlap the seams reach 30 / 255; benchmarks/denoise_tools.py)."""
     from equilibria.zoo.denoise_model import load_shipped
 
     model = load_shipped(color=color)
@@ -720,7 +721,9 @@ def test_tiling_the_shipped_model_changes_less_than_one_8_bit_level(color: bool)
     with torch.inference_mode():
         whole = model(x, sigma)
         tiled = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=16)
-    assert (tiled - whole).abs().max() < 1 / 255
+        seams = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=0)
+    assert (tiled - whole).abs().max() < (2.5 if color else 1.0) / 255
+    assert (seams - whole).abs().max() > 5 * (tiled - whole).abs().max()  # the blend matters
 
 
 def test_cli_damaged_shipped_weights_are_one_line_with_status_1(
