@@ -10,9 +10,9 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
   equilibrium of the cell ``f(z) = relu(u + W_b * relu(W_a * z + b_a))`` with W_a, W_b 3×3
   convolutions whose filters are weight-normalised to the fixed norm ``gain`` (computed once per
   forward call, not per iteration). This bounds each filter, not the map's Lipschitz constant:
-  the operator norms of the shipped grey model's W_a, W_b are about 2.5 and 2.0, so contraction
+  the operator norms of the shipped grey model's W_a, W_b are about 2.6 and 3.6, so contraction
   is not guaranteed; it is observed at the fixed point (Jacobian spectral radius about 0.74 on a
-  ``camera`` crop at σ = 25, power iteration) and the solver reports its residual. The
+  ``camera`` 256² crop at σ = 25, power iteration) and the solver reports its residual. The
   decoder reads ``n̂ = conv(relu(conv(z*)))``. Solved by Anderson acceleration, trained with the
   implicit gradient or a phantom gradient (Chen, Wang, Geng et al., "Equilibrium Image Denoising
   With Implicit Differentiation", IEEE TIP 2023, solve the noise features of a denoiser as such
@@ -27,7 +27,8 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
   cell applied exactly K times from z = 0 and trained by backpropagation through the K steps.
 * :class:`CNNDenoiser`: DnCNN-style plain network ``conv → (relu conv)×L → relu conv`` without
   batch normalisation (which would make the output depend on the batch and the tile); with
-  L = 4 and the same width it has the DEQ's parameter count to 0.1 % (84,481 vs 84,433).
+  L = 4 and the same width it has the full-resolution DEQ's parameter count to 0.1 % (84,481
+  vs 84,433); the shipped half-resolution DEQ (``scale=2``, width 47) has 83,523, 1.1 % fewer.
 
 :func:`load_shipped` loads the trained models shipped in ``equilibria/zoo/weights``
 (``denoise_gray`` / ``denoise_color``: safetensors weights, their config and SHA-256 in the
