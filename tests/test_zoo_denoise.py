@@ -4,8 +4,10 @@ convergence, anytime behaviour), the implicit gradient in float64, and input val
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 
 import equilibria as eq
 from equilibria.zoo.checkpoint import load_checkpoint
-from equilibria.zoo.config import ConfigError
+from equilibria.zoo.config import ConfigError, parse_options, to_dict
 from equilibria.zoo.denoise import DenoiseConfig, DenoiseTask, crop_center, psnr
 from equilibria.zoo.denoise_data import (
     COLOR_TEST_IMAGES,
@@ -49,7 +51,8 @@ TINY = dict(
         {"model": "deq", "backward": "implicit"},
         {"model": "deq", "backward": "phantom"},
         {"model": "deq", "backward": "implicit", "jac_reg": 0.1},
-        {"model": "cnn"},
+        {"model": "deq", "scale": 1, "backward": "implicit"},
+        {"model": "cnn", "scale": 1},
         {"model": "unrolled"},
         {"model": "deq", "color": True},
     ],
@@ -88,7 +91,8 @@ def test_half_resolution_models_are_exact_pixel_shuffles(model: str, color: bool
 
 
 def test_equal_parameter_counts() -> None:
-    counts = {m: sum(p.numel() for p in build_model(DenoiseConfig(model=m)).parameters())
+    full = {"scale": 1, "width": 48}
+    counts = {m: sum(p.numel() for p in build_model(DenoiseConfig(model=m, **full)).parameters())
               for m in ("deq", "cnn", "unrolled")}  # fmt: skip
     assert counts["deq"] == counts["unrolled"]
     assert abs(counts["cnn"] - counts["deq"]) / counts["deq"] < 0.01
@@ -181,6 +185,117 @@ def test_patch_larger_than_a_training_image_is_refused(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# the defaults are the shipped design
+
+ROOT = Path(__file__).resolve().parents[1]
+# the defaults before the shipped design became them (full resolution, implicit gradient): the
+# committed baselines and validation variants were trained by commands read on top of these
+OLD_DEFAULTS = {
+    "--scale": "1", "--width": "48", "--max-iter": "12", "--backward": "implicit",
+    "--phantom-steps": "5", "--phantom-damping": "0.5", "--epochs": "6",
+    "--steps-per-epoch": "50",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_defaults_are_the_shipped_design(color: bool) -> None:
+    """``equilibria train denoise`` with no options trains the config recorded beside the shipped
+    weights: every option is the default but ``report`` (the training script turns it off, run
+    control) and, for the colour model, its 15 epochs (its 150 CPU s budget; the defaults are the
+    grey model's 28)."""
+    recorded = json.loads(shipped_paths(color)[1].read_text())["config"]
+    argv = ["--color"] if color else []
+    defaults = to_dict(parse_options(DenoiseConfig, argv, prog="equilibria train denoise"))
+    assert defaults.keys() == recorded.keys()
+    differ = {k: (recorded[k], defaults[k]) for k in recorded if recorded[k] != defaults[k]}
+    assert differ == {"report": (False, True), **({"epochs": (15, 28)} if color else {})}
+
+
+def _script():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(
+        "train_shipped_denoiser", ROOT / "benchmarks" / "train_shipped_denoiser.py"
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _with_old_defaults(options: str) -> str:
+    given = shlex.split(options)
+    pairs = dict(zip(given[::2], given[1::2], strict=True))  # these commands take no flags
+    return shlex.join(itertools.chain.from_iterable({**OLD_DEFAULTS, **pairs}.items()))
+
+
+def _docs_commands() -> list[list[str]]:
+    """The ``train_shipped_denoiser.py`` command lines of docs/recipes/denoise.md."""
+    text = (ROOT / "docs" / "recipes" / "denoise.md").read_text().replace("\\\n", " ")
+    prefix = "python benchmarks/train_shipped_denoiser.py "
+    return [shlex.split(line.strip()[len(prefix) :]) for line in text.splitlines()
+            if line.strip().startswith(prefix)]  # fmt: skip
+
+
+def test_the_docs_commands_rebuild_the_committed_configs() -> None:
+    """Every training command on the recipe page, run now (on the shipped-design defaults),
+    builds the config its committed record was trained with: the baselines' and the shipped
+    weights' recorded configs (the step counts as recorded: calibrated in CPU time), and the
+    validation variants' configs from their recorded options read on top of the old defaults."""
+    script = _script()
+    parser = script.make_parser()
+    variants = json.loads((ROOT / "benchmarks/results/denoise_variants.json").read_text())
+    seen = set()
+    for argv in _docs_commands():
+        args = parser.parse_args(argv)
+        kind = "color" if args.color else "gray"
+        for name, base in script.base_configs(args).items():
+            if args.validation:
+                key = f"{args.name}/{name}_{kind}"
+                old = parser.parse_args(shlex.split(variants[key]["command"])[2:])
+                old.options = _with_old_defaults(old.options)
+                run = Path("run")  # the step count comes from the calibration in CPU time
+                then = script.run_config(script.base_configs(old)[name], 1, run)
+                assert to_dict(script.run_config(base, 1, run)) == to_dict(then), (key, argv)
+            else:
+                tag = f"_{args.tag}" if args.tag else ""
+                if name == "deq" and not tag:
+                    path = shipped_paths(args.color)[1]
+                else:
+                    path = script.BASELINE_DIR / f"{name}_{kind}{tag}.json"
+                record = json.loads(path.read_text())
+                key = str(path.relative_to(ROOT))
+                epochs = record["config"]["epochs"]
+                assert record["steps"] == args.steps or not args.steps, key
+                config = script.run_config(base, epochs, Path("run"))
+                assert script.recorded_config(config) == record["config"], (key, argv)
+                # and the recorded command, read on top of the old defaults, built it too
+                old = parser.parse_args(shlex.split(record["command"])[2:])
+                old.options = _with_old_defaults(old.options)
+                config = script.run_config(script.base_configs(old)[name], epochs, Path("run"))
+                assert script.recorded_config(config) == record["config"], key
+            seen.add(key)
+    shipped = {str(shipped_paths(color)[1].relative_to(ROOT)) for color in (False, True)}
+    baselines = {str(p.relative_to(ROOT)) for p in script.BASELINE_DIR.glob("*.json")}
+    assert seen == shipped | baselines | set(variants)
+
+
+def test_the_training_script_checks_every_model_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # with the shipped-design defaults the CNN refuses scale 2; the DEQ listed first used to
+    # train (300 CPU s) before the CNN's options were read
+    script = _script()
+
+    def calibrate(config: DenoiseConfig) -> float:
+        raise AssertionError(f"{config.model} started before every model's options were checked")
+
+    monkeypatch.setattr(script, "calibrate", calibrate)
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--models", "deq,cnn", "--run-root", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "--options: DenoiseConfig: scale=2 is an option of the DEQ" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
 # shipped weights
 
 
@@ -228,6 +343,20 @@ def test_shipped_deq_converges_and_denoises() -> None:
     assert bool(sol.converged.all()), f"residual {sol.residual} after {sol.nstep} iterations"
     assert float(sol.residual.max()) <= model.deq.eval_tol
     assert float(psnr(out, clean)) > float(psnr(noisy, clean)) + 5.0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(1, 1), (1, 3), (3, 1), (2, 5), (37, 53)])
+def test_shipped_half_resolution_deq_takes_any_size(size: tuple[int, int]) -> None:
+    # scale 2: an odd side is padded by a replicated row / column, and the output cropped back
+    model = load_shipped(False)
+    assert model.scale == 2
+    x = torch.rand(1, 1, *size, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([25 / 255])
+    padded = torch.nn.functional.pad(x, (0, size[1] % 2, 0, size[0] % 2), mode="replicate")
+    out = model(x, sigma)
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out, model(padded, sigma)[..., : size[0], : size[1]])
 
 
 @torch.no_grad()
@@ -339,7 +468,8 @@ def test_implicit_gradient_matches_backprop_through_the_converged_solve() -> Non
     "kwargs, match",
     [
         ({"sigma_min": 30.0, "sigma_max": 20.0}, "sigma_min must be <= sigma_max"),
-        ({"model": "cnn", "jac_reg": 0.1}, "jac_reg=0.1 needs model 'deq'"),
+        ({"model": "cnn", "scale": 1, "jac_reg": 0.1}, "jac_reg=0.1 needs model 'deq'"),
+        ({"jac_reg": 0.1}, "with backward 'implicit'.* got model 'deq', backward 'phantom'"),
         ({"model": "mlp"}, "model"),
         ({"patch": 4}, "patch"),
         ({"test_crop": 8}, "test_crop must be 0 or >= 16"),
@@ -347,6 +477,7 @@ def test_implicit_gradient_matches_backprop_through_the_converged_solve() -> Non
         ({"phantom_damping": 1.5}, "phantom_damping"),
         ({"scale": 3}, "scale"),
         ({"model": "cnn", "scale": 2}, "scale=2 is an option of the DEQ and the unrolled"),
+        ({"model": "cnn"}, r"pass scale 1 \(--scale 1; the benchmarked CNN: --model cnn --scale"),
     ],
 )
 def test_config_errors(kwargs: dict, match: str) -> None:
