@@ -208,6 +208,40 @@ def test_tile_starts_cover_the_axis_with_the_overlap(size: int, tile: int, overl
     assert w.min() == 0 and w.max() == 1 and w.numel() == tile
 
 
+@pytest.mark.parametrize("align", [1, 2, 3])
+def test_aligned_tile_starts_cover_the_axis_with_the_overlap(align: int) -> None:
+    for size, tile, overlap in itertools.product(range(1, 90), (8, 9, 24, 25), (0, 1, 3, 4, 8)):
+        if overlap > tile // 2:
+            continue
+        starts = tile_starts(size, tile, overlap, align)
+        assert starts[0] == 0 and all(s % align == 0 for s in starts)
+        last = size - starts[-1]  # the last tile's length: up to align - 1 short of tile
+        assert last == size if size <= tile else tile - align < last <= tile
+        assert all(a + tile - b >= overlap and b > a for a, b in itertools.pairwise(starts))
+    assert tile_starts(53, 24, 8) == [0, 16, 29] and tile_starts(53, 24, 8, 2) == [0, 16, 30]
+
+
+def test_aligned_tiling_is_exact_for_a_map_on_pixel_unshuffle_sub_images() -> None:
+    """A map on the 2 × 2 sub-images of pixel_unshuffle (odd sides padded by replication, as the
+    shipped denoisers do) with a receptive radius within the margin: tiles at even offsets give
+    the whole-image result to round-off on odd-sized images; at odd offsets they do not."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        h, w = t.shape[-2:]
+        low = F.pixel_unshuffle(F.pad(t, (0, w % 2, 0, h % 2), mode="replicate"), 2)
+        return F.pixel_shuffle(conv(low), 2)[..., :h, :w]
+
+    x = torch.rand(1, 1, 37, 53)
+    with torch.no_grad():
+        whole = fn(x)
+        aligned = tiled_apply(fn, x, tile=24, overlap=12, align=2)
+        odd = tiled_apply(fn, x, tile=24, overlap=12)
+    torch.testing.assert_close(aligned, whole, atol=1e-6, rtol=0)
+    assert float((odd - whole).abs().max()) > 1e-2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -216,6 +250,13 @@ def test_tile_starts_cover_the_axis_with_the_overlap(size: int, tile: int, overl
         ({"overlap": -1}, ValueError, "overlap must be in"),
         ({"overlap": 8, "margin": 5}, ValueError, "margin must be an int in"),
         ({"tile": 32.0}, TypeError, "tile must be an int"),
+        (
+            {"tile": 16, "overlap": 4, "align": 9},
+            ValueError,
+            r"align must be an int in \[1, tile // 2 = 8\]",
+        ),
+        ({"align": 0}, ValueError, "align must be an int in"),
+        ({"align": True}, ValueError, "align must be an int in"),
     ],
 )
 def test_tiling_bad_arguments(kwargs, error, match) -> None:
@@ -689,6 +730,60 @@ def test_cli_with_the_shipped_model(tmp_path: Path, capsys) -> None:
     assert "solver:" in out and "sigma: 25.00" in out
     result = read_image(tmp_path / "o.png").pixels
     assert _psnr(result, clean) > _psnr(read_image(src).pixels, clean) + 3
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_cli_shipped_half_resolution_model_takes_odd_sizes(
+    tmp_path: Path, capsys, color: bool
+) -> None:
+    """The shipped models run on the half-resolution sub-images (scale 2): a 37 × 53 image is
+    padded by a replicated row and column and cropped back. Whole, the file holds the model's
+    output. In 24² tiles overlapping by 8 the command starts the tiles at even offsets (rows 0,
+    14; columns 0, 16, 30), so each tile groups its pixels into sub-images as the whole image
+    does: the largest change from the whole-image result is then about 5 / 255 (the seams); the
+    tiles the command used to cut (rows 0, 13; columns 0, 16, 29) changed it by up to 17 / 255
+    (grey; colour 23)."""
+    from equilibria.zoo.denoise_model import load_shipped
+
+    model = load_shipped(color)
+    assert model.scale == 2
+    if color:  # a natural image (the synthetic one of _noisy is beyond the colour model)
+        clean = skimage_data.astronaut()[100:137, 200:253] / 255.0
+        rng = np.random.default_rng(0)
+        src = _save(tmp_path / "in.png", clean + 25 / 255 * rng.standard_normal(clean.shape), 16)
+    else:
+        clean = _noisy(color, size=(37, 53), sigma255=0)
+        src = _save(tmp_path / "in.png", _noisy(color, size=(37, 53)), 16)
+    noisy = read_image(src).pixels
+    rc, out, err = _run(capsys, str(src), "--sigma", "25", "-o", str(tmp_path / "whole.png"))
+    assert rc == 0, err
+    assert "1 tile(s)" in out
+    x = torch.from_numpy(noisy).float()
+    x = x.permute(2, 0, 1)[None] if color else x[None, None]
+    with torch.no_grad():
+        y = model(x, torch.full((1,), 25 / 255)).clamp(0, 1)[0]
+    expected = (y.permute(1, 2, 0) if color else y[0]).double().numpy()
+    whole = read_image(tmp_path / "whole.png").pixels
+    assert whole.shape == noisy.shape == expected.shape
+    assert np.abs(whole - expected).max() <= 0.5 / 65535 + 1e-6
+    assert _psnr(whole, clean) > _psnr(noisy, clean) + 3
+    argv = ["--sigma", "25", "-o", str(tmp_path / "tiled.png"), "--tile", "24", "--overlap", "8"]
+    rc, out, err = _run(capsys, str(src), *argv)
+    assert rc == 0, err
+    assert "6 tile(s)" in out
+    tiled = read_image(tmp_path / "tiled.png").pixels
+    assert tiled.shape == noisy.shape
+    change = np.abs(tiled - whole).max()
+    with torch.no_grad():
+        odd = tiled_apply(lambda t: model(t, torch.full((1,), 25 / 255)), x, tile=24, overlap=8)
+    odd = (odd.clamp(0, 1)[0].permute(1, 2, 0) if color else odd.clamp(0, 1)[0, 0]).numpy()
+    print(
+        f"tiles at even offsets: {255 * change:.2f} / 255, "
+        f"odd: {255 * np.abs(odd - whole).max():.2f} / 255"
+    )
+    assert change < (10 if color else 6) / 255
+    assert np.abs(odd - whole).max() > 2 * change  # the alignment matters
+    assert abs(_psnr(tiled, clean) - _psnr(whole, clean)) < 0.1
 
 
 def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:

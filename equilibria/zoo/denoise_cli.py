@@ -23,7 +23,9 @@
   a temporary file beside OUT and renames it, so a failure leaves OUT (and an input written over)
   intact.
 * ``--tile``/``--overlap``: the image is denoised in tiles of at most ``tile²`` pixels blended
-  seam-free (:func:`equilibria.zoo.denoise_tiling.tiled_apply`), so memory stays bounded.
+  seam-free (:func:`equilibria.zoo.denoise_tiling.tiled_apply`), so memory stays bounded; for
+  the half-resolution shipped models (``scale=2``) every tile starts at an even offset, so that
+  it groups pixels into sub-images as the whole image does (any size, odd ones included).
 * ``--iters K``: the equilibrium solver's iteration budget (default: the model's).
 
 It prints σ (given or estimated), the solver's iterations and largest relative residual over
@@ -228,7 +230,9 @@ def run_denoise(args: argparse.Namespace) -> int:
         return out
 
     with torch.inference_mode():
-        y = tiled_apply(denoise_tile, x, tile=args.tile, overlap=args.overlap)
+        # a half-resolution model (scale 2) needs tiles at even offsets (see tiled_apply)
+        align = getattr(model, "scale", 1)
+        y = tiled_apply(denoise_tile, x, tile=args.tile, overlap=args.overlap, align=align)
     if not bool(torch.isfinite(y).all()):
         raise RuntimeError("the denoiser returned non-finite values")
     y = y.clamp(0, 1)[0].to("cpu", torch.float64)
