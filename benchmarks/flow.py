@@ -50,7 +50,7 @@ from equilibria.zoo.flow_model import DEQFlow, end_point_error, forward_warp
 
 from common import RESULTS, write_result
 
-ITERS = (8, 16, 32)
+ITERS = (8, 16, 32, 64)
 CURVE = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # iterations of the reuse curves
 
 
@@ -128,10 +128,11 @@ def run_one(
         "zero_flow_epe": summary["zero_flow_epe"],
         "peak_train_mb": summary["peak_mem_mb"],
         "wall_step_ms": summary["step_ms"],
-        "epe_by_iters": {
-            str(k): evaluate_flow(model, task.test, iters=k, tol=0.0)["epe"] for k in ITERS
-        },
     }
+    evals = {k: evaluate_flow(model, task.test, iters=k, tol=0.0) for k in ITERS}
+    result["epe_by_iters"] = {str(k): e["epe"] for k, e in evals.items()}
+    if isinstance(model, DEQFlow):  # median relative residual of the last solver iteration
+        result["residual_by_iters"] = {str(k): e["residual"] for k, e in evals.items()}
     if isinstance(model, DEQFlow):
         seq = make_sequences(
             np.random.default_rng(30_000), "test", args.seq_count, frames=args.seq_frames,
@@ -229,7 +230,8 @@ def main() -> None:
                 runs[name].append(r)
                 extra = ""
                 if "reuse" in r:
-                    extra = f" | reuse saving {r['reuse']['iter_saving']}"
+                    extra = (f" | residual by iters {r['residual_by_iters']}"
+                             f" | reuse saving {r['reuse']['iter_saving']}")  # fmt: skip
                 print(f"seed {seed} {name}: EPE {r['epe']:.3f} by iters {r['epe_by_iters']} | "
                       f"peak {r['peak_train_mb']:.1f} MB | train CPU {r['train_cpu_s']:.0f} s"
                       f"{extra}", flush=True)  # fmt: skip
@@ -257,6 +259,7 @@ def main() -> None:
                 None if None in savings else statistics.fmean(savings)  # type: ignore[arg-type]
             )
             entry["reuse"] = [r["reuse"] for r in rs]
+            entry["residual_by_iters"] = [r["residual_by_iters"] for r in rs]
         payload[name] = entry
     payload["zero_flow_epe"] = runs["deq"][0]["zero_flow_epe"]
     d, r = payload["deq"], payload["raft"]
@@ -264,6 +267,7 @@ def main() -> None:
         "deq_epe_over_raft": d["epe"] / r["epe"],
         "deq_mem_over_raft": d["peak_train_mb"] / r["peak_train_mb"],
         "deq_epe_32_over_8": d["epe_by_iters"]["32"] / d["epe_by_iters"]["8"],
+        "deq_epe_64_over_32": d["epe_by_iters"]["64"] / d["epe_by_iters"]["32"],
         "raft_epe_32_over_8": r["epe_by_iters"]["32"] / r["epe_by_iters"]["8"],
     }
     payload["setup"] = {**vars(args), "out": str(args.out), "budget": "process CPU time"}

@@ -25,6 +25,7 @@ from equilibria.zoo.flow_data import (
 )
 from equilibria.zoo.flow_model import (
     DEQFlow,
+    FlowCell,
     convex_upsample,
     correlation_pyramid,
     forward_warp,
@@ -212,6 +213,34 @@ def test_deq_flow_solves_with_the_library_deq_on_the_tuple_state() -> None:
     assert model.deq.last_solution is not None and model.deq.last_solution.nstep == 5
 
 
+def test_deq_flow_map_has_a_contractive_flow_path_and_raft_keeps_its_update() -> None:
+    # With flow' = flow + delta (decay 1) every flow is a fixed point of a map whose update
+    # vanishes, so a bias in the update drifts the flow forever; with the recipe's decay 0.9
+    # the flow of the fixed point is delta* / (1 - decay): 0 for a zero update, from any start.
+    torch.manual_seed(0)
+    deq = build_model(FlowConfig(**{**TINY, "model": "deq"}))
+    raft = build_model(FlowConfig(**{**TINY, "model": "raft"}))
+    assert isinstance(deq, DEQFlow) and deq.cell.decay == FlowConfig.flow_decay == 0.9
+    assert raft.cell.decay == 1.0
+    last = deq.cell.block.delta[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    seq = make_sequences(np.random.default_rng(0), "train", 2, size=32)
+    deq.eval()
+    with torch.no_grad():
+        x, hidden = deq.prepare(seq.frames[:, 0], seq.frames[:, 1])
+        z = (hidden, torch.full_like(x[1], 3.0))
+        _, f1 = deq.cell(z, x)
+        torch.testing.assert_close(f1, torch.full_like(f1, 2.7))
+        out = deq(seq.frames[:, 0], seq.frames[:, 1], init=z, iters=200, tol=1e-5)
+    assert out.residuals is not None and float(out.residuals[-1].max()) < 1e-5
+    assert float(out.state[1].abs().max()) < 1e-3
+    with pytest.raises(ValueError, match=r"flow_decay must be a float in \(0, 1\], got 0"):
+        DEQFlow(flow_decay=0)
+    with pytest.raises(ValueError, match=r"decay must be a float in \(0, 1\], got True"):
+        FlowCell(deq.cell.block, 2, True)
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{"model": "raft"}, {"model": "deq"}, {"model": "deq", "backward": "implicit",
@@ -294,6 +323,8 @@ def test_sequence_reuse_counts_iterations_cold_and_warm() -> None:
         ("gamma", 0.0, "gamma"),
         ("correction_states", 9, "correction_states must be <= max_iter=6"),
         ("phantom_damping", 1.5, "phantom_damping"),
+        ("flow_decay", 0.0, "flow_decay"),
+        ("flow_decay", 1.5, "flow_decay"),
     ],
 )
 def test_config_rejects_bad_values(field: str, value: object, fragment: str) -> None:

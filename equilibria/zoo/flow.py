@@ -97,6 +97,11 @@ class FlowConfig(RunOptions):
     correction_states: int = option(
         2, "DEQ: states supervised along the trajectory (fixed-point correction; 1 = off)"
     )
+    flow_decay: float = option(
+        0.9,
+        "DEQ: the map's flow update is flow' = flow_decay * flow + delta, in (0, 1]; < 1 makes"
+        " the flow path contractive so that the solve reaches a fixed point (1: RAFT's update)",
+    )
     jacobian_weight: float = option(
         0.0, "DEQ: weight of the Jacobian penalty ||J||_F^2 / D at the equilibrium (0 = off)"
     )
@@ -135,6 +140,7 @@ class FlowConfig(RunOptions):
         check_range(self, "weight_decay", low=0)
         check_range(self, "clip", low=0)
         check_range(self, "jacobian_weight", low=0)
+        check_range(self, "flow_decay", low=0, high=1, low_open=True)
         multiple = 4 * 2 ** (self.levels - 1)
         if self.size % multiple:
             raise ConfigError(
@@ -162,7 +168,7 @@ def build_model(config: FlowConfig) -> RAFT | DEQFlow:
                    correction_states=config.correction_states,
                    jacobian_samples=1 if config.jacobian_weight else 0, max_iter=config.max_iter,
                    tol=config.tol, eval_max_iter=config.eval_iters, eval_tol=config.tol,
-                   **sizes)  # fmt: skip
+                   flow_decay=config.flow_decay, **sizes)  # fmt: skip
 
 
 def evaluate_flow(
@@ -181,11 +187,14 @@ def evaluate_flow(
         tol: DEQ only: this evaluation's tolerance (0 runs exactly ``iters`` iterations).
 
     Returns:
-        ``epe`` (all pixels), ``epe_valid`` (non-occluded pixels), ``zero_flow_epe``, and
-        ``eval_iters`` (mean solver iterations per batch; RAFT: its unrolled count).
+        ``epe`` (all pixels), ``epe_valid`` (non-occluded pixels), ``zero_flow_epe``,
+        ``eval_iters`` (mean solver iterations per batch; RAFT: its unrolled count) and
+        ``residual`` (DEQ only, else None: median over pairs of the relative residual of the
+        solver's last iteration).
     """
     model.eval()
     epe_sum, valid_sum, valid_count, its = 0.0, 0.0, 0, []
+    residuals: list[Tensor] = []
     n = data.frames.shape[0]
     kwargs: dict[str, Any] = {"iters": iters}
     if isinstance(model, DEQFlow):
@@ -201,12 +210,15 @@ def evaluate_flow(
             valid_sum += float(epe[valid].sum())
             valid_count += int(valid.sum())
             its.append(out.iterations)
+            if out.residuals is not None:
+                residuals.append(out.residuals[-1])
     zero = data.flows[:, 0].norm(dim=1)
     return {
         "epe": epe_sum / n,
         "epe_valid": valid_sum / max(valid_count, 1),
         "zero_flow_epe": float(zero.mean()),
         "eval_iters": statistics.fmean(its),
+        "residual": float(torch.cat(residuals).median()) if residuals else None,
     }
 
 
