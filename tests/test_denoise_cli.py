@@ -264,6 +264,27 @@ def test_tiling_bad_arguments(kwargs, error, match) -> None:
         tiled_apply(lambda t: t, torch.zeros(1, 1, 40, 40), **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        # an overlap above the tile used to return [60]: one 40-pixel tile for a 100-pixel axis
+        ((100, 40, 45), ValueError, r"overlap must be in \[0, tile // 2\] = \[0, 20\], got 45"),
+        ((100, 40, 21), ValueError, r"overlap must be in \[0, tile // 2\] = \[0, 20\], got 21"),
+        ((53, 24, 8, 0), ValueError, r"align must be an int in \[1, tile // 2 = 12\], got 0"),
+        ((53, 24, 8, 13), ValueError, r"align must be an int in \[1, tile // 2 = 12\], got 13"),
+        ((53, 24, 8, True), ValueError, r"align must be an int in .* got True"),
+        ((53, 24.0, 8), TypeError, "tile must be an int, got 24.0"),
+        ((53, 4, 0), ValueError, "tile must be at least 8, got 4"),
+        ((0, 24, 8), ValueError, "size must be an int of at least 1, got 0"),
+    ],
+)
+def test_tile_starts_bad_arguments(args, error, match) -> None:
+    # tile_starts is public: it checks its arguments as tiled_apply does (it used to return
+    # tiles that leave part of the axis uncovered, or fail with ZeroDivisionError)
+    with pytest.raises(error, match=match):
+        tile_starts(*args)
+
+
 def test_tiling_refuses_a_map_that_changes_the_size() -> None:
     with pytest.raises(ValueError, match="fn must map"):
         tiled_apply(lambda t: t[..., 1:], torch.zeros(1, 1, 40, 40), tile=16, overlap=4)

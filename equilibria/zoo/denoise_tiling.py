@@ -58,18 +58,40 @@ def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]
     (so it is up to ``align − 1`` pixels shorter than ``tile``). Consecutive tiles overlap by
     at least ``overlap`` pixels. One tile (offset 0) when ``size ≤ tile``.
 
+    Args:
+        size: pixels along the axis, at least 1.
+        tile, overlap, align: as for :func:`tiled_apply` (``tile`` at least 8, ``overlap`` in
+            ``[0, tile // 2]``, ``align`` in ``[1, tile // 2]``).
+
     Example:
         >>> tile_starts(100, 40, 10)
         [0, 30, 60]
         >>> tile_starts(53, 24, 8, align=2)
         [0, 16, 30]
     """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int of at least 1, got {size!r}")
+    _check_tiles(tile, overlap, align)
     if size <= tile:
         return [0]
     step = tile - overlap
     step -= step % align
     last = -(-(size - tile) // align) * align
     return [*range(0, size - tile, step), last]
+
+
+def _check_tiles(tile: int, overlap: int, align: int) -> None:
+    """Raise unless ``tile ≥ 8``, ``0 ≤ overlap ≤ tile // 2`` and ``1 ≤ align ≤ tile // 2`` (ints):
+    the tiles' step ``tile − overlap`` rounded down to a multiple of ``align`` is then positive."""
+    for name, value in (("tile", tile), ("overlap", overlap)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+    if tile < 8:
+        raise ValueError(f"tile must be at least 8, got {tile}")
+    if not 0 <= overlap <= tile // 2:
+        raise ValueError(f"overlap must be in [0, tile // 2] = [0, {tile // 2}], got {overlap}")
+    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= tile // 2:
+        raise ValueError(f"align must be an int in [1, tile // 2 = {tile // 2}], got {align!r}")
 
 
 def window_1d(
@@ -132,20 +154,12 @@ def tiled_apply(
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
         shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"image must be a tensor (N, C, H, W), got {shape}")
-    for name, value in (("tile", tile), ("overlap", overlap)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {value!r}")
-    if tile < 8:
-        raise ValueError(f"tile must be at least 8, got {tile}")
-    if not 0 <= overlap <= tile // 2:
-        raise ValueError(f"overlap must be in [0, tile // 2] = [0, {tile // 2}], got {overlap}")
+    _check_tiles(tile, overlap, align)
     margin = overlap // 4 if margin is None else margin
     if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= overlap // 2:
         raise ValueError(
             f"margin must be an int in [0, overlap // 2 = {overlap // 2}], got {margin}"
         )
-    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= tile // 2:
-        raise ValueError(f"align must be an int in [1, tile // 2 = {tile // 2}], got {align!r}")
     ramp = overlap - 2 * margin
     _, _, height, width = image.shape
     rows = tile_starts(height, tile, overlap, align)
