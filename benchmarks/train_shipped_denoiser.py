@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -180,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in models:
         if name not in ("deq", "cnn", "unrolled"):
             parser.error(f"--models: unknown model {name!r}; choose from deq, cnn, unrolled")
+    if len(set(models)) != len(models):
+        parser.error(f"--models: a model is named twice in {args.models!r}")
+    if not math.isfinite(args.budget_cpu_s) or args.budget_cpu_s <= 0:
+        parser.error(
+            f"--budget-cpu-s must be a finite number of seconds > 0, got {args.budget_cpu_s}"
+        )
     if args.steps < 0 or args.steps % STEPS_PER_EPOCH:
         parser.error(f"--steps must be a positive multiple of {STEPS_PER_EPOCH}, got {args.steps}")
     if args.validation and not args.name:

@@ -295,6 +295,39 @@ def test_the_training_script_checks_every_model_before_training(
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (
+            ["--budget-cpu-s", "nan"],
+            "--budget-cpu-s must be a finite number of seconds > 0, got nan",
+        ),
+        (
+            ["--budget-cpu-s", "inf"],
+            "--budget-cpu-s must be a finite number of seconds > 0, got inf",
+        ),
+        (["--budget-cpu-s", "0"], "--budget-cpu-s must be a finite number of seconds > 0, got 0.0"),
+        (["--budget-cpu-s", "-5"], "--budget-cpu-s must be a finite number"),
+        (["--models", "deq,deq"], "--models: a model is named twice in 'deq,deq'"),
+    ],
+)
+def test_the_training_script_refuses_a_bad_budget_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv, match
+) -> None:
+    # a budget of 0 or below trained the 100-step minimum and recorded it as that budget; nan
+    # crashed after the calibration; a model named twice trained twice, the second overwriting
+    script = _script()
+
+    def calibrate(config: DenoiseConfig) -> float:
+        raise AssertionError(f"{config.model} started before the arguments were checked")
+
+    monkeypatch.setattr(script, "calibrate", calibrate)
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--models", "deq", "--run-root", str(tmp_path), *argv])
+    assert stop.value.code == 2
+    assert match in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------
 # shipped weights
 
