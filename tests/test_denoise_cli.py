@@ -763,7 +763,7 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
     14; columns 0, 16, 30), so each tile groups its pixels into sub-images as the whole image
     does: the largest change from the whole-image result is then about 5 / 255 (the seams); the
     tiles the command used to cut (rows 0, 13; columns 0, 16, 29) changed it by up to 17 / 255
-    (grey; colour 23)."""
+    (grey; colour 9 and 37)."""
     from equilibria.zoo.denoise_model import load_shipped
 
     model = load_shipped(color)

@@ -328,6 +328,59 @@ def test_the_training_script_refuses_a_bad_budget_before_training(
     assert match in capsys.readouterr().err
 
 
+def _signed(x: float) -> str:
+    return f"{'+' if x >= 0 else '−'}{abs(x):.2f}"
+
+
+def test_the_docs_held_out_table_and_targets_match_the_benchmark_json() -> None:
+    """Every cell of the held-out table on the recipe page (PSNR / SSIM, training, CPU s) and
+    every gap in its targets list is the value in ``benchmarks/results/denoise.json``, the gaps
+    computed from the unrounded means (they used to be differences of the rounded cells, off by
+    0.01 in five places)."""
+    result = json.loads((ROOT / "benchmarks/results/denoise.json").read_text())
+    gray, train, timing = result["gray"], result["training"], result["time_256"]
+    text = (ROOT / "docs" / "recipes" / "denoise.md").read_text()
+    start = text.index("| method | params | training |")
+    rows = [line for line in text[start:].split("\n\n")[0].splitlines()[2:] if "*" not in line[:4]]
+    keys = ["deq", "deq_blind", "cnn", "unrolled", "deq_patches", "cnn_patches",
+            "unrolled_patches", "nlmeans", "tv", "wavelet", "bm3d"]  # fmt: skip
+    assert len(rows) == len(keys), rows
+    sigmas = ("15", "25", "50")
+    for key, row in zip(keys, rows):
+        cells = [c.strip().replace("**", "") for c in row.strip("|").split("|")]
+        expected = [f"{gray[key][s]['mean']['psnr']:.2f} / {gray[key][s]['mean']['ssim']:.3f}"
+                    for s in sigmas]  # fmt: skip
+        assert cells[3:6] == expected, (key, cells)
+        if key in train and train[key]["steps"] and "steps" in cells[2]:
+            rec = train[key]
+            assert cells[2] == f"{rec['steps']} steps, {rec['train_cpu_s']:.0f} CPU s", key
+        if key in timing:
+            assert cells[6] == f"{timing[key]['cpu_s']:.2f}", key
+
+    def gaps(a: str, b: str) -> list[float]:
+        return [gray[a][s]["mean"]["psnr"] - gray[b][s]["mean"]["psnr"] for s in sigmas]
+
+    targets = " ".join(text[text.index("**Targets**") :].split("\n\n")[1].split())
+    cnn, cnn_p = gaps("deq", "cnn"), gaps("deq_patches", "cnn_patches")
+    unrolled, unrolled_p = gaps("deq", "unrolled"), gaps("deq_patches", "unrolled_patches")
+    nlmeans, bm3d = gaps("deq", "nlmeans"), gaps("bm3d", "deq")
+    expected = [
+        f"({_signed(cnn[0])} / {_signed(cnn[1])} dB), met at σ 50 ({_signed(cnn[2])},",
+        "At equal patches the DEQ is " + " / ".join(map(_signed, cnn_p)) + " dB below the CNN",
+        "("
+        + " / ".join(map(_signed, unrolled))
+        + " dB at equal CPU; "
+        + " / ".join(map(_signed, unrolled_p))
+        + " at equal patches)",
+        "(" + " / ".join(map(_signed, nlmeans)) + " dB over NL-means)",
+        f"({bm3d[1]:.2f} / {bm3d[2]:.2f} dB below; σ 15: {bm3d[0]:.2f})",
+        f"{timing['deq']['cpu_s']:.2f} vs {timing['bm3d']['cpu_s']:.2f} CPU s per 256² image "
+        f"({timing['bm3d']['cpu_s'] / timing['deq']['cpu_s']:.0f}×)",
+    ]
+    for line in expected:
+        assert line in targets, (line, targets)
+
+
 # ----------------------------------------------------------------------------------------------
 # shipped weights
 
