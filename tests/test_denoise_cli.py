@@ -842,6 +842,37 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool
     assert (seams - whole).abs().max() > 5 * (tiled - whole).abs().max()  # the blend matters
 
 
+def test_the_tiling_benchmark_cuts_the_tiles_the_command_cuts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """benchmarks/denoise_tools.py measures the command's tiling of the shipped half-resolution
+    model: tiles at even offsets (align = the model's scale), as ``equilibria denoise`` cuts them
+    (it called tiled_apply without align: right on the 512² camera only because 224 and 256 are
+    even)."""
+    import importlib.util
+
+    from equilibria.zoo import denoise_model, denoise_tiling
+    from equilibria.zoo.denoise import DenoiseConfig
+    from equilibria.zoo.denoise_model import build_model
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location("denoise_tools", root / "denoise_tools.py")
+    tools = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(tools)  # type: ignore[union-attr]
+    tiny = build_model(DenoiseConfig(width=2, eval_max_iter=1, scale=2)).eval()
+    monkeypatch.setattr(denoise_model, "load_shipped", lambda color=False: tiny)
+    aligns = []
+
+    def record(fn, image, **kwargs):  # type: ignore[no-untyped-def]
+        aligns.append(kwargs.get("align", 1))
+        return fn(image)
+
+    monkeypatch.setattr(denoise_tiling, "tiled_apply", record)
+    tools.tiling_table()
+    assert aligns == [2, 2]
+
+
 def test_cli_damaged_shipped_weights_are_one_line_with_status_1(
     tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
