@@ -381,6 +381,24 @@ def test_the_docs_held_out_table_and_targets_match_the_benchmark_json() -> None:
         assert line in targets, (line, targets)
 
 
+def test_the_benchmark_anytime_run_restores_the_eval_tolerance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """benchmarks/denoise.py runs the anytime sweep (tolerance 0) before the held-out table on the
+    same model: it must give the model its own eval tolerance back (it set None, i.e. the
+    training ``tol``: the same number for the shipped model only because both are 1e-3)."""
+    root = ROOT / "benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location("denoise_benchmark", root / "denoise.py")
+    bench = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    tiny = {"width": 2, "eval_max_iter": 3, "tol": 1e-3, "eval_tol": 1e-5, "unroll_steps": 2}
+    deq = build_model(DenoiseConfig(**tiny)).eval()
+    unrolled = build_model(DenoiseConfig(**tiny, model="unrolled")).eval()
+    bench.anytime(deq, unrolled, (1, 2), crop=16)
+    assert deq.deq.eval_tol == 1e-5 and deq.deq.tol == 1e-3 and unrolled.steps == 2
+
+
 # ----------------------------------------------------------------------------------------------
 # shipped weights
 
