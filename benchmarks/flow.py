@@ -6,8 +6,9 @@ first (a few steps after a warm-up, :func:`time.process_time`, which other proce
 cores do not inflate as they do wall-clock), and each model gets ``budget / (s per step)`` steps.
 Then, on the held-out test pairs (other source photographs):
 
-* EPE at the models' test setting (12 update iterations for both) and at 8, 16 and 32 test-time
-  iterations (RAFT unrolls them; DEQ-Flow runs exactly that many solver iterations, tol 0);
+* EPE at the models' test setting (12 update iterations for both) and at 8, 16, 32 and 64
+  test-time iterations (RAFT unrolls them; DEQ-Flow runs exactly that many solver iterations,
+  tol 0), and DEQ-Flow's median relative residual at each;
 * peak training-step memory (the trainer's count of live tensor storages, deterministic on CPU);
 * fixed-point reuse on held-out sequences: EPE after k iterations cold (default start) and warm
   (the previous pair's equilibrium, flow carried forward); the saving is 1 - k_warm / k_cold where
@@ -19,7 +20,7 @@ truth; EPE against test-time iterations; cold vs warm on sequences).
 
 Usage::
 
-    python benchmarks/flow.py                    # 3 seeds, ~18 CPU minutes in all
+    python benchmarks/flow.py                    # 3 seeds, ~20 CPU minutes in all
     python benchmarks/flow.py --budget-cpu-s 20 --seeds 0 --test-pairs 32   # a quick look
 """
 
