@@ -88,49 +88,33 @@ def _fold_batch_norm(
     gradient of a near-constant channel overflowed there.
     """
     with torch.autocast(a.device.type, enabled=False):
-        return _fold_batch_norm_float(
-            a, coef, weight, bias, running_mean, running_var, training=training
-        )
-
-
-def _fold_batch_norm_float(
-    a: Tensor,
-    coef: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    *,
-    training: bool,
-) -> tuple[Tensor, Tensor]:
-    """:func:`_fold_batch_norm` with autocast off."""
-    out_dtype = torch.promote_types(a.dtype, weight.dtype)
-    if a.dtype in (torch.float16, torch.bfloat16):
-        a, coef = a.float(), coef.float()
-        weight, bias = weight.float(), bias.float()
-    if training:
-        batch, n, _ = coef.shape
-        count = batch * n
-        if count < 2:
-            raise ValueError(
-                f"batch norm in training needs more than one value per channel, got batch={batch} "
-                f"and n={n} positions"
-            )
-        m = coef.mean(dim=1, keepdim=True)  # (B, 1, r)
-        centred = coef - m
-        cov = torch.bmm(centred.mT, centred) / n  # (B, r, r)
-        means = torch.bmm(a, m.mT).squeeze(-1)  # (B, C): per-sample channel means
-        within = (torch.bmm(a, cov) * a).sum(-1)  # (B, C): per-sample channel variances
-        mean = means.mean(0)  # (C,)
-        var = within.mean(0) + (means - mean).square().mean(0)
-        with torch.no_grad():
-            running_mean.lerp_(mean.to(running_mean.dtype), _BN_MOMENTUM)
-            unbiased = var * (count / (count - 1))
-            running_var.lerp_(unbiased.to(running_var.dtype), _BN_MOMENTUM)
-    else:
-        mean, var = running_mean.to(a.dtype), running_var.to(a.dtype)
-    scale = weight * torch.rsqrt(var + _BN_EPS)  # (C,)
-    return (a * scale[:, None]).to(out_dtype), (bias - mean * scale).to(out_dtype)
+        out_dtype = torch.promote_types(a.dtype, weight.dtype)
+        if a.dtype in (torch.float16, torch.bfloat16):
+            a, coef = a.float(), coef.float()
+            weight, bias = weight.float(), bias.float()
+        if training:
+            batch, n, _ = coef.shape
+            count = batch * n
+            if count < 2:
+                raise ValueError(
+                    f"batch norm in training needs more than one value per channel, got "
+                    f"batch={batch} and n={n} positions"
+                )
+            m = coef.mean(dim=1, keepdim=True)  # (B, 1, r)
+            centred = coef - m
+            cov = torch.bmm(centred.mT, centred) / n  # (B, r, r)
+            means = torch.bmm(a, m.mT).squeeze(-1)  # (B, C): per-sample channel means
+            within = (torch.bmm(a, cov) * a).sum(-1)  # (B, C): per-sample channel variances
+            mean = means.mean(0)  # (C,)
+            var = within.mean(0) + (means - mean).square().mean(0)
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), _BN_MOMENTUM)
+                unbiased = var * (count / (count - 1))
+                running_var.lerp_(unbiased.to(running_var.dtype), _BN_MOMENTUM)
+        else:
+            mean, var = running_mean.to(a.dtype), running_var.to(a.dtype)
+        scale = weight * torch.rsqrt(var + _BN_EPS)  # (C,)
+        return (a * scale[:, None]).to(out_dtype), (bias - mean * scale).to(out_dtype)
 
 
 def _functorch_active() -> bool:
