@@ -132,6 +132,11 @@ def encode(model: Model, x0: Tensor, sched: DDIM) -> Tensor:
     return x
 
 
+def _shape_or_type(x: Any) -> str:
+    """For errors: a tensor's shape and dtype, anything else's type name."""
+    return f"shape {tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+
+
 def _loss_grad(x0: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(N,) per-sample MSE and ∂(Σ_n MSE_n)/∂x0."""
     d = x0 - target
@@ -261,13 +266,9 @@ def invert(
         or x0_target.ndim < 2
         or x0_target.numel() == 0
     ):
-        got = (
-            f"shape {tuple(x0_target.shape)} {x0_target.dtype}"
-            if isinstance(x0_target, Tensor)
-            else type(x0_target).__name__
-        )
         raise ValueError(
-            f"x0_target must be a floating-point tensor (N, *sample_shape), non-empty, got {got}"
+            "x0_target must be a floating-point tensor (N, *sample_shape), non-empty, got "
+            + _shape_or_type(x0_target)
         )
     if not torch.isfinite(x0_target).all():
         raise NonFiniteError("x0_target contains NaN or infinity")
@@ -306,14 +307,9 @@ def invert(
             or not init.is_floating_point()
             or init.shape != target.shape
         ):
-            got = (
-                f"shape {tuple(init.shape)} {init.dtype}"
-                if isinstance(init, Tensor)
-                else type(init).__name__
-            )
             raise ValueError(
                 f"init must be a floating-point tensor shaped like x0_target "
-                f"{tuple(target.shape)}, got {got}"
+                f"{tuple(target.shape)}, got {_shape_or_type(init)}"
             )
         if not torch.isfinite(init).all():
             raise NonFiniteError("init contains NaN or infinity")
