@@ -415,3 +415,16 @@ def test_raft_refuses_iteration_counts_below_one() -> None:
     frames = torch.rand(1, 1, 32, 32)
     with pytest.raises(ValueError, match="iters must be an int >= 1, got -3"):
         RAFT(iters=2, **sizes).eval()(frames, frames, iters=-3)
+
+
+def test_clipped_adamw_refuses_a_bool_max_norm() -> None:
+    from equilibria.zoo.flow import ClippedAdamW
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(TypeError, match="max_norm must be a finite number > 0, got True"):
+        ClippedAdamW(params, max_norm=True)
+    with pytest.raises(TypeError, match="max_norm must be a finite number > 0, got '1'"):
+        ClippedAdamW(params, max_norm="1")
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
+            ClippedAdamW(params, max_norm=bad)

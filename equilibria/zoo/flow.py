@@ -288,7 +288,9 @@ class ClippedAdamW(torch.optim.AdamW):
     DEQ-Flow train (Teed & Deng, ECCV 2020: clip 1.0). Its state dict is AdamW's."""
 
     def __init__(self, params: Any, *, max_norm: float, **kwargs: Any) -> None:
-        if not (isinstance(max_norm, (int, float)) and 0 < max_norm < float("inf")):
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)):
+            raise TypeError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+        if not 0 < max_norm < float("inf"):
             raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
         super().__init__(params, **kwargs)
         self.max_norm = float(max_norm)
