@@ -180,6 +180,18 @@ def test_knn_accuracy_reads_neighbours():
     assert knn_accuracy(a, torch.tensor([0, 1]), torch.tensor([[0.9, 0.2]]), torch.tensor([0]), k=1)
 
 
+@pytest.mark.parametrize(
+    ("k", "error", "message"),
+    [(0, ValueError, "k must be an int >= 1, got 0"), (-3, ValueError, "got -3"),
+     (True, TypeError, "k must be an int >= 1, got bool True"), (2.0, TypeError, "got float 2.0")],
+)  # fmt: skip
+def test_knn_accuracy_refuses_a_bad_k(k, error, message):
+    """k = 0 used to return the share of class 0 (every vote zero) as an accuracy."""
+    feats, labels = torch.eye(4), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(error, match=message):
+        knn_accuracy(feats, labels, feats, labels, k=k)
+
+
 def test_random_label_subsets_and_few_label_probe():
     labels = torch.arange(90) % 3
     subsets = random_label_subsets(labels, 4, draws=5, seed=1)

@@ -231,7 +231,13 @@ def knn_accuracy(
 ) -> float:
     """Held-out accuracy of a k-nearest-neighbour classifier on cosine similarity: each test
     image takes the class with the largest summed similarity over its ``k`` most similar
-    training images (no fitted parameters, so it reads the geometry of the features)."""
+    training images (no fitted parameters, so it reads the geometry of the features).
+
+    Raises:
+        TypeError, ValueError: if ``k`` is not an int >= 1 (``k=0`` left every vote at zero and
+            returned the share of class 0 as an accuracy).
+    """
+    check_int("k", k, minimum=1)
     a = F.normalize(train_feats.double(), dim=1)
     b = F.normalize(test_feats.double(), dim=1)
     sim, idx = (b @ a.T).topk(min(k, a.shape[0]), dim=1)
