@@ -428,3 +428,28 @@ def test_clipped_adamw_refuses_a_bool_max_norm() -> None:
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="max_norm must be a finite number > 0"):
             ClippedAdamW(params, max_norm=bad)
+
+
+def test_clipped_adamw_clips_the_gradients_a_closure_computes() -> None:
+    # AdamW.step(closure) recomputes the gradients: they must be clipped after the closure ran
+    from equilibria.zoo.flow import ClippedAdamW
+
+    target = torch.tensor([30.0, -40.0])  # the closure's gradient at 0 has norm 50
+    p = torch.nn.Parameter(torch.zeros(2))
+    q = torch.nn.Parameter(torch.zeros(2))
+    opt = ClippedAdamW([p], lr=0.1, weight_decay=0.0, max_norm=1.0)
+    plain = torch.optim.AdamW([q], lr=0.1, weight_decay=0.0)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = 0.5 * ((p - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        loss = opt.step(closure)
+        assert float(p.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+        q.grad = (q.detach() - target) / (q.detach() - target).norm().clamp(min=1.0)  # by hand
+        plain.step()
+        torch.testing.assert_close(p.detach(), q.detach())
+    assert loss is not None and float(loss.detach()) > 0

@@ -295,12 +295,17 @@ class ClippedAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.max_norm = float(max_norm)
 
-    @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        grads = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch.nn.utils.clip_grad_norm_(grads, self.max_norm)
-        return super().step(closure)
+        loss = None
+        if closure is not None:  # the gradients to clip are the ones the closure computes
+            with torch.enable_grad():
+                loss = closure()
+        with torch.no_grad():
+            grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                torch.nn.utils.clip_grad_norm_(grads, self.max_norm)
+            super().step()
+        return loss
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
