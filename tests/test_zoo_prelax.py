@@ -208,6 +208,21 @@ def test_random_label_subsets_and_few_label_probe():
     assert acc == 1.0
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [({"seed": True}, TypeError, "seed must be an int in .*, got bool True"),
+     ({"seed": 1.5}, TypeError, "seed must be an int in .*, got float 1.5"),
+     ({"seed": -1}, ValueError, r"seed must be an int in \[0, 9223372036854775807\], got -1"),
+     ({"draws": 0}, ValueError, "draws must be an int >= 1, got 0"),
+     ({"per_class": True}, TypeError, "per_class must be an int >= 1, got bool True")],
+)  # fmt: skip
+def test_random_label_subsets_refuse_bad_arguments(kwargs, error, message):
+    """A bool or float seed reached torch's manual_seed error (naming no argument); -1 was taken."""
+    kwargs = {"per_class": 2, "draws": 1, "seed": 0, **kwargs}
+    with pytest.raises(error, match=message):
+        random_label_subsets(torch.arange(12) % 3, **kwargs)
+
+
 def test_few_labels_beyond_the_smallest_class_are_refused():
     """More labels per class than the smallest class holds: the subsets silently took the whole
     class (the "few-label" probe became the full probe for it); now refused by name, by the

@@ -254,9 +254,12 @@ def random_label_subsets(labels: Tensor, per_class: int, draws: int, seed: int =
     Raises:
         ValueError: if a class has fewer than ``per_class`` images (the subset would silently
             hold all of them, and the "few-label" probe become the full one for that class).
+        TypeError, ValueError: if ``per_class`` or ``draws`` is not an int >= 1, or ``seed`` not
+            an int in [0, 2**63 - 1].
     """
     check_int("per_class", per_class, minimum=1)
     check_int("draws", draws, minimum=1)
+    check_int("seed", seed, minimum=0, maximum=2**63 - 1)
     classes, counts = labels.unique(return_counts=True)
     if per_class > int(counts.min()):
         smallest = int(counts.argmin())
