@@ -23,8 +23,10 @@ from equilibria.layers import (
     random_bases,
     vq,
 )
-from equilibria.layers._decompositions import _check_finite, _nmf_coef_update
+from equilibria.layers import _nmf as nmf_module
+from equilibria.layers._decompositions import _check_finite
 from equilibria.layers._hamburger import _fold_batch_norm
+from equilibria.layers._nmf import _nmf_coef_update
 
 F64 = torch.float64
 HAMS = tuple(DECOMPOSITIONS)  # the registry drives the tables
@@ -318,8 +320,8 @@ def test_final_step_gradcheck(monkeypatch, ham):
         fn = lambda x: nmf(x, bases=d0, steps=3, inv_t=2.0).reconstruct()  # noqa: E731
         expected = fn(x)
         problem = _decompositions._problem("nmf", x, None, 3, d0, 2.0, "one_step", 1e-6, None, None)
-        frozen = _decompositions._nmf_solve(problem)
-        monkeypatch.setattr(_decompositions, "_nmf_solve", lambda p: frozen)
+        frozen = nmf_module._nmf_solve(problem)
+        monkeypatch.setattr(nmf_module, "_nmf_solve", lambda p: frozen)
         torch.testing.assert_close(fn(x), expected)  # frozen at x: the same forward
     else:
         fn = lambda x: DECOMPOSITIONS[ham](x, bases=d0, steps=0, inv_t=2.0).reconstruct()  # noqa: E731

@@ -25,25 +25,22 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_bool, check_choice, check_float, check_int
-from ._decompositions import (
-    DECOMPOSITIONS,
+from ._clusters import _cd, _cd_solve, _vq
+from ._common import (
     Decomposition,
     GradMode,
-    _cd,
-    _cd_solve,
     _check_finite,
     _check_float_dtype,
     _grad_mode,
     _grad_options,
-    _nmf,
-    _nmf_solve,
     _Problem,
-    _vq,
     _x_transpose_times,
     check_momentum,
     moving_average_bases,
     random_bases,
 )
+from ._decompositions import DECOMPOSITIONS
+from ._nmf import _nmf, _nmf_solve
 
 __all__ = ["HamKind", "Hamburger", "HamburgerTokens"]
 
