@@ -102,6 +102,13 @@ def test_hue_rotation_keeps_grey_and_a_third_of_a_turn_cycles_the_channels() -> 
     np.testing.assert_allclose(r[2] @ np.ones(3), np.ones(3), atol=1e-12)  # grey is kept
 
 
+@pytest.mark.parametrize("angle", [np.array([0.5, np.nan]), np.array([np.inf]), np.array(0.5)])
+def test_hue_rotation_refuses_non_finite_or_non_vector_angles(angle: np.ndarray) -> None:
+    """A NaN or infinite angle returned a matrix of NaNs (no error); a 0-d angle an IndexError."""
+    with pytest.raises(ValueError, match="angle must be a 1-D array of finite angles"):
+        hue_rotation(angle)
+
+
 def test_recolouring_makes_the_colours_unpredictable_from_the_line_art() -> None:
     """The same crop (same line art) gets different colours in different draws, and the
     test draws (``recolour=False``) keep each photograph's colours."""

@@ -99,7 +99,18 @@ def load_images(names: tuple[str, ...]) -> tuple[tuple[np.ndarray, np.ndarray], 
 def hue_rotation(angle: np.ndarray) -> np.ndarray:
     """RGB matrices (k, 3, 3) rotating colours by ``angle`` (k,) radians about the grey axis
     (1, 1, 1): a hue rotation that keeps each pixel's channel mean and its distance from grey
-    (Rodrigues' formula)."""
+    (Rodrigues' formula).
+
+    Raises:
+        ValueError: if ``angle`` is not a 1-D array of finite angles (a NaN or infinite angle gave
+            a matrix of NaNs, which ``make_samples`` would have clipped into the crops).
+    """
+    angle = np.asarray(angle, dtype=np.float64)
+    if angle.ndim != 1 or not np.isfinite(angle).all():
+        raise ValueError(
+            f"angle must be a 1-D array of finite angles in radians, got shape {angle.shape} "
+            f"with values {angle.ravel()[:4].tolist()}"
+        )
     u = np.full(3, 1.0 / math.sqrt(3.0))
     cross = np.array([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
