@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_bool, check_choice, check_float, check_int
-from ._decompositions import _check_finite
+from ._common import _check_finite
 
 __all__ = [
     "AttentionKind",
