@@ -109,6 +109,12 @@ def test_hue_rotation_refuses_non_finite_or_non_vector_angles(angle: np.ndarray)
         hue_rotation(angle)
 
 
+def test_make_samples_refuses_no_images() -> None:
+    """No photographs raised min()'s "arg is an empty sequence", naming no argument."""
+    with pytest.raises(ValueError, match="images must hold at least one photograph"):
+        make_samples(np.random.default_rng(0), (), 2, size=16)
+
+
 def test_recolouring_makes_the_colours_unpredictable_from_the_line_art() -> None:
     """The same crop (same line art) gets different colours in different draws, and the
     test draws (``recolour=False``) keep each photograph's colours."""

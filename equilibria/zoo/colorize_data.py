@@ -160,6 +160,8 @@ def make_samples(
             art and ignores the reference. ``False`` draws exactly what it drew before.
     """
     check_int("count", count, minimum=1)
+    if len(images) == 0:
+        raise ValueError("images must hold at least one photograph (see load_images), got none")
     window = 2 * round(_MARGIN * check_int("size", size, minimum=1)) + size
     smallest = min(min(image.shape[:2]) for image, _ in images)
     if window > smallest:
