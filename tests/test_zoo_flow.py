@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -415,6 +416,57 @@ def test_raft_refuses_iteration_counts_below_one() -> None:
     frames = torch.rand(1, 1, 32, 32)
     with pytest.raises(ValueError, match="iters must be an int >= 1, got -3"):
         RAFT(iters=2, **sizes).eval()(frames, frames, iters=-3)
+
+
+_SIZES = {"width": 8, "hidden": 8, "context": 8, "motion": 8, "levels": 2, "radius": 1}
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "value", "error", "message"),
+    [
+        # correction_states=True was taken as 1 (a bool is an int in Python)
+        ("deq", "correction_states", True, TypeError, ">= 1, got bool True"),
+        ("deq", "correction_states", 2.0, TypeError, ">= 1, got float 2.0"),
+        ("deq", "correction_states", 0, ValueError, ">= 1, got 0"),
+        # the sizes reached torch's own errors (no argument named) or built a model silently
+        ("deq", "width", True, TypeError, ">= 2, got bool True"),
+        ("raft", "width", 1, ValueError, ">= 2, got 1"),
+        ("raft", "hidden", 0, ValueError, ">= 1, got 0"),
+        ("deq", "context", 0, ValueError, ">= 1, got 0"),
+        ("deq", "motion", 2, ValueError, ">= 3, got 2"),
+        ("raft", "motion", True, TypeError, ">= 3, got bool True"),
+        ("deq", "levels", True, TypeError, ">= 1, got bool True"),
+        ("raft", "levels", 0, ValueError, ">= 1, got 0"),
+        ("deq", "radius", True, TypeError, ">= 0, got bool True"),
+        ("raft", "radius", -1, ValueError, ">= 0, got -1"),
+        ("deq", "radius", 1.5, TypeError, ">= 0, got float 1.5"),
+    ],
+)
+def test_flow_models_refuse_bad_integer_arguments_by_name(
+    model: str, name: str, value: object, error: type, message: str
+) -> None:
+    from equilibria.zoo.flow_model import RAFT
+
+    cls = DEQFlow if model == "deq" else RAFT
+    with pytest.raises(error, match=re.escape(f"{name} must be an int {message}")):
+        cls(**{**_SIZES, name: value})
+
+
+def test_flow_cell_refuses_a_bad_radius_by_name() -> None:
+    block = DEQFlow(**_SIZES).cell.block
+    with pytest.raises(TypeError, match="radius must be an int >= 0, got bool True"):
+        FlowCell(block, True)
+    with pytest.raises(ValueError, match="radius must be an int >= 0, got -2"):
+        FlowCell(block, -2)
+    assert FlowCell(block, 0).radius == 0  # a 1 x 1 window: the smallest lookup
+
+
+def test_deq_flow_names_a_bad_iters_as_its_own_argument() -> None:
+    model, frames = DEQFlow(**_SIZES).eval(), torch.rand(1, 1, 32, 32)
+    with pytest.raises(TypeError, match=r"^iters must be an int >= 1, got bool True"):
+        model(frames, frames, iters=True)  # the DEQ's message named max_iter
+    with pytest.raises(ValueError, match=r"^iters must be an int >= 1, got 0"):
+        model(frames, frames, iters=0)
 
 
 def test_clipped_adamw_refuses_a_bool_max_norm() -> None:

@@ -243,7 +243,7 @@ class FlowCell(nn.Module):
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
             raise ValueError(f"decay must be a float in (0, 1], got {decay!r}")
         self.block = block
-        self.radius = radius
+        self.radius = check_int("radius", radius, minimum=0)
         self.decay = float(decay)
 
     def forward(self, z: tuple[Tensor, Tensor], x: tuple[Any, ...]) -> tuple[Tensor, Tensor]:
@@ -281,6 +281,12 @@ class _FlowBase(nn.Module):
     def __init__(self, *, width: int, hidden: int, context: int, motion: int, levels: int,
                  radius: int, decay: float = 1.0) -> None:  # fmt: skip
         super().__init__()
+        # the smallest sizes the layers can be built with (the first encoder stage has
+        # width // 2 channels, the motion encoder motion // 2 and motion - 2); bools refused
+        for name, value, minimum in (("width", width, 2), ("hidden", hidden, 1),
+                                     ("context", context, 1), ("motion", motion, 3),
+                                     ("levels", levels, 1), ("radius", radius, 0)):  # fmt: skip
+            check_int(name, value, minimum=minimum)
         self.hidden_dim, self.context_dim, self.levels = hidden, context, levels
         self.fnet = _encoder(width, width)
         self.cnet = _encoder(hidden + context, width)
@@ -314,8 +320,9 @@ class RAFT(_FlowBase):
     Args:
         iters: unrolled iterations in training (and in eval unless ``forward(iters=...)``).
         width, hidden, context, motion: channels of the encoders, hidden state, context
-            features and motion features.
-        levels, radius: correlation pyramid levels and lookup radius.
+            features and motion features (ints >= 2, 1, 1 and 3).
+        levels, radius: correlation pyramid levels (>= 1) and lookup radius (>= 0: a
+            (2r + 1)^2 window).
     """
 
     def __init__(self, *, iters: int = 12, width: int = 32, hidden: int = 32, context: int = 32,
@@ -376,9 +383,7 @@ class DEQFlow(_FlowBase):
             raise ValueError(f"flow_decay must be a float in (0, 1], got {flow_decay!r}")
         super().__init__(width=width, hidden=hidden, context=context, motion=motion,
                          levels=levels, radius=radius, decay=flow_decay)  # fmt: skip
-        if not isinstance(correction_states, int) or correction_states < 1:
-            raise ValueError(f"correction_states must be an int >= 1, got {correction_states!r}")
-        self.correction_states = correction_states
+        self.correction_states = check_int("correction_states", correction_states, minimum=1)
         self.jacobian_samples = check_int("jacobian_samples", jacobian_samples, minimum=0)
         self.deq = eq.DEQ(self.cell, solver=solver, backward=backward, tol=tol,
                           max_iter=max_iter, eval_tol=eval_tol,
@@ -395,6 +400,8 @@ class DEQFlow(_FlowBase):
             init: (hidden, flow) to start the solve from (a warm start); default the context
                 encoder's hidden state and zero flow.
         """
+        if iters is not None:  # named as this call names it (the DEQ would say max_iter)
+            check_int("iters", iters, minimum=1)
         x, hidden = self.prepare(frame1, frame2)
         z0 = (hidden, torch.zeros_like(x[1])) if init is None else init
         if self.training:
