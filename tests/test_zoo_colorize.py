@@ -13,11 +13,12 @@ import torch
 from equilibria.layers import StopGradientAttention
 from equilibria.zoo.checkpoint import load_checkpoint
 from equilibria.zoo.cli import main
-from equilibria.zoo.colorize import ColorizeConfig, ColorizeTask, train
+from equilibria.zoo.colorize import ColorizeConfig, ColorizeTask, evaluate_samples, train
 from equilibria.zoo.colorize_data import (
     TEST_IMAGES,
     TRAIN_IMAGES,
     VALIDATION_IMAGES,
+    Samples,
     hue_rotation,
     load_images,
     make_samples,
@@ -395,6 +396,32 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path) -> None:
         return [{k: v for k, v in json.loads(x).items() if k not in timing} for x in lines]
 
     assert rows("full") == rows("part")
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "error", "fragment"),
+    [
+        (0, ValueError, "batch_size must be an int >= 1, got 0"),  # was range()'s own error
+        (-2, ValueError, "batch_size must be an int >= 1, got -2"),  # was torch.cat()'s
+        (True, TypeError, "batch_size must be an int >= 1, got bool True"),  # was taken as 1
+        (2.0, TypeError, "batch_size must be an int >= 1, got float 2.0"),
+    ],
+)
+def test_evaluate_samples_refuses_a_bad_batch_size_by_name(
+    batch_size: object, error: type, fragment: str
+) -> None:
+    samples = make_samples(np.random.default_rng(0), load_images(TEST_IMAGES), 3, size=16)
+    model = Colorizer("sga", channels=8, width=4)
+    with pytest.raises(error, match=fragment):
+        evaluate_samples(model, samples, batch_size=batch_size)  # type: ignore[arg-type]
+    empty = Samples(*(t[:0] for t in samples))
+    with pytest.raises(ValueError, match="samples must hold at least one sample, got 0"):
+        evaluate_samples(model, empty)  # was torch.cat()'s error on an empty list
+    # the batching does not change the scores (batch 2 splits the 3 samples unevenly)
+    whole, split = evaluate_samples(model, samples), evaluate_samples(model, samples, 2)
+    assert whole.keys() == split.keys()
+    for key in whole:
+        assert split[key] == pytest.approx(whole[key], rel=1e-5), key
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from equilibria._validate import check_int
+
 from . import trainer
 from .colorize_data import (
     TEST_IMAGES,
@@ -141,7 +143,15 @@ def evaluate_samples(model: nn.Module, samples: Samples, batch_size: int = 128) 
     """Mean PSNR (dB), SSIM and L1 of ``model``'s colorizations of ``samples`` (eval mode), and
     the entropy of its cross-attention rows relative to a uniform map (1: every line-art token
     reads the reference's mean; see :meth:`~equilibria.zoo.colorize_model.Colorizer.map_entropy`).
+
+    Args:
+        model: a :class:`~equilibria.zoo.colorize_model.Colorizer`.
+        samples: at least one sample.
+        batch_size: samples colorized at once (an int >= 1; the scores do not depend on it).
     """
+    check_int("batch_size", batch_size, minimum=1)
+    if len(samples.target) == 0:
+        raise ValueError("samples must hold at least one sample, got 0")
     model.eval()
     p, s, l1, h = [], [], [], []
     with torch.no_grad():
