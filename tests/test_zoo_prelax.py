@@ -165,6 +165,19 @@ def test_few_label_indices_pick_the_first_of_each_class():
     assert few_label_indices(labels, 5).numel() == 9  # a class with fewer keeps all of its own
 
 
+@pytest.mark.parametrize(
+    ("per_class", "error", "message"),
+    [(0, ValueError, "per_class must be an int >= 1, got 0"), (-2, ValueError, "got -2"),
+     (True, TypeError, "per_class must be an int >= 1, got bool True"),
+     (2.0, TypeError, "per_class must be an int >= 1, got float 2.0")],
+)  # fmt: skip
+def test_few_label_indices_refuse_a_bad_per_class(per_class, error, message):
+    """per_class = 0 returned an empty index tensor (a probe on no labels), True was taken as 1
+    and a float reached slicing's error, which names no argument."""
+    with pytest.raises(error, match=message):
+        few_label_indices(torch.tensor([0, 1, 0, 1]), per_class)
+
+
 def test_knn_accuracy_reads_neighbours():
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(120) % 3

@@ -221,7 +221,14 @@ def linear_probe(
 
 
 def few_label_indices(labels: Tensor, per_class: int) -> Tensor:
-    """Indices of the first ``per_class`` images of every class (a fixed labelled subset)."""
+    """Indices of the first ``per_class`` images of every class (a fixed labelled subset; a class
+    with fewer images keeps all of its own).
+
+    Raises:
+        TypeError, ValueError: if ``per_class`` is not an int >= 1 (0 returned an empty index
+            tensor, a probe on no labels; ``True`` was taken as 1).
+    """
+    check_int("per_class", per_class, minimum=1)
     picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in labels.unique()]
     return torch.cat(picks)
 
