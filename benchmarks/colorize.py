@@ -44,21 +44,60 @@ from equilibria.zoo import evaluation, trainer  # noqa: E402
 from equilibria.zoo.colorize import ColorizeConfig, ColorizeTask  # noqa: E402
 from equilibria.zoo.colorize_data import TEST_IMAGES, TRAIN_IMAGES  # noqa: E402
 from equilibria.zoo.colorize_model import psnr, ssim  # noqa: E402
-from equilibria.zoo.runs import write_json  # noqa: E402
+from equilibria.zoo.config import ConfigError, differences, to_dict  # noqa: E402
+from equilibria.zoo.runs import CONFIG, RunFolderError, read_json, write_json  # noqa: E402
 
 BLOCKS = ("standard", "sga", "learned_map")
 CONFLICT = ("conflict_x", "probe_conflict_x", "conflict_y", "probe_conflict_y")
 
 
+def check_reusable(run_dir: Path, config: ColorizeConfig) -> None:
+    """Raise unless the finished run in ``run_dir`` was trained with ``config``'s options.
+
+    The options are compared as ``--resume`` compares them (:func:`equilibria.zoo.config.
+    differences`): run control (``threads``, ``run_dir``, ``quiet``, ...) may differ, every
+    other option must equal the saved ``config.json``'s.
+
+    Raises:
+        ConfigError: naming the folder and each differing option (saved and requested value),
+            or saying that the folder holds no readable ``config.json`` of a colorize run.
+    """
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} holds a finished run (cpu.json) but no {CONFIG}, so its options cannot "
+            "be checked; remove the folder or choose another --work-dir"
+        )
+    try:
+        saved = read_json(path)
+    except RunFolderError as e:
+        raise ConfigError(f"{e}; remove {run_dir} or choose another --work-dir") from None
+    if saved.get("recipe") != "colorize" or not isinstance(saved.get("config"), dict):
+        raise ConfigError(
+            f"{path} is not the config of a colorize run (recipe {saved.get('recipe')!r}); "
+            f"remove {run_dir} or choose another --work-dir"
+        )
+    diff = differences(saved["config"], to_dict(config), ColorizeConfig)
+    if diff:
+        lines = "\n".join(f"  {k}: saved {a!r}, requested {b!r}" for k, a, b in diff)
+        raise ConfigError(
+            f"{run_dir} holds a finished run trained with other options than requested:\n"
+            f"{lines}\nits results are not reused; remove the folder or choose another "
+            "--work-dir"
+        )
+
+
 def run_one(attention: str, seed: int, root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Train one model (or reuse a finished run folder) and return its numbers."""
+    """Train one model (or reuse a finished run folder trained with the same options, see
+    :func:`check_reusable`) and return its numbers."""
     run_dir = root / f"{attention}-seed{seed}"
+    config = ColorizeConfig(attention=attention, seed=seed, run_dir=str(run_dir), quiet=True,
+                            report=False, measure_memory=False, **overrides)  # fmt: skip
     if (run_dir / "cpu.json").exists():  # written after the run finished
+        check_reusable(run_dir, config)
         summary = json.loads((run_dir / "summary.json").read_text())
         cpu_s = json.loads((run_dir / "cpu.json").read_text())["cpu_s"]
     else:
-        config = ColorizeConfig(attention=attention, seed=seed, run_dir=str(run_dir), quiet=True,
-                                report=False, measure_memory=False, **overrides)  # fmt: skip
         tic = time.process_time()
         summary = trainer.train(ColorizeTask(config))
         cpu_s = time.process_time() - tic
@@ -151,7 +190,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=ColorizeConfig.lr)
     parser.add_argument("--quick", action="store_true", help="a few steps, small test set")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "colorize-bench",
-                        help="run folders (a finished run is reused)")  # fmt: skip
+                        help="run folders (a finished run is reused if trained with the same "
+                             "options; one trained with others is refused)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results")
     args = parser.parse_args()
     if not {"standard", "sga"} <= set(args.blocks):
@@ -161,7 +201,11 @@ def main() -> None:
     if args.quick:
         overrides.update(steps=20, eval_every=10, test_samples=32)
         args.work_dir = args.out / "runs"
-    runs = {a: [run_one(a, s, args.work_dir, overrides) for s in args.seeds] for a in args.blocks}
+    try:
+        runs = {a: [run_one(a, s, args.work_dir, overrides) for s in args.seeds]
+                for a in args.blocks}  # fmt: skip
+    except ConfigError as e:  # a run folder of --work-dir trained with other options
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
     def block(attention: str) -> dict[str, float]:
         psnr_mean, psnr_std = _mean_std([r["psnr"] for r in runs[attention]])

@@ -34,7 +34,7 @@ from equilibria.zoo.colorize_model import (
     ssim,
     token_cosine,
 )
-from equilibria.zoo.config import ConfigError
+from equilibria.zoo.config import ConfigError, to_dict
 from equilibria.zoo.registry import get_recipe
 
 pytestmark = pytest.mark.no_device_mode  # builds its own CPU data
@@ -483,3 +483,67 @@ def test_page_results_table_is_the_benchmark_record() -> None:
         a["psnr"] - b["psnr"] for a, b in zip(record["runs"]["standard"], record["runs"]["sga"])
     ]
     assert f"by {min(gaps):.2f}–{max(gaps):.2f} dB on the same seed's crops" in page
+
+
+# --- the benchmark script ---------------------------------------------------------------------
+
+
+def _benchmark():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "colorize.py"
+    spec = importlib.util.spec_from_file_location("colorize_benchmark", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _fake_finished_run(root: Path, options: dict[str, object]) -> Path:
+    """A run folder as benchmarks/colorize.py leaves it, without training: config.json as the
+    trainer writes it, summary.json, metrics.jsonl and the script's cpu.json."""
+    run_dir = root / "sga-seed0"
+    run_dir.mkdir(parents=True)
+    config = ColorizeConfig(attention="sga", seed=0, run_dir=str(run_dir), **options)
+    config_json = {"recipe": "colorize", "config": to_dict(config)}
+    (run_dir / "config.json").write_text(json.dumps(config_json))
+    summary = {"psnr": 17.5, "ssim": 0.6, "test_l1": 0.1, "map_entropy": 0.9,
+               "reference_psnr": 12.0, "params": 1000}  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    conflict = {"conflict_x": 0.0, "probe_conflict_x": 0.1, "conflict_y": 0.2,
+                "probe_conflict_y": 0.3}  # fmt: skip
+    rows = [{"epoch": e, "step": 2 * e, **conflict} for e in (1, 2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "cpu.json").write_text(json.dumps({"cpu_s": 12.5}))
+    return run_dir
+
+
+def test_benchmark_reuses_a_finished_run_only_with_the_requested_options(tmp_path: Path) -> None:
+    """run_one reused any folder holding cpu.json: a run trained with other steps (or lr, ...)
+    entered the results silently. Now only a run with the requested options is reused (run
+    control such as threads may differ); any other is refused, naming the folder and keys."""
+    bench = _benchmark()
+    requested = {"steps": 4, "lr": 1e-3, "threads": 1}
+    fixed = {"quiet": True, "report": False, "measure_memory": False}
+    run_dir = _fake_finished_run(tmp_path / "same", {**requested, **fixed, "threads": 2})
+    result = bench.run_one("sga", 0, run_dir.parent, requested)  # reused: no training
+    assert result["psnr"] == 17.5 and result["cpu_s"] == 12.5
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "config.json", "cpu.json", "metrics.jsonl", "summary.json"
+    ]  # fmt: skip
+
+    stale = _fake_finished_run(tmp_path / "stale", {**requested, **fixed, "steps": 1200})
+    before = {p.name: p.read_bytes() for p in stale.iterdir()}
+    with pytest.raises(ConfigError) as info:
+        bench.run_one("sga", 0, stale.parent, {**requested, "lr": 2e-3})
+    message = str(info.value)
+    assert str(stale) in message
+    assert (
+        "steps: saved 1200, requested 4" in message
+        and "lr: saved 0.001, requested 0.002" in message
+    )
+    assert "threads" not in message
+    assert {p.name: p.read_bytes() for p in stale.iterdir()} == before  # nothing retrained
+
+    (stale / "config.json").unlink()  # a finished run whose options cannot be checked
+    with pytest.raises(ConfigError, match=r"but no config\.json, so its options cannot be checked"):
+        bench.run_one("sga", 0, stale.parent, requested)
