@@ -535,3 +535,41 @@ def test_a_failing_report_keeps_the_finished_runs_summary(
         train(config)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert "status" not in summary and summary["test_acc"] > 0
+
+
+def test_shifted_training_digits_take_the_background_in_not_a_grey_stroke() -> None:
+    """The digits are standardised (a blank pixel is about -0.81), so the pixels a shift brings
+    in must take that value: shift_images padded with 0, the mean intensity, which drew a grey
+    line along the edge shifted in (the bug Prelax's augmentation had, e60fd70)."""
+    from equilibria.zoo.digits import DigitsTask, background_value, shift_images
+    from equilibria.zoo.distributed import DistInfo
+
+    x = load_data()[0]
+    background = background_value()
+    assert background == float(x.min()) == float(x[:64].amin(dim=(1, 2, 3)).max())
+    assert -0.82 < background < -0.80
+    # the training batches: every pixel a shift brought in is background
+    task = DigitsTask(DigitsConfig(**TINY))
+    task.setup(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0 * 1_000_003 + 0)  # batches(0)'s permutation, shifts
+    perm = torch.randperm(128, generator=gen)
+    shifts = torch.randint(0, 3, (128, 2), generator=gen)[perm[:64]]
+    images, _ = next(task.batches(0, DistInfo()))
+    assert torch.equal(images, shift_images(x[perm[:64]], shifts, background))
+    rows, cols = shifts[:, 0], shifts[:, 1]  # 0: shifted down (row 0 new), 2: up (row 7 new)
+    new = torch.zeros_like(images, dtype=torch.bool)
+    new[rows == 0, :, 0, :] = True
+    new[rows == 2, :, -1, :] = True
+    new[cols == 0, :, :, 0] = True
+    new[cols == 2, :, :, -1] = True
+    assert 0 < int(new.sum()) and bool((images[new] == background).all())
+    # shift_images itself: any fill; the default 0 is kept for Prelax's call on offsets
+    one = x[:1]
+    down_right = shift_images(one, torch.tensor([[0, 0]]), fill=-2.0)
+    assert bool((down_right[0, 0, 0] == -2.0).all())  # the new top row
+    assert bool((down_right[0, 0, :, 0] == -2.0).all())  # the new left column
+    assert torch.equal(down_right[0, 0, 1:, 1:], one[0, 0, :-1, :-1])
+    assert bool((shift_images(one, torch.tensor([[2, 1]]))[0, 0, -1] == 0).all())
+    assert torch.equal(shift_images(one, torch.tensor([[1, 1]]), fill=5.0), one)
+    with pytest.raises(ValueError, match=r"fill must be in \(-inf, inf\), got nan"):
+        shift_images(one, torch.tensor([[0, 0]]), fill=float("nan"))

@@ -35,6 +35,7 @@ from .digits_model import (
     TRAIN_SIZE,
     DigitsCell,
     DigitsDEQ,
+    background_value,
     backward_iterations,
     batch_loss,
     build_model,
@@ -50,8 +51,9 @@ from .task import STEP_MS, TRAIN_LOSS, Metric, Plot, RunOptions, Schedule, StepO
 
 __all__ = [
     "TEST_SIZE", "TRAIN_SIZE", "DigitsCell", "DigitsConfig", "DigitsDEQ", "DigitsTask",
-    "backward_iterations", "batch_loss", "build_model", "evaluate_model", "load_data",
-    "load_model", "make_backward", "make_optimizer", "make_solver", "shift_images", "train",
+    "background_value", "backward_iterations", "batch_loss", "build_model", "evaluate_model",
+    "load_data", "load_model", "make_backward", "make_optimizer", "make_solver", "shift_images",
+    "train",
 ]  # fmt: skip
 
 RECIPE = "digits"
@@ -105,7 +107,9 @@ class DigitsConfig(RunOptions):
     lr: float = option(3e-3, "peak learning rate (warm-up, then cosine decay)")
     weight_decay: float = option(0.0, "weight decay")
     warmup_epochs: int = option(1, "epochs of linear learning-rate warm-up")
-    augment: bool = option(True, "shift training images by up to one pixel")
+    augment: bool = option(
+        True, "shift training images by up to one pixel (the pixels shifted in are background)"
+    )
     train_subset: int = option(
         0, f"use only the first N of the {TRAIN_SIZE} training images (0 = all)"
     )
@@ -228,8 +232,8 @@ class DigitsTask(Task):
         for k in range(n // b):
             idx = distributed.local_slice(perm[k * b : (k + 1) * b], info)
             images = x_train[idx.to(x_train.device)]
-            if config.augment:
-                images = shift_images(images, shifts[idx].to(images.device))
+            if config.augment:  # the pixels shifted in are background, not 0 (grey)
+                images = shift_images(images, shifts[idx].to(images.device), background_value())
             yield images, y_train[idx.to(y_train.device)]
 
     def train_step(self, net: nn.Module, model: nn.Module, batch: Any) -> StepOutput:

@@ -2,7 +2,7 @@
 
 Data: the 1797 digits shipped with scikit-learn (no download), split once into 1437 training and
 360 test images (stratified, ``random_state=0``), scaled with the training mean and std; training
-images are shifted by up to one pixel (seeded, optional).
+images are shifted by up to one pixel (seeded, optional; the pixels shifted in are background).
 
 Model (single-resolution, after Bai, Koltun & Kolter, "Multiscale Deep Equilibrium Models",
 NeurIPS 2020):
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import equilibria as eq
+from equilibria._validate import check_float
 
 if TYPE_CHECKING:
     from .digits import DigitsConfig
@@ -40,7 +41,7 @@ TRAIN_SIZE = 1797 - TEST_SIZE
 
 
 @lru_cache(maxsize=1)
-def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -52,7 +53,15 @@ def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     )
     mean, std = images[idx_train].mean(), images[idx_train].std()
     images = (images - mean) / std
-    return images[idx_train], labels[idx_train], images[idx_test], labels[idx_test]
+    background = float(np.float32(-mean / std))  # a blank pixel (0) after the scaling
+    return images[idx_train], labels[idx_train], images[idx_test], labels[idx_test], background
+
+
+def background_value() -> float:
+    """The standardised value of a blank pixel (0 before scaling): -mean / std of the training
+    images, about -0.81. Every image of the split has blank pixels, so it is also each image's
+    minimum; 0 after the scaling is the mean intensity, a grey stroke."""
+    return _digits()[4]
 
 
 def load_data(
@@ -65,7 +74,7 @@ def load_data(
         dtype: image dtype.
         subset: keep only the first ``subset`` training images (0 = all).
     """
-    x_train, y_train, x_test, y_test = _digits()
+    x_train, y_train, x_test, y_test, _ = _digits()
     if subset:
         x_train, y_train = x_train[:subset], y_train[:subset]
 
@@ -78,13 +87,19 @@ def load_data(
     return images(x_train), labels(y_train), images(x_test), labels(y_test)
 
 
-def shift_images(images: Tensor, shifts: Tensor) -> Tensor:
+def shift_images(images: Tensor, shifts: Tensor, fill: float = 0.0) -> Tensor:
     """Shift each image by (dy, dx) in {-1, 0, 1}² given as ``shifts`` (B, 2) in {0, 1, 2}.
 
-    Pixels shifted in are zero-padded.
+    Args:
+        images: (B, 1, H, W).
+        shifts: (B, 2) integers in {0, 1, 2}: 1 + (dy, dx).
+        fill: the value of the pixels shifted in: the images' background. For standardised
+            digits that is :func:`background_value` (about -0.81), not the default 0, which
+            is the mean intensity: a grey stroke along the edge shifted in.
     """
+    fill = check_float("fill", fill)
     b, _, h, w = images.shape
-    padded = F.pad(images, (1, 1, 1, 1))  # (B, 1, h + 2, w + 2)
+    padded = F.pad(images, (1, 1, 1, 1), value=fill)  # (B, 1, h + 2, w + 2)
     rows = shifts[:, :1] + torch.arange(h, device=images.device)  # (B, h)
     cols = shifts[:, 1:] + torch.arange(w, device=images.device)  # (B, w)
     batch = torch.arange(b, device=images.device)[:, None, None]
