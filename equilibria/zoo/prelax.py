@@ -79,7 +79,11 @@ class PrelaxConfig(RunOptions):
         "residual that predicts the rotation)",
     )
     seed: int = option(0, "seed of the initialisation, the batches and the augmentations")
-    steps: int = option(300, "optimisation steps")
+    steps: int = option(
+        2000,
+        "optimisation steps, the same for every method (chosen on the validation split: "
+        "benchmarks/results/prelax_validation.json)",
+    )
     batch_size: int = option(256, "images per step")
     lr: float = option(2e-3, "peak learning rate of AdamW (warm-up, then cosine decay)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
@@ -97,7 +101,7 @@ class PrelaxConfig(RunOptions):
     )
     noise: float = option(0.2, "std of the Gaussian noise of a standard view (standardised pixels)")
     erase: float = option(0.1, "probability that a standard view drops a pixel")
-    eval_every: int = option(150, "steps per epoch: the held-out metrics are measured after each")
+    eval_every: int = option(1000, "steps per epoch: the held-out metrics are measured after each")
     eval_split: Literal["test", "val"] = option(
         "test",
         "what the probes are scored on: 'test' (trained on all 1437 training images, scored on "
