@@ -55,6 +55,8 @@ TINY = dict(
         {"model": "cnn", "scale": 1},
         {"model": "unrolled"},
         {"model": "deq", "color": True},
+        {"model": "deq", "full_res_width": 4},
+        {"model": "unrolled", "full_res_width": 4},
     ],
 )
 def test_each_model_trains_on_the_engine(tmp_path: Path, overrides: dict) -> None:
@@ -88,6 +90,83 @@ def test_half_resolution_models_are_exact_pixel_shuffles(model: str, color: bool
     assert net.encode[0].in_channels == 4 * c + 1 and net.decode[-1].out_channels == 4 * c
     with pytest.raises(ValueError, match="scale must be 1 or 2"):
         UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=3)
+
+
+@pytest.mark.parametrize("model", ["deq", "unrolled"])
+@pytest.mark.parametrize(
+    ("color", "layers", "kernel"), [(False, 2, 3), (True, 2, 3), (False, 3, 1)]
+)
+def test_full_resolution_path_after_the_half_resolution_network(
+    model: str, color: bool, layers: int, kernel: int
+) -> None:
+    # full_res_width R: the decoder's one half-resolution conv gives 4R channels, pixel_shuffle
+    # makes them R full-resolution features, and the head's convs read the noise from them and
+    # [y, σ]
+    config = DenoiseConfig(**{**TINY, "model": model, "color": color, "full_res_width": 3,
+                              "full_res_layers": layers, "full_res_kernel": kernel})  # fmt: skip
+    net = build_model(config).eval()
+    c = 3 if color else 1
+    assert [type(m) for m in net.decode] == [torch.nn.Conv2d]
+    assert net.decode[0].out_channels == 4 * 3 and net.decode[0].kernel_size == (kernel, kernel)
+    convs = [m for m in net.head.net if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == layers and all(m.kernel_size == (3, 3) for m in convs)
+    assert convs[0].in_channels == 3 + c + 1 and convs[-1].out_channels == c
+    x, sigma = torch.rand(2, c, 10, 12), torch.tensor([0.1, 0.2])
+    fn = torch.nn.functional
+    with torch.no_grad():
+        low = torch.cat([fn.pixel_unshuffle(x, 2), sigma.view(-1, 1, 1, 1).expand(-1, 1, 5, 6)], 1)
+        features = fn.pixel_shuffle(net._noise(low, None), 2)  # (2, R, 10, 12)
+        full = torch.cat([x, sigma.view(-1, 1, 1, 1).expand(-1, 1, 10, 12)], 1)
+        expected = x - net.head.net(torch.cat([features.relu(), full], 1))
+        torch.testing.assert_close(net(x, sigma), expected)
+        odd = torch.rand(1, c, 9, 11)
+        padded = fn.pad(odd, (0, 1, 0, 1), mode="replicate")
+        torch.testing.assert_close(net(odd, sigma[:1]), net(padded, sigma[:1])[..., :9, :11])
+    # the same parameters for the DEQ and its unrolled baseline
+    other = build_model(dataclasses.replace(config, model="unrolled" if model == "deq" else "deq"))
+    assert [p.shape for p in net.parameters()] == [p.shape for p in other.parameters()]
+
+
+def test_full_resolution_path_receptive_field_bounds_the_influence() -> None:
+    # one pixel changed in a 64² image changes the output only within the receptive field
+    net = UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=2, full_res_width=3).eval()
+    plain = UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=2).eval()
+    # 2 encoder + 2 per step + 1 decoder conv at half resolution (radius 7 sub-image pixels,
+    # 15 image pixels), then 2 full-resolution convs (+2): side 1 + 2 · (15 + 2) = 35
+    assert net.receptive_field == 35 and plain.receptive_field == 35
+    # a 1×1 conv before pixel_shuffle, 3 full-resolution convs: 1 + 2 · (2 · 6 + 1 + 3) = 33
+    wide = UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=2, full_res_width=3,
+                            full_res_layers=3, full_res_kernel=1)  # fmt: skip
+    assert wide.receptive_field == 33
+    x, sigma = torch.rand(1, 1, 64, 64), torch.tensor([0.1])
+    y = x.clone()
+    y[..., 32, 32] += 0.5
+    with torch.no_grad():
+        changed = (net(y, sigma) - net(x, sigma)).abs()[0, 0] > 0
+    rows, cols = changed.nonzero(as_tuple=True)
+    half = (net.receptive_field - 1) // 2
+    assert changed[32, 32]
+    assert int(rows.min()) >= 32 - half and int(rows.max()) <= 32 + half
+    assert int(cols.min()) >= 32 - half and int(cols.max()) <= 32 + half
+
+
+def test_full_resolution_path_argument_errors() -> None:
+    with pytest.raises(ValueError, match=r"full_res_width must be 0, or > 0 with scale 2.* got 4 "
+                       r"with scale 1"):  # fmt: skip
+        UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=1, full_res_width=4)
+    with pytest.raises(ValueError, match="got -1 with scale 2"):
+        UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=2, full_res_width=-1)
+    with pytest.raises(TypeError, match="full_res_width must be an int, got bool"):
+        UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=2, full_res_width=True)
+    with pytest.raises(ValueError, match="full_res_layers must be >= 1, got 0"):
+        UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=2, full_res_width=3,
+                         full_res_layers=0)  # fmt: skip
+    with pytest.raises(ValueError, match="full_res_kernel must be 1 or 3, got 5"):
+        UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=2, full_res_width=3,
+                         full_res_kernel=5)  # fmt: skip
+    with pytest.raises(TypeError, match="full_res_layers must be an int, got float"):
+        UnrolledDenoiser(1, width=4, gain=0.5, steps=2, scale=2, full_res_width=3,
+                         full_res_layers=2.0)  # fmt: skip
 
 
 def test_equal_parameter_counts() -> None:
@@ -195,6 +274,14 @@ OLD_DEFAULTS = {
     "--phantom-steps": "5", "--phantom-damping": "0.5", "--epochs": "6",
     "--steps-per-epoch": "50",
 }  # fmt: skip
+# options added after a committed record was written, at the value that builds the recorded model
+# (load_shipped reads such a record the same way: the missing option takes its default)
+ADDED_LATER = {"full_res_width": 0, "full_res_layers": 2, "full_res_kernel": 3}
+
+
+def _recorded(path: Path) -> dict:
+    """The config recorded in ``path``, with :data:`ADDED_LATER` filled in where it is missing."""
+    return {**ADDED_LATER, **json.loads(path.read_text())["config"]}
 
 
 @pytest.mark.parametrize("color", [False, True])
@@ -203,7 +290,7 @@ def test_defaults_are_the_shipped_design(color: bool) -> None:
     weights: every option is the default but ``report`` (the training script turns it off, run
     control) and, for the colour model, its 15 epochs (its 150 CPU s budget; the defaults are the
     grey model's 28)."""
-    recorded = json.loads(shipped_paths(color)[1].read_text())["config"]
+    recorded = _recorded(shipped_paths(color)[1])
     argv = ["--color"] if color else []
     defaults = to_dict(parse_options(DenoiseConfig, argv, prog="equilibria train denoise"))
     assert defaults.keys() == recorded.keys()
@@ -260,7 +347,7 @@ def test_the_docs_commands_rebuild_the_committed_configs() -> None:
                     path = shipped_paths(args.color)[1]
                 else:
                     path = script.BASELINE_DIR / f"{name}_{kind}{tag}.json"
-                record = json.loads(path.read_text())
+                record = {**json.loads(path.read_text()), "config": _recorded(path)}
                 key = str(path.relative_to(ROOT))
                 epochs = record["config"]["epochs"]
                 assert record["steps"] == args.steps or not args.steps, key
@@ -568,6 +655,16 @@ def test_implicit_gradient_matches_backprop_through_the_converged_solve() -> Non
         ({"scale": 3}, "scale"),
         ({"model": "cnn", "scale": 2}, "scale=2 is an option of the DEQ and the unrolled"),
         ({"model": "cnn"}, r"pass scale 1 \(--scale 1; the benchmarked CNN: --model cnn --scale"),
+        ({"full_res_width": -1}, "full_res_width"),
+        ({"scale": 1, "full_res_width": 8}, "full_res_width=8 .* needs scale 2 .* got scale 1"),
+        (
+            {"model": "cnn", "scale": 1, "full_res_width": 8},
+            "model 'deq' or 'unrolled', got scale 1, model 'cnn'",
+        ),
+        ({"full_res_width": 8, "full_res_kernel": 2}, "full_res_kernel must be 1 or 3, got 2"),
+        ({"full_res_width": 8, "full_res_layers": 0}, "full_res_layers"),
+        ({"full_res_layers": 3}, "full_res_layers=3 and full_res_kernel=3 .* need full_res_width"),
+        ({"full_res_kernel": 1}, "full_res_layers=2 and full_res_kernel=1 .* need full_res_width"),
     ],
 )
 def test_config_errors(kwargs: dict, match: str) -> None:

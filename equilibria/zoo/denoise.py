@@ -89,6 +89,16 @@ class DenoiseConfig(RunOptions):
         "DEQ / unrolled: 2 runs them on the four half-resolution sub-images (pixel_unshuffle, "
         "as FFDNet), a quarter of the cost per iteration; 1: full resolution (the CNN needs 1)",
     )
+    full_res_width: int = option(
+        0,
+        "DEQ / unrolled with scale 2: R > 0 adds a full-resolution path (the decoder gives R "
+        "full-resolution channels via pixel_shuffle; two full-resolution convs read the noise "
+        "from them and [y, sigma]); 0: none",
+    )
+    full_res_layers: int = option(2, "full-resolution convs of that path (full_res_width > 0)")
+    full_res_kernel: int = option(
+        3, "kernel (3 or 1) of the half-resolution conv that makes the path's 4R channels"
+    )
     unroll_steps: int = option(6, "cell applications K of the unrolled network")
     # DEQ solve
     solver: Literal["anderson", "picard"] = option("anderson", "forward solver of the DEQ")
@@ -143,6 +153,24 @@ class DenoiseConfig(RunOptions):
                 f"DenoiseConfig: scale={self.scale} is an option of the DEQ and the unrolled "
                 "network (the CNN baseline is DnCNN-style, at full resolution): pass scale 1 "
                 "(--scale 1; the benchmarked CNN: --model cnn --scale 1 --width 48)"
+            )
+        check_range(self, "full_res_width", low=0)
+        check_range(self, "full_res_layers", low=1)
+        if self.full_res_kernel not in (1, 3):
+            raise ConfigError(
+                f"DenoiseConfig: full_res_kernel must be 1 or 3, got {self.full_res_kernel}"
+            )
+        if not self.full_res_width and (self.full_res_layers, self.full_res_kernel) != (2, 3):
+            raise ConfigError(
+                f"DenoiseConfig: full_res_layers={self.full_res_layers} and full_res_kernel="
+                f"{self.full_res_kernel} shape the full-resolution path: they need "
+                "full_res_width > 0 (or their defaults 2 and 3)"
+            )
+        if self.full_res_width and (self.scale != 2 or self.model == "cnn"):
+            raise ConfigError(
+                f"DenoiseConfig: full_res_width={self.full_res_width} is the full-resolution path "
+                "of the half-resolution DEQ and unrolled network: it needs scale 2 and model "
+                f"'deq' or 'unrolled', got scale {self.scale}, model {self.model!r}"
             )
         check_range(self, "warmup_steps", low=0)
         check_range(self, "threads", low=0)

@@ -58,6 +58,7 @@ __all__ = [
     "CNNDenoiser",
     "DEQDenoiser",
     "DenoiserCell",
+    "FullResolutionHead",
     "ShippedWeightsError",
     "UnrolledDenoiser",
     "build_model",
@@ -121,12 +122,15 @@ class _Denoiser(nn.Module):
         self.blind = False
         # the network runs on the scale² sub-images of pixel_unshuffle (FFDNet); see DEQDenoiser
         self.scale = 1
+        # the full-resolution path after pixel_shuffle (full_res_width > 0); see FullResolutionHead
+        self.head: FullResolutionHead | None = None
 
     @property
     def receptive_field(self) -> int:
         """Side in pixels of the square of input pixels that one output pixel depends on (a
         bound)."""
-        return 1 + 2 * (self.scale * self._radius() + self.scale - 1)
+        head = 0 if self.head is None else self.head.radius
+        return 1 + 2 * (self.scale * self._radius() + self.scale - 1 + head)
 
     def _radius(self) -> int:
         raise NotImplementedError
@@ -192,7 +196,81 @@ class _Denoiser(nn.Module):
         low = F.pixel_unshuffle(padded, k)  # (N, C k², H / k, W / k): the k² sub-images
         level = s.view(-1, 1, 1, 1).expand(-1, 1, *low.shape[2:])
         noise = F.pixel_shuffle(self._noise(torch.cat([low, level], dim=1), max_iter), k)
+        if self.head is not None:  # noise holds R full-resolution feature channels
+            level = s.view(-1, 1, 1, 1).expand(-1, 1, *padded.shape[2:])
+            noise = self.head(noise, torch.cat([padded, level], dim=1))
         return noisy - noise[..., :h, :w]
+
+
+class FullResolutionHead(nn.Module):
+    """The full-resolution path of a half-resolution model (``full_res_width`` R > 0).
+
+    The decoder's last convolution gives R · scale² half-resolution channels, ``pixel_shuffle``
+    turns them into R full-resolution feature channels d, and ``layers`` full-resolution 3×3
+    convolutions (width R, the last one to C) read the noise from them beside the noisy image
+    and its σ: ``n̂ = conv(relu(conv([relu(d), y, σ])))`` for two layers. The equilibrium stays
+    at half resolution (a quarter of the cost per iteration); this path restores the pixel-level
+    detail that the sub-images lose (cf. the upsampling decoders of U-Net-style denoisers such
+    as DRUNet: Zhang et al., "Plug-and-Play Image Restoration with Deep Denoiser Prior", IEEE
+    TPAMI 2022).
+
+    Args:
+        channels: image channels C (1 or 3).
+        width: full-resolution feature channels R.
+        layers: full-resolution 3×3 convolutions (at least 1).
+    """
+
+    def __init__(self, channels: int, width: int, layers: int = 2) -> None:
+        super().__init__()
+        mods: list[nn.Module] = []
+        cin = width + channels + 1
+        for _ in range(layers - 1):
+            mods += [_conv(cin, width), nn.ReLU()]
+            cin = width
+        self.net = nn.Sequential(*mods, _conv(cin, channels))
+        self.radius = layers  # in full-resolution pixels
+
+    def forward(self, features: Tensor, inputs: Tensor) -> Tensor:
+        """The noise (N, C, H, W) from ``features`` (N, R, H, W) and ``[y, σ]`` (N, C + 1, H, W)."""
+        return self.net(torch.cat([F.relu(features), inputs], dim=1))
+
+
+def _decoder(
+    width: int,
+    channels: int,
+    scale: int,
+    full_res_width: int,
+    full_res_layers: int = 2,
+    full_res_kernel: int = 3,
+) -> tuple[nn.Sequential, FullResolutionHead | None]:
+    """The decoder of the DEQ and the unrolled net, and the full-resolution head if any.
+
+    Without the head (``full_res_width`` 0): ``conv(relu(conv(z)))`` to the C · scale² noise
+    channels. With it: one half-resolution convolution (``full_res_kernel`` 3 or 1) to
+    R · scale² channels, which become the head's R full-resolution features, read by its
+    ``full_res_layers`` convolutions (see :class:`FullResolutionHead`).
+    """
+    for name, value in (
+        ("full_res_width", full_res_width),
+        ("full_res_layers", full_res_layers),
+        ("full_res_kernel", full_res_kernel),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if full_res_width < 0 or (full_res_width and scale != 2):
+        raise ValueError(
+            f"full_res_width must be 0, or > 0 with scale 2 (a full-resolution path after the "
+            f"half-resolution network), got {full_res_width} with scale {scale}"
+        )
+    if full_res_layers < 1:
+        raise ValueError(f"full_res_layers must be >= 1, got {full_res_layers}")
+    if full_res_kernel not in (1, 3):
+        raise ValueError(f"full_res_kernel must be 1 or 3, got {full_res_kernel}")
+    if not full_res_width:
+        decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, channels * scale**2))
+        return decode, None
+    up = nn.Conv2d(width, full_res_width * scale**2, full_res_kernel, padding=full_res_kernel // 2)
+    return nn.Sequential(up), FullResolutionHead(channels, full_res_width, full_res_layers)
 
 
 class DEQDenoiser(_Denoiser):
@@ -211,6 +289,13 @@ class DEQDenoiser(_Denoiser):
             noise with ``pixel_shuffle``, as FFDNet does (Zhang, Zuo & Zhang, IEEE TIP 2018):
             each solver iteration then costs a quarter. Odd sizes are padded by one replicated
             row / column, cropped from the output.
+        full_res_width: 0 (the shipped design: the decoder gives the noise of the sub-images),
+            or R > 0 with ``scale=2``: the decoder gives R full-resolution feature channels
+            (through ``pixel_shuffle``) that a full-resolution path reads beside ``[y, σ]``
+            (:class:`FullResolutionHead`); the equilibrium stays at half resolution.
+        full_res_layers: the full-resolution path's 3×3 convolutions (default 2).
+        full_res_kernel: kernel (3 or 1) of the half-resolution convolution before
+            ``pixel_shuffle`` that makes the path's R · 4 channels.
 
     Example:
         >>> model = DEQDenoiser(1, width=48, gain=0.5, solver=eq.Anderson(), backward=eq.Implicit())
@@ -231,6 +316,9 @@ class DEQDenoiser(_Denoiser):
         eval_tol: float,
         eval_max_iter: int,
         scale: int = 1,
+        full_res_width: int = 0,
+        full_res_layers: int = 2,
+        full_res_kernel: int = 3,
     ) -> None:
         super().__init__(channels)
         self.scale = _check_scale(scale)
@@ -246,12 +334,14 @@ class DEQDenoiser(_Denoiser):
             eval_max_iter=eval_max_iter,
             init=_zeros_like_injection,
         )
-        self.decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, sub))
+        self.decode, self.head = _decoder(
+            width, channels, self.scale, full_res_width, full_res_layers, full_res_kernel
+        )
 
     def _radius(self) -> int:
-        # 2 encoder convs, 2 per solver iteration (eval budget), 2 decoder convs; Anderson mixes
-        # earlier iterates, so the bound holds for it too
-        return 2 + 2 * self.deq.eval_max_iter + 2
+        # 2 encoder convs, 2 per solver iteration (eval budget), the decoder's convs; Anderson
+        # mixes earlier iterates, so the bound holds for it too
+        return 2 + 2 * self.deq.eval_max_iter + _convs(self.decode)
 
     def injection(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(u, W_a, W_b) for the cell from ``[y, σ]`` (N, C + 1, H, W)."""
@@ -271,21 +361,34 @@ class UnrolledDenoiser(_Denoiser):
         gain: filter norm of the cell's convolutions.
         steps: K, the number of cell applications.
         scale: as the DEQ's (1, or 2: half-resolution sub-images).
+        full_res_width, full_res_layers, full_res_kernel: as the DEQ's (the same decoder and
+            full-resolution path).
     """
 
     def __init__(
-        self, channels: int, *, width: int, gain: float, steps: int, scale: int = 1
+        self,
+        channels: int,
+        *,
+        width: int,
+        gain: float,
+        steps: int,
+        scale: int = 1,
+        full_res_width: int = 0,
+        full_res_layers: int = 2,
+        full_res_kernel: int = 3,
     ) -> None:
         super().__init__(channels)
         self.scale = _check_scale(scale)
         sub = channels * scale**2
         self.encode = nn.Sequential(_conv(sub + 1, width), nn.ReLU(), _conv(width, width))
         self.cell = DenoiserCell(width, gain)
-        self.decode = nn.Sequential(_conv(width, width), nn.ReLU(), _conv(width, sub))
+        self.decode, self.head = _decoder(
+            width, channels, self.scale, full_res_width, full_res_layers, full_res_kernel
+        )
         self.steps = steps
 
     def _radius(self) -> int:
-        return 2 + 2 * self.steps + 2
+        return 2 + 2 * self.steps + _convs(self.decode)
 
     def _noise(self, inputs: Tensor, max_iter: int | None) -> Tensor:
         if max_iter is not None:
@@ -330,6 +433,11 @@ def _check_scale(scale: int) -> int:
     return scale
 
 
+def _convs(net: nn.Sequential) -> int:
+    """The radius in pixels that the convolutions of ``net`` add (1 per 3×3, 0 per 1×1)."""
+    return sum(m.kernel_size[0] // 2 for m in net if isinstance(m, nn.Conv2d))
+
+
 def _zeros_like_injection(x: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     return torch.zeros_like(x[0])
 
@@ -367,6 +475,9 @@ def build_model(config: DenoiseConfig) -> _Denoiser:
             eval_tol=config.eval_tol,
             eval_max_iter=config.eval_max_iter,
             scale=config.scale,
+            full_res_width=config.full_res_width,
+            full_res_layers=config.full_res_layers,
+            full_res_kernel=config.full_res_kernel,
         )
     elif config.model == "unrolled":
         model = UnrolledDenoiser(
@@ -375,6 +486,9 @@ def build_model(config: DenoiseConfig) -> _Denoiser:
             gain=config.gain,
             steps=config.unroll_steps,
             scale=config.scale,
+            full_res_width=config.full_res_width,
+            full_res_layers=config.full_res_layers,
+            full_res_kernel=config.full_res_kernel,
         )
     else:
         model = CNNDenoiser(channels, width=config.width, layers=config.cnn_layers)
