@@ -77,7 +77,10 @@ def check_reusable(run_dir: Path, config: ColorizeConfig) -> None:
             f"{path} is not the config of a colorize run (recipe {saved.get('recipe')!r}); "
             f"remove {run_dir} or choose another --work-dir"
         )
-    diff = differences(saved["config"], to_dict(config), ColorizeConfig)
+    # options added after the committed runs were trained: absent from their config.json, they
+    # count as their defaults, which keep the design those runs were trained with
+    added = {"post_blocks": 0, "multi_level": False}
+    diff = differences({**added, **saved["config"]}, to_dict(config), ColorizeConfig)
     if diff:
         lines = "\n".join(f"  {k}: saved {a!r}, requested {b!r}" for k, a, b in diff)
         raise ConfigError(

@@ -344,6 +344,109 @@ def test_the_sga_map_is_not_uniform_at_initialisation() -> None:
             assert float(Colorizer("sga").map_entropy(s.line, s.reference).mean()) < 0.9
 
 
+def _decode(model: Colorizer, z: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """The decoder after the mid convolution, written out."""
+    up = torch.nn.functional.interpolate
+    h = up(z, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+    h = model.up2(torch.cat([h, f2], 1))
+    h = up(h, size=f1.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.sigmoid(model.out(model.up1(torch.cat([h, f1], 1))))
+
+
+def test_default_model_is_the_committed_design() -> None:
+    """post_blocks=0 and multi_level=False keep the design of the committed results: the sizes
+    of docs/recipes/colorize.md's table, no post blocks, the fusion on the last stage's C."""
+    sizes = {f: sum(p.numel() for p in Colorizer(f).parameters()) for f in ("standard", "sga")}
+    assert sizes == {"standard": 85_731, "sga": 86_915}
+    model = Colorizer("sga")
+    assert model.post is None and model.fusion.block.value.in_features == 32
+    task = ColorizeTask(ColorizeConfig(attention="sga"))
+    assert sum(p.numel() for p in task.build_model().parameters()) == sizes["sga"]
+
+
+@pytest.mark.parametrize("fusion", ["standard", "sga"])
+def test_post_blocks_are_the_codes_residual_blocks_concatenated_with_the_fusion(
+    fusion: str,
+) -> None:
+    """SGA's code: decoder(cat(ResBlockNet(Z), Z)), ResBlockNet(Z) = ResBlocks(Z) + Z, each
+    ResBlock x + BN(conv(ReLU(BN(conv(x)))))."""
+    torch.manual_seed(5)
+    model = Colorizer(fusion, channels=8, width=4, post_blocks=2).eval()  # type: ignore[arg-type]
+    for m in model.modules():  # non-trivial BatchNorm statistics and affine maps
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.normal_()
+    s = make_samples(np.random.default_rng(1), load_images(TRAIN_IMAGES), 3, size=16)
+    conv, bn = torch.nn.functional.conv2d, torch.nn.functional.batch_norm
+    with torch.no_grad():
+        f1 = model.line1(s.line)
+        f2 = model.line2(f1)
+        grid = model.line3(f2)
+        x, y = grid.flatten(2).mT, model.ref(s.reference).flatten(2).mT
+        z = model.fusion(x, y).mT.reshape(grid.shape)
+        h = z
+        for block in model.post:
+            c1, n1, _, c2, n2 = block.main
+            t = conv(h, c1.weight, c1.bias, padding=1)
+            t = torch.relu(bn(t, n1.running_mean, n1.running_var, n1.weight, n1.bias, eps=n1.eps))
+            t = conv(t, c2.weight, c2.bias, padding=1)
+            h = h + bn(t, n2.running_mean, n2.running_var, n2.weight, n2.bias, eps=n2.eps)
+        expected = _decode(model, model.mid(torch.cat([h + z, z], 1)), f1, f2)
+        torch.testing.assert_close(model(s.line, s.reference), expected)
+    base = sum(p.numel() for p in Colorizer(fusion, 8, 4).parameters())  # type: ignore[arg-type]
+    per_block = 2 * (8 * 8 * 9 + 8) + 2 * 2 * 8  # two convs, two BatchNorms
+    extra_mid = 8 * 8 * 9  # mid reads 2C channels
+    assert sum(p.numel() for p in model.parameters()) == base + 2 * per_block + extra_mid
+
+
+@pytest.mark.parametrize("fusion", ["standard", "sga"])
+def test_multi_level_tokens_are_every_stage_pooled_and_concatenated(fusion: str) -> None:
+    """SGA's code fuses the encoders' stages average-pooled to the last grid and concatenated
+    (992 channels there; w + 2w + 2C here)."""
+    torch.manual_seed(6)
+    model = Colorizer(fusion, channels=8, width=4, multi_level=True).eval()  # type: ignore[arg-type]
+    s = make_samples(np.random.default_rng(2), load_images(TRAIN_IMAGES), 3, size=16)
+    pool = torch.nn.functional.avg_pool2d
+    with torch.no_grad():
+        f1 = model.line1(s.line)  # (3, 4, 16, 16)
+        f2 = model.line2(f1)  # (3, 8, 8, 8)
+        g3 = model.line3[0](f2)
+        g4 = model.line3[1](g3)  # (3, 8, 4, 4)
+        x = torch.cat([pool(f1, 4), pool(f2, 2), g3, g4], 1).flatten(2).mT
+        r1 = model.ref[0](s.reference)
+        r2 = model.ref[1](r1)
+        r3 = model.ref[2](r2)
+        r4 = model.ref[3](r3)
+        y = torch.cat([pool(r1, 4), pool(r2, 2), r3, r4], 1).flatten(2).mT
+        assert x.shape == (3, 16, 4 + 8 + 8 + 8) and y.shape == x.shape
+        z = model.fusion(x, y).mT.reshape(3, 28, 4, 4)
+        expected = _decode(model, model.mid(z), f1, f2)
+        torch.testing.assert_close(model(s.line, s.reference), expected)
+        a = model.fusion.row_map(x, y)
+        entropy = -(a * a.log()).sum(-1).mean(-1) / np.log(16)
+        torch.testing.assert_close(model.map_entropy(s.line, s.reference), entropy)
+    model.train()
+    out = model(s.line, s.reference, probe=True)  # the probe works on the wider tokens
+    out.mean().backward()
+    assert set(model.conflict()) == {"conflict_x", "conflict_y", "probe_conflict_x",
+                                     "probe_conflict_y"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "fragment"),
+    [
+        ({"post_blocks": -1}, ValueError, "post_blocks must be an int >= 0, got -1"),
+        ({"post_blocks": True}, TypeError, "post_blocks must be an int >= 0, got bool True"),
+        ({"multi_level": 1}, TypeError, "multi_level must be a bool, got 1"),
+    ],
+)
+def test_colorizer_refuses_bad_design_options_by_name(
+    kwargs: dict, error: type, fragment: str
+) -> None:
+    with pytest.raises(error, match=fragment):
+        Colorizer("sga", **kwargs)
+
+
 # --- the recipe on the engine ----------------------------------------------------------------
 
 
@@ -434,6 +537,9 @@ def test_evaluate_samples_refuses_a_bad_batch_size_by_name(
         ("lr", 0.0, "lr"),
         ("batch_size", 0, "batch_size"),
         ("test_samples", 4097, "test_samples must be <= 4096 for size=32"),
+        ("post_blocks", -1, "post_blocks must be in \\[0, 16\\], got -1"),
+        ("post_blocks", True, "post_blocks must be int, got True"),
+        ("multi_level", "yes", "multi_level must be true or false, got 'yes'"),
     ],
 )
 def test_bad_options_are_refused(field: str, value: object, fragment: str) -> None:
@@ -547,3 +653,49 @@ def test_benchmark_reuses_a_finished_run_only_with_the_requested_options(tmp_pat
     (stale / "config.json").unlink()  # a finished run whose options cannot be checked
     with pytest.raises(ConfigError, match=r"but no config\.json, so its options cannot be checked"):
         bench.run_one("sga", 0, stale.parent, requested)
+
+
+def test_benchmark_reuses_a_run_trained_before_the_design_options(tmp_path: Path) -> None:
+    """The committed run folders were trained before post_blocks and multi_level existed (their
+    config.json lacks them): they count as the defaults, the design those runs had, so the
+    folders are reused for the default options and refused for any other."""
+    bench = _benchmark()
+    requested = {"steps": 4, "lr": 1e-3, "threads": 1}
+    fixed = {"quiet": True, "report": False, "measure_memory": False}
+    run_dir = _fake_finished_run(tmp_path / "old", {**requested, **fixed})
+    path = run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["config"]["post_blocks"], saved["config"]["multi_level"]
+    path.write_text(json.dumps(saved))
+    assert bench.run_one("sga", 0, run_dir.parent, requested)["psnr"] == 17.5
+    for option, value in (("post_blocks", 4), ("multi_level", True)):
+        with pytest.raises(ConfigError, match=f"{option}: saved .*, requested {value}"):
+            bench.run_one("sga", 0, run_dir.parent, {**requested, option: value})
+
+
+def test_validation_summary_needs_sga_at_least_standard_on_every_seed() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "colorize_validation.py"
+    spec = importlib.util.spec_from_file_location("colorize_validation", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    keys = dict.fromkeys(module.KEYS, 0.0)
+
+    def row(variant: str, attention: str, seed: int, psnr: float, ssim: float) -> dict:
+        return {**keys, "variant": variant, "attention": attention, "seed": seed,
+                "psnr": psnr, "ssim": ssim}  # fmt: skip
+
+    rows = [row("a", "standard", 0, 18.0, 0.70), row("a", "sga", 0, 19.0, 0.71),
+            row("a", "standard", 1, 18.0, 0.70), row("a", "sga", 1, 17.9, 0.72),
+            row("b", "standard", 0, 18.0, 0.70), row("b", "sga", 0, 18.0, 0.70),
+            row("b", "sga", 1, 30.0, 0.90),  # no standard run of seed 1: not compared
+            row("c", "sga", 0, 18.0, 0.70)]  # fmt: skip
+    summary = module.summarise(rows)
+    assert set(summary) == {"a", "b"}  # c has no standard run
+    assert summary["a"]["seeds"] == [0, 1]
+    assert summary["a"]["sga_ge_standard_psnr"] is False  # seed 1: 17.9 < 18.0
+    assert summary["a"]["sga_ge_standard_ssim"] is True
+    assert summary["a"]["sga"]["psnr_mean"] == pytest.approx(18.45)
+    assert summary["b"]["seeds"] == [0] and summary["b"]["sga"]["psnr_mean"] == 18.0
+    assert summary["b"]["sga_ge_standard_psnr"] and summary["b"]["sga_ge_standard_ssim"]

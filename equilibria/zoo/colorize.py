@@ -97,6 +97,16 @@ class ColorizeConfig(RunOptions):
         200, "optimisation steps per epoch: the test set is evaluated and a checkpoint written"
     )
     probe: bool = option(True, "log the gradient conflict at the fusion block every step")
+    post_blocks: int = option(
+        0,
+        "residual blocks after the fusion, their output concatenated with the fusion's before "
+        "the decoder (SGA's code: 4); 0: the fusion's output goes straight to the decoder",
+    )
+    multi_level: bool = option(
+        False,
+        "fuse tokens made of every encoder stage's features, pooled to the token grid and "
+        "concatenated (SGA's code); off: the encoders' last stage only",
+    )
     validation: bool = option(
         False,
         "tuning split: train without the photographs VALIDATION_IMAGES ('rocket') and score "
@@ -114,6 +124,7 @@ class ColorizeConfig(RunOptions):
             "batch_size": (1, 4096),
             "test_samples": (1, 20_000),
             "eval_every": (1, 10**7),
+            "post_blocks": (0, 16),
             "threads": (0, 256),
         }
         for name, (low, high) in bounds.items():
@@ -223,7 +234,8 @@ class ColorizeTask(NumpyStreamTask):
 
     def build_model(self) -> nn.Module:
         c = self.config
-        return Colorizer(c.attention, channels=c.channels, width=c.width)
+        return Colorizer(c.attention, channels=c.channels, width=c.width,
+                         post_blocks=c.post_blocks, multi_level=c.multi_level)  # fmt: skip
 
     def schedule(self) -> Schedule:
         c = self.config

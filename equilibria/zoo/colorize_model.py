@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from equilibria._validate import check_int
 from equilibria.layers import StopGradientAttention, attention_map, stop_gradient_attention
 
 FusionName = Literal["standard", "sga", "learned_map"]
@@ -177,17 +178,50 @@ def token_cosine(a: Tensor, b: Tensor) -> float:
     return float(cos.mean())
 
 
+class ResidualBlock(nn.Module):
+    """SGA's code's ResBlock: ``x + BN(conv(ReLU(BN(conv(x)))))`` with 3×3 convolutions."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.main(x) + x
+
+
 class Colorizer(nn.Module):
     """Line-art encoder + reference encoder → fusion block → decoder (SCFT's layout, small).
 
     Args:
         fusion: the fusion block, one of :data:`FUSIONS`.
-        channels: C, channels of the fused tokens (the encoders' last width).
+        channels: C, channels of the encoders' last stages.
         width: channels of the encoders' first stage (the second has ``2 * width``).
+        post_blocks: residual blocks after the fusion (SGA's code: 4, its ``ResBlockNet``, with
+            a residual around them), whose output is concatenated with the fusion's before the
+            decoder, as the code's generator does; 0 (the default): the fusion's output goes
+            straight to the decoder's first convolution.
+        multi_level: the tokens are every encoder stage's features, average-pooled to the
+            H/4 grid and concatenated (SGA's and SCFT's encoders: 10 stages, 992 channels), so
+            the fusion works on ``width + 2 * width + 2 * channels`` channels; False (the
+            default): the last stage's C channels only.
     """
 
-    def __init__(self, fusion: FusionName, channels: int = 32, width: int = 16) -> None:
+    def __init__(
+        self,
+        fusion: FusionName,
+        channels: int = 32,
+        width: int = 16,
+        *,
+        post_blocks: int = 0,
+        multi_level: bool = False,
+    ) -> None:
         super().__init__()
+        check_int("post_blocks", post_blocks, minimum=0)
+        if not isinstance(multi_level, bool):
+            raise TypeError(f"multi_level must be a bool, got {multi_level!r}")
         c, w = channels, width
         self.line1, self.line2 = _conv(1, w), _conv(w, 2 * w, 2)  # H, H/2
         self.line3 = nn.Sequential(_conv(2 * w, c, 2), _conv(c, c))  # H/4
@@ -197,30 +231,56 @@ class Colorizer(nn.Module):
         # uniform map: row entropy log M at 1/√C)
         self.ref = nn.Sequential(_conv(3, w), _conv(w, 2 * w, 2), _conv(2 * w, c, 2),
                                  _conv(c, c))  # fmt: skip
-        self.fusion = make_fusion(fusion, c)
+        self.multi_level = multi_level
+        tokens = w + 2 * w + 2 * c if multi_level else c  # channels of X and Y
+        self.fusion = make_fusion(fusion, tokens)
         self.fusion_name = fusion
-        self.mid = _conv(c, c)
+        self.post = (
+            nn.Sequential(*(ResidualBlock(tokens) for _ in range(post_blocks)))
+            if post_blocks
+            else None
+        )
+        self.mid = _conv(2 * tokens if post_blocks else tokens, c)
         self.up2 = _conv(c + 2 * w, 2 * w)  # at H/2, with the line art's features
         self.up1 = _conv(2 * w + w, w)  # at H
         self.out = nn.Conv2d(w, 3, 3, 1, 1)
         self.grads: dict[str, Tensor] = {}  # filled by the probe's hooks during backward
+
+    def encode(
+        self, line: Tensor, reference: Tensor
+    ) -> tuple[Tensor, Tensor, list[Tensor], torch.Size]:
+        """The fusion's inputs X (B, N, T) and Y (B, M, T), the line-art encoder's features at
+        H and H/2 (the decoder's skips) and the token grid's (H/4, W/4)."""
+        f1 = self.line1(line)  # (B, w, H, W)
+        f2 = self.line2(f1)  # (B, 2w, H/2, W/2)
+        if not self.multi_level:
+            x = self.line3(f2)  # (B, C, H/4, W/4)
+            y = self.ref(reference)
+            return x.flatten(2).mT, y.flatten(2).mT, [f1, f2], x.shape[-2:]
+        line_stages = [f1, f2]
+        for stage in self.line3:
+            line_stages.append(stage(line_stages[-1]))
+        ref_stages = [reference]
+        for stage in self.ref:
+            ref_stages.append(stage(ref_stages[-1]))
+        x, y = _pooled_concat(line_stages), _pooled_concat(ref_stages[1:])
+        return x.flatten(2).mT, y.flatten(2).mT, [f1, f2], x.shape[-2:]
 
     def forward(self, line: Tensor, reference: Tensor, *, probe: bool = False) -> Tensor:
         """line (B, 1, H, W), reference (B, 3, H, W) → colours (B, 3, H, W) in (0, 1).
 
         With ``probe`` each use of the fusion input gets its own copy whose gradient is kept
         in :attr:`grads` during the next backward (see :meth:`conflict`)."""
-        f1 = self.line1(line)  # (B, w, H, W)
-        f2 = self.line2(f1)  # (B, 2w, H/2, W/2)
-        grid = self.line3(f2)  # (B, C, H/4, W/4)
-        x = grid.flatten(2).mT  # queries X, (B, N, C)
-        y = self.ref(reference).flatten(2).mT  # keys/values Y, (B, M, C)
+        x, y, (f1, f2), grid = self.encode(line, reference)  # (B, N, T), (B, M, T)
         if probe:
             self.grads = {}
             z = probed_fusion(self.fusion, x, y, self.grads, probe_map=self.fusion_name == "sga")
         else:
             z = self.fusion(x, y)
-        z = self.mid(z.mT.reshape(grid.shape))  # (B, C, H/4, W/4)
+        z = z.mT.reshape(*z.shape[::2], *grid)  # (B, T, H/4, W/4)
+        if self.post is not None:  # SGA's code: cat(ResBlocks(Z) + Z, Z)
+            z = torch.cat([self.post(z) + z, z], 1)
+        z = self.mid(z)  # (B, C, H/4, W/4)
         h = F.interpolate(z, size=f2.shape[-2:], mode="bilinear", align_corners=False)
         h = self.up2(torch.cat([h, f2], 1))
         h = F.interpolate(h, size=f1.shape[-2:], mode="bilinear", align_corners=False)
@@ -230,8 +290,7 @@ class Colorizer(nn.Module):
         """Per-image mean over queries of the entropy of the fusion's (cross) attention row,
         divided by log M: 1 for a uniform map (every token reads the reference's mean colour),
         0 for one key per query. (B,)"""
-        x = self.line3(self.line2(self.line1(line))).flatten(2).mT
-        y = self.ref(reference).flatten(2).mT
+        x, y, _, _ = self.encode(line, reference)
         a = self.fusion.row_map(x, y)  # type: ignore[operator]
         entropy = -(a * a.clamp_min(torch.finfo(a.dtype).tiny).log()).sum(-1).mean(-1)
         return entropy / math.log(a.shape[-1])
@@ -242,6 +301,13 @@ class Colorizer(nn.Module):
         out = conflict_cosines(self.grads)
         self.grads = {}
         return out
+
+
+def _pooled_concat(stages: list[Tensor]) -> Tensor:
+    """Every stage's features average-pooled to the last stage's grid and concatenated over
+    channels (SGA's encoder output; the grids here divide evenly)."""
+    size = stages[-1].shape[-2:]
+    return torch.cat([F.adaptive_avg_pool2d(s, size) for s in stages], 1)
 
 
 def probed_fusion(
