@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import equilibria as eq
-from equilibria.zoo.denoise import DenoiseConfig, crop_center
+from equilibria.zoo.denoise import config_from_record, crop_center
 from equilibria.zoo.denoise_classical import denoise_classical
 from equilibria.zoo.denoise_data import add_noise, test_images
 from equilibria.zoo.denoise_model import build_model, load_shipped, sha256_of, shipped_paths
@@ -65,7 +65,7 @@ def load_baseline(name: str, color: bool, tag: str = "") -> torch.nn.Module:
     record = json.loads(path.with_suffix(".json").read_text())
     if sha256_of(path) != record["sha256"]:
         raise RuntimeError(f"{path}: SHA-256 differs from the one recorded beside it")
-    model = build_model(DenoiseConfig(**record["config"]))
+    model = build_model(config_from_record(record["config"]))
     model.load_state_dict(load_file(str(path)))
     return model.eval()
 

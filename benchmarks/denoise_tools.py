@@ -15,8 +15,10 @@ tiling.
 ``--sweep`` adds the parameter sweep that chose the classical settings (grey 256² crops of the
 training images ``coffee``, ``rocket``, ``clock``; a few CPU minutes).
 
-Run: ``python benchmarks/denoise_tools.py [--sweep]`` → ``benchmarks/results/denoise_tools.json``
-(``--tiling-only``: part 3 alone, after the shipped model changed; the rest of the file is kept).
+Run: ``python benchmarks/denoise_tools.py [--sweep]`` → ``benchmarks/results/denoise_tools.json``,
+with the command at the top level (``--tiling-only``: part 3 alone, after the shipped model
+changed; the rest of the file and its top-level command are kept, the tiling part records its
+own command; refused on a file without a top-level command).
 """
 
 from __future__ import annotations
@@ -201,6 +203,11 @@ def main() -> None:
     command = "python benchmarks/denoise_tools.py " + " ".join(sys.argv[1:])
     if args.tiling_only:
         result = json.loads((RESULTS / "denoise_tools.json").read_text())
+        if "command" not in result:  # the other parts would be kept without their command
+            parser.error(
+                "--tiling-only keeps the other parts of denoise_tools.json, which records no "
+                "top-level 'command' for them: run the whole benchmark instead"
+            )
         result.pop("machine", None)
         result["tiling"] = {"command": command, **tiling_table()}
     else:

@@ -761,9 +761,10 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
     padded by a replicated row and column and cropped back. Whole, the file holds the model's
     output. In 24² tiles overlapping by 8 the command starts the tiles at even offsets (rows 0,
     14; columns 0, 16, 30), so each tile groups its pixels into sub-images as the whole image
-    does: the largest change from the whole-image result is then about 5 / 255 (the seams); the
-    tiles the command used to cut (rows 0, 13; columns 0, 16, 29) changed it by up to 17 / 255
-    (grey; colour 9 and 37)."""
+    does: the largest change from the whole-image result is then 8.9 / 255 with the grey model
+    (the seams; 5 / 255 with the previous grey model, without the full-resolution path), 8.6 /
+    255 with the colour one; the tiles the command used to cut (rows 0, 13; columns 0, 16, 29)
+    changed it by 18.8 / 255 (grey; colour 36.8)."""
     from equilibria.zoo.denoise_model import load_shipped
 
     model = load_shipped(color)
@@ -802,9 +803,11 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
         f"tiles at even offsets: {255 * change:.2f} / 255, "
         f"odd: {255 * np.abs(odd - whole).max():.2f} / 255"
     )
-    assert change < (10 if color else 6) / 255
+    assert change < 10 / 255
     assert np.abs(odd - whole).max() > 2 * change  # the alignment matters
-    assert abs(_psnr(tiled, clean) - _psnr(whole, clean)) < 0.1
+    # the previous grey model: within 0.1 dB; the current one's tiles are 0.19 dB above the whole
+    # image on this 37 × 53 synthetic image (the default 256² tiles: benchmarks/denoise_tools.py)
+    assert abs(_psnr(tiled, clean) - _psnr(whole, clean)) < 0.25
 
 
 def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -824,10 +827,10 @@ def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
 def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool) -> None:
     """The shipped DEQ's receptive field exceeds the margin (every solver iteration widens it, by
     4 pixels at half resolution), so tiled and whole-image results differ near the seams. Measured
-    here (tiles 48, overlap 16): 0.72 / 255 grey, 2.05 / 255 colour, the same with the solver's
-    tolerance at 1e-5 instead of 1e-3 (so from the tiles' borders, not the solver's stop); on the
-    512² camera with the command's tiles (256, overlap 32) 1.54 / 255 at the same PSNR to 0.001 dB
-    (without overlap the seams reach 30 / 255; benchmarks/denoise_tools.py)."""
+    here (tiles 48, overlap 16): 3.59 / 255 grey (0.72 with the previous grey model, without the
+    full-resolution path), 2.05 / 255 colour, the same with the solver's tolerance at 1e-5 instead
+    of 1e-3 (so from the tiles' borders, not the solver's stop); the command's tiles on the 512²
+    camera: benchmarks/denoise_tools.py."""
     from equilibria.zoo.denoise_model import load_shipped
 
     model = load_shipped(color=color)
@@ -838,7 +841,7 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool
         whole = model(x, sigma)
         tiled = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=16)
         seams = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=0)
-    assert (tiled - whole).abs().max() < (2.5 if color else 1.0) / 255
+    assert (tiled - whole).abs().max() < (2.5 if color else 4.0) / 255
     assert (seams - whole).abs().max() > 5 * (tiled - whole).abs().max()  # the blend matters
 
 
@@ -871,6 +874,47 @@ def test_the_tiling_benchmark_cuts_the_tiles_the_command_cuts(
     monkeypatch.setattr(denoise_tiling, "tiled_apply", record)
     tools.tiling_table()
     assert aligns == [2, 2]
+
+
+def test_the_tools_benchmark_records_its_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """benchmarks/denoise_tools.py records its command at the top of denoise_tools.json; with
+    --tiling-only it keeps the file's command (that of the parts it keeps) and records its own
+    beside the tiling part, and refuses a file without one (the committed file had none: it was
+    written before the script recorded it, and --tiling-only kept it so)."""
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    spec = importlib.util.spec_from_file_location("denoise_tools", root / "denoise_tools.py")
+    tools = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(tools)  # type: ignore[union-attr]
+    for part in ("sigma_table", "classical_table", "tiling_table", "sweep_table"):
+        monkeypatch.setattr(tools, part, lambda part=part: {"part": part})
+    written: dict = {}
+
+    def write(name: str, result: dict) -> Path:
+        written.clear()
+        written.update(result)
+        return tmp_path / f"{name}.json"
+
+    monkeypatch.setattr(tools, "write_result", write)
+    monkeypatch.setattr(tools, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["benchmarks/denoise_tools.py", "--sweep"])
+    tools.main()
+    assert written["command"] == "python benchmarks/denoise_tools.py --sweep"
+    assert written["sweep"] == {"part": "sweep_table"}
+    (tmp_path / "denoise_tools.json").write_text(json.dumps({"machine": {}, **written}))
+    monkeypatch.setattr(sys, "argv", ["benchmarks/denoise_tools.py", "--tiling-only"])
+    tools.main()
+    assert written["command"] == "python benchmarks/denoise_tools.py --sweep"
+    tiling = {"command": "python benchmarks/denoise_tools.py --tiling-only", "part": "tiling_table"}
+    assert written["tiling"] == tiling and "machine" not in written
+    (tmp_path / "denoise_tools.json").write_text(json.dumps({"sweep": {}}))
+    with pytest.raises(SystemExit):
+        tools.main()
 
 
 def test_cli_damaged_shipped_weights_are_one_line_with_status_1(
