@@ -915,6 +915,8 @@ def test_the_tools_benchmark_records_its_command(
     (tmp_path / "denoise_tools.json").write_text(json.dumps({"sweep": {}}))
     with pytest.raises(SystemExit):
         tools.main()
+    committed = json.loads((root / "results" / "denoise_tools.json").read_text())
+    assert committed["command"] == "python benchmarks/denoise_tools.py --sweep"
 
 
 def test_cli_damaged_shipped_weights_are_one_line_with_status_1(
