@@ -591,6 +591,34 @@ def test_page_results_table_is_the_benchmark_record() -> None:
     assert f"by {min(gaps):.2f}–{max(gaps):.2f} dB on the same seed's crops" in page
 
 
+def test_page_validation_table_is_the_validation_record() -> None:
+    """docs/recipes/colorize.md's table of the design changes tried on the validation split is
+    colorize_validation.json's, row by row, and the verdict matches the record's."""
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "benchmarks/results/colorize_validation.json").read_text())
+    page = (root / "docs/recipes/colorize.md").read_text()
+    runs = {(r["variant"], r["attention"], r["seed"]): r for r in record["rows"]}
+    assert all(r["options"] == record["variants"][r["variant"]] for r in record["rows"])
+    checked = 0
+    for variant, entry in record["summary"].items():
+        assert entry["seeds"][:2] == [0, 1]
+        for attention, label in (("standard", "standard"), ("sga", "SGA")):
+            (line,) = [x for x in page.splitlines() if x.startswith(f"| {variant} | {label} |")]
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            seeds = [runs[variant, attention, seed] for seed in entry["seeds"]]
+            mean = entry[attention]
+            assert cells[2] == " / ".join(f"{r['psnr']:.2f}" for r in seeds)
+            assert cells[3] == f"{mean['psnr_mean']:.2f}"
+            assert cells[4] == " / ".join(f"{r['ssim']:.4f}" for r in seeds)
+            assert cells[5] == f"{mean['ssim_mean']:.4f}"
+            assert cells[6] == f"{mean['map_entropy_mean']:.3f}"
+            assert cells[8] == f"{mean['cpu_s_mean']:.0f}"
+            checked += 1
+        # the page adopts no variant: none has SGA >= standard in PSNR and SSIM on both seeds
+        assert not (entry["sga_ge_standard_psnr"] and entry["sga_ge_standard_ssim"])
+    assert checked == 2 * len(record["variants"])
+
+
 # --- the benchmark script ---------------------------------------------------------------------
 
 
