@@ -227,6 +227,43 @@ def test_resume_is_bitwise_identical(tmp_path: Path) -> None:
     assert all("test_psnr" in row and "fwd_iters_mean" in row for row in rows["full"])
 
 
+def test_load_model_rebuilds_a_run_saved_before_the_full_resolution_options(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint whose saved config predates the full-resolution options (a run folder of
+    the earlier design) is rebuilt with the values it was trained with (the task's
+    ``record_defaults``), not the config class's defaults of the day: while those were
+    ``full_res_width=12`` (the recipe's defaults for a while; here a config class with them)
+    ``load_model`` failed with "its tensors do not fit the model of its saved config"."""
+    from equilibria.zoo.checkpoint import save_checkpoint
+    from equilibria.zoo.config import option
+    from equilibria.zoo.evaluation import evaluate_checkpoint, load_model
+
+    @dataclasses.dataclass(frozen=True)
+    class LaterConfig(DenoiseConfig):  # the full-resolution path as the default
+        full_res_width: int = option(12, "as the recipe had it")
+        full_res_layers: int = option(3, "as the recipe had it")
+
+    class LaterTask(DenoiseTask):
+        config_class = LaterConfig
+
+    assert LaterTask.record_defaults == {"full_res_width": 0, "full_res_layers": 2,
+                                         "full_res_kernel": 3}  # fmt: skip
+    old = DenoiseConfig(**TINY, full_res_width=0, full_res_layers=2)
+    model = build_model(old)
+    saved = {k: v for k, v in to_dict(old).items() if not k.startswith("full_res_")}
+    path = save_checkpoint(tmp_path / "checkpoint.safetensors", recipe="denoise", config=saved,
+                           epoch=2, step=4, model=model)  # fmt: skip
+    for task_cls in (DenoiseTask, LaterTask):
+        loaded, task = load_model(task_cls, path)
+        assert task.config.full_res_width == 0 and task.config.full_res_layers == 2
+        a, b = model.state_dict(), loaded.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and with an override (``equilibria eval``), which rebuilds the config a second time
+    result = evaluate_checkpoint(LaterTask, path, eval_max_iter=3)
+    assert result["eval_max_iter"] == 3 and result["test_psnr"] > 0
+
+
 def test_held_out_images_are_not_trained_on() -> None:
     assert not {*GRAY_TEST_IMAGES, *COLOR_TEST_IMAGES, "cat"} & set(TRAIN_IMAGES)
     # skimage's cat is chelsea: held out with it

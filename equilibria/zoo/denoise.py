@@ -266,6 +266,9 @@ class DenoiseTask(Task):
         Plot("psnr", "PSNR", "dB", (("train_psnr", "train"), ("test_psnr", "held-out"))),
     )
     eval_options = ("eval_max_iter", "eval_tol", "test_sigma", "test_crop")
+    # a run saved before the full-resolution options existed was trained without the path
+    # (``load_model`` rebuilds its checkpoint with these, not today's defaults)
+    record_defaults = RECORD_DEFAULTS
     # deq-phantom is the shipped design (the defaults); the CNN as benchmarked, at full
     # resolution, width 48 and its learning rate 2e-3 (84,481 parameters, 0.8 % below the DEQ's)
     variants: ClassVar[dict[str, dict[str, Any]]] = {

@@ -84,6 +84,10 @@ def load_model(
     Returns:
         The model (CPU, eval mode not set) and the task holding the effective config.
 
+    An option missing from the saved config (one the recipe gained after the run was saved) is
+    taken from ``task_cls.record_defaults`` (a dict: the value such runs were trained with) if
+    the task class declares it, else from the config class's default.
+
     Raises:
         CheckpointError: a damaged file, an invalid saved config, a model larger than
             ``task_cls.max_params``, or tensors that do not fit the config's model (checked on the
@@ -93,10 +97,13 @@ def load_model(
         checkpoint, recipe=task_cls.name
     )  # fmt: skip
     cls = task_cls.config_class
+    # an option the saved config lacks (added to the recipe after the run) takes the value it
+    # was trained with, ``task_cls.record_defaults``, not today's default
+    record_defaults = dict(getattr(task_cls, "record_defaults", None) or {})
     # the saved config: checked on its own first, so a damaged one is a checkpoint error and a
     # bad override a config error
     try:
-        saved = from_dict(cls, {**ckpt.config, "resume": False})
+        saved = from_dict(cls, {**record_defaults, **ckpt.config, "resume": False})
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{ckpt.path}: its saved config is not valid ({e})"[:600]) from None
     task = task_cls(from_dict(cls, {**to_dict(saved), **overrides}) if overrides else saved)
