@@ -26,21 +26,18 @@ Outputs:
 
 ``--options "..."`` passes recipe options (``equilibria train denoise --help``) to every model,
 e.g. ``--options "--backward implicit"``; without it each model gets the recipe's defaults, the
-shipped grey design (``scale=2``, width 47, the full-resolution path ``full_res_width=12``,
-``full_res_layers=3``, one-step phantom gradient, 6 forward iterations, learning rate 3e-3). The
-CNN runs at full resolution without that path: it needs ``--options "--scale 1
---full-res-width 0 ..."`` (the benchmarked one: ``--scale 1 --width 48 --full-res-width 0 --lr
-0.002``), so train it by a command of its own. Every model's options are checked before the
-first one trains.
+shipped design (``scale=2``, width 47, one-step phantom gradient, 8 forward iterations,
+learning rate 2e-3, no full-resolution path). The CNN runs at full resolution: it needs
+``--options "--scale 1 ..."`` (the benchmarked one: ``--scale 1 --width 48``), so train it by a
+command of its own. Every model's options are checked before the first one trains.
 
 Usage (the shipped grayscale model and its baselines, then the colour model; the exact commands
 of the committed weights are in ``docs/recipes/denoise.md`` and in each ``.json``)::
 
     python benchmarks/train_shipped_denoiser.py --models deq,unrolled --budget-cpu-s 300
     python benchmarks/train_shipped_denoiser.py --models cnn --budget-cpu-s 300 \
-        --options "--scale 1 --width 48 --full-res-width 0 --lr 0.002"
-    python benchmarks/train_shipped_denoiser.py --color --models deq --budget-cpu-s 150 \
-        --options "--full-res-width 0 --full-res-layers 2 --max-iter 8 --lr 0.002"
+        --options "--scale 1 --width 48"
+    python benchmarks/train_shipped_denoiser.py --color --models deq --budget-cpu-s 150
     python benchmarks/train_shipped_denoiser.py --validation --models deq --budget-cpu-s 150 \
         --name deq-implicit --options "--backward implicit"
 """
@@ -142,8 +139,8 @@ def base_configs(args: argparse.Namespace) -> dict[str, DenoiseConfig]:
 
     Raises:
         ConfigError: ``--options`` is not valid for one of the models (the CNN refuses
-            ``scale=2`` and the full-resolution path, the defaults: give it ``--options
-            "--scale 1 --full-res-width 0 ..."``).
+            ``scale=2``, the default, and the full-resolution path: give it ``--options
+            "--scale 1 ..."``).
     """
     options = parse_options(DenoiseConfig, shlex.split(args.options), prog="--options")
     return {name: replace(options, model=name, color=args.color, seed=args.seed, device="cpu",

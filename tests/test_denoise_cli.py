@@ -761,10 +761,9 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
     padded by a replicated row and column and cropped back. Whole, the file holds the model's
     output. In 24² tiles overlapping by 8 the command starts the tiles at even offsets (rows 0,
     14; columns 0, 16, 30), so each tile groups its pixels into sub-images as the whole image
-    does: the largest change from the whole-image result is then 8.9 / 255 with the grey model
-    (the seams; 5 / 255 with the previous grey model, without the full-resolution path), 8.6 /
-    255 with the colour one; the tiles the command used to cut (rows 0, 13; columns 0, 16, 29)
-    changed it by 18.8 / 255 (grey; colour 36.8)."""
+    does: the largest change from the whole-image result is then about 5 / 255 (the seams); the
+    tiles the command used to cut (rows 0, 13; columns 0, 16, 29) changed it by up to 17 / 255
+    (grey; colour 9 and 37)."""
     from equilibria.zoo.denoise_model import load_shipped
 
     model = load_shipped(color)
@@ -803,11 +802,9 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
         f"tiles at even offsets: {255 * change:.2f} / 255, "
         f"odd: {255 * np.abs(odd - whole).max():.2f} / 255"
     )
-    assert change < 10 / 255
+    assert change < (10 if color else 6) / 255
     assert np.abs(odd - whole).max() > 2 * change  # the alignment matters
-    # the previous grey model: within 0.1 dB; the current one's tiles are 0.19 dB above the whole
-    # image on this 37 × 53 synthetic image (the default 256² tiles: benchmarks/denoise_tools.py)
-    assert abs(_psnr(tiled, clean) - _psnr(whole, clean)) < 0.25
+    assert abs(_psnr(tiled, clean) - _psnr(whole, clean)) < 0.1
 
 
 def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -827,10 +824,12 @@ def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
 def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool) -> None:
     """The shipped DEQ's receptive field exceeds the margin (every solver iteration widens it, by
     4 pixels at half resolution), so tiled and whole-image results differ near the seams. Measured
-    here (tiles 48, overlap 16): 3.59 / 255 grey (0.72 with the previous grey model, without the
-    full-resolution path), 2.05 / 255 colour, the same with the solver's tolerance at 1e-5 instead
-    of 1e-3 (so from the tiles' borders, not the solver's stop); the command's tiles on the 512²
-    camera: benchmarks/denoise_tools.py."""
+    here (tiles 48, overlap 16): 0.72 / 255 grey, 2.05 / 255 colour, the same with the solver's
+    tolerance at 1e-5 instead of 1e-3 (so from the tiles' borders, not the solver's stop); on the
+    512² camera with the command's tiles (256, overlap 32) 1.54 / 255 at the same PSNR to 0.001 dB
+    (without overlap the seams reach 30 / 255; benchmarks/denoise_tools.py). The grey model with
+    the full-resolution path (not shipped: docs/recipes/denoise.md, "Convergence") measured 3.59
+    / 255 here and 6.86 / 255 on camera."""
     from equilibria.zoo.denoise_model import load_shipped
 
     model = load_shipped(color=color)
@@ -841,7 +840,7 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool
         whole = model(x, sigma)
         tiled = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=16)
         seams = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=0)
-    assert (tiled - whole).abs().max() < (2.5 if color else 4.0) / 255
+    assert (tiled - whole).abs().max() < (2.5 if color else 1.0) / 255
     assert (seams - whole).abs().max() > 5 * (tiled - whole).abs().max()  # the blend matters
 
 

@@ -1,0 +1,130 @@
+"""Convergence check of a grey DEQ denoiser on the validation images (the shipping rule).
+
+The rule, fixed before the second held-out run (``docs/recipes/denoise.md``, "Convergence"): a
+grey DEQ is shipped only if, on the central 256² crops of the validation photographs ``coffee``
+and ``rocket`` (:data:`equilibria.zoo.denoise_data.VALIDATION_IMAGES`) at σ = 25,
+
+* its solve, at the model's own test-time settings (``eval_tol``, ``eval_max_iter``: 1e-3 and 20),
+  reaches a relative residual ≤ ``eval_tol`` within ``eval_max_iter`` iterations on each image,
+  and
+* its mean PSNR after 32 iterations is at least its mean PSNR after 8 iterations − 0.01 dB
+  (both with tolerance 0, the whole iteration budget): more iterations must not degrade it
+  (the anytime property of an equilibrium model).
+
+The shipped model was trained on these two images: this checks the solve, not the denoising
+quality, and it never looks at the test images. The PSNR and residual after 1 … 48 iterations are
+recorded too. The noise is seeded per image as in ``train_shipped_denoiser.py --validation``.
+
+Writes ``benchmarks/results/denoise_convergence.json`` (or ``--out NAME``).
+
+Usage::
+
+    python benchmarks/denoise_convergence.py                     # the shipped grey model
+    python benchmarks/denoise_convergence.py --weights W.safetensors --out NAME   # another one
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from equilibria.zoo.denoise import crop_center, psnr
+from equilibria.zoo.denoise_data import add_noise, validation_images
+from equilibria.zoo.denoise_model import DEQDenoiser, load_shipped
+
+from common import write_result
+
+SIGMA = 25
+STEPS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 48)
+TOLERANCE_DB = 0.01  # PSNR at 32 iterations may be at most this far below PSNR at 8
+
+
+def noisy_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(noisy, clean) central 256² crops of the validation images at σ = 25, each ``(1, 1, H, W)``
+    (the seed of ``train_shipped_denoiser.validate``)."""
+    out = {}
+    for index, (name, clean) in enumerate(validation_images(False).items()):
+        clean = crop_center(clean, 256)[None]
+        gen = torch.Generator().manual_seed(7000 + 100 * index + SIGMA)
+        out[name] = (add_noise(clean, torch.tensor([SIGMA / 255.0]), gen), clean)
+    return out
+
+
+@torch.no_grad()
+def check(model: DEQDenoiser) -> dict[str, Any]:
+    """The rule's two conditions and the PSNR / residual curves (see the module docstring)."""
+    if not isinstance(model, DEQDenoiser):
+        raise TypeError(f"model must be a DEQDenoiser, got {type(model).__name__}")
+    model.eval()
+    sigma = torch.tensor([SIGMA / 255.0])
+    pairs = noisy_pairs()
+    deq = model.deq
+    solve: dict[str, Any] = {}
+    for name, (noisy, _) in pairs.items():  # the model's own test-time tolerance and budget
+        model(noisy, sigma)
+        sol = deq.last_solution
+        solve[name] = {"iterations": int(sol.nstep), "residual": float(sol.residual.max())}
+    curves: dict[str, dict[str, dict[str, float]]] = {"psnr": {}, "residual": {}}
+    eval_tol, deq.eval_tol = deq.eval_tol, 0.0  # the whole budget
+    try:
+        for k in STEPS:
+            for name, (noisy, clean) in pairs.items():
+                p = float(psnr(model(noisy, sigma, max_iter=k), clean))
+                curves["psnr"].setdefault(name, {})[str(k)] = p
+                r = float(deq.last_solution.residual.max())
+                curves["residual"].setdefault(name, {})[str(k)] = r
+    finally:
+        deq.eval_tol = eval_tol
+    mean = {str(k): statistics.fmean(c[str(k)] for c in curves["psnr"].values()) for k in STEPS}
+    converged = all(s["residual"] <= deq.eval_tol for s in solve.values())
+    anytime = mean["32"] >= mean["8"] - TOLERANCE_DB
+    return {
+        "sigma": SIGMA,
+        "eval_tol": deq.eval_tol,
+        "eval_max_iter": deq.eval_max_iter,
+        "solve": solve,
+        "psnr_mean": mean,
+        "curves": curves,
+        "converged": converged,
+        "psnr32_minus_psnr8": mean["32"] - mean["8"],
+        "anytime": anytime,
+        "passes": converged and anytime,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default="", help="a .safetensors other than the shipped")
+    parser.add_argument("--out", default="denoise_convergence", help="results/NAME.json")
+    args = parser.parse_args(argv)
+    if not args.out.replace("_", "").isalnum():
+        parser.error(f"--out must be letters, digits and _, got {args.out!r}")
+    torch.set_num_threads(1)
+    if args.weights:
+        weights = Path(args.weights)
+        model = load_shipped(False, weights=weights, config=weights.with_suffix(".json"))
+    else:
+        model = load_shipped(False)
+    result = {
+        "command": "python benchmarks/denoise_convergence.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "weights": str(args.weights or "equilibria/zoo/weights/denoise_gray.safetensors"),
+        **check(model),  # type: ignore[arg-type]
+    }
+    path = write_result(args.out, result)
+    for name, s in result["solve"].items():
+        print(f"{name}: {s['iterations']} iterations, relative residual {s['residual']:.2e}")
+    print("mean PSNR by iterations: "
+          + ", ".join(f"{k}: {v:.2f}" for k, v in result["psnr_mean"].items()))  # fmt: skip
+    print(f"converged: {result['converged']}; PSNR(32) - PSNR(8) = "
+          f"{result['psnr32_minus_psnr8']:+.3f} dB; passes: {result['passes']}")  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
