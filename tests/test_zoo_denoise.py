@@ -10,6 +10,7 @@ import json
 import shlex
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -264,6 +265,48 @@ def test_load_model_rebuilds_a_run_saved_before_the_full_resolution_options(
     # and with an override (``equilibria eval``), which rebuilds the config a second time
     result = evaluate_checkpoint(LaterTask, path, eval_max_iter=3)
     assert result["eval_max_iter"] == 3 and result["test_psnr"] > 0
+
+
+def test_resume_of_a_run_saved_before_the_full_resolution_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder whose config.json and checkpoint predate the full-resolution options (they
+    lack the keys) resumes with the same options: the missing keys take the task's
+    ``record_defaults`` (the value the run was trained with). Before, ``--resume`` refused it
+    ("full_res_width: saved '<missing>', now 0") even with identical options; a sweep's
+    ``--resume`` likewise."""
+    from equilibria.zoo import trainer
+    from equilibria.zoo.runs import RunFolder
+
+    real = trainer.to_dict
+
+    def without_new_options(config: Any) -> dict[str, Any]:
+        return {k: v for k, v in real(config).items() if not k.startswith("full_res_")}
+
+    def stop(epoch: int) -> None:
+        if epoch == 1:
+            raise _Stop
+
+    part = DenoiseConfig(**TINY, run_dir=str(tmp_path / "part"))
+    monkeypatch.setattr(trainer, "to_dict", without_new_options)
+    with pytest.raises(_Stop):
+        train(DenoiseTask(part), on_epoch_end=stop)
+    monkeypatch.setattr(trainer, "to_dict", real)
+    saved = json.loads((tmp_path / "part" / "config.json").read_text())["config"]
+    assert (
+        "full_res_width" not in saved
+        and "full_res_width" not in load_checkpoint(part.run_dir).config
+    )
+    # the folder check alone, as a sweep's --resume calls it: without the record it differs
+    folder = RunFolder(part.run_dir)
+    with pytest.raises(ConfigError, match="full_res_width"):
+        folder.check_resume("denoise", to_dict(part), DenoiseConfig)
+    # a different value of a recorded option is still refused
+    with pytest.raises(ConfigError, match="full_res_width"):
+        train(DenoiseTask(dataclasses.replace(part, resume=True, full_res_width=4)))
+    summary = train(DenoiseTask(dataclasses.replace(part, resume=True)))
+    assert load_checkpoint(part.run_dir).epoch == 2 and summary["test_psnr"] > 0
+    folder.check_resume("denoise", to_dict(part), DenoiseConfig, DenoiseTask.record_defaults)
 
 
 def test_held_out_images_are_not_trained_on() -> None:

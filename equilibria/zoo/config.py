@@ -185,14 +185,24 @@ def _unknown_message(cls: type, unknown: Sequence[str], names: Sequence[str], pr
 
 
 def differences(
-    saved: Mapping[str, Any], current: Mapping[str, Any], cls: type
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    cls: type,
+    saved_defaults: Mapping[str, Any] | None = None,
 ) -> list[tuple[str, Any, Any]]:
-    """Options (not marked ``resumable``) whose value differs between two config dicts."""
+    """Options (not marked ``resumable``) whose value differs between two config dicts.
+
+    ``saved_defaults``: the value of an option that ``saved`` lacks because the recipe gained it
+    after the run was saved (a task's ``record_defaults``); an option missing from both is
+    reported as ``'<missing>'``.
+    """
+    fallback = saved_defaults or {}
     out = []
     for f in dataclasses.fields(cls):
         if f.metadata.get("resumable"):
             continue
-        a, b = saved.get(f.name, "<missing>"), current.get(f.name, "<missing>")
+        a = saved.get(f.name, fallback.get(f.name, "<missing>"))
+        b = current.get(f.name, "<missing>")
         if a != b:
             out.append((f.name, a, b))
     return out

@@ -99,7 +99,7 @@ def load_model(
     cls = task_cls.config_class
     # an option the saved config lacks (added to the recipe after the run) takes the value it
     # was trained with, ``task_cls.record_defaults``, not today's default
-    record_defaults = dict(getattr(task_cls, "record_defaults", None) or {})
+    record_defaults = dict(task_cls.record_defaults)
     # the saved config: checked on its own first, so a damaged one is a checkpoint error and a
     # bad override a config error
     try:

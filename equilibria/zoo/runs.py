@@ -18,7 +18,7 @@ import importlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -279,8 +279,17 @@ class RunFolder:
         summary = read_json(path)
         return None if summary.get("status") == "failed" else summary
 
-    def check_resume(self, recipe: str, config: dict[str, Any], config_cls: type) -> None:
+    def check_resume(
+        self,
+        recipe: str,
+        config: dict[str, Any],
+        config_cls: type,
+        saved_defaults: Mapping[str, Any] | None = None,
+    ) -> None:
         """Check that the folder holds a run of ``recipe`` with a compatible config.
+
+        ``saved_defaults``: values for options the saved config lacks (added to the recipe after
+        the run was saved; the task's ``record_defaults``).
 
         Raises:
             ConfigError: if there is nothing to resume, or if options other than the resumable
@@ -297,7 +306,7 @@ class RunFolder:
             )
         if not isinstance(saved.get("config"), dict):
             raise RunFolderError(f"{self.path / CONFIG} is damaged: it has no 'config' object")
-        diff = differences(saved["config"], config, config_cls)
+        diff = differences(saved["config"], config, config_cls, saved_defaults)
         if diff:
             lines = "\n".join(f"  {k}: saved {a!r}, now {b!r}" for k, a, b in diff)
             raise ConfigError(

@@ -214,7 +214,9 @@ def run_sweep(
             run = RunFolder(config.run_dir)
             summary = None
             if sweep.resume and run.holds_run():  # a finished cell only with the same options
-                run.check_resume(task_cls.name, to_dict(config), type(config))
+                run.check_resume(
+                    task_cls.name, to_dict(config), type(config), task_cls.record_defaults
+                )
                 summary = run.finished()
             if summary is None:
                 resume = sweep.resume and run.holds_run()

@@ -191,6 +191,10 @@ class Task:
     eval_options: ClassVar[tuple[str, ...]] = ()
     variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     max_params: ClassVar[int] = 50_000_000
+    # options the recipe gained after runs were saved: the value those runs were trained with
+    # (resume, evaluation and sweeps read a saved config's missing option from here, not from
+    # today's default)
+    record_defaults: ClassVar[Mapping[str, Any]] = {}
     extras: ClassVar[tuple[str, ...]] = ()
     distributed: ClassVar[bool] = False
 

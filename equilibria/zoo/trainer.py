@@ -106,10 +106,10 @@ def _train(task: Task, info: DistInfo, on_epoch_end: Callable[[int], None] | Non
                 error = e
         distributed.raise_from_main(error, info)
         if config.resume:
-            run.check_resume(task.name, saved_config, type(config))
+            run.check_resume(task.name, saved_config, type(config), task.record_defaults)
             if run.checkpoint.exists():  # else: stopped before its first checkpoint, start over
                 ckpt = load_checkpoint(run.checkpoint, recipe=task.name)
-                diff = differences(ckpt.config, saved_config, type(config))
+                diff = differences(ckpt.config, saved_config, type(config), task.record_defaults)
                 if diff:
                     raise CheckpointError(
                         f"{ckpt.path}: checkpoint of another configuration: {diff}"
