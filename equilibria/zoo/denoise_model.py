@@ -23,20 +23,20 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
   half-resolution sub-images of ``pixel_unshuffle`` with σ as a fifth channel, and the noise
   is reassembled with ``pixel_shuffle`` (FFDNet's trick): a solver iteration costs a quarter,
   so at an equal CPU budget the DEQ trains on more patches (``docs/recipes/denoise.md``).
-  With ``full_res_width`` R > 0 (the shipped grey model: R = 12, three full-resolution
-  convolutions) the decoder's one convolution gives 4R channels instead, ``pixel_shuffle``
-  makes them R full-resolution features, and a small full-resolution network reads the noise
-  from them beside ``[y, σ]`` (:class:`FullResolutionHead`): the equilibrium stays at half
-  resolution, the pixel-level detail that low noise levels need comes back at full
-  resolution.
+  With ``full_res_width`` R > 0 (an option, not shipped: its solves did not meet the
+  convergence rule of ``docs/recipes/denoise.md``) the decoder's one convolution gives 4R
+  channels instead, ``pixel_shuffle`` makes them R full-resolution features, and a small
+  full-resolution network reads the noise from them beside ``[y, σ]``
+  (:class:`FullResolutionHead`): the equilibrium stays at half resolution, the pixel-level
+  detail that low noise levels need comes back at full resolution.
 * :class:`UnrolledDenoiser`: the same encoder, cell and decoder (the same parameters), the
   cell applied exactly K times from z = 0 and trained by backpropagation through the K steps.
 * :class:`CNNDenoiser`: DnCNN-style plain network ``conv → (relu conv)×L → relu conv`` without
   batch normalisation (which would make the output depend on the batch and the tile); with
   L = 4 and the same width it has the full-resolution DEQ's parameter count to 0.1 % (84,481
-  vs 84,433); the half-resolution DEQ (``scale=2``, width 47) has 83,523 without the
-  full-resolution path (1.1 % fewer; the colour model's design) and 85,192 with the shipped
-  grey model's (R = 12, three convolutions: 0.8 % more).
+  vs 84,433); the shipped half-resolution DEQ (``scale=2``, width 47, no full-resolution
+  path) has 83,523, 1.1 % fewer, and 85,192 with the path that was tried (R = 12, three
+  convolutions: 0.8 % more).
 
 :func:`load_shipped` loads the trained models shipped in ``equilibria/zoo/weights``
 (``denoise_gray`` / ``denoise_color``: safetensors weights, their config and SHA-256 in the
