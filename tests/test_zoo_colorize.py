@@ -612,6 +612,8 @@ def test_page_validation_table_is_the_validation_record() -> None:
             assert cells[4] == " / ".join(f"{r['ssim']:.4f}" for r in seeds)
             assert cells[5] == f"{mean['ssim_mean']:.4f}"
             assert cells[6] == f"{mean['map_entropy_mean']:.3f}"
+            conflict = mean["conflict_x_mean"]  # SGA's map branch gets no gradient: exactly 0
+            assert cells[7] == ("0" if conflict == 0 else f"{conflict:+.3f}")
             assert cells[8] == f"{mean['cpu_s_mean']:.0f}"
             checked += 1
         # the page adopts no variant: none has SGA >= standard in PSNR and SSIM on both seeds
