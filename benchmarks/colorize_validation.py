@@ -17,7 +17,7 @@ or seeds) are kept, so the record grows run by run.
 Usage::
 
     python benchmarks/colorize_validation.py --variants baseline post-blocks --seeds 0 1
-    python benchmarks/colorize_validation.py --quick --out /tmp/cv     # a smoke run
+    python benchmarks/colorize_validation.py --quick --out /tmp/cv     # a smoke run (needs --out)
 """
 
 from __future__ import annotations
@@ -86,6 +86,8 @@ def main() -> None:
                              "if trained with the same options)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results")
     args = parser.parse_args()
+    if args.quick and args.out.resolve() == RESULTS.resolve():  # 20-step rows would replace
+        parser.error("--quick writes a smoke record: give it --out DIR (not the committed results)")
     torch.set_num_threads(1)
     command = " ".join(["python benchmarks/colorize_validation.py", *sys.argv[1:]])
     base: dict[str, Any] = {"validation": True, "threads": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -729,3 +730,26 @@ def test_validation_summary_needs_sga_at_least_standard_on_every_seed() -> None:
     assert summary["a"]["sga"]["psnr_mean"] == pytest.approx(18.45)
     assert summary["b"]["seeds"] == [0] and summary["b"]["sga"]["psnr_mean"] == 18.0
     assert summary["b"]["sga_ge_standard_psnr"] and summary["b"]["sga_ge_standard_ssim"]
+
+
+def test_validation_quick_run_refuses_the_committed_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--quick`` (20 steps) without ``--out`` wrote its rows into the committed
+    colorize_validation.json, replacing the full runs of the same variant, fusion and seed under
+    the same options (the 20 steps were not recorded); it is refused before any training."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "colorize_validation.py"
+    spec = importlib.util.spec_from_file_location("colorize_validation", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+
+    def no_training(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("trained before refusing --quick")
+
+    monkeypatch.setattr(module, "run_one", no_training)
+    monkeypatch.setattr(sys, "argv", ["colorize_validation.py", "--quick"])
+    with pytest.raises(SystemExit) as info:
+        module.main()
+    assert info.value.code == 2
