@@ -798,3 +798,35 @@ def test_model_input_errors(cls: type) -> None:
     with pytest.raises(ValueError, match="channels must be 1"):
         cls(2, width=4, **kwargs)
     assert model.receptive_field == (7 if cls is CNNDenoiser else 17)
+
+
+def _same_to_shown_digits(shown: str, value: float) -> bool:
+    """``value`` rounded to the significant digits of ``shown`` (e.g. ``8.5e-4``) is ``shown``."""
+    digits = sum(c.isdigit() for c in shown.split("e")[0])
+    return float(f"{value:.{digits - 1}e}") == float(shown)
+
+
+def test_page_convergence_table_is_the_convergence_records() -> None:
+    """docs/recipes/denoise.md's table of the shipping rule ("Convergence") is the three records
+    of benchmarks/denoise_convergence.py, row by row: iterations and residual of the solve on
+    each image, the mean PSNR after 8 and 32 iterations and their difference, and the verdict."""
+    page = (ROOT / "docs/recipes/denoise.md").read_text()
+    files = {"candidate": "denoise_convergence_rejected",
+             "first run's model": "denoise_convergence_rejected_it6",
+             "**shipped (restored)**": "denoise_convergence"}  # fmt: skip
+    for label, name in files.items():
+        record = json.loads((ROOT / f"benchmarks/results/{name}.json").read_text())
+        (line,) = [x for x in page.splitlines() if x.startswith(f"| {label}")]
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        solve = [record["solve"][image] for image in ("coffee", "rocket")]
+        assert cells[1] == " / ".join(str(s["iterations"]) for s in solve), name
+        shown = cells[2].split(" / ")
+        assert all(_same_to_shown_digits(t, s["residual"]) for t, s in zip(shown, solve)), name
+        mean = record["psnr_mean"]
+        delta = record["psnr32_minus_psnr8"]
+        expected = f"{mean['8']:.2f} → {mean['32']:.2f} ({delta:+.3f})"
+        assert cells[3].replace("−", "-") == expected, name
+        assert cells[4].replace("*", "").startswith("passes" if record["passes"] else "fails")
+    shipped = json.loads((ROOT / "benchmarks/results/denoise_convergence.json").read_text())
+    assert shipped["weights"] == "equilibria/zoo/weights/denoise_gray.safetensors"
+    assert shipped["passes"] and shipped["eval_tol"] == 1e-3 and shipped["eval_max_iter"] == 20
