@@ -356,3 +356,60 @@ def test_tiny_runs_of_every_method(tmp_path):
     assert all(0.0 <= r["probe_acc"] <= 1.0 for r in result.runs)
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| SimSiam + rotation |" in table and "| Prelax |" in table
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    """The cells after the first of every markdown table row in ``text``, by the first cell."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_page_tables_are_the_benchmark_records() -> None:
+    """docs/recipes/prelax.md's results table is benchmarks/results/prelax.json and its two
+    validation tables are prelax_validation.json's blocks, cell by cell (mean ± sample std in
+    percent; CPU seconds a run)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / "docs/recipes/prelax.md").read_text()
+    record = json.loads((root / "benchmarks/results/prelax.json").read_text())
+    results = _table_rows(page.split("## Results")[1].split("Percent, mean")[0])
+    names = {"SimSiam": "simsiam", "SimSiam + rotation": "simsiam_rotation",
+             "Prelax (α = 0.3, γ = 0.1)": "prelax", "Prelax, α = γ = 1": "prelax_equal_weights",
+             "untrained encoder": "random_init"}  # fmt: skip
+    for label, key in names.items():
+        r = record[key]
+        expected = [f"{100 * r[m + '_mean']:.2f} ± {100 * r[m + '_std']:.2f}"
+                    for m in ("probe_acc", "few_acc", "knn_acc", "probe10_acc")]  # fmt: skip
+        rotation = r.get("rotation_acc")
+        expected.append("–" if rotation is None else
+                        f"{100 * rotation:.2f} ± {100 * r['rotation_acc_std']:.2f}")  # fmt: skip
+        cpu = r.get("cpu_s_mean")
+        expected.append("–" if cpu is None else f"{cpu:.1f}")
+        assert results[label] == expected, label
+    validation = json.loads((root / "benchmarks/results/prelax_validation.json").read_text())
+    section = page.split("## Choosing the budget")[1]
+    texts = {"steps=1000": section.split("2000 steps, the chosen")[0],
+             "steps=2000": section.split("2000 steps, the chosen")[1]}  # fmt: skip
+    for budget, text in texts.items():
+        table = _table_rows(text)
+        block = validation["budgets"][budget]
+        assert len(table) == len(block["rows"]) + 1, budget  # + the header
+        for name, r in block["rows"].items():
+            label = name.replace("alpha", "α").replace("gamma", "γ")
+            cells = table[label]
+            means = [f"{r[m + '_mean']:.2f} ± {r[m + '_std']:.2f}"
+                     for m in ("probe_acc", "few_acc", "knn_acc")]  # fmt: skip
+            assert cells[:3] == means, (budget, name)
+            if name.startswith("Prelax"):
+                rotation = f"{r['rotation_acc_mean']:.2f} ± {r['rotation_acc_std']:.2f}"
+                assert cells[3] == rotation, (budget, name)
+            else:
+                assert cells[3] == "–", (budget, name)
+            if r["cpu_s_mean"] is not None:
+                assert cells[4] == f"{r['cpu_s_mean']:.1f}", (budget, name)
