@@ -830,3 +830,52 @@ def test_page_convergence_table_is_the_convergence_records() -> None:
     shipped = json.loads((ROOT / "benchmarks/results/denoise_convergence.json").read_text())
     assert shipped["weights"] == "equilibria/zoo/weights/denoise_gray.safetensors"
     assert shipped["passes"] and shipped["eval_tol"] == 1e-3 and shipped["eval_max_iter"] == 20
+
+
+def test_sweep_table_formats_every_metric_of_the_recipe() -> None:
+    """``equilibria sweep denoise`` ends with the mean ± std table of the recipe's metrics; the
+    parameter count's format ',d' refused the float mean (``statistics.fmean``), so every sweep
+    of the recipe failed after training all its cells ("Unknown format code 'd'")."""
+    from equilibria.zoo.sweep import aggregate, table_markdown
+
+    metrics = [DenoiseTask.headline, *DenoiseTask.table_metrics]
+    runs = [{"variant": "deq", **{m.key: 1000.0 + seed for m in metrics}} for seed in (0, 1)]
+    for run in runs:
+        run["params"] = 83_523  # an int in every summary
+    table = table_markdown(aggregate(runs, ["deq"], metrics), metrics)
+    assert "83,523 ± 0" in table
+
+
+def test_sweep_resume_reads_back_a_cell_saved_before_the_full_resolution_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``equilibria sweep denoise --resume``: a finished cell whose config.json predates the
+    full-resolution options is read back, the missing keys taking ``record_defaults`` (the sweep
+    passes them to ``check_resume``); without them it was refused with 'full_res_width: saved
+    <missing>, now 0'."""
+    from equilibria.zoo import trainer
+    from equilibria.zoo.sweep import SweepConfig, run_sweep
+
+    real = trainer.to_dict
+
+    def without_new_options(config: Any) -> dict[str, Any]:
+        return {k: v for k, v in real(config).items() if not k.startswith("full_res_")}
+
+    options = {k: v for k, v in TINY.items() if k not in ("quiet", "report")}
+    variants = {"deq": {"model": "deq"}}
+    sweep = SweepConfig(seeds=(0,), run_dir=str(tmp_path / "sweep"))
+    monkeypatch.setattr(trainer, "to_dict", without_new_options)
+    first = run_sweep(DenoiseTask, sweep, options, variants=variants, write=False)
+    monkeypatch.setattr(trainer, "to_dict", real)
+    (cell,) = (tmp_path / "sweep" / "runs").iterdir()
+    assert "full_res_width" not in json.loads((cell / "config.json").read_text())["config"]
+    trained = sorted(p.name for p in cell.iterdir())
+
+    def no_training(task: Any) -> dict[str, Any]:
+        raise AssertionError("the finished cell was trained again")
+
+    monkeypatch.setattr(trainer, "train", no_training)
+    again = run_sweep(DenoiseTask, dataclasses.replace(sweep, resume=True), options,
+                      variants=variants, write=False)  # fmt: skip
+    assert again.runs[0]["test_psnr"] == first.runs[0]["test_psnr"]
+    assert sorted(p.name for p in cell.iterdir()) == trained

@@ -248,7 +248,7 @@ class DenoiseTask(Task):
     config_class = DenoiseConfig
     headline = Metric("test_psnr", "test PSNR (dB)", fmt=".2f")
     table_metrics = (
-        Metric("params", "parameters", fmt=",d"),
+        Metric("params", "parameters", fmt=",.0f"),  # the sweep formats a float mean
         Metric("fwd_iters_mean", "fwd it.", higher_is_better=False, fmt=".1f"),
         STEP_MS,
     )
