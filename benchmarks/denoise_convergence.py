@@ -9,7 +9,8 @@ and ``rocket`` (:data:`equilibria.zoo.denoise_data.VALIDATION_IMAGES`) at σ = 2
   and
 * its mean PSNR after 32 iterations is at least its mean PSNR after 8 iterations − 0.01 dB
   (both with tolerance 0, the whole iteration budget): more iterations must not degrade it
-  (the anytime property of an equilibrium model).
+  (the anytime property of an equilibrium model). The solver returns the iterate of lowest
+  residual within the budget, so "after k iterations" is that iterate, not necessarily the k-th.
 
 The shipped model was trained on these two images: this checks the solve, not the denoising
 quality, and it never looks at the test images. The PSNR and residual after 1 … 48 iterations are
