@@ -78,9 +78,9 @@ def check_reusable(run_dir: Path, config: ColorizeConfig) -> None:
             f"remove {run_dir} or choose another --work-dir"
         )
     # options added after the committed runs were trained: absent from their config.json, they
-    # count as their defaults, which keep the design those runs were trained with
-    added = {"post_blocks": 0, "multi_level": False}
-    diff = differences({**added, **saved["config"]}, to_dict(config), ColorizeConfig)
+    # take the design those runs were trained with (the task's record_defaults)
+    diff = differences(saved["config"], to_dict(config), ColorizeConfig,
+                       ColorizeTask.record_defaults)  # fmt: skip
     if diff:
         lines = "\n".join(f"  {k}: saved {a!r}, requested {b!r}" for k, a, b in diff)
         raise ConfigError(

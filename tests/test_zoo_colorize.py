@@ -753,3 +753,43 @@ def test_validation_quick_run_refuses_the_committed_record(
     with pytest.raises(SystemExit) as info:
         module.main()
     assert info.value.code == 2
+
+
+def test_resume_of_a_run_saved_before_the_design_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run folder whose config.json and checkpoint predate post_blocks and multi_level (every
+    colorize run before 98b8648) resumes with the same options: the missing keys take
+    ``ColorizeTask.record_defaults``, the design those runs had. Before, ``--resume`` refused it
+    ('post_blocks: saved <missing>, now 0') even with identical options."""
+    from typing import Any
+
+    from equilibria.zoo import trainer
+
+    real = trainer.to_dict
+    added = ("post_blocks", "multi_level")
+
+    def without_new_options(config: Any) -> dict[str, Any]:
+        return {k: v for k, v in real(config).items() if k not in added}
+
+    class Stop(BaseException):
+        pass
+
+    def stop(epoch: int) -> None:
+        if epoch == 1:
+            raise Stop
+
+    assert ColorizeTask.record_defaults == {"post_blocks": 0, "multi_level": False}
+    part = ColorizeConfig(**TINY, run_dir=str(tmp_path / "part"))
+    monkeypatch.setattr(trainer, "to_dict", without_new_options)
+    with pytest.raises(Stop):
+        train(part, on_epoch_end=stop)
+    monkeypatch.setattr(trainer, "to_dict", real)
+    saved = json.loads((tmp_path / "part" / "config.json").read_text())["config"]
+    assert not set(added) & set(saved) and not set(added) & set(
+        load_checkpoint(part.run_dir).config
+    )
+    with pytest.raises(ConfigError, match="post_blocks: saved 0, now 4"):
+        train(dataclasses.replace(part, resume=True, post_blocks=4))
+    train(dataclasses.replace(part, resume=True))
+    assert load_checkpoint(part.run_dir).epoch == 2

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -216,6 +216,9 @@ class ColorizeTask(NumpyStreamTask):
               ("conflict_y", "Y: map vs value"))),
     )  # fmt: skip
     variants = VARIANTS
+    # options added after runs were saved (98b8648), at the design those runs were trained with:
+    # --resume, evaluation and sweeps read a saved config that lacks them as these
+    record_defaults: ClassVar[dict[str, Any]] = {"post_blocks": 0, "multi_level": False}
     extras = ("skimage", "scipy", "safetensors")
 
     def setup(self, device: torch.device) -> None:
