@@ -45,7 +45,8 @@ import equilibria as eq
 from equilibria.zoo.denoise import config_from_record, crop_center
 from equilibria.zoo.denoise_classical import denoise_classical
 from equilibria.zoo.denoise_data import add_noise, test_images
-from equilibria.zoo.denoise_model import build_model, load_shipped, sha256_of, shipped_paths
+from equilibria.zoo.denoise_model import build_model
+from equilibria.zoo.denoise_weights import load_shipped, sha256_of, shipped_paths
 from equilibria.zoo.memory import PeakMemory
 
 from common import RESULTS, write_result

@@ -36,7 +36,8 @@ import torch
 
 from equilibria.zoo.denoise import crop_center, psnr
 from equilibria.zoo.denoise_data import add_noise, validation_images
-from equilibria.zoo.denoise_model import DEQDenoiser, load_shipped
+from equilibria.zoo.denoise_model import DEQDenoiser
+from equilibria.zoo.denoise_weights import load_shipped
 
 from common import write_result
 

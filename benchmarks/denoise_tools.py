@@ -106,8 +106,8 @@ def classical_table() -> dict:
 def tiling_table() -> dict:
     import skimage.data as data
 
-    from equilibria.zoo.denoise_model import load_shipped
     from equilibria.zoo.denoise_tiling import tiled_apply
+    from equilibria.zoo.denoise_weights import load_shipped
 
     clean = data.camera() / 255.0
     noisy = clean + 25 / 255 * np.random.default_rng(0).standard_normal(clean.shape)

@@ -61,7 +61,8 @@ import torch
 from equilibria.zoo.config import ConfigError, parse_options, to_dict
 from equilibria.zoo.denoise import DenoiseConfig, DenoiseTask, crop_center, psnr
 from equilibria.zoo.denoise_data import add_noise, validation_images
-from equilibria.zoo.denoise_model import WEIGHTS_DIR, build_model, sha256_of
+from equilibria.zoo.denoise_model import build_model
+from equilibria.zoo.denoise_weights import WEIGHTS_DIR, sha256_of
 from equilibria.zoo.evaluation import load_model
 from equilibria.zoo.trainer import train
 

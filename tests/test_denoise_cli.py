@@ -740,7 +740,7 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path: Path, capsys, models) -
 
 def test_cli_with_the_shipped_model(tmp_path: Path, capsys) -> None:
     """``equilibria denoise IN --sigma 25 --output OUT`` right after install (shipped weights)."""
-    from equilibria.zoo.denoise_model import shipped_paths
+    from equilibria.zoo.denoise_weights import shipped_paths
 
     if not all(p.is_file() for p in shipped_paths(False)):
         pytest.fail("the shipped denoiser weights are not in equilibria/zoo/weights")
@@ -764,7 +764,7 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
     does: the largest change from the whole-image result is then about 5 / 255 (the seams); the
     tiles the command used to cut (rows 0, 13; columns 0, 16, 29) changed it by up to 17 / 255
     (grey; colour 9 and 37)."""
-    from equilibria.zoo.denoise_model import load_shipped
+    from equilibria.zoo.denoise_weights import load_shipped
 
     model = load_shipped(color)
     assert model.scale == 2
@@ -830,7 +830,7 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool
     (without overlap the seams reach 30 / 255; benchmarks/denoise_tools.py). The grey model with
     the full-resolution path (not shipped: docs/recipes/denoise.md, "Convergence") measured 3.59
     / 255 here and 6.86 / 255 on camera."""
-    from equilibria.zoo.denoise_model import load_shipped
+    from equilibria.zoo.denoise_weights import load_shipped
 
     model = load_shipped(color=color)
     noisy = torch.from_numpy(_noisy(color, size=(96, 96))).float()
@@ -853,7 +853,7 @@ def test_the_tiling_benchmark_cuts_the_tiles_the_command_cuts(
     even)."""
     import importlib.util
 
-    from equilibria.zoo import denoise_model, denoise_tiling
+    from equilibria.zoo import denoise_tiling, denoise_weights
     from equilibria.zoo.denoise import DenoiseConfig
     from equilibria.zoo.denoise_model import build_model
 
@@ -863,7 +863,7 @@ def test_the_tiling_benchmark_cuts_the_tiles_the_command_cuts(
     tools = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(tools)  # type: ignore[union-attr]
     tiny = build_model(DenoiseConfig(width=2, eval_max_iter=1, scale=2)).eval()
-    monkeypatch.setattr(denoise_model, "load_shipped", lambda color=False: tiny)
+    monkeypatch.setattr(denoise_weights, "load_shipped", lambda color=False: tiny)
     aligns = []
 
     def record(fn, image, **kwargs):  # type: ignore[no-untyped-def]
@@ -921,16 +921,16 @@ def test_the_tools_benchmark_records_its_command(
 def test_cli_damaged_shipped_weights_are_one_line_with_status_1(
     tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from equilibria.zoo import denoise_model
+    from equilibria.zoo import denoise_weights
 
-    weights, config = denoise_model.shipped_paths(False)
+    weights, config = denoise_weights.shipped_paths(False)
     damaged = tmp_path / "w.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     damaged.write_bytes(bytes(data))
     (tmp_path / "w.json").write_bytes(config.read_bytes())
     monkeypatch.setattr(
-        denoise_model, "shipped_paths", lambda color: (damaged, tmp_path / "w.json")
+        denoise_weights, "shipped_paths", lambda color: (damaged, tmp_path / "w.json")
     )
     src = _save(tmp_path / "in.png", _noisy(False), 8)
     rc, _, err = _run(capsys, str(src), "--sigma", "25", "-o", str(tmp_path / "o.png"))

@@ -33,15 +33,8 @@ from equilibria.zoo.denoise_data import (
     load_image,
     sample_patches,
 )
-from equilibria.zoo.denoise_model import (
-    CNNDenoiser,
-    DEQDenoiser,
-    ShippedWeightsError,
-    UnrolledDenoiser,
-    build_model,
-    load_shipped,
-    shipped_paths,
-)
+from equilibria.zoo.denoise_model import CNNDenoiser, DEQDenoiser, UnrolledDenoiser, build_model
+from equilibria.zoo.denoise_weights import ShippedWeightsError, load_shipped, shipped_paths
 from equilibria.zoo.trainer import train
 
 pytestmark = pytest.mark.no_device_mode

@@ -104,7 +104,7 @@ def add_denoise_parser(sub: Any) -> None:
 
 
 def _load_model(color: bool):  # replaced in tests by a small model
-    from .denoise_model import load_shipped
+    from .denoise_weights import load_shipped
 
     return load_shipped(color=color, blind=False)
 
@@ -202,7 +202,7 @@ def run_denoise(args: argparse.Namespace) -> int:
             sigma255 = _MIN_SIGMA_255
     else:
         sigma255, how = float(args.sigma), "given"
-    from .denoise_model import ShippedWeightsError
+    from .denoise_weights import ShippedWeightsError
 
     try:
         model = _load_model(image.color).to(device)

@@ -38,17 +38,13 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
   path) has 83,523, 1.1 % fewer, and 85,192 with the path that was tried (R = 12, three
   convolutions: 0.8 % more).
 
-:func:`load_shipped` loads the trained models shipped in ``equilibria/zoo/weights``
-(``denoise_gray`` / ``denoise_color``: safetensors weights, their config and SHA-256 in the
-``.json`` beside them; ``benchmarks/train_shipped_denoiser.py`` wrote them).
+:func:`equilibria.zoo.denoise_weights.load_shipped` loads the trained models shipped in
+``equilibria/zoo/weights``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,19 +58,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MIN_BLIND_SIGMA_255",
-    "WEIGHTS_DIR",
     "CNNDenoiser",
     "DEQDenoiser",
     "DenoiserCell",
     "FullResolutionHead",
-    "ShippedWeightsError",
     "UnrolledDenoiser",
     "build_model",
-    "load_shipped",
-    "shipped_paths",
 ]
 
-WEIGHTS_DIR = Path(__file__).with_name("weights")
 # a blind model's σ estimate below this (0-255 units; a clean or flat image can give 0) is raised
 # to it: the networks take σ > 0, and were trained on σ >= 5
 MIN_BLIND_SIGMA_255 = 0.5
@@ -502,86 +493,3 @@ def build_model(config: DenoiseConfig) -> _Denoiser:
         model = CNNDenoiser(channels, width=config.width, layers=config.cnn_layers)
     dtype = torch.float64 if config.dtype == "float64" else torch.float32
     return model.to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shipped weights
-
-
-class ShippedWeightsError(RuntimeError):
-    """A shipped weights file is missing, or its SHA-256 differs from the one recorded."""
-
-
-def shipped_paths(color: bool) -> tuple[Path, Path]:
-    """(weights, config) paths of the shipped grayscale or colour model."""
-    stem = WEIGHTS_DIR / ("denoise_color" if color else "denoise_gray")
-    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-
-
-def sha256_of(path: Path) -> str:
-    """The SHA-256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_shipped(
-    color: bool = False,
-    blind: bool = False,
-    *,
-    weights: str | Path | None = None,
-    config: str | Path | None = None,
-) -> _Denoiser:
-    """The shipped trained denoiser, in eval mode on the CPU.
-
-    Args:
-        color: the RGB model (3 channels) instead of the grayscale one.
-        blind: the model estimates σ itself (:func:`equilibria.zoo.denoise_sigma.estimate_sigma`)
-            and is called as ``model(noisy, None)``; otherwise ``model(noisy, sigma)``. An
-            estimate below :data:`MIN_BLIND_SIGMA_255` / 255 (e.g. 0 for a noiseless image) is
-            raised to it, as ``equilibria denoise`` does.
-        weights, config: other files than the shipped ones (tests).
-
-    Raises:
-        ShippedWeightsError: a file is missing, or the weights' SHA-256 is not the one recorded
-            in the config (a damaged or replaced file).
-
-    Example:
-        >>> model = load_shipped(color=False)
-        >>> clean = model(noisy, torch.full((noisy.shape[0],), 25 / 255)).clamp(0, 1)
-    """
-    from safetensors.torch import load_file
-
-    from .denoise import config_from_record
-
-    weights_path, config_path = shipped_paths(bool(color))
-    weights_path = Path(weights) if weights is not None else weights_path
-    config_path = Path(config) if config is not None else config_path
-    for path in (weights_path, config_path):
-        if not path.is_file():
-            raise ShippedWeightsError(f"shipped denoiser file {path} is missing")
-    try:
-        record = json.loads(config_path.read_text())
-        expected, saved = str(record["sha256"]), dict(record["config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ShippedWeightsError(
-            f"shipped denoiser config {config_path} is damaged (not JSON with 'sha256' and "
-            f"'config'): {e!r}"
-        ) from None
-    digest = sha256_of(weights_path)
-    if digest != expected:
-        raise ShippedWeightsError(
-            f"{weights_path} has SHA-256 {digest}, expected {expected} (recorded in "
-            f"{config_path.name}): the file is damaged or was replaced"
-        )
-    cfg = config_from_record(saved)  # an option added since is taken at its value then
-    if cfg.color != bool(color):
-        raise ShippedWeightsError(f"{config_path} holds a model with color={cfg.color}")
-    with torch.random.fork_rng(devices=[]):  # build_model seeds; leave the caller's RNG be
-        model = build_model(cfg)
-    state = load_file(str(weights_path))
-    model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    model.blind = bool(blind)
-    return model.eval()
