@@ -13,8 +13,10 @@ and ``rocket`` (:data:`equilibria.zoo.denoise_data.VALIDATION_IMAGES`) at σ = 2
   residual within the budget, so "after k iterations" is that iterate, not necessarily the k-th.
 
 The shipped model was trained on these two images: this checks the solve, not the denoising
-quality, and it never looks at the test images. The PSNR and residual after 1 … 48 iterations are
-recorded too. The noise is seeded per image as in ``train_shipped_denoiser.py --validation``.
+quality, and it never looks at the test images. A model trained with ``--validation`` (its run
+folder, ``--run-dir``) was not: there the same rule screens a candidate before any final run.
+The PSNR and residual after 1 … 48 iterations are recorded too. The noise is seeded per image
+as in ``train_shipped_denoiser.py --validation``.
 
 Writes ``benchmarks/results/denoise_convergence.json`` (or ``--out NAME``).
 
@@ -22,6 +24,7 @@ Usage::
 
     python benchmarks/denoise_convergence.py                     # the shipped grey model
     python benchmarks/denoise_convergence.py --weights W.safetensors --out NAME   # another one
+    python benchmarks/denoise_convergence.py --run-dir RUN --out NAME   # a training run folder
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from typing import Any
 
 import torch
 
-from equilibria.zoo.denoise import crop_center, psnr
+from equilibria.zoo.denoise import DenoiseTask, crop_center, psnr
 from equilibria.zoo.denoise_data import add_noise, validation_images
 from equilibria.zoo.denoise_model import DEQDenoiser
 from equilibria.zoo.denoise_weights import load_shipped
+from equilibria.zoo.evaluation import load_model
 
 from common import write_result
 
@@ -102,12 +106,17 @@ def check(model: DEQDenoiser) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="", help="a .safetensors other than the shipped")
+    parser.add_argument("--run-dir", default="", help="a denoise run folder (its checkpoint)")
     parser.add_argument("--out", default="denoise_convergence", help="results/NAME.json")
     args = parser.parse_args(argv)
     if not args.out.replace("_", "").isalnum():
         parser.error(f"--out must be letters, digits and _, got {args.out!r}")
+    if args.weights and args.run_dir:
+        parser.error("give --weights or --run-dir, not both")
     torch.set_num_threads(1)
-    if args.weights:
+    if args.run_dir:
+        model, _ = load_model(DenoiseTask, args.run_dir)
+    elif args.weights:
         weights = Path(args.weights)
         model = load_shipped(False, weights=weights, config=weights.with_suffix(".json"))
     else:
@@ -115,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "command": "python benchmarks/denoise_convergence.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
-        "weights": str(args.weights or "equilibria/zoo/weights/denoise_gray.safetensors"),
+        "weights": str(
+            args.run_dir or args.weights or "equilibria/zoo/weights/denoise_gray.safetensors"
+        ),
         **check(model),  # type: ignore[arg-type]
     }
     path = write_result(args.out, result)

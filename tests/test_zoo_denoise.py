@@ -9,6 +9,7 @@ import itertools
 import json
 import shlex
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -872,3 +873,42 @@ def test_sweep_resume_reads_back_a_cell_saved_before_the_full_resolution_options
                       variants=variants, write=False)  # fmt: skip
     assert again.runs[0]["test_psnr"] == first.runs[0]["test_psnr"]
     assert sorted(p.name for p in cell.iterdir()) == trained
+
+
+def _convergence_script():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(
+        "denoise_convergence", ROOT / "benchmarks" / "denoise_convergence.py"
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its ``from common import write_result``
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_convergence_check_reads_a_validation_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``benchmarks/denoise_convergence.py --run-dir RUN`` applies the shipping rule to a model
+    trained with ``--validation`` (its checkpoint, rebuilt from the saved config), so a
+    candidate is screened before any final run; ``--weights`` with it is refused."""
+    script = _convergence_script()
+    config = DenoiseConfig(**TINY, validation=True, run_dir=str(tmp_path / "run"))
+    train(DenoiseTask(config))
+    written = {}
+
+    def write_result(name: str, result: dict) -> Path:
+        written[name] = result
+        return tmp_path / f"{name}.json"
+
+    monkeypatch.setattr(script, "write_result", write_result)
+    script.main(["--run-dir", str(tmp_path / "run"), "--out", "val"])
+    result = written["val"]
+    assert result["weights"] == str(tmp_path / "run")
+    assert result["eval_max_iter"] == TINY["eval_max_iter"]
+    assert set(result["solve"]) == {"coffee", "rocket"}
+    assert result["passes"] == (result["converged"] and result["anytime"])
+    with pytest.raises(SystemExit):
+        script.main(["--run-dir", str(tmp_path / "run"), "--weights", "w.safetensors"])
