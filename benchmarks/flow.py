@@ -9,14 +9,20 @@ Then, on the held-out test pairs (other source photographs):
 * EPE at the models' test setting (12 update iterations for both) and at 8, 16, 32 and 64
   test-time iterations (RAFT unrolls them; DEQ-Flow runs exactly that many solver iterations,
   tol 0), and DEQ-Flow's median relative residual at each;
-* peak training-step memory (the trainer's count of live tensor storages, deterministic on CPU);
+* peak training-step memory (the trainer's count of live tensor storages, deterministic on CPU),
+  and DEQ-Flow's with 2, 3 and 4 supervised correction states (2 training steps each, as
+  ``equilibria train flow --correction-states K --steps 2 --eval-every 2 --test-pairs 2``);
 * fixed-point reuse on held-out sequences: EPE after k iterations cold (default start) and warm
   (the previous pair's equilibrium, flow carried forward); the saving is 1 - k_warm / k_cold where
   k_cold is the fewest iterations at which the cold solve comes within 2% of its 32-iteration EPE
   and k_warm the fewest at which the warm solve reaches that same EPE.
 
 Writes ``benchmarks/results/flow.json`` and ``flow.png`` (flows colour-coded next to the ground
-truth; EPE against test-time iterations; cold vs warm on sequences).
+truth; EPE against test-time iterations; cold vs warm on sequences). The JSON holds the command
+that wrote it, every model's configuration and parameter count, the means over seeds and every
+seed's numbers (EPE by test-time iterations, residuals, reuse curves, training CPU seconds), the
+ratios quoted on ``docs/recipes/flow.md`` in the mean and per seed, and the process CPU seconds
+of the whole run.
 
 Usage::
 
@@ -27,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -129,6 +136,8 @@ def run_one(
         "zero_flow_epe": summary["zero_flow_epe"],
         "peak_train_mb": summary["peak_mem_mb"],
         "wall_step_ms": summary["step_ms"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "config": configuration(config),
     }
     evals = {k: evaluate_flow(model, task.test, iters=k, tol=0.0) for k in ITERS}
     result["epe_by_iters"] = {str(k): e["epe"] for k, e in evals.items()}
@@ -147,6 +156,31 @@ def run_one(
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def peak_by_correction_states(base: dict[str, Any], out: Path) -> dict[str, float | None]:
+    """DEQ-Flow's peak training-step memory (MB of live tensor storages) with 2, 3 and 4
+    supervised states: 2 training steps each, the trainer's count, as on the recipe page."""
+    peaks = {}
+    for states in (2, 3, 4):
+        config = FlowConfig(model="deq", correction_states=states, steps=2, eval_every=2,
+                            test_pairs=2, run_dir=str(out / f"states-{states}"), quiet=True,
+                            report=False, **base)  # fmt: skip
+        peaks[str(states)] = train(config).get("peak_mem_mb")
+    return peaks
+
+
+def configuration(config: FlowConfig) -> dict[str, Any]:
+    """The recipe options of a run, less those that vary per run (seed, steps, folder) or only
+    quieten it."""
+    fields = dataclasses.asdict(config)
+    varying = ("seed", "steps", "eval_every", "run_dir", "quiet", "report")
+    return {k: v for k, v in fields.items() if k not in varying}
+
+
+def per_seed_ratio(rs: list[dict[str, Any]], top: str, bottom: str) -> list[float]:
+    """``epe_by_iters[top] / epe_by_iters[bottom]`` of every seed's run."""
+    return [r["epe_by_iters"][top] / r["epe_by_iters"][bottom] for r in rs]
 
 
 def flow_rgb(flow: np.ndarray, scale: float) -> np.ndarray:
@@ -219,6 +253,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    command = " ".join(["python benchmarks/flow.py", *sys.argv[1:]])
     base = {"size": args.size, "motion": args.motion, "batch_size": args.batch_size}
     cost = {m: cpu_seconds_per_step(FlowConfig(model=m, **base)) for m in ("raft", "deq")}
     steps = {m: max(1, int(args.budget_cpu_s / cost[m])) for m in cost}
@@ -236,7 +271,9 @@ def main() -> None:
                 print(f"seed {seed} {name}: EPE {r['epe']:.3f} by iters {r['epe_by_iters']} | "
                       f"peak {r['peak_train_mb']:.1f} MB | train CPU {r['train_cpu_s']:.0f} s"
                       f"{extra}", flush=True)  # fmt: skip
-    payload: dict[str, Any] = {}
+        states_peak = peak_by_correction_states(base, Path(tmp))
+    print(f"DEQ peak MB by correction states: {states_peak}")
+    payload: dict[str, Any] = {"command": command}
     for name in ("raft", "deq"):
         rs = runs[name]
         epe, epe_std = mean_std([r["epe"] for r in rs])
@@ -253,6 +290,11 @@ def main() -> None:
                 str(k): statistics.fmean(r["epe_by_iters"][str(k)] for r in rs) for k in ITERS
             },
             "epe_per_seed": [r["epe"] for r in rs],
+            "epe_by_iters_per_seed": [r["epe_by_iters"] for r in rs],
+            "epe_valid_per_seed": [r["epe_valid"] for r in rs],
+            "peak_train_mb_per_seed": [r["peak_train_mb"] for r in rs],
+            "params": rs[0]["params"],
+            "config": rs[0]["config"],
         }
         if name == "deq":
             savings = [r["reuse"]["iter_saving"] for r in rs]
@@ -261,17 +303,31 @@ def main() -> None:
             )
             entry["reuse"] = [r["reuse"] for r in rs]
             entry["residual_by_iters"] = [r["residual_by_iters"] for r in rs]
+            entry["peak_train_mb_by_correction_states"] = states_peak
         payload[name] = entry
     payload["zero_flow_epe"] = runs["deq"][0]["zero_flow_epe"]
     d, r = payload["deq"], payload["raft"]
+    zero = payload["zero_flow_epe"]
     payload["ratios"] = {
         "deq_epe_over_raft": d["epe"] / r["epe"],
         "deq_mem_over_raft": d["peak_train_mb"] / r["peak_train_mb"],
         "deq_epe_32_over_8": d["epe_by_iters"]["32"] / d["epe_by_iters"]["8"],
         "deq_epe_64_over_32": d["epe_by_iters"]["64"] / d["epe_by_iters"]["32"],
         "raft_epe_32_over_8": r["epe_by_iters"]["32"] / r["epe_by_iters"]["8"],
+        "raft_epe_64_over_32": r["epe_by_iters"]["64"] / r["epe_by_iters"]["32"],
+        "deq_epe_over_raft_per_seed": [a / b for a, b in zip(d["epe_per_seed"], r["epe_per_seed"])],
+        "deq_epe_32_over_8_per_seed": per_seed_ratio(runs["deq"], "32", "8"),
+        "deq_epe_64_over_32_per_seed": per_seed_ratio(runs["deq"], "64", "32"),
+        "raft_epe_32_over_8_per_seed": per_seed_ratio(runs["raft"], "32", "8"),
+        "raft_epe_64_over_32_per_seed": per_seed_ratio(runs["raft"], "64", "32"),
+        "deq_mem_by_correction_states_over_raft": {
+            k: None if v is None else v / r["peak_train_mb"] for k, v in states_peak.items()
+        },
+        "raft_epe_below_zero_flow": 1.0 - r["epe"] / zero,
+        "deq_epe_below_zero_flow": 1.0 - d["epe"] / zero,
     }
     payload["setup"] = {**vars(args), "out": str(args.out), "budget": "process CPU time"}
+    payload["cpu_s_total"] = time.process_time()  # the whole run, this process (1 thread)
     path = write_result("flow", payload, args.out)
     figure(runs, args.out / "flow.png")
     print(f"ratios: {payload['ratios']}")
