@@ -16,7 +16,9 @@ every method:
   gradients against backpropagation through the same iterations;
 * PSNR vs test-time iterations (anytime behaviour): the DEQ with 1 … 48 iterations, and the
   unrolled network run for other step counts than the K = 6 it was trained with;
-* with ``--color``: the colour DEQ against wavelet, TV and BM3D on ``astronaut`` and ``chelsea``.
+* with ``--color``: on ``astronaut`` and ``chelsea``, the colour DEQ (``deq``) and the shipped
+  grey DEQ run on the channels of an orthonormal opponent colour space (``deq_opponent``;
+  :mod:`equilibria.zoo.denoise_color`) against NL-means, TV, wavelet and BM3D.
 
 Writes ``benchmarks/results/denoise.json`` and ``denoise.png`` (noisy / DEQ / BM3D / clean
 crops of ``camera`` at σ = 25). ``--crop 256`` (default) evaluates the central 256 × 256 of
@@ -316,13 +318,19 @@ def main(argv: list[str] | None = None) -> None:
         result["gray"] = gray["rows"]
         figure(gray["outputs"], RESULTS / "denoise.png")
     if args.color:
-        color_nets = {"deq": load_shipped(True)}
+        color_nets = {
+            "deq": load_shipped(True, color_model="rgb"),
+            "deq_opponent": load_shipped(True, color_model="opponent"),
+        }
         print("held-out table (colour):", flush=True)
-        rows = table(["deq", "nlmeans", "tv", "wavelet", "bm3d"], color_nets, color=True,
-                     crop=args.crop)  # fmt: skip
+        rows = table(["deq", "deq_opponent", "nlmeans", "tv", "wavelet", "bm3d"], color_nets,
+                     color=True, crop=args.crop)  # fmt: skip
         result["color"] = rows["rows"]
         rec = json.loads(shipped_paths(True)[1].read_text())
         result["training"]["deq_color"] = {k: rec[k] for k in ("steps", "train_cpu_s")}
+        result["training"]["deq_opponent"] = "the shipped grey DEQ (training['deq'])"
+        result["params"]["deq_color"] = sum(p.numel() for p in color_nets["deq"].parameters())
+        result["params"]["deq_opponent"] = params["deq"]
         print("mean PSNR (dB) over astronaut, chelsea:")
         for method in result["color"]:
             cells = [result["color"][method][str(s)]["mean"]["psnr"] for s in SIGMAS]

@@ -5,6 +5,7 @@ shipped one where its weights are in the package)."""
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import struct
 import sys
@@ -21,9 +22,11 @@ import equilibria as eq
 from equilibria.zoo import denoise_cli
 from equilibria.zoo.cli import main
 from equilibria.zoo.denoise_classical import CLASSICAL, denoise_classical
+from equilibria.zoo.denoise_color import OpponentColorDenoiser
 from equilibria.zoo.denoise_io import ImageError, LoadedImage, read_image, write_image
 from equilibria.zoo.denoise_sigma import estimate_sigma
 from equilibria.zoo.denoise_tiling import tile_starts, tiled_apply, window_1d
+from equilibria.zoo.denoise_weights import DEFAULT_COLOR_MODEL
 
 pytestmark = pytest.mark.no_device_mode  # numpy images and CPU models built here
 
@@ -555,9 +558,14 @@ class TinyDenoiser(nn.Module):
 
 @pytest.fixture
 def models(monkeypatch: pytest.MonkeyPatch) -> dict[bool, TinyDenoiser]:
+    """The command's models replaced by tiny ones: ``made[color]`` is the TinyDenoiser that ran
+    (with ``--color-model opponent`` the grey one inside the opponent-space wrapper)."""
     made: dict[bool, TinyDenoiser] = {}
 
-    def load(color: bool) -> TinyDenoiser:
+    def load(color: bool, color_model: str) -> nn.Module:
+        if color and color_model == "opponent":
+            made[color] = TinyDenoiser(1).eval()
+            return OpponentColorDenoiser(made[color]).eval()
         made[color] = TinyDenoiser(3 if color else 1).eval()
         return made[color]
 
@@ -593,9 +601,11 @@ def test_cli_denoises_every_format(
 ) -> None:
     src = _save(tmp_path / f"in{suffix}", _noisy(color), depth)
     dst = tmp_path / f"out{suffix}"
-    rc, out, err = _run(capsys, str(src), "--sigma", "25", "--output", str(dst))
+    rgb = ["--color-model", "rgb"] if color else []  # the opponent model: the test below
+    rc, out, err = _run(capsys, str(src), "--sigma", "25", "--output", str(dst), *rgb)
     assert rc == 0, err
     assert "sigma: 25.00 (0–255 units, given)" in out and "time:" in out
+    assert ("colour model: rgb (the colour DEQ)" in out) == color
     assert "solver: 1 tile(s)" in out and "all converged" in out
     result, noisy = read_image(dst), read_image(src)
     assert result.bit_depth == depth and result.pixels.shape == noisy.pixels.shape
@@ -611,6 +621,31 @@ def test_cli_denoises_every_format(
         assert error.mean() < 2 / 255 and error.max() < 16 / 255
     else:
         assert error.max() <= {8: 0.5 / 255, 16: 0.5 / 65535, 32: 1e-7}[depth] + 1e-9
+
+
+@pytest.mark.parametrize("color_model", [None, "opponent", "rgb"])
+def test_cli_color_models(tmp_path: Path, capsys, models, color_model: str | None) -> None:
+    """``--color-model opponent`` runs the grey model on the opponent channels (one batch of 3,
+    levels σ / (hi − lo)), ``rgb`` the colour model; without the option, the default of
+    ``load_shipped``. The file holds that model's output; the solver line is the joint solve's."""
+    src = _save(tmp_path / "in.png", _noisy(True), 16)
+    argv = [str(src), "--sigma", "25", "-o", str(tmp_path / "o.png")]
+    rc, out, err = _run(capsys, *argv, *(["--color-model", color_model] if color_model else []))
+    assert rc == 0, err
+    chosen = color_model or DEFAULT_COLOR_MODEL
+    assert f"colour model: {chosen} (" in out and "solver: 1 tile(s)" in out
+    ((shape, level, _),) = models[True].calls
+    x = torch.from_numpy(read_image(src).pixels).float().permute(2, 0, 1)[None]
+    sigma = torch.full((1,), 25 / 255)
+    if chosen == "opponent":
+        assert shape == (3, 1, 40, 56) and level == pytest.approx(25 / 255 / math.sqrt(3))
+        reference = OpponentColorDenoiser(TinyDenoiser(1)).eval()
+    else:
+        assert shape == (1, 3, 40, 56) and level == pytest.approx(25 / 255)
+        reference = TinyDenoiser(3).eval()
+    with torch.no_grad():
+        y = reference(x, sigma).clamp(0, 1)[0].permute(1, 2, 0).double().numpy()
+    assert np.abs(read_image(tmp_path / "o.png").pixels - y).max() <= 0.5 / 65535 + 1e-9
 
 
 def test_cli_denoising_reduces_the_error(tmp_path: Path, capsys, models) -> None:
@@ -726,6 +761,10 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path: Path, capsys, models) -
         ([str(good), "-o", out, "--overlap", "200"], "--overlap must be in"),
         ([str(good), "-o", out, "--iters", "0"], "--iters must be at least 1"),
         ([str(good), "-o", out, "--device", "abacus"], "is not a torch device"),
+        (
+            [str(good), "-o", out, "--color-model", "yuv"],
+            "--color-model must be opponent or rgb, got 'yuv'",
+        ),
     ]
     for argv, message in cases:
         rc, _, err = _run(capsys, *argv)
@@ -753,9 +792,11 @@ def test_cli_with_the_shipped_model(tmp_path: Path, capsys) -> None:
     assert _psnr(result, clean) > _psnr(read_image(src).pixels, clean) + 3
 
 
-@pytest.mark.parametrize("color", [False, True])
+@pytest.mark.parametrize(
+    ("color", "color_model"), [(False, "rgb"), (True, "rgb"), (True, "opponent")]
+)
 def test_cli_shipped_half_resolution_model_takes_odd_sizes(
-    tmp_path: Path, capsys, color: bool
+    tmp_path: Path, capsys, color: bool, color_model: str
 ) -> None:
     """The shipped models run on the half-resolution sub-images (scale 2): a 37 × 53 image is
     padded by a replicated row and column and cropped back. Whole, the file holds the model's
@@ -763,10 +804,11 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
     14; columns 0, 16, 30), so each tile groups its pixels into sub-images as the whole image
     does: the largest change from the whole-image result is then about 5 / 255 (the seams); the
     tiles the command used to cut (rows 0, 13; columns 0, 16, 29) changed it by up to 17 / 255
-    (grey; colour 9 and 37)."""
+    (grey; colour 9 and 37; the grey model in opponent colour space, --color-model opponent,
+    6.4 and 14)."""
     from equilibria.zoo.denoise_weights import load_shipped
 
-    model = load_shipped(color)
+    model = load_shipped(color, color_model=color_model)
     assert model.scale == 2
     if color:  # a natural image (the synthetic one of _noisy is beyond the colour model)
         clean = skimage_data.astronaut()[100:137, 200:253] / 255.0
@@ -776,7 +818,10 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
         clean = _noisy(color, size=(37, 53), sigma255=0)
         src = _save(tmp_path / "in.png", _noisy(color, size=(37, 53)), 16)
     noisy = read_image(src).pixels
-    rc, out, err = _run(capsys, str(src), "--sigma", "25", "-o", str(tmp_path / "whole.png"))
+    which = ["--color-model", color_model]
+    rc, out, err = _run(
+        capsys, str(src), "--sigma", "25", "-o", str(tmp_path / "whole.png"), *which
+    )
     assert rc == 0, err
     assert "1 tile(s)" in out
     x = torch.from_numpy(noisy).float()
@@ -789,6 +834,7 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
     assert np.abs(whole - expected).max() <= 0.5 / 65535 + 1e-6
     assert _psnr(whole, clean) > _psnr(noisy, clean) + 3
     argv = ["--sigma", "25", "-o", str(tmp_path / "tiled.png"), "--tile", "24", "--overlap", "8"]
+    argv += which
     rc, out, err = _run(capsys, str(src), *argv)
     assert rc == 0, err
     assert "6 tile(s)" in out
@@ -799,7 +845,7 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
         odd = tiled_apply(lambda t: model(t, torch.full((1,), 25 / 255)), x, tile=24, overlap=8)
     odd = (odd.clamp(0, 1)[0].permute(1, 2, 0) if color else odd.clamp(0, 1)[0, 0]).numpy()
     print(
-        f"tiles at even offsets: {255 * change:.2f} / 255, "
+        f"{color_model}: tiles at even offsets: {255 * change:.2f} / 255, "
         f"odd: {255 * np.abs(odd - whole).max():.2f} / 255"
     )
     assert change < (10 if color else 6) / 255
@@ -820,8 +866,12 @@ def test_jpeg_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert image.pixels[:12].mean() > 0.9 and image.pixels[12:].mean() < 0.1
 
 
-@pytest.mark.parametrize("color", [False, True])
-def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool) -> None:
+@pytest.mark.parametrize(
+    ("color", "color_model"), [(False, "rgb"), (True, "rgb"), (True, "opponent")]
+)
+def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(
+    color: bool, color_model: str
+) -> None:
     """The shipped DEQ's receptive field exceeds the margin (every solver iteration widens it, by
     4 pixels at half resolution), so tiled and whole-image results differ near the seams. Measured
     here (tiles 48, overlap 16): 0.72 / 255 grey, 2.05 / 255 colour, the same with the solver's
@@ -829,10 +879,11 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool
     512² camera with the command's tiles (256, overlap 32) 1.54 / 255 at the same PSNR to 0.001 dB
     (without overlap the seams reach 30 / 255; benchmarks/denoise_tools.py). The grey model with
     the full-resolution path (not shipped: docs/recipes/denoise.md, "Convergence") measured 3.59
-    / 255 here and 6.86 / 255 on camera."""
+    / 255 here and 6.86 / 255 on camera. The grey model in opponent colour space (``--color-model
+    opponent``): 1.47 / 255."""
     from equilibria.zoo.denoise_weights import load_shipped
 
-    model = load_shipped(color=color)
+    model = load_shipped(color=color, color_model=color_model)
     noisy = torch.from_numpy(_noisy(color, size=(96, 96))).float()
     x = noisy.permute(2, 0, 1)[None] if color else noisy[None, None]
     sigma = torch.full((1,), 25 / 255)
@@ -840,6 +891,10 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(color: bool
         whole = model(x, sigma)
         tiled = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=16)
         seams = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=0)
+    print(
+        f"{color_model}: overlap 16: {255 * (tiled - whole).abs().max():.2f} / 255, "
+        f"no overlap: {255 * (seams - whole).abs().max():.2f} / 255"
+    )
     assert (tiled - whole).abs().max() < (2.5 if color else 1.0) / 255
     assert (seams - whole).abs().max() > 5 * (tiled - whole).abs().max()  # the blend matters
 

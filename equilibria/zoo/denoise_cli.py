@@ -4,6 +4,7 @@
 
     equilibria denoise IN --output OUT [--sigma S | --blind] [--overwrite] [--tile 256]
                           [--overlap 32] [--iters K] [--bit-depth {8,16,32}] [--device cpu]
+                          [--color-model {opponent,rgb}]
 
 * ``IN``: PNG, JPEG, TIFF or NPY (:mod:`equilibria.zoo.denoise_io`), 8 or 16 bits per sample or
   float in [0, 1], grey or RGB, with or without alpha; at least 8 × 8 pixels, any larger size.
@@ -27,11 +28,18 @@
   the half-resolution shipped models (``scale=2``) every tile starts at an even offset, so that
   it groups pixels into sub-images as the whole image does (any size, odd ones included).
 * ``--iters K``: the equilibrium solver's iteration budget (default: the model's).
+* ``--color-model``: the model for RGB images (grey ones ignore it): ``opponent``, the shipped
+  grey DEQ on the three channels of an orthonormal opponent colour space
+  (:mod:`equilibria.zoo.denoise_color`; its iterations and residual are those of the three
+  channels' joint solve, the worst channel's), or ``rgb``, the shipped colour DEQ; default
+  :data:`equilibria.zoo.denoise_weights.DEFAULT_COLOR_MODEL`, chosen on the validation images
+  (``docs/recipes/denoise.md``).
 
-It prints σ (given or estimated), the solver's iterations and largest relative residual over
-the tiles, and the time. Errors (unreadable or missing file, unsupported extension, wrong shape
-or size, σ out of range, an existing output) are one line and exit status 2; shipped weights that
-are missing or fail their SHA-256 check, one line and status 1.
+It prints σ (given or estimated), the colour model for an RGB image, the solver's iterations
+and largest relative residual over the tiles, and the time. Errors (unreadable or missing file,
+unsupported extension, wrong shape or size, σ out of range, an existing output, an unknown
+``--color-model``) are one line and exit status 2; shipped weights that are missing or fail
+their SHA-256 check, one line and status 1.
 """
 
 from __future__ import annotations
@@ -50,6 +58,15 @@ from .config import ConfigError
 
 __all__ = ["add_denoise_parser", "run_denoise"]
 
+# the choices of --color-model and its default: denoise_weights.COLOR_MODELS and
+# DEFAULT_COLOR_MODEL (tests/test_denoise_cli.py checks they agree), kept here so that the
+# command does not import torch before it needs it
+_COLOR_MODELS = ("opponent", "rgb")
+_DEFAULT_COLOR_MODEL = "opponent"
+_COLOR_MODEL_NAMES = {
+    "opponent": "the grey DEQ on an orthonormal opponent colour space (Y, R-B, G-magenta)",
+    "rgb": "the colour DEQ",
+}
 # an estimate below this (a clean image) is raised to it; the same as
 # denoise_model.MIN_BLIND_SIGMA_255 (load_shipped(blind=True)), kept here so that the command does
 # not import torch before it needs it
@@ -101,12 +118,18 @@ def add_denoise_parser(sub: Any) -> None:
         help="output depth (32: float; default: the input's)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument(
+        "--color-model",
+        default=_DEFAULT_COLOR_MODEL,
+        help="model for RGB images: opponent (the grey DEQ on opponent colour channels) or rgb "
+        f"(the colour DEQ); default {_DEFAULT_COLOR_MODEL}",
+    )
 
 
-def _load_model(color: bool):  # replaced in tests by a small model
+def _load_model(color: bool, color_model: str):  # replaced in tests by a small model
     from .denoise_weights import load_shipped
 
-    return load_shipped(color=color, blind=False)
+    return load_shipped(color=color, blind=False, color_model=color_model)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -125,6 +148,10 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.iters is not None and args.iters < 1:
         raise ConfigError(f"--iters must be at least 1, got {args.iters}")
+    if args.color_model not in _COLOR_MODELS:
+        raise ConfigError(
+            f"--color-model must be {' or '.join(_COLOR_MODELS)}, got {args.color_model!r}"
+        )
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -205,7 +232,7 @@ def run_denoise(args: argparse.Namespace) -> int:
     from .denoise_weights import ShippedWeightsError
 
     try:
-        model = _load_model(image.color).to(device)
+        model = _load_model(image.color, args.color_model).to(device)
     except ShippedWeightsError as e:  # a damaged install: status 1, as for damaged checkpoints
         print(f"equilibria: error: {e}", file=sys.stderr)
         return 1
@@ -261,6 +288,8 @@ def run_denoise(args: argparse.Namespace) -> int:
         print(note)
     print(f"{src} ({w}×{h}, {kind}, {depth_name}) -> {dst} ({out_name})")
     print(f"sigma: {sigma255:.2f} (0–255 units, {how})")
+    if image.color:
+        print(f"colour model: {args.color_model} ({_COLOR_MODEL_NAMES[args.color_model]})")
     if stats:
         iters = [s[0] for s in stats]
         unconverged = sum(not s[2] for s in stats)

@@ -3,7 +3,11 @@
 :func:`load_shipped` loads the trained models shipped in ``equilibria/zoo/weights``
 (``denoise_gray`` / ``denoise_color``: safetensors weights, their config and SHA-256 in the
 ``.json`` beside them; ``benchmarks/train_shipped_denoiser.py`` wrote them), rebuilt with
-:func:`equilibria.zoo.denoise_model.build_model` from the recorded config.
+:func:`equilibria.zoo.denoise_model.build_model` from the recorded config. For RGB images it
+offers two models (``color_model``): ``"rgb"``, the colour DEQ (``denoise_color``), and
+``"opponent"``, the grey DEQ run on the three channels of an orthonormal opponent colour space
+(:class:`equilibria.zoo.denoise_color.OpponentColorDenoiser`); :data:`DEFAULT_COLOR_MODEL` is
+the one the validation rule of ``docs/recipes/denoise.md`` chose.
 """
 
 from __future__ import annotations
@@ -17,9 +21,22 @@ from torch import nn
 
 from .denoise_model import build_model
 
-__all__ = ["WEIGHTS_DIR", "ShippedWeightsError", "load_shipped", "sha256_of", "shipped_paths"]
+__all__ = [
+    "COLOR_MODELS",
+    "DEFAULT_COLOR_MODEL",
+    "WEIGHTS_DIR",
+    "ShippedWeightsError",
+    "load_shipped",
+    "sha256_of",
+    "shipped_paths",
+]
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
+# the models for RGB images: the grey DEQ in opponent colour space, or the colour DEQ
+COLOR_MODELS = ("opponent", "rgb")
+# chosen by the rule fixed before the validation run (docs/recipes/denoise.md, "Colour");
+# benchmarks/results/denoise_color_validation.json
+DEFAULT_COLOR_MODEL = "opponent"
 
 
 class ShippedWeightsError(RuntimeError):
@@ -45,30 +62,50 @@ def load_shipped(
     color: bool = False,
     blind: bool = False,
     *,
+    color_model: str | None = None,
     weights: str | Path | None = None,
     config: str | Path | None = None,
 ) -> nn.Module:
     """The shipped trained denoiser, in eval mode on the CPU.
 
     Args:
-        color: the RGB model (3 channels) instead of the grayscale one.
+        color: a model for RGB images (3 channels) instead of the grayscale one.
         blind: the model estimates σ itself (:func:`equilibria.zoo.denoise_sigma.estimate_sigma`)
             and is called as ``model(noisy, None)``; otherwise ``model(noisy, sigma)``. An
             estimate below :data:`~equilibria.zoo.denoise_model.MIN_BLIND_SIGMA_255` / 255
             (e.g. 0 for a noiseless image) is raised to it, as ``equilibria denoise`` does.
-        weights, config: other files than the shipped ones (tests).
+        color_model: with ``color``, which model (:data:`COLOR_MODELS`): ``"rgb"``, the colour
+            DEQ, or ``"opponent"``, the shipped grey DEQ on the channels of an orthonormal
+            opponent colour space (:class:`~equilibria.zoo.denoise_color.OpponentColorDenoiser`);
+            None: :data:`DEFAULT_COLOR_MODEL`. Ignored without ``color``.
+        weights, config: other files than the shipped ones (tests); with ``color_model=
+            "opponent"`` those of the grey model it wraps.
 
     Raises:
+        ValueError: ``color_model`` is not one of :data:`COLOR_MODELS`.
         ShippedWeightsError: a file is missing, or the weights' SHA-256 is not the one recorded
             in the config (a damaged or replaced file).
 
     Example:
         >>> model = load_shipped(color=False)
         >>> clean = model(noisy, torch.full((noisy.shape[0],), 25 / 255)).clamp(0, 1)
+        >>> rgb = load_shipped(color=True, color_model="opponent")  # the grey DEQ on Y, C1, C2
     """
     from safetensors.torch import load_file
 
     from .denoise import config_from_record
+
+    if color_model is None:
+        color_model = DEFAULT_COLOR_MODEL
+    if color_model not in COLOR_MODELS:
+        raise ValueError(
+            f"color_model must be one of {', '.join(map(repr, COLOR_MODELS))}, got {color_model!r}"
+        )
+    if color and color_model == "opponent":
+        from .denoise_color import OpponentColorDenoiser
+
+        gray = load_shipped(False, weights=weights, config=config)
+        return OpponentColorDenoiser(gray, blind=blind).eval()
 
     weights_path, config_path = shipped_paths(bool(color))
     weights_path = Path(weights) if weights is not None else weights_path
