@@ -64,7 +64,7 @@ __all__ = ["add_denoise_parser", "run_denoise"]
 _COLOR_MODELS = ("opponent", "rgb")
 _DEFAULT_COLOR_MODEL = "opponent"
 _COLOR_MODEL_NAMES = {
-    "opponent": "the grey DEQ on an orthonormal opponent colour space (Y, R-B, G-magenta)",
+    "opponent": "the grey DEQ on the channels of an orthonormal opponent colour space",
     "rgb": "the colour DEQ",
 }
 # an estimate below this (a clean image) is raised to it; the same as
