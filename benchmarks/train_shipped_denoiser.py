@@ -231,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             del record["held_out_psnr_sigma25_crops"]  # here: validation, at σ 25 on 128² crops
             record["validation_psnr"] = validate(model, args.color)
             record["options"] = args.options
+            # the whole config: a row's options alone do not say which defaults it ran on
+            record["config"] = recorded_config(config)
             table = json.loads(VARIANTS.read_text()) if VARIANTS.exists() else {}
             table[f"{args.name}/{name}_{kind}"] = record
             VARIANTS.write_text(json.dumps(table, indent=2) + "\n")
