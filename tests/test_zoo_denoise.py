@@ -369,7 +369,9 @@ OLD_DEFAULTS = {
 
 # validation rows run after the defaults became the shipped design (b8b6d20) with options that
 # leave some of them out: their recorded options are read on today's defaults
-ON_TODAYS_DEFAULTS = {"deq-imp", "deq-imp-jr", "val-gray-shipped", "val-color-shipped"}
+ON_TODAYS_DEFAULTS = {
+    "deq-imp", "deq-imp-jr", "deq-imp-jr-2500", "val-gray-shipped", "val-color-shipped"
+}  # fmt: skip
 
 
 def _recorded(path: Path) -> dict:
