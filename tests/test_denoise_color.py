@@ -358,3 +358,60 @@ def test_the_default_colour_model_is_the_rules_outcome() -> None:
 def test_module_docstring_cites_cbm3d() -> None:
     doc = denoise_color.__doc__ or ""
     assert "Dabov, Foi, Katkovnik & Egiazarian" in doc and "ICIP 2007" in doc
+
+
+def _table(text: str, header: str) -> list[list[str]]:
+    start = text.index(header)
+    lines = text[start:].split("\n\n")[0].splitlines()[2:]
+    return [[c.strip().replace("**", "") for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_the_docs_colour_tables_are_the_json_records() -> None:
+    """The colour tables of docs/recipes/denoise.md, cell by cell: the held-out table against
+    ``denoise.json`` (PSNR / SSIM means, median CPU s of the six runs) and the validation table
+    against ``denoise_color_validation.json`` (steps, CPU s, mean PSNR); the margins the text
+    quotes too."""
+    text = (ROOT / "docs" / "recipes" / "denoise.md").read_text()
+    sigmas = ("15", "25", "50")
+    color = json.loads((ROOT / "benchmarks/results/denoise.json").read_text())["color"]
+    rows = _table(text, "| colour method |")
+    keys = ["deq_opponent", "deq", "nlmeans", "tv", "wavelet", "bm3d"]
+    assert len(rows) == len(keys), rows
+    for key, cells in zip(keys, rows, strict=True):
+        mean = [color[key][s]["mean"] for s in sigmas]
+        assert cells[1:4] == [f"{m['psnr']:.2f} / {m['ssim']:.3f}" for m in mean], key
+        cpu = sorted(color[key][s][im]["cpu_s"] for s in sigmas for im in ("astronaut", "chelsea"))
+        assert cells[4] == f"{(cpu[2] + cpu[3]) / 2:.2f}", key
+
+    def gaps(a: str, b: str) -> str:
+        return " / ".join(
+            f"{color[a][s]['mean']['psnr'] - color[b][s]['mean']['psnr']:+.2f}" for s in sigmas
+        )
+
+    flat = " ".join(text.split())
+    assert f"It is {gaps('deq_opponent', 'deq')} dB above the colour DEQ" in flat
+    assert f"above NL-means ({gaps('deq_opponent', 'nlmeans')})" in flat
+    below = gaps("bm3d", "deq_opponent").replace("+", "")
+    assert f"{below} dB below BM3D" in flat
+    record = json.loads((ROOT / "benchmarks/results/denoise_color_validation.json").read_text())
+    means, train = record["mean_psnr"], record["training"]
+    rows = _table(text, "| colour validation (`coffee`, `rocket`), mean PSNR |")
+    keys = [("color_deq", "color"), ("gray_opponent", "gray"), ("gray_per_channel", "gray"),
+            ("nlmeans", None)]  # fmt: skip
+    assert len(rows) == len(keys), rows
+    for (key, run), cells in zip(keys, rows, strict=True):
+        if run is None:
+            assert cells[1:3] == ["–", "–"]
+        else:
+            assert cells[1:3] == [str(train[run]["steps"]), f"{train[run]['train_cpu_s']:.0f}"]
+        assert cells[3:6] == [f"{means[key][s]:.2f}" for s in sigmas], key
+    margins = " / ".join(f"{record['rule']['margin_db'][s]:+.2f}" for s in sigmas)
+    assert f"The rule passed ({margins} dB)" in flat and record["rule"]["passed"]
+    per_channel = " / ".join(
+        f"{means['gray_opponent'][s] - means['gray_per_channel'][s]:+.2f}" for s in sigmas
+    )
+    assert f"worth {per_channel} dB over the same grey model" in flat
+    # the commands shown are the ones recorded
+    for run in ("gray", "color"):
+        assert " ".join(train[run]["command"].split()) in flat.replace(" \\ ", " "), run
+    assert record["command"] in flat.replace(" \\ ", " ")
