@@ -648,6 +648,47 @@ def test_cli_color_models(tmp_path: Path, capsys, models, color_model: str | Non
     assert np.abs(read_image(tmp_path / "o.png").pixels - y).max() <= 0.5 / 65535 + 1e-9
 
 
+@pytest.mark.parametrize("color_model", ["opponent", "rgb"])
+def test_cli_denoises_a_grey_image_stored_as_rgb_as_grey(
+    tmp_path: Path, capsys, models, color_model: str
+) -> None:
+    """R = G = B in every pixel: the noise is the same in all three channels, not independent as
+    the colour models assume (the opponent model then gave the luminance a third of its noise
+    variance: 4 / 6 / 9 dB below the grey model at σ 15 / 25 / 50 on ``moon``), so the command
+    runs the grey model on the one channel (with the same σ, given or estimated once) and
+    writes three copies. Was: the colour model ran on it."""
+    grey = np.clip(_noisy(False), 0, 1)
+    src = _save(tmp_path / "in.png", np.repeat(grey[..., None], 3, axis=2), 16)
+    argv = [str(src), "-o", str(tmp_path / "o.png"), "--color-model", color_model]
+    rc, out, err = _run(capsys, *argv, "--sigma", "25")
+    assert rc == 0, err
+    assert "colour model: none (R = G = B in every pixel" in out and "RGB" in out
+    assert True not in models
+    ((shape, level, _),) = models[False].calls
+    assert shape == (1, 1, 40, 56) and level == pytest.approx(25 / 255)
+    x = torch.from_numpy(read_image(src).pixels[..., 0]).float()[None, None]
+    with torch.no_grad():
+        y = TinyDenoiser(1).eval()(x, torch.full((1,), 25 / 255)).clamp(0, 1)[0, 0].double()
+    back = read_image(tmp_path / "o.png")
+    assert back.color and back.pixels.shape == (40, 56, 3)
+    for c in range(3):
+        assert np.abs(back.pixels[..., c] - y.numpy()).max() <= 0.5 / 65535 + 1e-9
+    # blind: σ estimated once on the image (three equal channels: the grey image's estimate)
+    rc, out, err = _run(capsys, *argv[:2], str(tmp_path / "o2.png"), "--color-model", color_model)
+    assert rc == 0, err
+    line = next(li for li in out.splitlines() if li.startswith("sigma:"))
+    expected = 255 * estimate_sigma(read_image(src).pixels[..., 0])
+    assert f"sigma: {expected:.2f} " in line and "estimated" in line
+    # one pixel different: a colour image, the colour model runs
+    pixels = read_image(src).pixels.copy()
+    pixels[3, 5, 1] = 0.5 if pixels[3, 5, 1] != 0.5 else 0.25
+    src2 = _save(tmp_path / "in2.png", pixels, 16)
+    rc, out, err = _run(capsys, str(src2), "-o", str(tmp_path / "o3.png"), "--sigma", "25",
+                        "--color-model", color_model)  # fmt: skip
+    assert rc == 0, err
+    assert f"colour model: {color_model} (" in out and True in models
+
+
 def test_cli_denoising_reduces_the_error(tmp_path: Path, capsys, models) -> None:
     clean = _noisy(False, sigma255=0)
     src = _save(tmp_path / "in.png", _noisy(False, sigma255=25), 16)

@@ -35,6 +35,10 @@
   :data:`equilibria.zoo.denoise_weights.DEFAULT_COLOR_MODEL`, chosen on the validation images
   (``docs/recipes/denoise.md``).
 
+An RGB image whose three channels are equal in every pixel (a grey image stored as RGB: its
+noise is the same in all three, not independent as the colour models assume) is denoised by the
+grey model and written back as RGB.
+
 It prints σ (given or estimated), the colour model for an RGB image, the solver's iterations
 and largest relative residual over the tiles, and the time. Errors (unreadable or missing file,
 unsupported extension, wrong shape or size, σ out of range, an existing output, an unknown
@@ -181,6 +185,8 @@ def _output_depth(args: argparse.Namespace, fmt: str, depth: int) -> tuple[int, 
 
 def run_denoise(args: argparse.Namespace) -> int:
     """Run ``equilibria denoise`` with parsed arguments; returns the exit status."""
+    import numpy as np
+
     from .denoise_io import ImageError, format_of, read_image, write_image
 
     _check_args(args)
@@ -205,6 +211,18 @@ def run_denoise(args: argparse.Namespace) -> int:
     if fmt_out == "jpeg" and image.alpha is not None:
         raise ConfigError(f"{src} has an alpha channel and JPEG has none; write .png, .tif or .npy")
     depth, note = _output_depth(args, fmt_out, image.bit_depth)
+    # a grey image stored as RGB (R = G = B in every pixel) holds the same noise in all three
+    # channels: the colour models assume independent noise per channel (the opponent model
+    # gives luminance a third of its variance: 4–9 dB below the grey model at σ 15–50), so it
+    # is denoised as the grey image it is and written back as RGB
+    pixels = image.pixels
+    grey_rgb = image.color and bool(
+        np.array_equal(pixels[..., 0], pixels[..., 1])
+        and np.array_equal(pixels[..., 1], pixels[..., 2])
+    )
+    color = image.color and not grey_rgb
+    if grey_rgb:
+        pixels = pixels[..., 0]
 
     import torch
 
@@ -222,7 +240,7 @@ def run_denoise(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if args.sigma is None:
-        sigma255 = 255.0 * estimate_sigma(image.pixels)
+        sigma255 = 255.0 * estimate_sigma(pixels)
         how = "estimated"
         if sigma255 < _MIN_SIGMA_255:
             how = f"estimated {sigma255:.2f}, raised to the least level {_MIN_SIGMA_255}"
@@ -232,7 +250,7 @@ def run_denoise(args: argparse.Namespace) -> int:
     from .denoise_weights import ShippedWeightsError
 
     try:
-        model = _load_model(image.color, args.color_model).to(device)
+        model = _load_model(color, args.color_model).to(device)
     except ShippedWeightsError as e:  # a damaged install: status 1, as for damaged checkpoints
         print(f"equilibria: error: {e}", file=sys.stderr)
         return 1
@@ -244,8 +262,8 @@ def run_denoise(args: argparse.Namespace) -> int:
     deq = getattr(model, "deq", None)
     if args.iters is not None and deq is None:
         raise ConfigError("--iters sets the equilibrium solver's budget; this model has no solver")
-    x = torch.from_numpy(image.pixels).to(device=device, dtype=torch.float32)
-    x = x.permute(2, 0, 1)[None] if image.color else x[None, None]  # (1, C, H, W)
+    x = torch.from_numpy(pixels).to(device=device, dtype=torch.float32)
+    x = x.permute(2, 0, 1)[None] if color else x[None, None]  # (1, C, H, W)
     sigma = torch.full((1,), sigma255 / 255.0, device=device)
     stats: list[tuple[int, float, bool]] = []  # per tile: iterations, residual, converged
 
@@ -263,8 +281,10 @@ def run_denoise(args: argparse.Namespace) -> int:
     if not bool(torch.isfinite(y).all()):
         raise RuntimeError("the denoiser returned non-finite values")
     y = y.clamp(0, 1)[0].to("cpu", torch.float64)
-    pixels = (y.permute(1, 2, 0) if image.color else y[0]).numpy()
-    out = replace(image, pixels=pixels)
+    result = (y.permute(1, 2, 0) if color else y[0]).numpy()
+    if grey_rgb:
+        result = np.repeat(result[..., None], 3, axis=2)
+    out = replace(image, pixels=result)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}-", suffix=dst.suffix, dir=dst.parent)
     os.close(fd)
     umask = os.umask(0)
@@ -288,7 +308,9 @@ def run_denoise(args: argparse.Namespace) -> int:
         print(note)
     print(f"{src} ({w}×{h}, {kind}, {depth_name}) -> {dst} ({out_name})")
     print(f"sigma: {sigma255:.2f} (0–255 units, {how})")
-    if image.color:
+    if grey_rgb:
+        print("colour model: none (R = G = B in every pixel: denoised as a grey image)")
+    elif image.color:
         print(f"colour model: {args.color_model} ({_COLOR_MODEL_NAMES[args.color_model]})")
     if stats:
         iters = [s[0] for s in stats]
