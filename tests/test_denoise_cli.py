@@ -653,8 +653,8 @@ def test_cli_denoises_a_grey_image_stored_as_rgb_as_grey(
     tmp_path: Path, capsys, models, color_model: str
 ) -> None:
     """R = G = B in every pixel: the noise is the same in all three channels, not independent as
-    the colour models assume (the opponent model then gave the luminance a third of its noise
-    variance: 4 / 6 / 9 dB below the grey model at σ 15 / 25 / 50 on ``moon``), so the command
+    the colour models assume (the opponent model then gives the luminance 1/√3 of its noise
+    level, and its output lies far below the grey model's; commit 3032846), so the command
     runs the grey model on the one channel (with the same σ, given or estimated once) and
     writes three copies. Was: the colour model ran on it."""
     grey = np.clip(_noisy(False), 0, 1)

@@ -213,8 +213,8 @@ def run_denoise(args: argparse.Namespace) -> int:
     depth, note = _output_depth(args, fmt_out, image.bit_depth)
     # a grey image stored as RGB (R = G = B in every pixel) holds the same noise in all three
     # channels: the colour models assume independent noise per channel (the opponent model
-    # gives luminance a third of its variance: 4–9 dB below the grey model at σ 15–50), so it
-    # is denoised as the grey image it is and written back as RGB
+    # would give the luminance 1/√3 of its noise level), so it is denoised as the grey image it
+    # is and written back as RGB
     pixels = image.pixels
     grey_rgb = image.color and bool(
         np.array_equal(pixels[..., 0], pixels[..., 1])

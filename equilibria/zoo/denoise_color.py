@@ -25,6 +25,11 @@ level becomes ``σ / (hi − lo)`` (σ/√3, σ/√2 and σ·√6/4); the denois
 by the inverse. The map is the same for every image and tile (a per-image min/max scaling
 would make tiles of one image disagree).
 
+The trick assumes noise independent across R, G and B. A grey image stored as RGB (R = G = B,
+the same noise in all three channels) breaks it: the luminance then carries √3 times the noise
+level it is given, and the chrominance none (far below the grey model); denoise such an
+image's one channel with the grey model, as ``equilibria denoise`` does.
+
 :class:`OpponentColorDenoiser` wraps any of the recipe's grayscale models (DEQ, CNN or
 unrolled; :func:`equilibria.zoo.denoise_model.build_model`) and has the colour models' call
 signature; ``load_shipped(color=True, color_model="opponent")``

@@ -77,7 +77,8 @@ def load_shipped(
         color_model: with ``color``, which model (:data:`COLOR_MODELS`): ``"rgb"``, the colour
             DEQ, or ``"opponent"``, the shipped grey DEQ on the channels of an orthonormal
             opponent colour space (:class:`~equilibria.zoo.denoise_color.OpponentColorDenoiser`);
-            None: :data:`DEFAULT_COLOR_MODEL`. Ignored without ``color``.
+            None: :data:`DEFAULT_COLOR_MODEL`. Checked, but otherwise ignored, without
+            ``color``.
         weights, config: other files than the shipped ones (tests); with ``color_model=
             "opponent"`` those of the grey model it wraps.
 
