@@ -246,9 +246,27 @@ def test_the_opponent_model_checks_the_grey_weights(tmp_path: Path) -> None:
         load_shipped(color=True, color_model="opponent", weights=color_weights, config=color_config)
 
 
+def test_the_colour_deq_still_checks_its_own_weights(tmp_path: Path) -> None:
+    """``color_model="rgb"`` loads and hash-checks the colour DEQ's files (since the default
+    became the opponent model, ``load_shipped(True)`` in tests/test_zoo_denoise.py checks the
+    grey files), and refuses the grey model's files."""
+    weights, config = shipped_paths(True)
+    model = load_shipped(True, color_model="rgb")
+    assert not isinstance(model, OpponentColorDenoiser) and model.channels == 3
+    bad = tmp_path / weights.name
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ShippedWeightsError, match="SHA-256"):
+        load_shipped(True, color_model="rgb", weights=bad, config=config)
+    gray_weights, gray_config = shipped_paths(False)
+    with pytest.raises(ShippedWeightsError, match="color=False"):
+        load_shipped(True, color_model="rgb", weights=gray_weights, config=gray_config)
+
+
 def test_the_shipped_grey_model_denoises_a_colour_photograph() -> None:
     """The opponent model on a 64² crop of ``astronaut`` (a test image: this checks that it runs
-    and denoises, no number from it is reported): +9 dB over the noisy input, and the solver
+    and denoises, no number from it is reported): +5 dB over the noisy input, and the solver
     statistics are those of the three channels' joint solve."""
     model = load_shipped(color=True, color_model="opponent")
     clean = torch.from_numpy(skimage_data.astronaut()[200:264, 180:244] / 255.0)
