@@ -505,3 +505,173 @@ def test_clipped_adamw_clips_the_gradients_a_closure_computes() -> None:
         plain.step()
         torch.testing.assert_close(p.detach(), q.detach())
     assert loss is not None and float(loss.detach()) > 0
+
+
+# --- the recipe page against the benchmark record ---------------------------------------------
+
+
+def _signed_percent(ratio: float, decimals: int) -> str:
+    """``ratio`` - 1 in percent with its sign, as the page writes it (−2.5%, +0.16%)."""
+    return f"{100 * (ratio - 1):+.{decimals}f}%".replace("-", "−")
+
+
+def _two_figures(x: float) -> str:
+    """``x`` > 0 to two significant figures in fixed point (0.14, 0.029, 0.0020)."""
+    import math
+
+    return f"{x:.{max(0, 1 - math.floor(math.log10(x)))}f}"
+
+
+def test_page_numbers_are_the_benchmark_record() -> None:
+    """Every number docs/recipes/flow.md quotes from ``python benchmarks/flow.py`` is in
+    benchmarks/results/flow.json, as are the README's and the site index's flow rows (the page
+    quoted per-seed changes from 8 to 32 and 32 to 64 iterations, the memory with 3 and 4
+    correction states, the parameter count and the run's CPU minutes, which the record lacked;
+    the record lacked the command that wrote it too)."""
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "benchmarks/results/flow.json").read_text())
+    page = (root / "docs/recipes/flow.md").read_text()
+    text = " ".join(page.split())  # the prose, line breaks as spaces
+    raft, deq, ratios = record["raft"], record["deq"], record["ratios"]
+    setup = record["setup"]
+    assert record["command"].startswith("python benchmarks/flow.py")
+    assert "--budget-cpu-s" not in record["command"] and "--seeds" not in record["command"]
+    seeds = len(setup["seeds"])
+    assert len(raft["epe_per_seed"]) == len(deq["epe_per_seed"]) == seeds == 3
+
+    # the models and the run
+    assert raft["params"] == deq["params"]
+    assert f"{raft['params'] / 1000:.0f}k parameters" in text
+    config = deq["config"]
+    assert raft["config"]["iters"] == 12 and "unrolls it 12 times" in text
+    assert config["gamma"] == raft["config"]["gamma"] == 0.8 and "(γ = 0.8)" in text
+    assert config["max_iter"] == 12 and "(12 iterations in training)" in text
+    assert config["correction_states"] == 2 and "correction on 2 states" in text
+    assert config["flow_decay"] == 0.9 and "default 0.9" in text
+    assert config["clip"] == raft["config"]["clip"] == 1.0 and "`--clip 1.0`" in text
+    assert setup["size"] == config["size"] == 64 and "64×64 grey" in text
+    assert config["eval_iters"] == raft["config"]["eval_iters"]
+    run = (
+        f"{record['cpu_s_total'] / 60:.0f} CPU minutes in the run below): {seeds} seeds, each "
+        f"model trained for {setup['budget_cpu_s']:.0f} s of process CPU time (the CPU cost per "
+        f"step is measured before training and gives {raft['train_steps']} RAFT / "
+        f"{deq['train_steps']} DEQ steps of batch {setup['batch_size']}), "
+        f"{setup['test_pairs']} held-out pairs, {config['eval_iters']} test-time iterations for "
+        "both."
+    )
+    assert run in text
+
+    # the results table, cell by cell
+    rows = {}
+    for line in page.split("| | RAFT | DEQ-Flow |")[1].split("\n\n")[0].splitlines()[2:]:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        rows[cells[0]] = cells[1:]
+    iters = ("8", "16", "32", "64")
+
+    def joined(values: list[float], fmt: str) -> str:
+        return " / ".join(format(v, fmt) for v in values)
+
+    residual0 = " / ".join(_two_figures(deq["residual_by_iters"][0][k]) for k in iters)
+    mem = ratios["deq_mem_over_raft"]
+    savings = [r["iter_saving"] for r in deq["reuse"]]
+    expected = {
+        "test EPE (px), mean ± std": [f"{m['epe']:.2f} ± {m['epe_std']:.2f}" for m in (raft, deq)],
+        "test EPE per seed (0 / 1 / 2)": [joined(m["epe_per_seed"], ".2f") for m in (raft, deq)],
+        "EPE at 8 / 16 / 32 / 64 test-time iterations": [
+            joined([m["epe_by_iters"][k] for k in iters], ".2f") for m in (raft, deq)
+        ],
+        "median relative residual at 8 / 16 / 32 / 64 (seed 0)": ["–", residual0],
+        "EPE on non-occluded pixels": [f"{m['epe_valid']:.2f}" for m in (raft, deq)],
+        "peak training-step memory (tensor storages)": [
+            f"{raft['peak_train_mb']:.1f} MB", f"{deq['peak_train_mb']:.1f} MB ({mem:.2f}×)"
+        ],
+        "CPU ms / training step (1 thread)": [f"{m['ms_per_step']:.0f}" for m in (raft, deq)],
+        "training CPU s per seed (0 / 1 / 2)": [
+            joined(m["train_cpu_s"], ".0f") for m in (raft, deq)
+        ],
+        "iterations saved by reuse at equal EPE (sequences, per seed)": [
+            "–", " / ".join("none" if s is None else f"{100 * s:.0f}%" for s in savings)
+        ],
+    }  # fmt: skip
+    assert rows == expected
+
+    # the targets
+    zero = record["zero_flow_epe"]
+    below = f"RAFT is {100 * ratios['raft_epe_below_zero_flow']:.0f}% and DEQ-Flow "
+    below += f"{100 * ratios['deq_epe_below_zero_flow']:.0f}% below it"
+    assert f"Zero-flow EPE {zero:.2f}: {below}" in text
+    per_seed = ratios["deq_epe_over_raft_per_seed"]
+    assert per_seed == pytest.approx(
+        [d / r for d, r in zip(deq["epe_per_seed"], raft["epe_per_seed"])]
+    )
+    if max(per_seed) <= 1:
+        assert f"**met** ({ratios['deq_epe_over_raft']:.2f}×, every seed)" in text
+    else:
+        assert "DEQ EPE ≤ RAFT EPE at equal training CPU: **missed**" in text
+    spent = raft["train_cpu_s"] + deq["train_cpu_s"]
+    assert f"({min(spent):.0f}–{max(spent):.0f} s)" in text
+    assert ("Training-step peak memory ≤ 1/3 of RAFT's: **met**" in text) == (mem <= 1 / 3)
+    states = deq["peak_train_mb_by_correction_states"]
+    assert states["2"] == deq["peak_train_mb"]
+    by_states = ratios["deq_mem_by_correction_states_over_raft"]
+    assert (
+        f"{states['3']:.1f} / {states['4']:.1f} MB ({by_states['3']:.2f}× / {by_states['4']:.2f}×"
+        in text
+    )
+    rise = [_signed_percent(x, 1) for x in ratios["deq_epe_32_over_8_per_seed"]]
+    flat = [_signed_percent(x, 2) for x in ratios["deq_epe_64_over_32_per_seed"]]
+    assert ratios["deq_epe_32_over_8_per_seed"] == pytest.approx(
+        [r["32"] / r["8"] for r in deq["epe_by_iters_per_seed"]]
+    )
+    assert (
+        f"({_signed_percent(ratios['deq_epe_32_over_8'], 1)} in the mean; per seed "
+        f"{', '.join(rise)})" in text
+    )
+    assert (
+        f"({_signed_percent(ratios['deq_epe_64_over_32'], 2)} in the mean; per seed "
+        f"{', '.join(flat)})" in text
+    )
+    assert (
+        f"against {_signed_percent(ratios['raft_epe_32_over_8'], 1)} and "
+        f"{_signed_percent(ratios['raft_epe_64_over_32'], 0)} for RAFT" in text
+    )
+    met_8_32 = "EPE does not rise from 8 to 32 test-time iterations: **met**" in text
+    assert met_8_32 == (ratios["deq_epe_32_over_8"] <= 1)
+    residual64 = [r["64"] for r in deq["residual_by_iters"]]
+    assert f"to {' / '.join(_two_figures(x) for x in residual64)} at 64 iterations" in text
+    assert ("It is still above 1e-3 at 64" in text) == (min(residual64) > 1e-3)
+    if None not in savings and min(savings) >= 0.3:
+        assert f"**met** on every seed (mean {100 * deq['reuse_iter_saving']:.0f}%)" in text
+    else:
+        assert "Reuse saves ≥ 30% of iterations at equal EPE: **missed**" in text
+    k_cold = " / ".join(str(r["k_cold"]) for r in deq["reuse"])
+    k_warm = " / ".join(str(r["k_warm"]) for r in deq["reuse"])
+    assert f"after {k_cold} iterations; warm solves reach that EPE after {k_warm}." in text
+    warm12 = [r["warm_epe"]["12"] for r in deq["reuse"]]
+    cold12 = [r["cold_epe"]["12"] for r in deq["reuse"]]
+    assert (
+        f"({min(warm12):.2f}–{max(warm12):.2f} vs {min(cold12):.2f}–{max(cold12):.2f} px at 12 "
+        "iterations)" in text
+    )
+    rises = [100 * (r["warm_epe"]["32"] / min(r["warm_epe"].values()) - 1) for r in deq["reuse"]]
+    assert f"rise by {min(rises):.1f}–{max(rises):.1f}% from their best to 32 iterations" in text
+    assert (
+        f"Both well below zero flow: {100 * ratios['raft_epe_below_zero_flow']:.0f}% (RAFT)" in text
+    )
+
+    # the README's and the site index's rows
+    def m3(m: dict) -> str:
+        return " / ".join(f"{m['epe_by_iters'][k]:.2f}" for k in ("8", "32", "64"))
+
+    row = (
+        f"| DEQ optical flow | EPE {deq['epe']:.2f} ± {deq['epe_std']:.2f} vs RAFT "
+        f"{raft['epe']:.2f} ± {raft['epe_std']:.2f} at equal CPU budget (zero flow {zero:.2f}); "
+        f"{mem:.2f}× RAFT's training memory; EPE {m3(deq)} at 8 / 32 / 64 iterations (RAFT "
+        f"{m3(raft)}); "
+    )
+    if deq["reuse_iter_saving"] is not None:
+        row += f"reuse saves {100 * deq['reuse_iter_saving']:.0f}% of iterations"
+    for name in ("README.md", "docs/index.md"):
+        (line,) = [x for x in (root / name).read_text().splitlines() if "| DEQ optical flow |" in x]
+        assert line.startswith(row), name
+        assert "`python benchmarks/flow.py`" in line
