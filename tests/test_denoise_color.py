@@ -206,6 +206,21 @@ def test_bad_inputs_name_the_argument(make, call, error, match) -> None:
             call(model)
 
 
+def test_a_dtype_other_than_the_grey_models_is_refused_by_name() -> None:
+    """float64 images (e.g. skimage's img_as_float) into the float32 shipped grey model: a
+    TypeError naming both dtypes and the fix (was: torch's 'Input type (double) and bias type
+    (float) should be the same' from inside a convolution); the model in float64 takes them."""
+    gray = build_model(DenoiseConfig(width=2, scale=2)).eval()
+    model = OpponentColorDenoiser(gray).eval()
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    sigma = torch.tensor([25 / 255])
+    with pytest.raises(TypeError, match=r"noisy has dtype torch.float64 and the grey model's "):
+        model(x, sigma)
+    with torch.no_grad():
+        out = model.double()(x, sigma)
+    assert out.dtype == torch.float64 and out.shape == x.shape
+
+
 def _blind_gray() -> nn.Module:
     gray = Identity()
     gray.blind = True

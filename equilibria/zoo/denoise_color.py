@@ -142,7 +142,8 @@ class OpponentColorDenoiser(nn.Module):
         blind: estimate σ from the image (call with ``sigma=None``).
 
     Raises:
-        TypeError: ``gray`` is not an ``nn.Module``.
+        TypeError: ``gray`` is not an ``nn.Module``; (when called) ``noisy``'s dtype is not that
+            of the grey model's parameters (e.g. float64 images into the float32 shipped model).
         ValueError: ``gray`` is not a one-channel model, or is blind.
 
     Example:
@@ -228,6 +229,12 @@ class OpponentColorDenoiser(nn.Module):
             max_iter: the grey model's solver budget for this call (passed on as given).
         """
         _check_rgb("noisy", noisy)
+        param = next(self.gray.parameters(), None)
+        if param is not None and noisy.dtype != param.dtype:
+            raise TypeError(
+                f"noisy has dtype {noisy.dtype} and the grey model's parameters {param.dtype}: "
+                f"pass noisy.to({param.dtype}) or convert the model (e.g. model.double())"
+            )
         s = self._sigma(noisy, sigma)
         n, _, h, w = noisy.shape
         _, span = _affine(noisy)
