@@ -579,8 +579,11 @@ def test_the_benchmark_anytime_run_restores_the_eval_tolerance(
 
 @pytest.mark.parametrize("color", [False, True])
 def test_shipped_weights_load_and_hash_check(tmp_path: Path, color: bool) -> None:
+    """The shipped models' own files: colour means the colour DEQ here (``color_model="rgb"``;
+    the default colour path wraps the grey DEQ, whose files the grey case checks)."""
     weights, config = shipped_paths(color)
-    model = load_shipped(color)
+    kind = {"color_model": "rgb"} if color else {}
+    model = load_shipped(color, **kind)
     assert not model.training and model.channels == (3 if color else 1)
     assert sum(p.numel() for p in model.parameters()) < 200_000
     assert weights.stat().st_size < 4 * 2**20
@@ -590,13 +593,13 @@ def test_shipped_weights_load_and_hash_check(tmp_path: Path, color: bool) -> Non
     data[-3] ^= 0x01  # one bit of one weight
     bad.write_bytes(bytes(data))
     with pytest.raises(ShippedWeightsError, match="SHA-256"):
-        load_shipped(color, weights=bad, config=config)
+        load_shipped(color, weights=bad, config=config, **kind)
     with pytest.raises(ShippedWeightsError, match="missing"):
-        load_shipped(color, weights=tmp_path / "nothing.safetensors", config=config)
+        load_shipped(color, weights=tmp_path / "nothing.safetensors", config=config, **kind)
     for text in ("{", '{"config": {}}', "[]"):  # raised JSONDecodeError / KeyError / TypeError
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(ShippedWeightsError, match="is damaged"):
-            load_shipped(color, weights=weights, config=tmp_path / "bad.json")
+            load_shipped(color, weights=weights, config=tmp_path / "bad.json", **kind)
 
 
 def test_load_shipped_leaves_the_global_rng_alone() -> None:
@@ -793,10 +796,15 @@ def test_model_input_errors(cls: type) -> None:
         (lambda: model(x.clone().fill_(float("nan")), torch.tensor([0.1, 0.1])), ValueError,
          "non-finite"),
         (lambda: model(x, torch.tensor([0.1, 0.1]), max_iter=3), ValueError, "max_iter"),
+        # skimage's float64 images on a float32 model: a clear error, not torch's from a conv
+        (lambda: model(x.double(), torch.tensor([0.1, 0.1])), TypeError,
+         r"noisy has dtype torch.float64 and the model's parameters torch.float32"),
     ]  # fmt: skip
     for call, exc, match in cases:
         with pytest.raises(exc, match=match):
             call()
+    assert model.double()(x.double(), torch.tensor([0.1, 0.1]).double()).dtype == torch.float64
+    model.float()
     model.blind = True
     with pytest.raises(ValueError, match="sigma must be None for a blind model"):
         model(x, torch.tensor([0.1, 0.1]))

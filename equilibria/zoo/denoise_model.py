@@ -185,6 +185,12 @@ class _Denoiser(nn.Module):
             )
         if not bool(torch.isfinite(noisy).all()):
             raise ValueError("noisy has non-finite values (nan or inf)")
+        param = next(self.parameters(), None)
+        if param is not None and noisy.dtype != param.dtype:  # e.g. skimage's float64 images
+            raise TypeError(
+                f"noisy has dtype {noisy.dtype} and the model's parameters {param.dtype}: "
+                f"pass noisy.to({param.dtype}) or convert the model (e.g. model.double())"
+            )
         s = self._sigma(noisy, sigma)
         k = self.scale
         if k == 1:
