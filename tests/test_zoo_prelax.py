@@ -413,3 +413,33 @@ def test_page_tables_are_the_benchmark_records() -> None:
                 assert cells[3] == "–", (budget, name)
             if r["cpu_s_mean"] is not None:
                 assert cells[4] == f"{r['cpu_s_mean']:.1f}", (budget, name)
+
+
+def test_prelax_json_is_the_rebuild_of_its_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """benchmarks/results/prelax.json records the command that wrote it, and rebuilding it from
+    the committed prelax_runs.json (``prelax.py --from-runs``, no training) gives the same
+    numbers."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    record = json.loads((root / "benchmarks/results/prelax.json").read_text())
+    runs = "benchmarks/results/prelax_runs.json"
+    assert record["command"] == f"python benchmarks/prelax.py --from-runs {runs}"
+    assert record["runs_command"] == json.loads((root / runs).read_text())["command"]
+    spec = importlib.util.spec_from_file_location("prelax_bench", root / "benchmarks/prelax.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        out = tmp_path / "results"
+        module.main(["--from-runs", str(root / runs), "--out", str(out)])
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    rebuilt = json.loads((out / "prelax.json").read_text())
+    drop = {"command", "machine"}
+    assert {k: v for k, v in rebuilt.items() if k not in drop} == {
+        k: v for k, v in record.items() if k not in drop
+    }
