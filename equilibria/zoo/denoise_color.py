@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .denoise_model import noise_levels
+
 __all__ = ["OPPONENT", "OPPONENT_RANGE", "OpponentColorDenoiser", "from_opponent", "to_opponent"]
 
 # rows: luminance, red - blue, green - magenta; orthonormal (A Aᵀ = I)
@@ -189,34 +191,7 @@ class OpponentColorDenoiser(nn.Module):
         return int(self.gray.receptive_field)
 
     def _sigma(self, noisy: Tensor, sigma: Tensor | None) -> Tensor:
-        n = noisy.shape[0]
-        if sigma is None:
-            if not self.blind:
-                raise ValueError(
-                    "sigma is required by a known-noise model: pass an (N,) tensor in [0, 1] "
-                    "units (σ_255 / 255), or set blind=True"
-                )
-            from .denoise_model import MIN_BLIND_SIGMA_255
-            from .denoise_sigma import estimate_sigma
-
-            images = noisy.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()
-            floor = MIN_BLIND_SIGMA_255 / 255.0
-            est = [max(estimate_sigma(im), floor) for im in images]
-            return torch.tensor(est, dtype=noisy.dtype, device=noisy.device)
-        if self.blind:
-            raise ValueError(
-                "sigma must be None for a blind model (it estimates the noise level itself), "
-                f"got a {type(sigma).__name__}"
-            )
-        if not isinstance(sigma, Tensor):
-            raise TypeError(f"sigma must be a tensor of shape ({n},) or None, got {type(sigma)}")
-        if sigma.shape != (n,):
-            raise ValueError(
-                f"sigma must have shape ({n},) (one level per image), got {tuple(sigma.shape)}"
-            )
-        if not bool(torch.isfinite(sigma).all()) or bool((sigma <= 0).any()):
-            raise ValueError(f"sigma must be finite and > 0 (in [0, 1] units), got {sigma}")
-        return sigma.to(noisy)
+        return noise_levels(noisy, sigma, blind=self.blind, hint="set blind=True")
 
     def forward(
         self, noisy: Tensor, sigma: Tensor | None = None, *, max_iter: int | None = None
