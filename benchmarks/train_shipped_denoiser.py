@@ -4,10 +4,12 @@ Each model (the DEQ denoiser, the DnCNN-style CNN and the weight-tied unrolled n
 same parameter count) trains on the ``denoise`` recipe (:mod:`equilibria.zoo.denoise`) for a
 number of steps calibrated so that it spends about ``--budget-cpu-s`` seconds of *process CPU
 time* (``time.process_time()``, one thread): wall-clock time is unreliable on a machine shared
-with other jobs. The calibration times a few steps of the freshly built model, a DEQ with its
-solver running its whole iteration budget (so that its steps, which get dearer as its solve
-needs more iterations while it trains, stay within the budget); the CPU time the training really
-took is recorded beside the weights.
+with other jobs. CPU time is steadier but not immune: with more jobs than cores, one run's CPU
+time per step doubled (``docs/recipes/denoise.md``), so compare runs made without oversubscribing
+the cores, and read the recorded ``train_cpu_s``. The calibration times a few steps of the
+freshly built model, a DEQ with its solver running its whole iteration budget (so that its
+steps, which get dearer as its solve needs more iterations while it trains, stay within the
+budget); the CPU time the training really took is recorded beside the weights.
 
 Outputs:
 
