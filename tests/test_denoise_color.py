@@ -26,7 +26,6 @@ from equilibria.zoo.denoise_color import (
 from equilibria.zoo.denoise_model import MIN_BLIND_SIGMA_255, build_model
 from equilibria.zoo.denoise_sigma import estimate_sigma
 from equilibria.zoo.denoise_weights import (
-    COLOR_MODELS,
     DEFAULT_COLOR_MODEL,
     ShippedWeightsError,
     load_shipped,
@@ -361,9 +360,10 @@ def test_the_default_colour_model_is_the_rules_outcome() -> None:
     """The committed validation record decides the default (docs/recipes/denoise.md, "Colour"):
     its rule is recomputed from its mean PSNRs, and the loader's and the command's defaults are
     the outcome."""
+    import argparse
     import sys
 
-    from equilibria.zoo import denoise_cli
+    from equilibria.zoo.denoise_cli import add_denoise_parser
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
@@ -379,8 +379,10 @@ def test_the_default_colour_model_is_the_rules_outcome() -> None:
     outcome = bench.rule(means)
     assert record["rule"] == outcome
     assert DEFAULT_COLOR_MODEL == outcome["default_color_model"]
-    assert denoise_cli._DEFAULT_COLOR_MODEL == DEFAULT_COLOR_MODEL
-    assert denoise_cli._COLOR_MODELS == COLOR_MODELS
+    parser = argparse.ArgumentParser()
+    add_denoise_parser(parser.add_subparsers())
+    args = parser.parse_args(["denoise", "in.png", "-o", "out.png"])
+    assert args.color_model == outcome["default_color_model"]
     # the two runs are the shipped designs at the same budget, as the rule fixed
     for kind, flag in (("gray", ""), ("color", " --color")):
         command = record["training"][kind]["command"]

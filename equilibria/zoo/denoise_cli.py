@@ -59,22 +59,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .denoise_sigma import MIN_BLIND_SIGMA_255
+from .denoise_weights import COLOR_MODELS, DEFAULT_COLOR_MODEL
 
 __all__ = ["add_denoise_parser", "run_denoise"]
 
-# the choices of --color-model and its default: denoise_weights.COLOR_MODELS and
-# DEFAULT_COLOR_MODEL (tests/test_denoise_cli.py checks they agree), kept here so that the
-# command does not import torch before it needs it
-_COLOR_MODELS = ("opponent", "rgb")
-_DEFAULT_COLOR_MODEL = "opponent"
 _COLOR_MODEL_NAMES = {
     "opponent": "the grey DEQ on the channels of an orthonormal opponent colour space",
     "rgb": "the colour DEQ",
 }
-# an estimate below this (a clean image) is raised to it; the same as
-# denoise_model.MIN_BLIND_SIGMA_255 (load_shipped(blind=True)), kept here so that the command does
-# not import torch before it needs it
-_MIN_SIGMA_255 = 0.5
 
 
 def add_denoise_parser(sub: Any) -> None:
@@ -124,9 +117,9 @@ def add_denoise_parser(sub: Any) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument(
         "--color-model",
-        default=_DEFAULT_COLOR_MODEL,
+        default=DEFAULT_COLOR_MODEL,
         help="model for RGB images: opponent (the grey DEQ on opponent colour channels) or rgb "
-        f"(the colour DEQ); default {_DEFAULT_COLOR_MODEL}",
+        f"(the colour DEQ); default {DEFAULT_COLOR_MODEL}",
     )
 
 
@@ -152,9 +145,9 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if args.iters is not None and args.iters < 1:
         raise ConfigError(f"--iters must be at least 1, got {args.iters}")
-    if args.color_model not in _COLOR_MODELS:
+    if args.color_model not in COLOR_MODELS:
         raise ConfigError(
-            f"--color-model must be {' or '.join(_COLOR_MODELS)}, got {args.color_model!r}"
+            f"--color-model must be {' or '.join(COLOR_MODELS)}, got {args.color_model!r}"
         )
 
 
@@ -242,9 +235,9 @@ def run_denoise(args: argparse.Namespace) -> int:
     if args.sigma is None:
         sigma255 = 255.0 * estimate_sigma(pixels)
         how = "estimated"
-        if sigma255 < _MIN_SIGMA_255:
-            how = f"estimated {sigma255:.2f}, raised to the least level {_MIN_SIGMA_255}"
-            sigma255 = _MIN_SIGMA_255
+        if sigma255 < MIN_BLIND_SIGMA_255:
+            how = f"estimated {sigma255:.2f}, raised to the least level {MIN_BLIND_SIGMA_255}"
+            sigma255 = MIN_BLIND_SIGMA_255
     else:
         sigma255, how = float(args.sigma), "given"
     from .denoise_weights import ShippedWeightsError

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .denoise_model import noise_levels
+from .denoise_sigma import noise_levels
 
 __all__ = ["OPPONENT", "OPPONENT_RANGE", "OpponentColorDenoiser", "from_opponent", "to_opponent"]
 
@@ -130,7 +130,7 @@ class OpponentColorDenoiser(nn.Module):
     Blind (``blind = True``, as ``load_shipped(blind=True)`` sets it): σ is estimated once per
     RGB image, by :func:`equilibria.zoo.denoise_sigma.estimate_sigma` on the three channels
     (the mean of their estimates), an estimate below
-    :data:`~equilibria.zoo.denoise_model.MIN_BLIND_SIGMA_255` / 255 raised to it, as the colour
+    :data:`~equilibria.zoo.denoise_sigma.MIN_BLIND_SIGMA_255` / 255 raised to it, as the colour
     models do; the grey model itself runs with known σ.
 
     Solver statistics: :attr:`deq` is the grey model's equilibrium layer (None for a model

@@ -53,6 +53,9 @@ from torch import Tensor, nn
 
 import equilibria as eq
 
+# MIN_BLIND_SIGMA_255 is defined with the σ checks, re-exported here where it was first defined
+from .denoise_sigma import MIN_BLIND_SIGMA_255, noise_levels
+
 if TYPE_CHECKING:
     from .denoise import DenoiseConfig
 
@@ -64,12 +67,7 @@ __all__ = [
     "FullResolutionHead",
     "UnrolledDenoiser",
     "build_model",
-    "noise_levels",
 ]
-
-# a blind model's σ estimate below this (0-255 units; a clean or flat image can give 0) is raised
-# to it: the networks take σ > 0, and were trained on σ >= 5
-MIN_BLIND_SIGMA_255 = 0.5
 
 
 def _conv(cin: int, cout: int) -> nn.Conv2d:
@@ -108,53 +106,6 @@ class DenoiserCell(nn.Module):
         u, w_a, w_b = x
         h = F.relu(F.conv2d(z, w_a, self.bias_a, padding=1))  # (N, F, H, W)
         return F.relu(u + F.conv2d(h, w_b, padding=1))
-
-
-def noise_levels(noisy: Tensor, sigma: Tensor | None, *, blind: bool, hint: str) -> Tensor:
-    """The (N,) noise levels a denoiser runs with: ``sigma`` checked, or estimated per image.
-
-    Args:
-        noisy: (N, C, H, W) images in [0, 1].
-        sigma: (N,) standard deviations in [0, 1] units, or None for a blind model.
-        blind: the model estimates σ itself (``sigma`` must then be None): once per image, by
-            :func:`equilibria.zoo.denoise_sigma.estimate_sigma` on all its channels, an
-            estimate below :data:`MIN_BLIND_SIGMA_255` / 255 (0 on a noiseless image) raised
-            to it.
-        hint: how a caller without σ makes its model blind (the error's last words).
-
-    Raises:
-        ValueError: ``sigma`` is None for a known-noise model, given for a blind one, of
-            another shape than (N,), non-finite or ≤ 0.
-        TypeError: ``sigma`` is not a tensor.
-    """
-    n = noisy.shape[0]
-    if sigma is None:
-        if not blind:
-            raise ValueError(
-                "sigma is required by a known-noise model: pass an (N,) tensor in [0, 1] "
-                f"units (σ_255 / 255), or {hint}"
-            )
-        from .denoise_sigma import estimate_sigma
-
-        images = noisy.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()
-        est = [estimate_sigma(im if im.shape[2] > 1 else im[..., 0]) for im in images]
-        floor = MIN_BLIND_SIGMA_255 / 255.0
-        est = [max(e, floor) for e in est]  # a noiseless image is estimated as σ = 0
-        return torch.tensor(est, dtype=noisy.dtype, device=noisy.device)
-    if blind:
-        raise ValueError(
-            "sigma must be None for a blind model (it estimates the noise level itself), "
-            f"got a {type(sigma).__name__}"
-        )
-    if not isinstance(sigma, Tensor):
-        raise TypeError(f"sigma must be a tensor of shape ({n},) or None, got {type(sigma)}")
-    if sigma.shape != (n,):
-        raise ValueError(
-            f"sigma must have shape ({n},) (one level per image), got {tuple(sigma.shape)}"
-        )
-    if not bool(torch.isfinite(sigma).all()) or bool((sigma <= 0).any()):
-        raise ValueError(f"sigma must be finite and > 0 (in [0, 1] units), got {sigma}")
-    return sigma.to(noisy)
 
 
 class _Denoiser(nn.Module):

@@ -24,6 +24,11 @@ Colour images (``H × W × C``) are estimated per channel and the channel estima
 ``denoise`` command's models take one σ for all channels). ``tests/test_denoise_cli.py`` checks
 the estimate within 20 % on synthetic Gaussian noise over several images and levels.
 
+:func:`noise_levels` is what every denoising model (and the opponent-colour wrapper) runs its σ
+through: a given σ checked, or, for a blind model, this estimate per image, floored at
+:data:`MIN_BLIND_SIGMA_255`; the ``denoise`` command floors its whole-image estimate at the same
+constant.
+
 Example:
     >>> rng = np.random.default_rng(0)
     >>> clean = np.tile(np.linspace(0, 1, 128), (128, 1))
@@ -34,11 +39,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-__all__ = ["estimate_sigma"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["MIN_BLIND_SIGMA_255", "estimate_sigma", "noise_levels"]
+
+# a blind model's σ estimate below this (0-255 units; a clean or flat image can give 0) is raised
+# to it: the networks take σ > 0, and were trained on σ >= 5
+MIN_BLIND_SIGMA_255 = 0.5
 
 _MAD_TO_SIGMA = 0.6745  # median |N(0, 1)|
 _WEAK_FRACTION = 0.25  # share of blocks kept as weak texture
@@ -122,3 +134,50 @@ def estimate_sigma(
     image = _check_image(image)
     channels = [image] if image.ndim == 2 else [image[..., c] for c in range(image.shape[2])]
     return float(np.mean([_sigma_channel(c, method) for c in channels]))
+
+
+def noise_levels(noisy: Tensor, sigma: Tensor | None, *, blind: bool, hint: str) -> Tensor:
+    """The (N,) noise levels a denoiser runs with: ``sigma`` checked, or estimated per image.
+
+    Args:
+        noisy: (N, C, H, W) images in [0, 1].
+        sigma: (N,) standard deviations in [0, 1] units, or None for a blind model.
+        blind: the model estimates σ itself (``sigma`` must then be None): once per image, by
+            :func:`estimate_sigma` on all its channels, an
+            estimate below :data:`MIN_BLIND_SIGMA_255` / 255 (0 on a noiseless image) raised
+            to it.
+        hint: how a caller without σ makes its model blind (the error's last words).
+
+    Raises:
+        ValueError: ``sigma`` is None for a known-noise model, given for a blind one, of
+            another shape than (N,), non-finite or ≤ 0.
+        TypeError: ``sigma`` is not a tensor.
+    """
+    import torch  # here: the module is read by the command before it needs torch
+
+    n = noisy.shape[0]
+    if sigma is None:
+        if not blind:
+            raise ValueError(
+                "sigma is required by a known-noise model: pass an (N,) tensor in [0, 1] "
+                f"units (σ_255 / 255), or {hint}"
+            )
+        images = noisy.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).numpy()
+        est = [estimate_sigma(im if im.shape[2] > 1 else im[..., 0]) for im in images]
+        floor = MIN_BLIND_SIGMA_255 / 255.0
+        est = [max(e, floor) for e in est]  # a noiseless image is estimated as σ = 0
+        return torch.tensor(est, dtype=noisy.dtype, device=noisy.device)
+    if blind:
+        raise ValueError(
+            "sigma must be None for a blind model (it estimates the noise level itself), "
+            f"got a {type(sigma).__name__}"
+        )
+    if not isinstance(sigma, torch.Tensor):
+        raise TypeError(f"sigma must be a tensor of shape ({n},) or None, got {type(sigma)}")
+    if sigma.shape != (n,):
+        raise ValueError(
+            f"sigma must have shape ({n},) (one level per image), got {tuple(sigma.shape)}"
+        )
+    if not bool(torch.isfinite(sigma).all()) or bool((sigma <= 0).any()):
+        raise ValueError(f"sigma must be finite and > 0 (in [0, 1] units), got {sigma}")
+    return sigma.to(noisy)

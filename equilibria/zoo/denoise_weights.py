@@ -72,7 +72,7 @@ def load_shipped(
         color: a model for RGB images (3 channels) instead of the grayscale one.
         blind: the model estimates σ itself (:func:`equilibria.zoo.denoise_sigma.estimate_sigma`)
             and is called as ``model(noisy, None)``; otherwise ``model(noisy, sigma)``. An
-            estimate below :data:`~equilibria.zoo.denoise_model.MIN_BLIND_SIGMA_255` / 255
+            estimate below :data:`~equilibria.zoo.denoise_sigma.MIN_BLIND_SIGMA_255` / 255
             (e.g. 0 for a noiseless image) is raised to it, as ``equilibria denoise`` does.
         color_model: with ``color``, which model (:data:`COLOR_MODELS`): ``"rgb"``, the colour
             DEQ, or ``"opponent"``, the shipped grey DEQ on the channels of an orthonormal
