@@ -24,6 +24,7 @@ from equilibria.zoo.cli import main
 from equilibria.zoo.denoise_classical import CLASSICAL, denoise_classical
 from equilibria.zoo.denoise_color import OpponentColorDenoiser
 from equilibria.zoo.denoise_io import ImageError, LoadedImage, read_image, write_image
+from equilibria.zoo.denoise_nonlocal import SHIPPED_STAGE
 from equilibria.zoo.denoise_sigma import estimate_sigma
 from equilibria.zoo.denoise_tiling import tile_starts, tiled_apply, window_1d
 from equilibria.zoo.denoise_weights import DEFAULT_COLOR_MODEL
@@ -562,7 +563,8 @@ def models(monkeypatch: pytest.MonkeyPatch) -> dict[bool, TinyDenoiser]:
     (with ``--color-model opponent`` the grey one inside the opponent-space wrapper)."""
     made: dict[bool, TinyDenoiser] = {}
 
-    def load(color: bool, color_model: str) -> nn.Module:
+    def load(color: bool, color_model: str, nonlocal_stage: bool) -> nn.Module:
+        made["nonlocal_stage"] = nonlocal_stage  # type: ignore[index]
         if color and color_model == "opponent":
             made[color] = TinyDenoiser(1).eval()
             return OpponentColorDenoiser(made[color]).eval()
@@ -646,6 +648,44 @@ def test_cli_color_models(tmp_path: Path, capsys, models, color_model: str | Non
     with torch.no_grad():
         y = reference(x, sigma).clamp(0, 1)[0].permute(1, 2, 0).double().numpy()
     assert np.abs(read_image(tmp_path / "o.png").pixels - y).max() <= 0.5 / 65535 + 1e-9
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-nonlocal"]])
+def test_cli_nonlocal_stage_option(tmp_path: Path, capsys, models, flag: list[str]) -> None:
+    """The non-local second stage runs by default; ``--no-nonlocal`` asks the loader for the
+    network alone, and the summary says which ran."""
+    src = _save(tmp_path / "in.png", _noisy(False), 16)
+    rc, out, err = _run(capsys, str(src), "--sigma", "25", "-o", str(tmp_path / "o.png"), *flag)
+    assert rc == 0, err
+    assert models["nonlocal_stage"] is (not flag)  # type: ignore[index]
+    line = "second stage: none (--no-nonlocal)" if flag else "second stage: non-local ("
+    assert line in out
+
+
+def test_cli_passes_the_stage_halo_to_the_tiling(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model with a ``tile_halo`` (the non-local stage) gets its tiles widened by it: the
+    tiled file equals the whole-image output of a stage after a local pilot to round-off."""
+    from equilibria.zoo.denoise_nonlocal import NonLocalStage
+
+    class Local(nn.Module):  # a pilot of receptive radius 1 (≤ the blending margin, 2)
+        channels, scale = 1, 1
+
+        def forward(self, noisy, sigma, *, max_iter=None):  # type: ignore[no-untyped-def]
+            return F.avg_pool2d(noisy, 3, 1, 1, count_include_pad=False)
+
+    stage = NonLocalStage(Local(), search=4, patch=3).eval()
+    monkeypatch.setattr(denoise_cli, "_load_model", lambda color, cm, nl: stage)
+    src = _save(tmp_path / "in.npy", _noisy(False, size=(60, 70)), 32)
+    argv = ["--sigma", "25", "-o", str(tmp_path / "o.npy"), "--tile", "24", "--overlap", "8"]
+    rc, out, err = _run(capsys, str(src), *argv)
+    assert "second stage: non-local" in out
+    assert rc == 0, err
+    x = torch.from_numpy(read_image(src).pixels).float()[None, None]
+    with torch.no_grad():
+        whole = stage(x, torch.full((1,), 25 / 255)).clamp(0, 1)[0, 0].double().numpy()
+    assert np.abs(read_image(tmp_path / "o.npy").pixels - whole).max() < 1e-5
 
 
 @pytest.mark.parametrize("color_model", ["opponent", "rgb"])
@@ -882,15 +922,21 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
     tiled = read_image(tmp_path / "tiled.png").pixels
     assert tiled.shape == noisy.shape
     change = np.abs(tiled - whole).max()
+    # the alignment matters: the network alone (the non-local stage after it blurs the effect)
+    net = load_shipped(color, color_model=color_model, nonlocal_stage=False)
+    s25 = torch.full((1,), 25 / 255)
     with torch.no_grad():
-        odd = tiled_apply(lambda t: model(t, torch.full((1,), 25 / 255)), x, tile=24, overlap=8)
-    odd = (odd.clamp(0, 1)[0].permute(1, 2, 0) if color else odd.clamp(0, 1)[0, 0]).numpy()
+        plain = net(x, s25)
+        even = tiled_apply(lambda t: net(t, s25), x, tile=24, overlap=8, align=2)
+        odd = tiled_apply(lambda t: net(t, s25), x, tile=24, overlap=8)
+    even_change = float((even - plain).abs().max())
+    odd_change = float((odd - plain).abs().max())
     print(
-        f"{color_model}: tiles at even offsets: {255 * change:.2f} / 255, "
-        f"odd: {255 * np.abs(odd - whole).max():.2f} / 255"
+        f"{color_model}: the command's tiles: {255 * change:.2f} / 255; the network alone, "
+        f"tiles at even offsets {255 * even_change:.2f} / 255, odd {255 * odd_change:.2f} / 255"
     )
     assert change < (10 if color else 6) / 255
-    assert np.abs(odd - whole).max() > 2 * change  # the alignment matters
+    assert odd_change > 2 * even_change
     assert abs(_psnr(tiled, clean) - _psnr(whole, clean)) < 0.1
 
 
@@ -928,9 +974,13 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(
     noisy = torch.from_numpy(_noisy(color, size=(96, 96))).float()
     x = noisy.permute(2, 0, 1)[None] if color else noisy[None, None]
     sigma = torch.full((1,), 25 / 255)
+    halo = model.tile_halo  # the non-local stage's reach, as the command passes it
+    assert halo == SHIPPED_STAGE["search"] + SHIPPED_STAGE["patch"] // 2
     with torch.inference_mode():
         whole = model(x, sigma)
-        tiled = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=16)
+        tiled = tiled_apply(
+            lambda t: model(t, sigma), x, tile=48, overlap=16, halo=halo, align=model.scale
+        )
         seams = tiled_apply(lambda t: model(t, sigma), x, tile=48, overlap=0)
     print(
         f"{color_model}: overlap 16: {255 * (tiled - whole).abs().max():.2f} / 255, "

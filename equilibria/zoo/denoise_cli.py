@@ -4,7 +4,7 @@
 
     equilibria denoise IN --output OUT [--sigma S | --blind] [--overwrite] [--tile 256]
                           [--overlap 32] [--iters K] [--bit-depth {8,16,32}] [--device cpu]
-                          [--color-model {opponent,rgb}]
+                          [--color-model {opponent,rgb}] [--no-nonlocal]
 
 * ``IN``: PNG, JPEG, TIFF or NPY (:mod:`equilibria.zoo.denoise_io`), 8 or 16 bits per sample or
   float in [0, 1], grey or RGB, with or without alpha; at least 8 × 8 pixels, any larger size.
@@ -34,6 +34,10 @@
   channels' joint solve, the worst channel's), or ``rgb``, the shipped colour DEQ; default
   :data:`equilibria.zoo.denoise_weights.DEFAULT_COLOR_MODEL`, chosen on the validation images
   (``docs/recipes/denoise.md``).
+* ``--no-nonlocal``: skip the non-local second stage that follows the network by default
+  (:class:`equilibria.zoo.denoise_nonlocal.NonLocalStage`: NL-means of the noisy image with
+  the patch similarities measured on the network's output; it widens every tile by its reach,
+  ``tile_halo``, so that it sees on a tile what it sees on the whole image).
 
 An RGB image whose three channels are equal in every pixel (a grey image stored as RGB: its
 noise is the same in all three, not independent as the colour models assume) is denoised by the
@@ -121,12 +125,21 @@ def add_denoise_parser(sub: Any) -> None:
         help="model for RGB images: opponent (the grey DEQ on opponent colour channels) or rgb "
         f"(the colour DEQ); default {DEFAULT_COLOR_MODEL}",
     )
+    p.add_argument(
+        "--no-nonlocal",
+        dest="nonlocal_stage",
+        action="store_false",
+        help="skip the non-local second stage (NL-means of the image guided by the network's "
+        "output) and write the network's output alone",
+    )
 
 
-def _load_model(color: bool, color_model: str):  # replaced in tests by a small model
+def _load_model(color: bool, color_model: str, nonlocal_stage: bool):  # tests: a small model
     from .denoise_weights import load_shipped
 
-    return load_shipped(color=color, blind=False, color_model=color_model)
+    return load_shipped(
+        color=color, blind=False, color_model=color_model, nonlocal_stage=nonlocal_stage
+    )
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -243,7 +256,7 @@ def run_denoise(args: argparse.Namespace) -> int:
     from .denoise_weights import ShippedWeightsError
 
     try:
-        model = _load_model(color, args.color_model).to(device)
+        model = _load_model(color, args.color_model, args.nonlocal_stage).to(device)
     except ShippedWeightsError as e:  # a damaged install: status 1, as for damaged checkpoints
         print(f"equilibria: error: {e}", file=sys.stderr)
         return 1
@@ -270,7 +283,11 @@ def run_denoise(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         # a half-resolution model (scale 2) needs tiles at even offsets (see tiled_apply)
         align = getattr(model, "scale", 1)
-        y = tiled_apply(denoise_tile, x, tile=args.tile, overlap=args.overlap, align=align)
+        # the non-local stage reaches tile_halo pixels beyond each tile (NonLocalStage)
+        halo = int(getattr(model, "tile_halo", 0))
+        y = tiled_apply(
+            denoise_tile, x, tile=args.tile, overlap=args.overlap, align=align, halo=halo
+        )
     if not bool(torch.isfinite(y).all()):
         raise RuntimeError("the denoiser returned non-finite values")
     y = y.clamp(0, 1)[0].to("cpu", torch.float64)
@@ -305,6 +322,11 @@ def run_denoise(args: argparse.Namespace) -> int:
         print("colour model: none (R = G = B in every pixel: denoised as a grey image)")
     elif image.color:
         print(f"colour model: {args.color_model} ({_COLOR_MODEL_NAMES[args.color_model]})")
+    if args.nonlocal_stage:
+        print("second stage: non-local (NL-means guided by the network's output; --no-nonlocal "
+              "skips it)")  # fmt: skip
+    else:
+        print("second stage: none (--no-nonlocal)")
     if stats:
         iters = [s[0] for s in stats]
         unconverged = sum(not s[2] for s in stats)

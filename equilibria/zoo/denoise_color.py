@@ -190,6 +190,11 @@ class OpponentColorDenoiser(nn.Module):
         """The grey model's (the colour transform is per pixel)."""
         return int(self.gray.receptive_field)
 
+    @property
+    def tile_halo(self) -> int:
+        """The grey model's (0 without one; see ``tiled_apply``'s ``halo``)."""
+        return int(getattr(self.gray, "tile_halo", 0))
+
     def _sigma(self, noisy: Tensor, sigma: Tensor | None) -> Tensor:
         return noise_levels(noisy, sigma, blind=self.blind, hint="set blind=True")
 

@@ -126,6 +126,7 @@ def tiled_apply(
     overlap: int = 32,
     margin: int | None = None,
     align: int = 1,
+    halo: int = 0,
 ) -> torch.Tensor:
     """Apply ``fn`` to ``image`` tile by tile and blend the tiles seam-free.
 
@@ -142,6 +143,13 @@ def tiled_apply(
         align: tiles start at multiples of ``align``, in ``[1, tile // 2]`` (see
             :func:`tile_starts`): 2 for a map on the half-resolution sub-images of
             ``pixel_unshuffle``, so that every tile groups pixels as the whole image does.
+        halo: extra context, an int ≥ 0: ``fn`` gets each tile widened by up to ``halo`` pixels
+            on every side (less at the image's edge; rounded up to a multiple of ``align``) and
+            only the tile's own pixels of its output are kept. For a map with a known extra reach
+            on top of a model whose seams the blending already handles, such as the non-local
+            second stage (:class:`equilibria.zoo.denoise_nonlocal.NonLocalStage`, whose
+            ``tile_halo`` is its search radius plus half its patch): with ``halo`` at least that
+            reach, the stage sees the same neighbourhood as on the whole image.
 
     Returns:
         ``(N, C', H, W)``, in ``fn``'s output dtype and device.
@@ -160,6 +168,9 @@ def tiled_apply(
         raise ValueError(
             f"margin must be an int in [0, overlap // 2 = {overlap // 2}], got {margin}"
         )
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise ValueError(f"halo must be an int ≥ 0, got {halo!r}")
+    halo = -(-halo // align) * align  # keep the widened tiles aligned
     ramp = overlap - 2 * margin
     _, _, height, width = image.shape
     rows = tile_starts(height, tile, overlap, align)
@@ -172,12 +183,20 @@ def tiled_apply(
         for x in cols:
             w = min(tile, width - x)
             wx = window_1d(w, ramp_start=x > 0, ramp_end=x + w < width, margin=margin, ramp=ramp)
-            result = fn(image[:, :, y : y + h, x : x + w])  # one tile at a time: (N, C', h, w)
-            if result.dim() != 4 or result.shape[0] != image.shape[0] or result.shape[2:] != (h, w):
+            y0, x0 = max(0, y - halo), max(0, x - halo)
+            y1, x1 = min(height, y + h + halo), min(width, x + w + halo)
+            part = image[:, :, y0:y1, x0:x1]  # the tile and its halo
+            result = fn(part)  # one tile (and its halo) at a time
+            if (
+                result.dim() != 4
+                or result.shape[0] != image.shape[0]
+                or result.shape[2:] != part.shape[2:]
+            ):
                 raise ValueError(
                     f"fn must map (N, C, h, w) to (N, C', h, w); got {tuple(result.shape)} for a "
-                    f"tile of {(image.shape[0], image.shape[1], h, w)}"
+                    f"tile of {tuple(part.shape)}"
                 )
+            result = result[:, :, y - y0 : y - y0 + h, x - x0 : x - x0 + w]
             if out is None:
                 shape = (image.shape[0], result.shape[1], height, width)
                 out = torch.zeros(shape, dtype=result.dtype, device=result.device)

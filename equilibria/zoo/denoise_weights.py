@@ -7,7 +7,11 @@
 offers two models (``color_model``): ``"rgb"``, the colour DEQ (``denoise_color``), and
 ``"opponent"``, the grey DEQ run on the three channels of an orthonormal opponent colour space
 (:class:`equilibria.zoo.denoise_color.OpponentColorDenoiser`); :data:`DEFAULT_COLOR_MODEL` is
-the one the validation rule of ``docs/recipes/denoise.md`` chose.
+the one the validation rule of ``docs/recipes/denoise.md`` chose. By default every model is
+followed by the non-local second stage (:class:`equilibria.zoo.denoise_nonlocal.NonLocalStage`:
+NL-means of the noisy image guided by the network's output, options
+:data:`~equilibria.zoo.denoise_nonlocal.SHIPPED_STAGE`); ``nonlocal_stage=False`` gives the
+network alone.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .denoise_model import build_model
 __all__ = [
     "COLOR_MODELS",
     "DEFAULT_COLOR_MODEL",
+    "DEFAULT_NONLOCAL_STAGE",
     "WEIGHTS_DIR",
     "ShippedWeightsError",
     "load_shipped",
@@ -37,6 +42,9 @@ COLOR_MODELS = ("opponent", "rgb")
 # chosen by the rule fixed before the validation run (docs/recipes/denoise.md, "Colour");
 # benchmarks/results/denoise_color_validation.json
 DEFAULT_COLOR_MODEL = "opponent"
+# the non-local second stage follows the shipped networks: chosen by the validation rule of
+# benchmarks/denoise_nonlocal_validation.py (its JSON's "rule"; docs/recipes/denoise.md)
+DEFAULT_NONLOCAL_STAGE = True
 
 
 class ShippedWeightsError(RuntimeError):
@@ -63,6 +71,7 @@ def load_shipped(
     blind: bool = False,
     *,
     color_model: str | None = None,
+    nonlocal_stage: bool | None = None,
     weights: str | Path | None = None,
     config: str | Path | None = None,
 ) -> nn.Module:
@@ -79,6 +88,11 @@ def load_shipped(
             opponent colour space (:class:`~equilibria.zoo.denoise_color.OpponentColorDenoiser`);
             None: :data:`DEFAULT_COLOR_MODEL`. Checked, but otherwise ignored, without
             ``color``.
+        nonlocal_stage: follow the network by the non-local second stage
+            (:class:`~equilibria.zoo.denoise_nonlocal.NonLocalStage` with
+            :data:`~equilibria.zoo.denoise_nonlocal.SHIPPED_STAGE`; for ``"opponent"`` on each
+            opponent channel); None: :data:`DEFAULT_NONLOCAL_STAGE`. False: the network alone
+            (its ``deq`` attribute is the equilibrium layer either way).
         weights, config: other files than the shipped ones (tests); with ``color_model=
             "opponent"`` those of the grey model it wraps.
 
@@ -91,6 +105,7 @@ def load_shipped(
         >>> model = load_shipped(color=False)
         >>> clean = model(noisy, torch.full((noisy.shape[0],), 25 / 255)).clamp(0, 1)
         >>> rgb = load_shipped(color=True, color_model="opponent")  # the grey DEQ on Y, C1, C2
+        >>> net = load_shipped(nonlocal_stage=False)  # the DEQ without the non-local stage
     """
     from safetensors.torch import load_file
 
@@ -102,10 +117,14 @@ def load_shipped(
         raise ValueError(
             f"color_model must be one of {', '.join(map(repr, COLOR_MODELS))}, got {color_model!r}"
         )
+    if nonlocal_stage is None:
+        nonlocal_stage = DEFAULT_NONLOCAL_STAGE
+    if not isinstance(nonlocal_stage, bool):
+        raise TypeError(f"nonlocal_stage must be a bool or None, got {nonlocal_stage!r}")
     if color and color_model == "opponent":
         from .denoise_color import OpponentColorDenoiser
 
-        gray = load_shipped(False, weights=weights, config=config)
+        gray = load_shipped(False, nonlocal_stage=nonlocal_stage, weights=weights, config=config)
         return OpponentColorDenoiser(gray, blind=blind).eval()
 
     weights_path, config_path = shipped_paths(bool(color))
@@ -135,5 +154,9 @@ def load_shipped(
         model = build_model(cfg)
     state = load_file(str(weights_path))
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    if nonlocal_stage:
+        from .denoise_nonlocal import SHIPPED_STAGE, NonLocalStage
+
+        return NonLocalStage(model, **SHIPPED_STAGE, blind=bool(blind)).eval()
     model.blind = bool(blind)
     return model.eval()
