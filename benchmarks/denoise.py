@@ -11,6 +11,10 @@ every method:
   and a second set of learned rows trained on the same number of patches (``*_patches``: the
   ``{model}_gray_patches`` models of ``benchmarks/results/denoise_models``, where a model's
   equal-CPU run already saw that many patches it stands for itself);
+* the same networks followed by the non-local second stage (``*_nl``;
+  :class:`equilibria.zoo.denoise_nonlocal.NonLocalStage` with ``SHIPPED_STAGE``, no parameters):
+  ``deq_nl`` and ``deq_blind_nl`` are what ``load_shipped()`` and ``equilibria denoise`` run by
+  default, ``cnn_nl`` and ``unrolled_nl`` the same stage after the baselines;
 * parameters, and time per 256 × 256 image (process CPU seconds and wall ms, median);
 * peak memory of one training step vs forward iterations: the DEQ's implicit and phantom
   gradients against backpropagation through the same iterations;
@@ -18,7 +22,8 @@ every method:
   unrolled network run for other step counts than the K = 6 it was trained with;
 * with ``--color``: on ``astronaut`` and ``chelsea``, the colour DEQ (``deq``) and the shipped
   grey DEQ run on the channels of an orthonormal opponent colour space (``deq_opponent``;
-  :mod:`equilibria.zoo.denoise_color`) against NL-means, TV, wavelet and BM3D.
+  :mod:`equilibria.zoo.denoise_color`), and that with the non-local stage on each channel
+  (``deq_opponent_nl``, the default for RGB images), against NL-means, TV, wavelet and BM3D.
 
 Writes ``benchmarks/results/denoise.json`` and ``denoise.png`` (noisy / DEQ / BM3D / clean
 crops of ``camera`` at σ = 25). ``--crop 256`` (default) evaluates the central 256 × 256 of
@@ -48,6 +53,7 @@ from equilibria.zoo.denoise import config_from_record, crop_center
 from equilibria.zoo.denoise_classical import denoise_classical
 from equilibria.zoo.denoise_data import add_noise, test_images
 from equilibria.zoo.denoise_model import build_model
+from equilibria.zoo.denoise_nonlocal import SHIPPED_STAGE, NonLocalStage
 from equilibria.zoo.denoise_weights import load_shipped, sha256_of, shipped_paths
 from equilibria.zoo.memory import PeakMemory
 
@@ -55,6 +61,7 @@ from common import RESULTS, write_result
 
 SIGMAS = (15, 25, 50)
 NETS = ("deq", "deq_blind", "cnn", "unrolled")
+STAGED = ("deq_nl", "deq_blind_nl", "cnn_nl", "unrolled_nl")
 CLASSICAL = ("nlmeans", "tv", "wavelet", "bm3d")
 BASELINE_DIR = RESULTS / "denoise_models"
 
@@ -253,7 +260,8 @@ def figure(outputs: dict[str, np.ndarray], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("noisy", "noisy, σ = 25"), ("deq", "DEQ (ours)"), ("bm3d", "BM3D"),
+    panels = [("noisy", "noisy, σ = 25"), ("deq", "DEQ alone"),
+              ("deq_nl", "DEQ + non-local stage\n(shipped)"), ("bm3d", "BM3D"),
               ("clean", "clean")]  # fmt: skip
     panels = [(k, t) for k, t in panels if k in outputs]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
@@ -282,11 +290,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     nets: dict[str, Any] = {
-        "deq": load_shipped(False),
-        "deq_blind": load_shipped(False, blind=True),
+        "deq": load_shipped(False, nonlocal_stage=False),
+        "deq_blind": load_shipped(False, blind=True, nonlocal_stage=False),
         "cnn": load_baseline("cnn", False),
         "unrolled": load_baseline("unrolled", False),
     }
+    # the non-local second stage after each network (no parameters; SHIPPED_STAGE): what
+    # load_shipped() and the command run by default, and the same stage after the baselines
+    nets["deq_nl"] = load_shipped(False)
+    nets["deq_blind_nl"] = load_shipped(False, blind=True)
+    nets["cnn_nl"] = NonLocalStage(nets["cnn"], **SHIPPED_STAGE).eval()
+    nets["unrolled_nl"] = NonLocalStage(nets["unrolled"], **SHIPPED_STAGE).eval()
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     result: dict[str, Any] = {
         "command": "python benchmarks/denoise.py "
@@ -295,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         "crop": args.crop,
         "params": params,
         "training": {},
+        "nonlocal_stage": dict(SHIPPED_STAGE),
     }
     for name in ("deq", "cnn", "unrolled"):
         result["training"][name] = training_record(name)
@@ -303,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         if f"{name}_patches" in matched:
             own = (BASELINE_DIR / f"{name}_gray_patches.json").exists()
             result["training"][f"{name}_patches"] = training_record(name, "patches" if own else "")
-    methods = [*NETS, *CLASSICAL]
+    methods = [*NETS, *STAGED, *CLASSICAL]
     print("time per 256x256 image:", flush=True)
     result["time_256"] = timing(methods, nets, args.repeats)
     print("training-step memory:", flush=True)
@@ -319,11 +334,12 @@ def main(argv: list[str] | None = None) -> None:
         figure(gray["outputs"], RESULTS / "denoise.png")
     if args.color:
         color_nets = {
-            "deq": load_shipped(True, color_model="rgb"),
-            "deq_opponent": load_shipped(True, color_model="opponent"),
+            "deq": load_shipped(True, color_model="rgb", nonlocal_stage=False),
+            "deq_opponent": load_shipped(True, color_model="opponent", nonlocal_stage=False),
+            "deq_opponent_nl": load_shipped(True, color_model="opponent"),
         }
         print("held-out table (colour):", flush=True)
-        rows = table(["deq", "deq_opponent", "nlmeans", "tv", "wavelet", "bm3d"], color_nets,
+        rows = table([*color_nets, "nlmeans", "tv", "wavelet", "bm3d"], color_nets,
                      color=True, crop=args.crop)  # fmt: skip
         result["color"] = rows["rows"]
         rec = json.loads(shipped_paths(True)[1].read_text())
@@ -331,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         result["training"]["deq_opponent"] = "the shipped grey DEQ (training['deq'])"
         result["params"]["deq_color"] = sum(p.numel() for p in color_nets["deq"].parameters())
         result["params"]["deq_opponent"] = params["deq"]
+        result["params"]["deq_opponent_nl"] = params["deq"]
         print("mean PSNR (dB) over astronaut, chelsea:")
         for method in result["color"]:
             cells = [result["color"][method][str(s)]["mean"]["psnr"] for s in SIGMAS]
