@@ -261,7 +261,7 @@ def figure(outputs: dict[str, np.ndarray], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("noisy", "noisy, σ = 25"), ("deq", "DEQ alone"),
-              ("deq_nl", "DEQ + non-local stage\n(shipped)"), ("bm3d", "BM3D"),
+              ("deq_nl", "DEQ + non-local stage (shipped)"), ("bm3d", "BM3D"),
               ("clean", "clean")]  # fmt: skip
     panels = [(k, t) for k, t in panels if k in outputs]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4))
@@ -275,7 +275,7 @@ def figure(outputs: dict[str, np.ndarray], path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
