@@ -118,9 +118,11 @@ def main(argv: list[str] | None = None) -> None:
         model, _ = load_model(DenoiseTask, args.run_dir)
     elif args.weights:
         weights = Path(args.weights)
-        model = load_shipped(False, weights=weights, config=weights.with_suffix(".json"))
-    else:
-        model = load_shipped(False)
+        model = load_shipped(
+            False, weights=weights, config=weights.with_suffix(".json"), nonlocal_stage=False
+        )
+    else:  # the equilibrium itself, without the non-local stage that follows it by default
+        model = load_shipped(False, nonlocal_stage=False)
     result = {
         "command": "python benchmarks/denoise_convergence.py "
         + " ".join(sys.argv[1:] if argv is None else argv),

@@ -1009,16 +1009,23 @@ def test_the_tiling_benchmark_cuts_the_tiles_the_command_cuts(
     tools = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
     spec.loader.exec_module(tools)  # type: ignore[union-attr]
     tiny = build_model(DenoiseConfig(width=2, eval_max_iter=1, scale=2)).eval()
-    monkeypatch.setattr(denoise_weights, "load_shipped", lambda color=False: tiny)
-    aligns = []
+    from equilibria.zoo.denoise_nonlocal import NonLocalStage
+
+    def load(color: bool = False, nonlocal_stage: bool = True) -> torch.nn.Module:
+        return NonLocalStage(tiny, search=3, patch=3) if nonlocal_stage else tiny
+
+    monkeypatch.setattr(denoise_weights, "load_shipped", load)
+    calls = []
 
     def record(fn, image, **kwargs):  # type: ignore[no-untyped-def]
-        aligns.append(kwargs.get("align", 1))
+        calls.append((kwargs.get("align", 1), kwargs.get("halo", 0)))
         return fn(image)
 
     monkeypatch.setattr(denoise_tiling, "tiled_apply", record)
-    tools.tiling_table()
-    assert aligns == [2, 2]
+    table = tools.tiling_table()
+    # the shipped default with the stage's halo, then the network alone, each at overlap 32 and 0
+    assert calls == [(2, 4), (2, 4), (2, 0), (2, 0)]
+    assert table["shipped"]["halo"] == 4 and table["network_alone"]["halo"] == 0
 
 
 def test_the_tools_benchmark_records_its_command(
