@@ -15,6 +15,8 @@ every method:
   :class:`equilibria.zoo.denoise_nonlocal.NonLocalStage` with ``SHIPPED_STAGE``, no parameters):
   ``deq_nl`` and ``deq_blind_nl`` are what ``load_shipped()`` and ``equilibria denoise`` run by
   default, ``cnn_nl`` and ``unrolled_nl`` the same stage after the baselines;
+* the longer equal-CPU runs where they were trained (``*_long`` and ``*_long_nl``: the
+  ``{model}_gray_long2400`` models of ``benchmarks/results/denoise_models``, 2400 CPU s each);
 * parameters, and time per 256 × 256 image (process CPU seconds and wall ms, median);
 * peak memory of one training step vs forward iterations: the DEQ's implicit and phantom
   gradients against backpropagation through the same iterations;
@@ -62,6 +64,8 @@ from common import RESULTS, write_result
 SIGMAS = (15, 25, 50)
 NETS = ("deq", "deq_blind", "cnn", "unrolled")
 STAGED = ("deq_nl", "deq_blind_nl", "cnn_nl", "unrolled_nl")
+# the tag of the longer equal-CPU runs (2400 CPU s each; docs/recipes/denoise.md)
+LONG_TAG = "long2400"
 CLASSICAL = ("nlmeans", "tv", "wavelet", "bm3d")
 BASELINE_DIR = RESULTS / "denoise_models"
 
@@ -301,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     nets["deq_blind_nl"] = load_shipped(False, blind=True)
     nets["cnn_nl"] = NonLocalStage(nets["cnn"], **SHIPPED_STAGE).eval()
     nets["unrolled_nl"] = NonLocalStage(nets["unrolled"], **SHIPPED_STAGE).eval()
+    # the longer equal-CPU runs (train_shipped_denoiser.py --tag LONG_TAG), where trained
+    for name in ("deq", "cnn", "unrolled"):
+        if (BASELINE_DIR / f"{name}_gray_{LONG_TAG}.json").exists():
+            net = load_baseline(name, False, LONG_TAG)
+            nets[f"{name}_long"] = net
+            nets[f"{name}_long_nl"] = NonLocalStage(net, **SHIPPED_STAGE).eval()
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     result: dict[str, Any] = {
         "command": "python benchmarks/denoise.py "
@@ -313,12 +323,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     for name in ("deq", "cnn", "unrolled"):
         result["training"][name] = training_record(name)
+        if f"{name}_long" in nets:
+            result["training"][f"{name}_long"] = training_record(name, LONG_TAG)
     matched = patch_matched(nets)
     for name in ("deq", "cnn", "unrolled"):
         if f"{name}_patches" in matched:
             own = (BASELINE_DIR / f"{name}_gray_patches.json").exists()
             result["training"][f"{name}_patches"] = training_record(name, "patches" if own else "")
-    methods = [*NETS, *STAGED, *CLASSICAL]
+    longer = [k for k in nets if "_long" in k]
+    methods = [*NETS, *STAGED, *longer, *CLASSICAL]
     print("time per 256x256 image:", flush=True)
     result["time_256"] = timing(methods, nets, args.repeats)
     print("training-step memory:", flush=True)
