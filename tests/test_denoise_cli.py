@@ -967,7 +967,10 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(
     (without overlap the seams reach 30 / 255; benchmarks/denoise_tools.py). The grey model with
     the full-resolution path (not shipped: docs/recipes/denoise.md, "Convergence") measured 3.59
     / 255 here and 6.86 / 255 on camera. The grey model in opponent colour space (``--color-model
-    opponent``): 1.47 / 255."""
+    opponent``): 1.47 / 255. Those were the networks alone; since the non-local stage follows
+    them by default (tiles widened by its ``tile_halo``, as the command does): 0.37 grey, 0.42
+    colour DEQ, 0.08 opponent / 255 here, and 0.64 / 255 on camera (denoise_tools.json); without
+    the halo the stage's seams reach about 3.9 / 255 here."""
     from equilibria.zoo.denoise_weights import load_shipped
 
     model = load_shipped(color=color, color_model=color_model)

@@ -25,8 +25,17 @@ the patch side ``k`` were chosen on the recipe's validation images
 guide (a fixed point of the guided filter) was tried there and did not help.
 
 Cost: ``(2s + 1)²`` shifted products of the image, done one offset at a time, so memory stays a
-few image-sized buffers whatever ``s`` is (about 0.3 CPU s per 256² grey image at ``s = 10``).
-The stage is differentiable (autograd through the weights and the pilot).
+few image-sized buffers whatever ``s`` is; about 0.55 CPU s per 256² grey image at ``s = 10``
+(``benchmarks/results/denoise.json``: 0.74 s for the DEQ + stage against 0.18 s for the DEQ).
+The stage is differentiable (autograd through the weights and the pilot). With autograd
+recording, each row of offsets is checkpointed (recomputed in backward), so a forward and
+backward pass of a 256² image also stays near 60 MB, where holding the window's whole graph
+would take about 1 GB.
+
+Tiling: the stage reaches ``tile_halo = s + k // 2`` pixels beyond an output pixel, so pass
+``halo=model.tile_halo`` (and ``align=model.scale``) to
+:func:`equilibria.zoo.denoise_tiling.tiled_apply`, as ``equilibria denoise`` does; without it
+the stage sees reflected tile borders and the seams grow.
 
 Example:
     >>> grey = load_shipped(color=False, nonlocal_stage=False)  # the DEQ alone
@@ -37,11 +46,13 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .denoise_sigma import noise_levels
 
@@ -64,7 +75,8 @@ def _check_int(name: str, value: Any, low: int, odd: bool = False) -> int:
 
 
 def _check_unit(name: str, value: Any, low_open: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
     if ok:
         ok = (0 < value if low_open else 0 <= value) and (value <= 1 if not low_open else True)
     if not ok:
@@ -101,7 +113,8 @@ def guided_nl_means(
     """
     for name, x in (("noisy", noisy), ("guide", guide)):
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {type(x).__name__}")
+            got = f"a tensor of dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{name} must be a floating-point tensor, got {got}")
         if x.ndim != 4:
             raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
@@ -113,14 +126,18 @@ def guided_nl_means(
     s = _check_int("search", search, 0)
     k = _check_int("patch", patch, 1, odd=True)
     n, _, height, width = noisy.shape
+    out_dtype = noisy.dtype
+    # half precision: exp(−d / h²) underflows and 1 / h² overflows for small h; work in float32
+    work = torch.promote_types(noisy.dtype, torch.float32)
+    noisy, guide = noisy.to(work), guide.to(work)
     if isinstance(h, Tensor):
         if h.shape not in ((n,), ()):
             raise ValueError(f"h must be a number or an ({n},) tensor, got shape {tuple(h.shape)}")
-        hv = h.to(noisy.dtype).reshape(-1, 1, 1, 1)
+        hv = h.to(device=noisy.device, dtype=work).reshape(-1, 1, 1, 1)
         if not bool(torch.isfinite(hv).all() and (hv > 0).all()):
             raise ValueError(f"h must be finite and > 0, got {h.tolist()}")
     else:
-        hv = torch.tensor(_check_unit("h", h, low_open=True), dtype=noisy.dtype)
+        hv = torch.tensor(_check_unit("h", h, low_open=True), dtype=work, device=noisy.device)
     inv_h2 = 1.0 / hv.square()
     mode = "reflect" if s < min(height, width) else "replicate"
     pad = (s, s, s, s)
@@ -128,16 +145,37 @@ def guided_nl_means(
     guide_p = F.pad(guide, pad, mode=mode) if s else guide
     num = torch.zeros_like(noisy)
     den = torch.zeros_like(noisy[:, :1])
+    # with autograd recording, each row of offsets is checkpointed: the graph of the whole window
+    # (a few image-sized buffers per offset, 441 offsets at s = 10: a GB for a 256² image) is
+    # never held at once; backward recomputes one row at a time
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (noisy, guide, inv_h2))
     for dy in range(2 * s + 1):
-        for dx in range(2 * s + 1):
-            g = guide_p[..., dy : dy + height, dx : dx + width]
-            diff = (guide - g).square().mean(dim=1, keepdim=True)
-            if k > 1:
-                diff = F.avg_pool2d(diff, k, 1, k // 2, count_include_pad=False)
-            w = torch.exp(-diff * inv_h2)
-            num = num + w * noisy_p[..., dy : dy + height, dx : dx + width]
-            den = den + w
-    return num / den
+        args = (noisy_p, guide_p, guide, inv_h2, dy, 2 * s + 1, k)
+        if grad:
+            part_num, part_den = checkpoint(_offset_row, *args, use_reentrant=False)
+        else:
+            part_num, part_den = _offset_row(*args)
+        num = num + part_num
+        den = den + part_den
+    return (num / den).to(out_dtype)
+
+
+def _offset_row(
+    noisy_p: Tensor, guide_p: Tensor, guide: Tensor, inv_h2: Tensor, dy: int, width_o: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """The weighted sums of one row of offsets (``dy`` fixed, every ``dx``): Σ w·y and Σ w."""
+    height, width = guide.shape[-2:]
+    num = noisy_p.new_zeros((*noisy_p.shape[:2], height, width))
+    den = guide.new_zeros((guide.shape[0], 1, height, width))
+    for dx in range(width_o):
+        g = guide_p[..., dy : dy + height, dx : dx + width]
+        diff = (guide - g).square().mean(dim=1, keepdim=True)
+        if k > 1:
+            diff = F.avg_pool2d(diff, k, 1, k // 2, count_include_pad=False)
+        w = torch.exp(-diff * inv_h2)
+        num = num + w * noisy_p[..., dy : dy + height, dx : dx + width]
+        den = den + w
+    return num, den
 
 
 class NonLocalStage(nn.Module):

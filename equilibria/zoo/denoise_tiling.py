@@ -20,7 +20,9 @@ stack of convolutions), tiling is exact to round-off when ``r ≤ margin`` (defa
 ``overlap // 4``). Maps with a larger (e.g. global, iterative) receptive field differ near the
 tile seams; the raised-cosine ramp, ``overlap − 2·margin`` pixels wide, makes that difference a
 smooth blend of two plausible outputs rather than a visible step.
-``tests/test_denoise_cli.py`` checks both, and that ``fn`` never sees more than one tile.
+``tests/test_denoise_cli.py`` checks both, and that ``fn`` never sees more than one tile (and
+its ``halo``, when one is asked for: context beyond the tile that ``fn`` reads but whose output is
+dropped; see :func:`tiled_apply`).
 
 A map that is not translation-equivariant but equivariant to shifts by a multiple of ``k`` only,
 such as a network on the ``k²`` sub-images of ``pixel_unshuffle(x, k)`` (the shipped denoisers,
