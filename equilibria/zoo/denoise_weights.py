@@ -92,7 +92,9 @@ def load_shipped(
             (:class:`~equilibria.zoo.denoise_nonlocal.NonLocalStage` with
             :data:`~equilibria.zoo.denoise_nonlocal.SHIPPED_STAGE`; for ``"opponent"`` on each
             opponent channel); None: :data:`DEFAULT_NONLOCAL_STAGE`. False: the network alone
-            (its ``deq`` attribute is the equilibrium layer either way).
+            (its ``deq`` attribute is the equilibrium layer either way). With the stage the
+            network is ``model.pilot`` and the state dict's keys carry the ``pilot.`` prefix;
+            the stage costs about 0.55 CPU s per 256² grey image on top of the network's 0.18.
         weights, config: other files than the shipped ones (tests); with ``color_model=
             "opponent"`` those of the grey model it wraps.
 
