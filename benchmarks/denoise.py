@@ -15,8 +15,9 @@ every method:
   :class:`equilibria.zoo.denoise_nonlocal.NonLocalStage` with ``SHIPPED_STAGE``, no parameters):
   ``deq_nl`` and ``deq_blind_nl`` are what ``load_shipped()`` and ``equilibria denoise`` run by
   default, ``cnn_nl`` and ``unrolled_nl`` the same stage after the baselines;
-* the longer equal-CPU runs where they were trained (``*_long`` and ``*_long_nl``: the
-  ``{model}_gray_long2400`` models of ``benchmarks/results/denoise_models``, 2400 CPU s each);
+* the longer runs where they were trained (``*_long`` and ``*_long_nl``: the
+  ``{model}_gray_long2400`` models of ``benchmarks/results/denoise_models``, 2400 CPU s each;
+  ``deq_jr`` and ``deq_jr_nl``: ``deq_gray_jr2000``, the Jacobian-penalised DEQ of 2000 CPU s);
 * parameters, and time per 256 × 256 image (process CPU seconds and wall ms, median);
 * peak memory of one training step vs forward iterations: the DEQ's implicit and phantom
   gradients against backpropagation through the same iterations;
@@ -64,8 +65,9 @@ from common import RESULTS, write_result
 SIGMAS = (15, 25, 50)
 NETS = ("deq", "deq_blind", "cnn", "unrolled")
 STAGED = ("deq_nl", "deq_blind_nl", "cnn_nl", "unrolled_nl")
-# the tag of the longer equal-CPU runs (2400 CPU s each; docs/recipes/denoise.md)
-LONG_TAG = "long2400"
+# the longer runs' tags and their rows' suffixes (docs/recipes/denoise.md): the 2400 CPU s
+# equal-CPU set, and the Jacobian-penalised DEQ of 2000 CPU s
+EXTRA_TAGS = {"long2400": "_long", "jr2000": "_jr"}
 CLASSICAL = ("nlmeans", "tv", "wavelet", "bm3d")
 BASELINE_DIR = RESULTS / "denoise_models"
 
@@ -305,12 +307,13 @@ def main(argv: list[str] | None = None) -> None:
     nets["deq_blind_nl"] = load_shipped(False, blind=True)
     nets["cnn_nl"] = NonLocalStage(nets["cnn"], **SHIPPED_STAGE).eval()
     nets["unrolled_nl"] = NonLocalStage(nets["unrolled"], **SHIPPED_STAGE).eval()
-    # the longer equal-CPU runs (train_shipped_denoiser.py --tag LONG_TAG), where trained
-    for name in ("deq", "cnn", "unrolled"):
-        if (BASELINE_DIR / f"{name}_gray_{LONG_TAG}.json").exists():
-            net = load_baseline(name, False, LONG_TAG)
-            nets[f"{name}_long"] = net
-            nets[f"{name}_long_nl"] = NonLocalStage(net, **SHIPPED_STAGE).eval()
+    # the longer runs (train_shipped_denoiser.py --tag TAG), where trained
+    for tag, suffix in EXTRA_TAGS.items():
+        for name in ("deq", "cnn", "unrolled"):
+            if (BASELINE_DIR / f"{name}_gray_{tag}.json").exists():
+                net = load_baseline(name, False, tag)
+                nets[f"{name}{suffix}"] = net
+                nets[f"{name}{suffix}_nl"] = NonLocalStage(net, **SHIPPED_STAGE).eval()
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in nets.items()}
     result: dict[str, Any] = {
         "command": "python benchmarks/denoise.py "
@@ -323,14 +326,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     for name in ("deq", "cnn", "unrolled"):
         result["training"][name] = training_record(name)
-        if f"{name}_long" in nets:
-            result["training"][f"{name}_long"] = training_record(name, LONG_TAG)
+        for tag, suffix in EXTRA_TAGS.items():
+            if f"{name}{suffix}" in nets:
+                result["training"][f"{name}{suffix}"] = training_record(name, tag)
     matched = patch_matched(nets)
     for name in ("deq", "cnn", "unrolled"):
         if f"{name}_patches" in matched:
             own = (BASELINE_DIR / f"{name}_gray_patches.json").exists()
             result["training"][f"{name}_patches"] = training_record(name, "patches" if own else "")
-    longer = [k for k in nets if "_long" in k]
+    longer = [k for k in nets if any(sfx in k for sfx in EXTRA_TAGS.values())]
     methods = [*NETS, *STAGED, *longer, *CLASSICAL]
     print("time per 256x256 image:", flush=True)
     result["time_256"] = timing(methods, nets, args.repeats)

@@ -370,10 +370,10 @@ OLD_DEFAULTS = {
 # validation rows run after the defaults became the shipped design (b8b6d20) with options that
 # leave some of them out: their recorded options are read on today's defaults
 ON_TODAYS_DEFAULTS = {
-    "deq-imp", "deq-imp-jr", "deq-imp-jr-2500", "val-gray-shipped", "val-color-shipped"
+    "deq-imp", "deq-imp-jr", "deq-imp-jr-2500", "val-gray-shipped", "val-color-shipped", "jr-2000"
 }  # fmt: skip
 # weights trained on today's defaults (the 2400 CPU s runs): their recorded command too
-TAGS_ON_TODAYS_DEFAULTS = {"long2400"}
+TAGS_ON_TODAYS_DEFAULTS = {"long2400", "jr2000"}
 
 
 def _recorded(path: Path) -> dict:
@@ -521,8 +521,8 @@ def test_the_docs_held_out_table_and_targets_match_the_benchmark_json() -> None:
     rows = [line for line in text[start:].split("\n\n")[0].splitlines()[2:] if "*" not in line[:4]]
     keys = ["deq", "deq_blind", "cnn", "unrolled", "deq_patches", "cnn_patches",
             "unrolled_patches", "deq_nl", "deq_blind_nl", "cnn_nl", "unrolled_nl", "deq_long",
-            "cnn_long", "deq_long_nl", "cnn_long_nl", "nlmeans", "tv", "wavelet",
-            "bm3d"]  # fmt: skip
+            "cnn_long", "deq_long_nl", "cnn_long_nl", "deq_jr", "deq_jr_nl", "nlmeans", "tv",
+            "wavelet", "bm3d"]  # fmt: skip
     assert len(rows) == len(keys), rows
     sigmas = ("15", "25", "50")
     for key, row in zip(keys, rows):
@@ -611,6 +611,43 @@ def test_the_docs_longer_training_paragraph_is_the_json_records() -> None:
     assert f"at σ 15 ({_signed(gaps('cnn_long_nl', 'cnn_long')[0])} dB)" in para
     shipped = json.loads(shipped_paths(False)[1].read_text())
     assert shipped["budget_cpu_s"] == 300.0
+
+
+def test_the_docs_jacobian_penalised_paragraph_is_the_json_records() -> None:
+    """ "A Jacobian-penalised DEQ": the three conditions of its rule from their JSONs, its budget
+    as used, and every gap against ``denoise.json``."""
+    text = " ".join((ROOT / "docs" / "recipes" / "denoise.md").read_text().split())
+    para = text[text.index("**A Jacobian-penalised DEQ (passed the rule to ship") :]
+    para = para[: para.index("The full-resolution DEQ of the first run")]
+    results = ROOT / "benchmarks" / "results"
+    for name in ("denoise_convergence_jr2000_val", "denoise_convergence_jr2000"):
+        conv = json.loads((results / f"{name}.json").read_text())
+        assert conv["passes"] is True and f"`{name}.json`" in para
+    variants = json.loads((results / "denoise_variants.json").read_text())
+    val, shipped_val = variants["jr-2000/deq_gray"], variants["val-gray-shipped/deq_gray"]
+    sigmas = ("15", "25", "50")
+    assert all(val["validation_psnr"][s] >= shipped_val["validation_psnr"][s] for s in sigmas)
+    cells = " / ".join(f"{val['validation_psnr'][s]:.2f}" for s in sigmas)
+    assert f"validation {cells} dB" in para and "**All three hold**" in para
+    result = json.loads((results / "denoise.json").read_text())
+    gray, train = result["gray"], result["training"]
+    assert f"used {val['train_cpu_s']:.0f} and {train['deq_jr']['train_cpu_s']:.0f} of" in para
+
+    def three(a: str, b: str) -> str:
+        return " / ".join(
+            _signed(gray[a][s]["mean"]["psnr"] - gray[b][s]["mean"]["psnr"]) for s in sigmas
+        )
+
+    assert f"it is {three('deq_jr', 'deq')} dB above the shipped DEQ" in para
+    assert f"{three('deq_jr', 'cnn')} dB above the 300 s CNN" in para
+    assert f"and {three('deq_jr', 'cnn_long')} against the 2400 s CNN" in para
+    assert f"{three('deq_jr_nl', 'nlmeans')} dB above NL-means" in para
+    bm3d = [gray["bm3d"][s]["mean"]["psnr"] - gray["deq_jr_nl"][s]["mean"]["psnr"] for s in sigmas]
+    assert f"{bm3d[0]:.2f} / {bm3d[1]:.2f} dB below BM3D" in para and max(bm3d[1:]) <= 0.3
+    assert f"{-bm3d[2]:.2f} above at σ 50" in para
+    assert f"({result['time_256']['deq_jr']['cpu_s']:.2f} CPU s per 256² image" in para
+    # not shipped in this change: the shipped weights are still the 300 s model's
+    assert json.loads(shipped_paths(False)[1].read_text())["budget_cpu_s"] == 300.0
 
 
 def test_the_benchmark_anytime_run_restores_the_eval_tolerance(
