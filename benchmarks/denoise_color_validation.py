@@ -46,10 +46,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from equilibria.zoo.denoise import DenoiseTask, crop_center, psnr
+from equilibria.zoo.denoise import DenoiseTask, psnr, validation_pairs
 from equilibria.zoo.denoise_classical import denoise_classical
 from equilibria.zoo.denoise_color import OpponentColorDenoiser
-from equilibria.zoo.denoise_data import add_noise, validation_images
+from equilibria.zoo.denoise_data import validation_images
 from equilibria.zoo.denoise_weights import sha256_of
 from equilibria.zoo.evaluation import load_model
 
@@ -92,11 +92,8 @@ def evaluate(nets: dict[str, Any]) -> dict[str, Any]:
     """PSNR per method, σ and validation image (and the mean over the images)."""
     rows: dict[str, Any] = {m: {} for m in (*nets, "nlmeans")}
     for sigma in SIGMAS:
-        for index, (name, clean) in enumerate(validation_images(True).items()):
-            clean = crop_center(clean, 256)[None]
-            gen = torch.Generator().manual_seed(7000 + 100 * index + sigma)
+        for name, (clean, noisy) in validation_pairs(True, sigma).items():
             s = torch.tensor([sigma / 255.0])
-            noisy = add_noise(clean, s, gen)
             for method, net in nets.items():
                 value = float(psnr(net(noisy, s), clean)[0])
                 rows[method].setdefault(str(sigma), {})[name] = value

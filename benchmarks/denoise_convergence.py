@@ -37,8 +37,7 @@ from typing import Any
 
 import torch
 
-from equilibria.zoo.denoise import DenoiseTask, crop_center, psnr
-from equilibria.zoo.denoise_data import add_noise, validation_images
+from equilibria.zoo.denoise import DenoiseTask, psnr, validation_pairs
 from equilibria.zoo.denoise_model import DEQDenoiser
 from equilibria.zoo.denoise_weights import load_shipped
 from equilibria.zoo.evaluation import load_model
@@ -53,12 +52,7 @@ TOLERANCE_DB = 0.01  # PSNR at 32 iterations may be at most this far below PSNR 
 def noisy_pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(noisy, clean) central 256² crops of the validation images at σ = 25, each ``(1, 1, H, W)``
     (the seed of ``train_shipped_denoiser.validate``)."""
-    out = {}
-    for index, (name, clean) in enumerate(validation_images(False).items()):
-        clean = crop_center(clean, 256)[None]
-        gen = torch.Generator().manual_seed(7000 + 100 * index + SIGMA)
-        out[name] = (add_noise(clean, torch.tensor([SIGMA / 255.0]), gen), clean)
-    return out
+    return {name: (noisy, clean) for name, (clean, noisy) in validation_pairs(False, SIGMA).items()}
 
 
 @torch.no_grad()

@@ -44,9 +44,9 @@ from typing import Any
 
 import torch
 
-from equilibria.zoo.denoise import DenoiseTask, crop_center, psnr
+from equilibria.zoo.denoise import DenoiseTask, psnr, validation_pairs
 from equilibria.zoo.denoise_color import OpponentColorDenoiser
-from equilibria.zoo.denoise_data import add_noise, validation_images
+from equilibria.zoo.denoise_data import validation_images
 from equilibria.zoo.denoise_nonlocal import NonLocalStage, guided_nl_means
 from equilibria.zoo.denoise_weights import sha256_of
 from equilibria.zoo.evaluation import load_model
@@ -64,13 +64,8 @@ GRID = {
 
 def cases(color: bool) -> list[tuple[int, str, torch.Tensor, torch.Tensor]]:
     """(σ, image, clean, noisy) for the validation crops, the noise seeded per image and σ."""
-    out = []
-    for sigma in SIGMAS:
-        for index, (name, clean) in enumerate(validation_images(color).items()):
-            clean = crop_center(clean, 256)[None]
-            gen = torch.Generator().manual_seed(7000 + 100 * index + sigma)
-            out.append((sigma, name, clean, add_noise(clean, torch.tensor([sigma / 255.0]), gen)))
-    return out
+    return [(sigma, name, clean, noisy) for sigma in SIGMAS
+            for name, (clean, noisy) in validation_pairs(color, sigma).items()]  # fmt: skip
 
 
 def means(per: dict[int, list[float]]) -> dict[str, float]:

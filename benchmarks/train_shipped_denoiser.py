@@ -61,8 +61,7 @@ from typing import Any
 import torch
 
 from equilibria.zoo.config import ConfigError, parse_options, to_dict
-from equilibria.zoo.denoise import DenoiseConfig, DenoiseTask, crop_center, psnr
-from equilibria.zoo.denoise_data import add_noise, validation_images
+from equilibria.zoo.denoise import DenoiseConfig, DenoiseTask, psnr, validation_pairs
 from equilibria.zoo.denoise_model import build_model
 from equilibria.zoo.denoise_weights import WEIGHTS_DIR, sha256_of
 from equilibria.zoo.evaluation import load_model
@@ -111,11 +110,9 @@ def validate(model: torch.nn.Module, color: bool) -> dict[str, float]:
     out = {}
     for sigma in VAL_SIGMAS:
         values = []
-        for index, clean in enumerate(validation_images(color).values()):
-            clean = crop_center(clean, 256)[None]
-            gen = torch.Generator().manual_seed(7000 + 100 * index + sigma)
-            s = torch.tensor([sigma / 255.0])
-            values.append(float(psnr(model(add_noise(clean, s, gen), s), clean)))
+        s = torch.tensor([sigma / 255.0])
+        for clean, noisy in validation_pairs(color, sigma).values():
+            values.append(float(psnr(model(noisy, s), clean)))
         out[str(sigma)] = sum(values) / len(values)
     return out
 

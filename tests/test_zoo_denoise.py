@@ -1056,3 +1056,25 @@ def test_page_screening_table_is_the_variant_and_convergence_records() -> None:
             assert cells[7] == f"{solve[0]} / {solve[1]}", key
             assert cells[8].replace("−", "-") == f"{record['psnr32_minus_psnr8']:+.3f}", key
             assert cells[9].endswith("(passes)" if record["passes"] else "(fails)"), key
+
+
+def test_validation_pairs_are_the_validation_noise_every_script_uses() -> None:
+    """``validation_pairs``: the central crops of VALIDATION_IMAGES with the noise seeded
+    7000 + 100 · index + σ (the seed the committed validation records were made with), and the
+    four validation scripts draw their noise from it (no copy of the seed left)."""
+    from equilibria.zoo.denoise import validation_pairs
+    from equilibria.zoo.denoise_data import VALIDATION_IMAGES, add_noise, validation_images
+
+    for color in (False, True):
+        pairs = validation_pairs(color, 25)
+        assert list(pairs) == list(VALIDATION_IMAGES)
+        for index, (name, image) in enumerate(validation_images(color).items()):
+            clean = crop_center(image, 256)[None]
+            gen = torch.Generator().manual_seed(7000 + 100 * index + 25)
+            torch.testing.assert_close(pairs[name][0], clean, rtol=0, atol=0)
+            expected = add_noise(clean, torch.tensor([25 / 255]), gen)
+            torch.testing.assert_close(pairs[name][1], expected, rtol=0, atol=0)
+    for script in ("train_shipped_denoiser", "denoise_convergence", "denoise_color_validation",
+                   "denoise_nonlocal_validation"):  # fmt: skip
+        text = (ROOT / "benchmarks" / f"{script}.py").read_text()
+        assert "validation_pairs(" in text and "manual_seed(7000" not in text, script

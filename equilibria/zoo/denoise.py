@@ -72,6 +72,7 @@ __all__ = [
     "config_from_record",
     "crop_center",
     "psnr",
+    "validation_pairs",
 ]
 
 _TEST_NOISE_SEED = 20_231  # the held-out noise is the same for every run and model
@@ -239,6 +240,33 @@ def crop_center(image: Tensor, size: int) -> Tensor:
         return image
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
     return image[..., top : top + size, left : left + size]
+
+
+# the validation noise: image ``index`` of VALIDATION_IMAGES at σ (0-255) draws from this seed
+def _validation_seed(index: int, sigma255: int) -> int:
+    return 7000 + 100 * index + sigma255
+
+
+def validation_pairs(
+    color: bool, sigma255: int, crop: int = 256
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The validation images' (clean, noisy) pairs at one noise level, by name, each
+    ``(1, C, crop, crop)`` (the central crop; 0: whole), the noise seeded per image and σ
+    (7000 + 100 · index + σ): the same noise for every model and every validation script
+    (``benchmarks/train_shipped_denoiser.py``, ``denoise_convergence.py``,
+    ``denoise_color_validation.py``, ``denoise_nonlocal_validation.py``).
+
+    Args:
+        color: the RGB images, or their luminance.
+        sigma255: the noise standard deviation in 0–255 units (an int: it enters the seed).
+        crop: the side of the central crop.
+    """
+    out = {}
+    for index, (name, clean) in enumerate(validation_images(color).items()):
+        clean = crop_center(clean, crop)[None]
+        gen = torch.Generator().manual_seed(_validation_seed(index, sigma255))
+        out[name] = (clean, add_noise(clean, torch.tensor([sigma255 / 255.0]), gen))
+    return out
 
 
 class DenoiseTask(Task):
