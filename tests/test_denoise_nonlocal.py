@@ -25,16 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_nl_means(
-    noisy: np.ndarray, guide: np.ndarray, h: float, s: int, k: int
+    noisy: np.ndarray, guide: np.ndarray, h: float, s: int, k: int, mode: str = "reflect"
 ) -> np.ndarray:
     """Guided NL-means pixel by pixel, (C, H, W) float64: for each pixel, every offset of the
     search window; the patch distance is the mean over the patch pixels that lie inside the image
     (and over channels) of the squared difference between the guide around p and the reflected
-    guide around q."""
+    guide around q (``mode``: numpy's padding, "edge" for the replicated borders)."""
     c, height, width = noisy.shape
     pad = ((0, 0), (s, s), (s, s))
-    guide_p = np.pad(guide, pad, mode="reflect")
-    noisy_p = np.pad(noisy, pad, mode="reflect")
+    guide_p = np.pad(guide, pad, mode=mode)
+    noisy_p = np.pad(noisy, pad, mode=mode)
     out = np.zeros_like(noisy)
     r = k // 2
     for i in range(height):
@@ -93,10 +93,12 @@ def test_guided_nl_means_per_image_h_and_small_images() -> None:
         torch.testing.assert_close(
             both[i : i + 1], guided_nl_means(noisy[i : i + 1], guide[i : i + 1], h, search=3)
         )
-    # an image no larger than the search radius: replicated borders, finite, the right shape
-    tiny = torch.rand(1, 1, 2, 3, generator=gen)
-    out = guided_nl_means(tiny, tiny, 0.1, search=10)
-    assert out.shape == tiny.shape and bool(torch.isfinite(out).all())
+    # an image no larger than the search radius: replicated borders, checked pixel by pixel
+    tiny = torch.rand(1, 1, 2, 3, generator=gen, dtype=torch.float64)
+    guide_t = torch.rand(1, 1, 2, 3, generator=gen, dtype=torch.float64)
+    out = guided_nl_means(tiny, guide_t, 0.3, search=3)
+    want = reference_nl_means(tiny[0].numpy(), guide_t[0].numpy(), 0.3, 3, 3, mode="edge")
+    np.testing.assert_allclose(out[0].numpy(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_guided_nl_means_with_autograd_keeps_memory_bounded() -> None:
@@ -274,16 +276,23 @@ def test_tiling_with_the_halo_is_exact_for_a_local_pilot() -> None:
 
 
 def test_tiling_halo_keeps_tiles_aligned() -> None:
+    """Every widened tile starts at an even row and column (align 2; the halo 3 is rounded up
+    to 4), reaches at most 4 pixels beyond its tile, and only the tile's own pixels are kept."""
+    height, width = 40, 46
+    rows = torch.arange(height, dtype=torch.float64).view(1, 1, -1, 1).expand(1, 1, height, width)
+    cols = torch.arange(width, dtype=torch.float64).view(1, 1, 1, -1).expand(1, 1, height, width)
+    x = torch.cat([rows, cols], dim=1)  # each pixel carries its own coordinates
     seen = []
 
     def fn(t: torch.Tensor) -> torch.Tensor:
-        seen.append(t.shape[2:])
+        seen.append((int(t[0, 0, 0, 0]), int(t[0, 1, 0, 0]), *t.shape[2:]))
         return t
 
-    x = torch.rand(1, 1, 40, 40)
-    out = tiled_apply(fn, x, tile=16, overlap=4, align=2, halo=3)  # halo rounded up to 4
+    out = tiled_apply(fn, x, tile=16, overlap=4, align=2, halo=3)
     torch.testing.assert_close(out, x)
-    assert max(h for h, _ in seen) == 16 + 2 * 4
+    assert seen and all(top % 2 == 0 and left % 2 == 0 for top, left, _, _ in seen), seen
+    assert max(h for _, _, h, _ in seen) == 16 + 2 * 4
+    assert any(top > 0 and h == 16 + 2 * 4 for top, _, h, _ in seen)  # an inner tile, widened
 
 
 # ----------------------------------------------------------------------------------------------
