@@ -337,9 +337,11 @@ def test_the_validation_script_runs_and_records_its_command(
         return models[color], tasks[color]
 
     monkeypatch.setattr(bench, "load_model", load)
+    from equilibria.zoo import denoise as denoise_module
+
+    # both scripts draw their images through equilibria.zoo.denoise.validation_pairs
     small = {name: im[:, :24, :24] for name, im in bench.validation_images(True).items()}
-    monkeypatch.setattr(bench, "validation_images", lambda color: small)
-    monkeypatch.setattr(train, "validation_images", lambda color: small)
+    monkeypatch.setattr(denoise_module, "validation_images", lambda color: small)
     written = {}
     monkeypatch.setattr(bench, "write_result", lambda name, r: written.setdefault(name, r))
     argv = ["--gray-run", str(runs[False]), "--color-run", str(runs[True]), "--out", "t"]
