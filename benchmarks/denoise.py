@@ -4,20 +4,20 @@ Measured in one run, single-threaded, on the images no model was trained on (``c
 ``moon``; :mod:`equilibria.zoo.denoise_data`), with the same noise (seeded per image and σ) for
 every method:
 
-* PSNR / SSIM at σ ∈ {15, 25, 50} (0–255 units) per image and their mean, for the DEQ (known σ
-  and blind), the DnCNN-style CNN and the weight-tied unrolled network (same parameter count,
-  trained for the same CPU time by ``benchmarks/train_shipped_denoiser.py``), NL-means, TV
+* PSNR / SSIM at σ ∈ {15, 25, 50} (0–255 units) per image and their mean, for the shipped DEQ
+  (known σ and blind), the DnCNN-style CNN and the weight-tied unrolled network (about the same
+  parameter count, trained for the same CPU time by ``benchmarks/train_shipped_denoiser.py``:
+  the ``{cnn,unrolled}_gray`` models of ``benchmarks/results/denoise_models``), NL-means, TV
   (Chambolle), wavelet (BayesShrink) and BM3D (:mod:`equilibria.zoo.denoise_classical`);
-  and a second set of learned rows trained on the same number of patches (``*_patches``: the
-  ``{model}_gray_patches`` models of ``benchmarks/results/denoise_models``, where a model's
-  equal-CPU run already saw that many patches it stands for itself);
 * the same networks followed by the non-local second stage (``*_nl``;
   :class:`equilibria.zoo.denoise_nonlocal.NonLocalStage` with ``SHIPPED_STAGE``, no parameters):
   ``deq_nl`` and ``deq_blind_nl`` are what ``load_shipped()`` and ``equilibria denoise`` run by
   default, ``cnn_nl`` and ``unrolled_nl`` the same stage after the baselines;
-* the longer runs where they were trained (``*_long`` and ``*_long_nl``: the
-  ``{model}_gray_long2400`` models of ``benchmarks/results/denoise_models``, 2400 CPU s each;
-  ``deq_jr`` and ``deq_jr_nl``: ``deq_gray_jr2000``, the Jacobian-penalised DEQ of 2000 CPU s);
+* the other equal-CPU sets where they were trained (``*_300s``: the ``{model}_gray_300s``
+  models, 300 CPU s each, the DEQ the one shipped before; ``*_long``: ``{model}_gray_long2400``,
+  2400 CPU s), each also with the stage (``*_nl``); and with the 300 s set a set trained on the
+  same number of patches (``*_patches``: the ``{model}_gray_patches`` models, where a model's
+  300 s run already saw that many patches it stands for itself);
 * parameters, and time per 256 × 256 image (process CPU seconds and wall ms, median);
 * peak memory of one training step vs forward iterations: the DEQ's implicit and phantom
   gradients against backpropagation through the same iterations;
@@ -65,9 +65,9 @@ from common import RESULTS, write_result
 SIGMAS = (15, 25, 50)
 NETS = ("deq", "deq_blind", "cnn", "unrolled")
 STAGED = ("deq_nl", "deq_blind_nl", "cnn_nl", "unrolled_nl")
-# the longer runs' tags and their rows' suffixes (docs/recipes/denoise.md): the 2400 CPU s
-# equal-CPU set, and the Jacobian-penalised DEQ of 2000 CPU s
-EXTRA_TAGS = {"long2400": "_long", "jr2000": "_jr"}
+# the other equal-CPU sets' tags and their rows' suffixes (docs/recipes/denoise.md): the 300 CPU s
+# set of the DEQ shipped before, and the 2400 CPU s set
+EXTRA_TAGS = {"300s": "_300s", "long2400": "_long"}
 CLASSICAL = ("nlmeans", "tv", "wavelet", "bm3d")
 BASELINE_DIR = RESULTS / "denoise_models"
 
@@ -98,9 +98,9 @@ def training_record(name: str, tag: str = "") -> dict[str, Any]:
 
 
 def patch_matched(nets: dict[str, Any]) -> dict[str, Any]:
-    """The equal-patches row set: ``{model}_gray_patches`` where it was trained (all with the
-    same step count), and the equal-CPU model of the same step count (if any) standing for
-    itself; a model with neither is left out."""
+    """The equal-patches row set of the 300 s models: ``{model}_gray_patches`` where it was
+    trained (all with the same step count), and the 300 s model of the same step count (if any)
+    standing for itself; a model with neither is left out."""
     tagged = [
         n for n in ("deq", "cnn", "unrolled") if (BASELINE_DIR / f"{n}_gray_patches.json").exists()
     ]
@@ -111,8 +111,8 @@ def patch_matched(nets: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"the *_patches models have different step counts {sorted(steps)}")
     out = {f"{n}_patches": load_baseline(n, False, tag="patches") for n in tagged}
     for name in ("deq", "cnn", "unrolled"):
-        if name not in tagged and {training_record(name)["steps"]} == steps:
-            out[f"{name}_patches"] = nets[name]
+        if name not in tagged and {training_record(name, "300s")["steps"]} == steps:
+            out[f"{name}_patches"] = nets[f"{name}_300s"]
     return out
 
 
@@ -333,7 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("deq", "cnn", "unrolled"):
         if f"{name}_patches" in matched:
             own = (BASELINE_DIR / f"{name}_gray_patches.json").exists()
-            result["training"][f"{name}_patches"] = training_record(name, "patches" if own else "")
+            result["training"][f"{name}_patches"] = training_record(
+                name, "patches" if own else "300s"
+            )
     longer = [k for k in nets if any(sfx in k for sfx in EXTRA_TAGS.values())]
     methods = [*NETS, *STAGED, *longer, *CLASSICAL]
     print("time per 256x256 image:", flush=True)

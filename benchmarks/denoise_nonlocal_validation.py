@@ -26,10 +26,16 @@ so the choice is a validation-set choice, not a pre-registered one.
 Writes ``benchmarks/results/denoise_nonlocal_validation.json``. ``SHIPPED_STAGE`` in
 ``equilibria/zoo/denoise_nonlocal.py`` must equal its ``"chosen"`` (a test checks it).
 
+``--shipped-only`` skips the grid and checks :data:`SHIPPED_STAGE` as it is (not re-tuned) by the
+same rule for another grey model's validation run: how the stage was kept as the default when
+the grey model shipped changed (``docs/recipes/denoise.md``, "The non-local second stage").
+
 Usage::
 
     python benchmarks/denoise_nonlocal_validation.py --gray-run /tmp/col/val-gray/deq_gray \
         --cnn-run /tmp/dn3/base300/cnn_gray
+    python benchmarks/denoise_nonlocal_validation.py --gray-run /tmp/s6/jrv/deq_gray \
+        --shipped-only --out denoise_nonlocal_check_jr2000
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import torch
 from equilibria.zoo.denoise import DenoiseTask, psnr, validation_pairs
 from equilibria.zoo.denoise_color import OpponentColorDenoiser
 from equilibria.zoo.denoise_data import validation_images
-from equilibria.zoo.denoise_nonlocal import NonLocalStage, guided_nl_means
+from equilibria.zoo.denoise_nonlocal import SHIPPED_STAGE, NonLocalStage, guided_nl_means
 from equilibria.zoo.denoise_weights import sha256_of
 from equilibria.zoo.evaluation import load_model
 
@@ -105,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gray-run", type=Path, required=True, help="the grey DEQ's run folder")
     parser.add_argument("--cnn-run", type=Path, help="the CNN's validation run (for the record)")
     parser.add_argument("--out", default="denoise_nonlocal_validation", help="result file stem")
+    parser.add_argument(
+        "--shipped-only", action="store_true", help="no grid: check SHIPPED_STAGE by the rule"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     tic = time.process_time()
@@ -116,8 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     pilot = score(gray, data)
     print(f"DEQ alone {pilot}", flush=True)
     grid = []
-    for values in itertools.product(*GRID.values()):
-        setting = dict(zip(GRID, values, strict=True))
+    settings = [
+        dict(zip(GRID, values, strict=True)) for values in itertools.product(*GRID.values())
+    ]
+    if args.shipped_only:
+        settings = [dict(SHIPPED_STAGE)]
+    for setting in settings:
         row = score(NonLocalStage(gray, **setting).eval(), data)
         grid.append({"setting": setting, "mean_psnr": row, "overall": overall(row)})
         print(f"{setting} {row}", flush=True)
@@ -150,7 +163,11 @@ def main(argv: list[str] | None = None) -> None:
             "run_dir": str(args.gray_run),
             "checkpoint_sha256": sha256_of(args.gray_run / "checkpoint.safetensors"),
         },
-        "grid_axes": {k: list(v) for k, v in GRID.items()},
+        "grid_axes": (
+            {k: [v] for k, v in SHIPPED_STAGE.items()}
+            if args.shipped_only
+            else {k: list(v) for k, v in GRID.items()}
+        ),
         "deq_alone": pilot,
         "grid": grid,
         "chosen": chosen,

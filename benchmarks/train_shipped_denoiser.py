@@ -9,14 +9,17 @@ time per step doubled (``docs/recipes/denoise.md``), so compare runs made withou
 the cores, and read the recorded ``train_cpu_s``. The calibration times a few steps of the
 freshly built model, a DEQ with its solver running its whole iteration budget (so that its
 steps, which get dearer as its solve needs more iterations while it trains, stay within the
-budget); the CPU time the training really took is recorded beside the weights.
+budget); the CPU time the training really took is recorded beside the weights. That guess can
+miss both ways: the one-step-gradient DEQ's solves grew past the timed budget's cost (2793 of
+2400 CPU s), while the Jacobian-penalised DEQ, whose solves shrink to 3–4 iterations, used 1210
+of 2000 (its baselines were then given its real 1210 s).
 
 Outputs:
 
 * the DEQ: ``equilibria/zoo/weights/denoise_{gray,color}.safetensors`` + ``.json`` (config,
   SHA-256, steps, CPU seconds, this command) -- what :func:`load_shipped` loads;
 * the baselines: ``benchmarks/results/denoise_models/{cnn,unrolled}_{gray,color}.safetensors``
-  + ``.json`` of the same form, read by ``benchmarks/denoise.py``.
+  + ``.json`` of the same form, read by ``benchmarks/denoise.py`` (no colour baselines exist).
 
 * with ``--tag T``: ``benchmarks/results/denoise_models/{model}_{gray,color}_T.*`` instead
   (e.g. the equal-patch baselines, trained for a fixed ``--steps``);
@@ -27,21 +30,26 @@ Outputs:
   never looked at).
 
 ``--options "..."`` passes recipe options (``equilibria train denoise --help``) to every model,
-e.g. ``--options "--backward implicit"``; without it each model gets the recipe's defaults, the
-shipped design (``scale=2``, width 47, one-step phantom gradient, 8 forward iterations,
-learning rate 2e-3, no full-resolution path). The CNN runs at full resolution: it needs
-``--options "--scale 1 ..."`` (the benchmarked one: ``--scale 1 --width 48``), so train it by a
-command of its own. Every model's options are checked before the first one trains.
+e.g. ``--options "--backward phantom --jac-reg 0"``; without it each model gets the recipe's
+defaults, the shipped design (``scale=2``, width 47, full-resolution path of width 12 and 3
+convolutions, implicit gradient with the Jacobian penalty 0.1, 8 forward iterations, learning
+rate 3e-3). The CNN runs at full resolution without the path or the penalty, and the unrolled
+net without the penalty: they need options of their own (the benchmarked CNN: ``--options
+"--scale 1 --width 48 --full-res-width 0 --jac-reg 0 --lr 0.002"``), so train each by a command
+of its own. Every model's options are checked before the first one trains.
 
 Usage (the shipped grayscale model and its baselines, then the colour model; the exact commands
 of the committed weights are in ``docs/recipes/denoise.md`` and in each ``.json``)::
 
-    python benchmarks/train_shipped_denoiser.py --models deq,unrolled --budget-cpu-s 300
-    python benchmarks/train_shipped_denoiser.py --models cnn --budget-cpu-s 300 \
-        --options "--scale 1 --width 48"
-    python benchmarks/train_shipped_denoiser.py --color --models deq --budget-cpu-s 150
-    python benchmarks/train_shipped_denoiser.py --validation --models deq --budget-cpu-s 150 \
-        --name deq-implicit --options "--backward implicit"
+    python benchmarks/train_shipped_denoiser.py --models deq --budget-cpu-s 2000
+    python benchmarks/train_shipped_denoiser.py --models cnn --budget-cpu-s 1210 \
+        --options "--scale 1 --width 48 --full-res-width 0 --jac-reg 0 --lr 0.002"
+    python benchmarks/train_shipped_denoiser.py --models unrolled --budget-cpu-s 1210 \
+        --options "--jac-reg 0"
+    python benchmarks/train_shipped_denoiser.py --color --models deq --budget-cpu-s 150 \
+        --options "--full-res-width 0 --full-res-layers 2 --backward phantom --jac-reg 0 --lr 0.002"
+    python benchmarks/train_shipped_denoiser.py --validation --models deq --budget-cpu-s 300 \
+        --name deq-phantom --options "--backward phantom --jac-reg 0"
 """
 
 from __future__ import annotations

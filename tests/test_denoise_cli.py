@@ -883,10 +883,11 @@ def test_cli_shipped_half_resolution_model_takes_odd_sizes(
     padded by a replicated row and column and cropped back. Whole, the file holds the model's
     output. In 24² tiles overlapping by 8 the command starts the tiles at even offsets (rows 0,
     14; columns 0, 16, 30), so each tile groups its pixels into sub-images as the whole image
-    does: the largest change from the whole-image result is then about 5 / 255 (the seams); the
-    tiles the command used to cut (rows 0, 13; columns 0, 16, 29) changed it by up to 17 / 255
-    (grey; colour 9 and 37; the grey model in opponent colour space, --color-model opponent,
-    6.4 and 14)."""
+    does: the network's largest change from the whole-image result is then about 4 / 255 (the
+    seams); the tiles the command used to cut (rows 0, 13; columns 0, 16, 29) changed it by up to
+    20 / 255 (grey; colour DEQ 9 and 37; the grey model in opponent colour space,
+    --color-model opponent, 4.0 and 9.2). With the non-local stage, the command's default, the
+    tiled file differs from the whole one by about 0.1 / 255."""
     from equilibria.zoo.denoise_weights import load_shipped
 
     model = load_shipped(color, color_model=color_model)
@@ -961,16 +962,14 @@ def test_tiling_the_shipped_model_changes_at_most_a_few_8_bit_levels(
 ) -> None:
     """The shipped DEQ's receptive field exceeds the margin (every solver iteration widens it, by
     4 pixels at half resolution), so tiled and whole-image results differ near the seams. Measured
-    here (tiles 48, overlap 16): 0.72 / 255 grey, 2.05 / 255 colour, the same with the solver's
-    tolerance at 1e-5 instead of 1e-3 (so from the tiles' borders, not the solver's stop); on the
-    512² camera with the command's tiles (256, overlap 32) 1.54 / 255 at the same PSNR to 0.001 dB
-    (without overlap the seams reach 30 / 255; benchmarks/denoise_tools.py). The grey model with
-    the full-resolution path (not shipped: docs/recipes/denoise.md, "Convergence") measured 3.59
-    / 255 here and 6.86 / 255 on camera. The grey model in opponent colour space (``--color-model
-    opponent``): 1.47 / 255. Those were the networks alone; since the non-local stage follows
-    them by default (tiles widened by its ``tile_halo``, as the command does): 0.37 grey, 0.42
-    colour DEQ, 0.08 opponent / 255 here, and 0.64 / 255 on camera (denoise_tools.json); without
-    the halo the stage's seams reach about 3.9 / 255 here."""
+    here (tiles 48, overlap 16), the networks alone: 1.01 / 255 grey (the Jacobian-penalised DEQ),
+    1.12 opponent, 2.05 colour DEQ; on the 512² camera with the command's tiles (256, overlap 32)
+    0.22 / 255 at the same PSNR to 0.001 dB (without overlap the seams reach 42 / 255;
+    benchmarks/denoise_tools.py). The grey DEQ shipped before measured 0.72 / 255 here and 1.54
+    on camera, the full-resolution DEQ without the penalty (docs/recipes/denoise.md,
+    "Convergence") 3.59 and 6.86. The non-local stage follows them by default (tiles widened by
+    its ``tile_halo``, as the command does): 0.03 grey, 0.42 colour DEQ, 0.02 opponent / 255 here,
+    and 0.19 / 255 on camera (denoise_tools.json)."""
     from equilibria.zoo.denoise_weights import load_shipped
 
     model = load_shipped(color=color, color_model=color_model)
