@@ -15,8 +15,10 @@ and ``rocket`` (:data:`equilibria.zoo.denoise_data.VALIDATION_IMAGES`) at σ = 2
 The shipped model was trained on these two images: this checks the solve, not the denoising
 quality, and it never looks at the test images. A model trained with ``--validation`` (its run
 folder, ``--run-dir``) was not: there the same rule screens a candidate before any final run.
-The PSNR and residual after 1 … 48 iterations are recorded too. The noise is seeded per image
-as in ``train_shipped_denoiser.py --validation``.
+The PSNR and residual after 1 … 48 iterations are recorded too, and the spectral radius of the
+map's Jacobian at each image's fixed point (:func:`equilibria.spectral_radius`, 60 power
+iterations: how contractive the solve is there). The noise is seeded per image as in
+``train_shipped_denoiser.py --validation``.
 
 Writes ``benchmarks/results/denoise_convergence.json`` (or ``--out NAME``).
 
@@ -37,6 +39,7 @@ from typing import Any
 
 import torch
 
+import equilibria as eq
 from equilibria.zoo.denoise import DenoiseTask, psnr, validation_pairs
 from equilibria.zoo.denoise_model import DEQDenoiser
 from equilibria.zoo.denoise_weights import load_shipped
@@ -65,10 +68,20 @@ def check(model: DEQDenoiser) -> dict[str, Any]:
     pairs = noisy_pairs()
     deq = model.deq
     solve: dict[str, Any] = {}
-    for name, (noisy, _) in pairs.items():  # the model's own test-time tolerance and budget
-        model(noisy, sigma)
-        sol = deq.last_solution
-        solve[name] = {"iterations": int(sol.nstep), "residual": float(sol.residual.max())}
+    seen: list[Any] = []  # the cell's input (injection and weights) of the last solve
+    hook = deq.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        for name, (noisy, _) in pairs.items():  # the model's own test-time tolerance and budget
+            model(noisy, sigma)
+            sol = deq.last_solution
+            x = seen[-1]
+            gen = torch.Generator().manual_seed(0)
+            rho = eq.spectral_radius(lambda z, x=x: deq.cell(z, x), sol.value, iters=60,
+                                     generator=gen)  # fmt: skip
+            solve[name] = {"iterations": int(sol.nstep), "residual": float(sol.residual.max()),
+                           "spectral_radius": float(rho.max())}  # fmt: skip
+    finally:
+        hook.remove()
     curves: dict[str, dict[str, dict[str, float]]] = {"psnr": {}, "residual": {}}
     eval_tol, deq.eval_tol = deq.eval_tol, 0.0  # the whole budget
     try:
@@ -127,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     path = write_result(args.out, result)
     for name, s in result["solve"].items():
-        print(f"{name}: {s['iterations']} iterations, relative residual {s['residual']:.2e}")
+        print(f"{name}: {s['iterations']} iterations, relative residual {s['residual']:.2e}, "
+              f"spectral radius at the fixed point {s['spectral_radius']:.3f}")  # fmt: skip
     print("mean PSNR by iterations: "
           + ", ".join(f"{k}: {v:.2f}" for k, v in result["psnr_mean"].items()))  # fmt: skip
     print(f"converged: {result['converged']}; PSNR(32) - PSNR(8) = "

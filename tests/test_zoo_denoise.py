@@ -603,6 +603,11 @@ def test_the_docs_held_out_table_and_targets_match_the_benchmark_json() -> None:
         f"({bm / timing['deq_nl']['cpu_s']:.0f}×), the DEQ alone {timing['deq']['cpu_s']:.2f} "
         f"({bm / timing['deq']['cpu_s']:.0f}×)",
     ]
+    # the spectral radii quoted are the convergence records'
+    for name in ("denoise_convergence", "denoise_convergence_300s"):
+        solve = json.loads((ROOT / f"benchmarks/results/{name}.json").read_text())["solve"]
+        radii = " / ".join(f"{solve[im]['spectral_radius']:.2f}" for im in ("coffee", "rocket"))
+        expected.append(radii)
     # the met / missed words follow from the numbers
     assert cnn[0] < 0 <= min(cnn[1:]) and max(map(abs, cnn_nl)) <= 0.03
     assert max(unrolled) < 0 and min(unrolled_300) >= 0

@@ -10,9 +10,13 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
   equilibrium of the cell ``f(z) = relu(u + W_b * relu(W_a * z + b_a))`` with W_a, W_b 3×3
   convolutions whose filters are weight-normalised to the fixed norm ``gain`` (computed once per
   forward call, not per iteration). This bounds each filter, not the map's Lipschitz constant:
-  the operator norms of the shipped grey model's W_a, W_b are about 2.6 and 3.6, so contraction
-  is not guaranteed; it is observed at the fixed point (Jacobian spectral radius about 0.74 on a
-  ``camera`` 256² crop at σ = 25, power iteration) and the solver reports its residual. The
+  the operator norms of the shipped grey model's W_a, W_b are about 2.2 and 2.3 (2.6 and 3.6 for
+  the one shipped before it), so contraction is not guaranteed; it is observed at the fixed point
+  and the solver reports its residual. The Jacobian penalty the shipped model was trained with
+  (``jac_reg``) makes the map strongly contractive there: Jacobian spectral radius 0.08–0.09 at
+  the fixed points of the validation crops at σ = 25 (power iteration,
+  :func:`equilibria.spectral_radius`; ``benchmarks/results/denoise_convergence.json``), 0.78 for
+  the model shipped before, trained without it; hence its solves of 3–4 iterations. The
   decoder reads ``n̂ = conv(relu(conv(z*)))``. Solved by Anderson acceleration, trained with the
   implicit gradient or a phantom gradient (Chen, Wang, Geng et al., "Equilibrium Image Denoising
   With Implicit Differentiation", IEEE TIP 2023, solve the noise features of a denoiser as such
@@ -23,8 +27,9 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
   half-resolution sub-images of ``pixel_unshuffle`` with σ as a fifth channel, and the noise
   is reassembled with ``pixel_shuffle`` (FFDNet's trick): a solver iteration costs a quarter,
   so at an equal CPU budget the DEQ trains on more patches (``docs/recipes/denoise.md``).
-  With ``full_res_width`` R > 0 (an option, not shipped: its solves did not meet the
-  convergence rule of ``docs/recipes/denoise.md``) the decoder's one convolution gives 4R
+  With ``full_res_width`` R > 0 (the shipped grey model: R = 12, three convolutions; without the
+  Jacobian penalty its solves did not meet the convergence rule of ``docs/recipes/denoise.md``)
+  the decoder's one convolution gives 4R
   channels instead, ``pixel_shuffle`` makes them R full-resolution features, and a small
   full-resolution network reads the noise from them beside ``[y, σ]``
   (:class:`FullResolutionHead`): the equilibrium stays at half resolution, the pixel-level
@@ -34,9 +39,9 @@ units to a clean estimate; σ enters as a constant extra input channel (as in FF
 * :class:`CNNDenoiser`: DnCNN-style plain network ``conv → (relu conv)×L → relu conv`` without
   batch normalisation (which would make the output depend on the batch and the tile); with
   L = 4 and the same width it has the full-resolution DEQ's parameter count to 0.1 % (84,481
-  vs 84,433); the shipped half-resolution DEQ (``scale=2``, width 47, no full-resolution
-  path) has 83,523, 1.1 % fewer, and 85,192 with the path that was tried (R = 12, three
-  convolutions: 0.8 % more).
+  vs 84,433); the shipped half-resolution DEQ (``scale=2``, width 47, the full-resolution path
+  R = 12 with three convolutions) has 85,192, 0.8 % more, and 83,523 without the path (the
+  design shipped before it), 1.1 % fewer.
 
 :func:`equilibria.zoo.denoise_weights.load_shipped` loads the trained models shipped in
 ``equilibria/zoo/weights``.

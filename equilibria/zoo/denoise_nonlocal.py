@@ -25,8 +25,9 @@ the patch side ``k`` were chosen on the recipe's validation images
 guide (a fixed point of the guided filter) was tried there and did not help.
 
 Cost: ``(2s + 1)²`` shifted products of the image, done one offset at a time, so memory stays a
-few image-sized buffers whatever ``s`` is; about 0.5 CPU s per 256² grey image at ``s = 10``
-(``benchmarks/results/denoise.json``: 0.69 s for the DEQ + stage against 0.16 s for the DEQ).
+few image-sized buffers whatever ``s`` is; about 0.6 CPU s per 256² grey image at ``s = 10``
+(``benchmarks/results/denoise.json``: 0.73 s for the shipped DEQ + stage against 0.13 s for the
+DEQ).
 The stage is differentiable (autograd through the weights and the pilot). With autograd
 recording, each row of offsets is checkpointed (recomputed in backward), so a forward and
 backward pass of a 256² image also stays near 60 MB, where holding the window's whole graph

@@ -94,7 +94,7 @@ def load_shipped(
             opponent channel); None: :data:`DEFAULT_NONLOCAL_STAGE`. False: the network alone
             (its ``deq`` attribute is the equilibrium layer either way). With the stage the
             network is ``model.pilot`` and the state dict's keys carry the ``pilot.`` prefix;
-            the stage costs about 0.5 CPU s per 256² grey image on top of the network's 0.16.
+            the stage costs about 0.6 CPU s per 256² grey image on top of the network's 0.13.
         weights, config: other files than the shipped ones (tests); with ``color_model=
             "opponent"`` those of the grey model it wraps.
 
