@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         "--shipped-only", action="store_true", help="no grid: check SHIPPED_STAGE by the rule"
     )
     args = parser.parse_args(argv)
+    if args.shipped_only and args.out == parser.get_default("out"):
+        parser.error(
+            "--shipped-only needs its own --out (e.g. denoise_nonlocal_check_NAME): the default "
+            "is the grid's record, which a one-setting check would overwrite"
+        )
     torch.set_num_threads(1)
     tic = time.process_time()
     gray, task = load_model(DenoiseTask, args.gray_run)

@@ -384,3 +384,23 @@ def test_the_docs_stage_section_is_the_json_records() -> None:
 
 def _signed(x: float) -> str:
     return f"{'+' if x >= 0 else '−'}{abs(x):.2f}"
+
+
+def test_the_shipped_only_check_refuses_to_overwrite_the_grid_record(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``denoise_nonlocal_validation.py --shipped-only`` (one setting, the check of a new model)
+    without its own ``--out`` would have overwritten the 48-setting grid's record, which
+    ``SHIPPED_STAGE`` is tested against: it is refused before any model is loaded."""
+    import importlib.util
+
+    bench = ROOT / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))  # its ``from common import write_result``
+    spec = importlib.util.spec_from_file_location(
+        "nl_validation", bench / "denoise_nonlocal_validation.py"
+    )
+    script = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(script)  # type: ignore[union-attr]
+    with pytest.raises(SystemExit):
+        script.main(["--gray-run", "/nonexistent", "--shipped-only"])
+    assert "--shipped-only needs its own --out" in capsys.readouterr().err

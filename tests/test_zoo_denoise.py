@@ -508,8 +508,13 @@ def test_the_docs_commands_rebuild_the_committed_configs() -> None:
         # train (300 CPU s) before the CNN's options were read
         (
             ["--models", "deq,cnn"],
-            "--options: DenoiseConfig: scale=2, full_res_width=12, jac_reg=0.1",
+            "--options: model 'cnn': DenoiseConfig: scale=2, full_res_width=12, jac_reg=0.1",
         ),
+        (  # read as the CNN's options, not first as the DEQ's
+            ["--models", "cnn", "--options", "--scale 1 --width 48"],
+            "model 'cnn': DenoiseConfig: full_res_width=12, jac_reg=0.1 are options of the DEQ",
+        ),
+        (["--models", "unrolled"], "model 'unrolled': DenoiseConfig: jac_reg=0.1 needs model"),
     ],
 )
 def test_the_training_script_refuses_bad_arguments_before_training(
@@ -730,6 +735,11 @@ def test_the_docs_nonlocal_check_of_the_shipped_deq_is_its_record() -> None:
     assert (
         f"colour {cells(color['opponent_alone'])} → {cells(color['opponent_with_stage'])}" in para
     )
+    result = json.loads((ROOT / "benchmarks/results/denoise.json").read_text())
+    t, c = result["time_256"], result["color"]
+    assert f"({t['deq']['cpu_s']:.2f} → {t['deq_nl']['cpu_s']:.2f} s in the table's run)" in para
+    gap = c["deq_opponent"]["15"]["mean"]["psnr"] - c["nlmeans"]["15"]["mean"]["psnr"]
+    assert f"by {gap:.2f} with the shipped one" in text
 
 
 def test_the_benchmark_anytime_run_restores_the_eval_tolerance(
@@ -965,7 +975,7 @@ def test_implicit_gradient_matches_backprop_through_the_converged_solve() -> Non
         ({"full_res_width": 8, "full_res_layers": 0}, "full_res_layers"),
         (
             {"scale": 1, "full_res_width": 12},
-            r"pass full_res_width 0 \(--full-res-width 0; the benchmarked CNN",
+            r"pass full_res_width 0 \(--full-res-width 0\)$",
         ),
     ],
 )
@@ -1187,6 +1197,13 @@ def test_readme_denoising_row_is_the_benchmark_json() -> None:
         for line in (ROOT / "README.md").read_text().splitlines()
         if line.startswith("| equilibrium denoising |")
     ]
+    # the docs site's home page carries the same row (its link relative to docs/)
+    (home,) = [
+        line
+        for line in (ROOT / "docs/index.md").read_text().splitlines()
+        if line.startswith("| equilibrium denoising |")
+    ]
+    assert home == row.replace("(docs/recipes/denoise.md)", "(recipes/denoise.md)")
     result = json.loads((ROOT / "benchmarks/results/denoise.json").read_text())
     gray, color, timing = result["gray"], result["color"], result["time_256"]
 
@@ -1200,6 +1217,15 @@ def test_readme_denoising_row_is_the_benchmark_json() -> None:
     ratio = timing["bm3d"]["cpu_s"] / timing["deq_nl"]["cpu_s"]
     assert f"{ratio:.0f}× less CPU than BM3D" in row
     assert "≥ CNN missed at σ 15, ≥ unrolled missed" in row
+    bm3d = [
+        gray["bm3d"][s]["mean"]["psnr"] - gray["deq_nl"][s]["mean"]["psnr"] for s in ("25", "50")
+    ]
+    assert f"{bm3d[0]:.2f} dB below BM3D at σ 25 and {-bm3d[1]:.2f} above at σ 50" in row
+    train = result["training"]
+    assert (
+        f"(DEQ {train['deq']['train_cpu_s']:.0f}, baselines {train['cnn']['train_cpu_s']:.0f} / "
+        f"{train['unrolled']['train_cpu_s']:.0f}, in their favour)" in row
+    )
     psnr = {k: [gray[k][s]["mean"]["psnr"] for s in ("15", "25", "50")] for k in gray}
     assert psnr["deq"][0] < psnr["cnn"][0] and all(
         a < b for a, b in zip(psnr["deq"], psnr["unrolled"])

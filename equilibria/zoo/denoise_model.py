@@ -272,8 +272,10 @@ class DEQDenoiser(_Denoiser):
             noise with ``pixel_shuffle``, as FFDNet does (Zhang, Zuo & Zhang, IEEE TIP 2018):
             each solver iteration then costs a quarter. Odd sizes are padded by one replicated
             row / column, cropped from the output.
-        full_res_width: 0 (the shipped design: the decoder gives the noise of the sub-images),
-            or R > 0 with ``scale=2``: the decoder gives R full-resolution feature channels
+        full_res_width: 0 (no path: the decoder gives the noise of the sub-images; the shipped
+            colour DEQ and the grey DEQ shipped before), or R > 0 with ``scale=2`` (the shipped
+            grey DEQ: 12, with 3 convolutions): the decoder gives R full-resolution feature
+            channels
             (through ``pixel_shuffle``) that a full-resolution path reads beside ``[y, σ]``
             (:class:`FullResolutionHead`); the equilibrium stays at half resolution.
         full_res_layers: the full-resolution path's 3×3 convolutions (default 2).
