@@ -153,10 +153,16 @@ def base_configs(args: argparse.Namespace) -> dict[str, DenoiseConfig]:
             (on today's defaults the CNN refuses ``scale=2``, the full-resolution path and the
             Jacobian penalty, the unrolled net the penalty: give each its own ``--options``).
     """
+    given = shlex.split(args.options)
+    if any(t == "--model" or t.startswith("--model=") for t in given):
+        raise ConfigError(
+            f"the model is chosen by --models (deq, cnn, unrolled), not by --model in --options, "
+            f"got --options {args.options!r}"
+        )
     out = {}
     for name in args.models.split(","):
         try:
-            options = parse_options(DenoiseConfig, [*shlex.split(args.options), "--model", name],
+            options = parse_options(DenoiseConfig, [*given, "--model", name],
                                     prog="--options")  # fmt: skip
         except ConfigError as e:
             raise ConfigError(f"model {name!r}: {e}") from None

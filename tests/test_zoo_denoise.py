@@ -515,6 +515,10 @@ def test_the_docs_commands_rebuild_the_committed_configs() -> None:
             "model 'cnn': DenoiseConfig: full_res_width=12, jac_reg=0.1 are options of the DEQ",
         ),
         (["--models", "unrolled"], "model 'unrolled': DenoiseConfig: jac_reg=0.1 needs model"),
+        (  # it used to say "--model given 2 times", counting the one --models adds
+            ["--models", "cnn", "--options", "--model deq"],
+            "the model is chosen by --models (deq, cnn, unrolled), not by --model in --options",
+        ),
     ],
 )
 def test_the_training_script_refuses_bad_arguments_before_training(

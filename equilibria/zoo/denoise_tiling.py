@@ -29,8 +29,9 @@ such as a network on the ``k²`` sub-images of ``pixel_unshuffle(x, k)`` (the sh
 ``scale=2``; FFDNet), needs tiles that start at multiples of ``k`` (``align=k``): otherwise a
 tile at an odd offset groups its pixels into other sub-images than the whole image and its
 neighbours do, and its output differs from theirs far more than at the seams (the shipped grey
-model on a 37 × 53 image in 24² tiles overlapping by 8: up to 20 / 255 from the whole-image
-result, 3.6 / 255 with the tiles aligned; the colour DEQ 37 and 9; ``tests/test_denoise_cli.py``).
+network, without the non-local stage, on a 37 × 53 image in 24² tiles overlapping by 8: up to
+20 / 255 from the whole-image result, 3.6 / 255 with the tiles aligned; the colour DEQ 37 and 9;
+``tests/test_denoise_cli.py``).
 
 Example:
     >>> conv = torch.nn.Conv2d(1, 1, 3, padding=1)
